@@ -1,0 +1,69 @@
+"""``fedkws`` command: dataset tools and reports (training is ``fedkws-train``).
+
+    fedkws generate --root data/synthetic        # embedded synthetic dataset
+    fedkws download --root data/speech_commands_v0.02 --version v0.02
+    fedkws report outputs/bn_ablation/multirun/<date>/<time>
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedkws.errors import user_errors
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch the sub-commands."""
+    parser = argparse.ArgumentParser(prog="fedkws", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate the synthetic Speech Commands dataset")
+    gen.add_argument("--root", type=Path, required=True)
+    gen.add_argument("--speakers", type=int, default=48)
+    gen.add_argument("--utterances", type=int, default=2)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--noise-seconds", type=float, default=30.0)
+
+    dl = sub.add_parser("download", help="download and extract real Speech Commands")
+    dl.add_argument("--root", type=Path, required=True)
+    dl.add_argument("--version", choices=("v0.01", "v0.02"), default="v0.02")
+    dl.add_argument("--url", default=None, help="mirror URL (default: the official archive)")
+    dl.add_argument("--sha256", default=None, help="checksum of the archive at --url")
+
+    rep = sub.add_parser("report", help="table of a sweep's (or run's) results.json files")
+    rep.add_argument("paths", type=Path, nargs="+", help="run or sweep folders")
+    rep.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    rep.add_argument("--plot", type=Path, default=None, help="also draw the curves to this PNG")
+
+    args = parser.parse_args(argv)
+    with user_errors():
+        if args.command == "generate":
+            from fedkws.data.synth import generate
+
+            summary = generate(
+                args.root,
+                num_speakers=args.speakers,
+                utterances_per_word=args.utterances,
+                seed=args.seed,
+                noise_seconds=args.noise_seconds,
+            )
+            print(summary.describe())
+        elif args.command == "download":
+            from fedkws.data.download import download_speech_commands
+
+            root = download_speech_commands(
+                args.root, version=args.version, url=args.url, sha256=args.sha256
+            )
+            print(f"Speech Commands {args.version} ready at {root}")
+        else:
+            from fedkws.report import report
+
+            print(report(args.paths, markdown=args.markdown, plot=args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

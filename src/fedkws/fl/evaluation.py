@@ -1,0 +1,80 @@
+"""Evaluating the global model in each ``eval_mode`` (shared by central and federated runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from torch import nn
+
+from fedkws.data.cache import CachedDataset
+from fedkws.fl import engine
+from fedkws.fl.state import EVAL_MODES
+from fedkws.models import bn_layers
+
+# moments_of(model, layer) -> [(n, sum, sum of squares) per data holder]
+MomentsFn = Callable[[nn.Module, int], list]
+
+
+def check_eval_modes(modes: list[str], bn_sync: str) -> None:
+    """Reject unknown modes and combinations that cannot mean anything."""
+    unknown = [m for m in modes if m not in EVAL_MODES]
+    if unknown:
+        raise ValueError(f"Unknown eval_modes {unknown}. Valid modes: {', '.join(EVAL_MODES)}")
+    if not modes:
+        raise ValueError("bn.eval_modes is empty: give at least one of " + ", ".join(EVAL_MODES))
+    if bn_sync == "local" and "recalibrated" in modes:
+        raise ValueError(
+            "eval_modes 'recalibrated' does not apply to bn_sync=local (FedBN keeps "
+            "statistics per client; its model is evaluated on each client with its own BN)"
+        )
+
+
+class GlobalEvaluator:
+    """Evaluate a model on one split in every requested mode.
+
+    ``recalibrated`` is ``eval`` after :func:`engine.recalibrate` with the
+    holders' moments; for a model without BatchNorm it equals ``eval``.
+    """
+
+    def __init__(
+        self,
+        data: CachedDataset,
+        modes: list[str],
+        batch_size: int,
+        moments_of: MomentsFn | None = None,
+    ) -> None:
+        self.data, self.modes, self.batch_size = data, list(modes), batch_size
+        self.moments_of = moments_of
+
+    def recalibrated(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` with exact pooled BatchNorm statistics."""
+        if not bn_layers(model) or self.moments_of is None:
+            return model
+        return engine.recalibrate(model, self.moments_of)
+
+    def run(
+        self,
+        model: nn.Module,
+        rows: np.ndarray,
+        prefix: str,
+        recalibrated: nn.Module | None = None,
+        modes: list[str] | None = None,
+    ) -> tuple[dict[str, float], dict[str, engine.EvalStats]]:
+        """Metrics ``<prefix>/<mode>/acc|loss`` and the raw stats per mode.
+
+        ``modes`` defaults to the evaluator's; a ``recalibrated`` model computed
+        earlier can be passed in to avoid recomputing it.
+        """
+        metrics: dict[str, float] = {}
+        stats: dict[str, engine.EvalStats] = {}
+        for mode in self.modes if modes is None else modes:
+            if mode == "recalibrated":
+                net = recalibrated if recalibrated is not None else self.recalibrated(model)
+                result = engine.evaluate(net, self.data, rows, self.batch_size, "eval")
+            else:
+                result = engine.evaluate(model, self.data, rows, self.batch_size, mode)
+            stats[mode] = result
+            metrics[f"{prefix}/{mode}/acc"] = result.acc
+            metrics[f"{prefix}/{mode}/loss"] = result.loss
+        return metrics, stats

@@ -1,0 +1,364 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import socket
+import tarfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fedkws.data.download import (
+    ARCHIVES,
+    MARKER_NAME,
+    DownloadError,
+    download_speech_commands,
+    is_complete,
+)
+
+WAVS = (
+    "yes/0123abcd_nohash_0.wav",
+    "yes/89abcdef_nohash_1.wav",
+    "no/0123abcd_nohash_0.wav",
+    "_background_noise_/white_noise.wav",
+)
+LISTS = {
+    "validation_list.txt": "yes/89abcdef_nohash_1.wav\n",
+    "testing_list.txt": "no/0123abcd_nohash_0.wav\n",
+}
+
+
+def _wav_bytes(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    sf.write(buf, rng.uniform(-0.1, 0.1, 1600), 16000, subtype="PCM_16", format="WAV")
+    return buf.getvalue()
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _make_archive(path: Path, prefix: str = "", extra=None) -> bytes:
+    with tarfile.open(path, "w:gz") as tar:
+        for i, name in enumerate(WAVS):
+            _add_bytes(tar, prefix + name, _wav_bytes(i))
+        for name, text in LISTS.items():
+            _add_bytes(tar, prefix + name, text.encode())
+        if extra is not None:
+            extra(tar)
+    return path.read_bytes()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _Server:
+    """Serves byte strings by path; ``truncate`` paths announce more bytes than sent."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.truncate: set[str] = set()
+        self.stall: set[str] = set()
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                outer.requests.append(self.path)
+                data = outer.files.get(self.path)
+                if data is None:
+                    self.send_error(404, "Not Found")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/gzip")
+                if self.path in outer.stall:
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[:100])
+                    self.wfile.flush()
+                    time.sleep(1.0)
+                    return
+                if self.path in outer.truncate:
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                    return
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def server():
+    srv = _Server()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def archive(tmp_path) -> bytes:
+    # Built in its own folder so the checks for leftovers in tmp_path do not see it.
+    (tmp_path / "src").mkdir()
+    return _make_archive(tmp_path / "src" / "speech_commands_test.tar.gz")
+
+
+def _serve(server: _Server, data: bytes, path: str = "/speech_commands_test.tar.gz") -> str:
+    server.files[path] = data
+    return server.url(path)
+
+
+def _leftovers(parent: Path) -> list[str]:
+    """Files a failed or finished run should not leave behind (besides the lock)."""
+    return sorted(
+        p.name
+        for p in parent.iterdir()
+        if p.name.endswith(".part") or ".extract-" in p.name or p.name.endswith(".tar.gz")
+    )
+
+
+def test_official_archives():
+    assert set(ARCHIVES) == {"v0.01", "v0.02"}
+    for version, spec in ARCHIVES.items():
+        assert spec.url == f"http://download.tensorflow.org/data/speech_commands_{version}.tar.gz"
+        assert len(spec.sha256) == 64
+        int(spec.sha256, 16)
+
+
+def test_download_and_extract(tmp_path, server, archive):
+    url = _serve(server, archive)
+    root = tmp_path / "data" / "speech_commands"
+    out = download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+
+    assert out == root.absolute()
+    for name in WAVS:
+        data, rate = sf.read(root / name)
+        assert rate == 16000 and data.shape == (1600,)
+    for name, text in LISTS.items():
+        assert (root / name).read_text() == text
+    marker = json.loads((root / MARKER_NAME).read_text())
+    assert marker["version"] == "v0.02"
+    assert marker["sha256"] == _sha(archive)
+    assert marker["url"] == url
+    assert is_complete(root)
+    assert _leftovers(root.parent) == []
+
+
+def test_second_call_does_not_download_again(tmp_path, server, archive):
+    url = _serve(server, archive)
+    root = tmp_path / "sc"
+    download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    download_speech_commands(root, url=url, progress=False)
+    assert len(server.requests) == 1
+
+
+def test_progress_bar_path(tmp_path, server, archive):
+    url = _serve(server, archive)
+    root = download_speech_commands(tmp_path / "sc", url=url, sha256=_sha(archive), progress=True)
+    assert is_complete(root)
+
+
+def test_wrong_checksum_rejected(tmp_path, server, archive):
+    url = _serve(server, archive)
+    root = tmp_path / "sc"
+    wrong = "0" * 64
+    with pytest.raises(DownloadError) as info:
+        download_speech_commands(root, url=url, sha256=wrong, progress=False)
+    message = str(info.value)
+    assert wrong in message and _sha(archive) in message
+    assert "speech_commands_test.tar.gz.part" in message
+    assert not is_complete(root)
+    assert not root.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_truncated_download_rejected(tmp_path, server, archive):
+    url = _serve(server, archive)
+    server.truncate.add("/speech_commands_test.tar.gz")
+    root = tmp_path / "sc"
+    # No checksum: only the size check can catch the truncation.
+    with pytest.raises(DownloadError, match="truncated|interrupted"):
+        download_speech_commands(root, url=url, progress=False)
+    assert not is_complete(root)
+    assert not root.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_http_404(tmp_path, server):
+    url = server.url("/missing.tar.gz")
+    with pytest.raises(DownloadError, match="404") as info:
+        download_speech_commands(tmp_path / "sc", url=url, sha256="a" * 64, progress=False)
+    assert url in str(info.value)
+    assert not is_complete(tmp_path / "sc")
+
+
+def test_connection_refused(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/speech_commands_v0.02.tar.gz"
+    with pytest.raises(DownloadError, match="could not connect") as info:
+        download_speech_commands(tmp_path / "sc", url=url, sha256="a" * 64, progress=False)
+    assert url in str(info.value)
+    assert _leftovers(tmp_path) == []
+
+
+def test_stalled_server_times_out(tmp_path, server, archive):
+    url = _serve(server, archive)
+    server.stall.add("/speech_commands_test.tar.gz")
+    with pytest.raises(DownloadError, match=r"interrupted after \d+ bytes.*timed out"):
+        download_speech_commands(
+            tmp_path / "sc", url=url, sha256=_sha(archive), progress=False, timeout=0.2
+        )
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.fixture(params=["data_filter", "manual_checks"])
+def extraction_mode(request, monkeypatch):
+    # Python < 3.11.4 has no extraction filters; the member checks must hold alone.
+    if request.param == "manual_checks":
+        monkeypatch.delattr(tarfile, "data_filter")
+    return request.param
+
+
+@pytest.mark.usefixtures("extraction_mode")
+def test_path_traversal_refused(tmp_path, server):
+    data = _make_archive(
+        tmp_path / "evil.tar.gz", extra=lambda tar: _add_bytes(tar, "../evil", b"pwned")
+    )
+    (tmp_path / "evil.tar.gz").unlink()
+    url = _serve(server, data, "/evil.tar.gz")
+    root = tmp_path / "data" / "sc"
+    with pytest.raises(DownloadError, match="evil"):
+        download_speech_commands(root, url=url, sha256=_sha(data), progress=False)
+    assert not is_complete(root)
+    assert not root.exists()
+    assert not any(p.name == "evil" for p in tmp_path.rglob("*"))
+    # The verified archive is kept so a fixed extractor would not need to download again.
+    assert _leftovers(root.parent) == ["sc-evil.tar.gz"]
+
+
+@pytest.mark.usefixtures("extraction_mode")
+def test_absolute_and_link_members_refused(tmp_path, server):
+    def absolute(tar):
+        _add_bytes(tar, "/tmp/fedkws_evil", b"x")
+
+    def link(tar):
+        info = tarfile.TarInfo("yes/link.wav")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+
+    for i, extra in enumerate((absolute, link)):
+        data = _make_archive(tmp_path / f"bad{i}.tar.gz", extra=extra)
+        url = _serve(server, data, f"/bad{i}.tar.gz")
+        root = tmp_path / f"sc{i}"
+        with pytest.raises(DownloadError, match="refusing to unpack"):
+            download_speech_commands(root, url=url, sha256=_sha(data), progress=False)
+        assert not is_complete(root)
+
+
+def test_custom_url_without_checksum_warns(tmp_path, server, archive, caplog):
+    url = _serve(server, archive)
+    with caplog.at_level(logging.WARNING, logger="fedkws.data.download"):
+        root = download_speech_commands(tmp_path / "sc", url=url, progress=False)
+    assert "cannot be verified" in caplog.text
+    assert is_complete(root)
+    assert json.loads((root / MARKER_NAME).read_text())["sha256"] == _sha(archive)
+
+
+def test_root_without_marker_is_not_complete(tmp_path, server, archive):
+    root = tmp_path / "sc"
+    (root / "yes").mkdir(parents=True)
+    (root / "yes" / "stale.wav").write_bytes(b"partial")
+    (root / "notes.txt").write_text("mine")
+    assert not is_complete(root)
+
+    url = _serve(server, archive)
+    download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    assert is_complete(root)
+    assert not (root / "yes" / "stale.wav").exists()
+    assert (root / "yes" / "0123abcd_nohash_0.wav").exists()
+    assert (root / "notes.txt").read_text() == "mine"
+
+
+def test_corrupt_marker_is_not_complete(tmp_path):
+    root = tmp_path / "sc"
+    root.mkdir()
+    (root / MARKER_NAME).write_text("{not json")
+    assert not is_complete(root)
+    assert not is_complete(tmp_path / "missing")
+
+
+def test_verified_archive_reused(tmp_path, server, archive):
+    url = _serve(server, archive)
+    root = tmp_path / "sc"
+    download_speech_commands(root, url=url, sha256=_sha(archive), progress=False, keep_archive=True)
+    assert (tmp_path / "sc-speech_commands_test.tar.gz").is_file()
+    (root / MARKER_NAME).unlink()
+    download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    assert len(server.requests) == 1
+    assert is_complete(root)
+    assert _leftovers(tmp_path) == []
+
+
+def test_other_version_in_root_rejected(tmp_path, server, archive):
+    url = _serve(server, archive)
+    root = download_speech_commands(tmp_path / "sc", url=url, version="v0.01", progress=False)
+    with pytest.raises(DownloadError, match="v0.01"):
+        download_speech_commands(root, url=url, version="v0.02", progress=False)
+    with pytest.raises(DownloadError, match="already holds"):
+        download_speech_commands(root, url=url, version="v0.01", sha256="b" * 64, progress=False)
+
+
+def test_enclosing_folder_unwrapped(tmp_path, server):
+    data = _make_archive(tmp_path / "wrapped.tar.gz", prefix="speech_commands_v0.02/")
+    url = _serve(server, data, "/wrapped.tar.gz")
+    root = download_speech_commands(tmp_path / "sc", url=url, sha256=_sha(data), progress=False)
+    assert (root / "yes" / "0123abcd_nohash_0.wav").is_file()
+    assert (root / "validation_list.txt").is_file()
+
+
+def test_file_url(tmp_path, archive):
+    src = tmp_path / "src" / "speech_commands_test.tar.gz"
+    root = download_speech_commands(
+        tmp_path / "sc", url=src.as_uri(), sha256=_sha(archive), progress=False
+    )
+    assert is_complete(root)
+    assert src.is_file()
+
+
+def test_invalid_arguments(tmp_path):
+    with pytest.raises(ValueError, match="version"):
+        download_speech_commands(tmp_path / "sc", version="v9")
+    with pytest.raises(ValueError, match="sha256"):
+        download_speech_commands(tmp_path / "sc", url="http://127.0.0.1:1/x.tar.gz", sha256="xyz")
+    with pytest.raises(DownloadError, match="invalid URL"):
+        download_speech_commands(tmp_path / "sc", url="no-scheme/x.tar.gz", sha256="c" * 64)
