@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# The seed_repro preset (the 2020 collapse) and its centralised baseline, as one
+# sweep; the table at the end compares them.
 run: install
-	$(BIN)/fedkws-prepare
+	$(BIN)/fedkws-train -m experiment=seed_repro strategy=fedavg,central
 
 test: install
 	$(BIN)/python -m pytest

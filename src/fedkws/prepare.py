@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from fedkws.clients import make_clients
 from fedkws.data import partition as part
 from fedkws.data.pipeline import load_dataset
+from fedkws import CONF_DIR
 from fedkws.errors import user_errors
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def prepare_data(cfg: DictConfig, out_dir: Path) -> str:
     return text
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     """Entry point of ``fedkws-prepare``."""
     from hydra.core.hydra_config import HydraConfig

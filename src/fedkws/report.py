@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hydra.experimental.callback import Callback
+
 from fedkws.errors import ConfigError
 from fedkws.tracking import Result
 
@@ -111,3 +113,21 @@ def _plot(cells: dict[str, list[Result]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+class SweepReport(Callback):
+    """Hydra callback: at the end of a multirun, print and save the sweep's table.
+
+    Writes ``report.md`` and ``report.png`` (eval-mode accuracy per round, one
+    line per cell) into the sweep folder.
+    """
+
+    def on_multirun_end(self, config, **kwargs) -> None:  # noqa: ANN001
+        """Called by Hydra once every job of the sweep has finished."""
+        sweep = Path(config.hydra.sweep.dir)
+        try:
+            table = report([sweep], markdown=sweep / "report.md", plot=sweep / "report.png")
+        except ConfigError as err:
+            print(f"no report: {err}")
+            return
+        print(f"\nSweep {sweep}\n{table}\n(table: {sweep / 'report.md'}, curves: {sweep / 'report.png'})")

@@ -28,7 +28,7 @@ from fedkws.models import build_model, count_parameters
 from fedkws.tracking import Recorder, Result, RoundRecord, WandbLogger
 
 log = logging.getLogger(__name__)
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "central")
 
@@ -56,8 +56,6 @@ def _validate(cfg: DictConfig) -> None:
         check_eval_modes(list(cfg.bn.eval_modes), cfg.bn.sync)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    if cfg.strategy.name == "central" and cfg.bn.sync == "local":
-        raise ConfigError("bn=local (FedBN) needs clients; it has no centralised counterpart")
     if int(cfg.train.rounds) < 1:
         raise ConfigError(f"train.rounds must be at least 1, got {cfg.train.rounds}")
 
@@ -108,6 +106,8 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
     _validate(cfg)
     seed = int(cfg.seed)
     central = cfg.strategy.name == "central"
+    # Nothing crosses a wire in the centralised baseline: bn_sync does not apply.
+    bn_sync = "central" if central else cfg.bn.sync
     progress = bool(cfg.progress)
 
     data = load_dataset(cfg.dataset, cfg.features, cfg.cache_dir, progress=progress)
@@ -211,7 +211,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
     label = "centralised" if central else f"{cfg.strategy.name}, {len(clients)} clients"
     console.print(
         f"[bold]{cfg.name}[/bold]: {spec['name']} ({count_parameters(model):,} parameters, "
-        f"norm={spec['norm']}), {label}, bn_sync={cfg.bn.sync}, {rounds} rounds -> {run_dir}"
+        f"norm={spec['norm']}), {label}, bn_sync={bn_sync}, {rounds} rounds -> {run_dir}"
     )
     exit_code = 1
     try:
@@ -237,11 +237,14 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
                 rounds, stop_after, on_round,
             )  # fmt: skip
             evaluator = GlobalEvaluator(data, list(cfg.bn.eval_modes), int(cfg.train.eval_batch_size))
+        if recalibrated is not None and recalibrated is not model:
+            stats = {k: v for k, v in recalibrated.state_dict().items() if "running_" in k}
+            torch.save(stats, run_dir / "recalibrated_bn.pt")
         last_round = result.rounds[-1].round if result.rounds else 0
         summary: dict[str, Any] = {
-            "title": f"{cfg.name}: {spec['name']}/{spec['norm']}, {label}, bn_sync={cfg.bn.sync}",
+            "title": f"{cfg.name}: {spec['name']}/{spec['norm']}, {label}, bn_sync={bn_sync}",
             "strategy": cfg.strategy.name,
-            "bn_sync": cfg.bn.sync,
+            "bn_sync": bn_sync,
             "norm": spec["norm"],
             "model": spec["name"],
             "num_parameters": count_parameters(model),
@@ -258,7 +261,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
         if result.rounds:
             summary.update({f"final/{k}": v for k, v in result.rounds[-1].metrics.items()
                             if "/acc" in k or "/loss" in k})  # fmt: skip
-        if last_round >= rounds and cfg.bn.sync != "local":
+        if last_round >= rounds and bn_sync != "local":
             summary.update(_test(evaluator, model, test_rows, recalibrated, run_dir, data))
         recorder.finish(summary)
         exit_code = 0

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from fedkws import CONF_DIR
 from fedkws.errors import user_errors
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job and return the final validation accuracy (for sweepers)."""
     from fedkws.run import run

@@ -32,6 +32,7 @@ from fedkws.fl import engine
 from fedkws.fl.client_app import task_content
 from fedkws.fl.evaluation import GlobalEvaluator
 from fedkws.fl.state import KeyPlan, ServerOptimizer, aggregate
+from fedkws.models import bn_state_keys
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Federation:
         self.plan, self.model, self.keys = plan, model, key_plan
         self.server_optimizer, self.evaluator, self.val_rows = server_optimizer, evaluator, val_rows
         self.on_round = on_round
+        self.bn_keys = bn_state_keys(model)
         self.nodes: dict[int, int] = {}  # partition id -> node id
         self.grid: Grid | None = None
         self.last_recalibrated: nn.Module | None = None
@@ -158,9 +160,13 @@ class Federation:
             "train/acc": sum(float(m["train_acc"]) * n for m, n in zip(metrics, counts)) / total,
             "clients": float(len(pids)),
         }
-        clients = {
-            str(int(m["pid"])): {k: float(v) for k, v in m.items() if k != "pid"} for m in metrics
-        }
+        clients = {}
+        for m, state in zip(metrics, states, strict=True):
+            info = {k: float(v) for k, v in m.items() if k != "pid"}
+            # What actually crossed the wire, so FedBN's promise can be checked from outside.
+            info["keys_received"] = float(len(state))
+            info["bn_keys_received"] = float(len(self.bn_keys.intersection(state)))
+            clients[str(int(m["pid"]))] = info
         return out, clients
 
     def moments(self, model: nn.Module, layer: int) -> list:

@@ -1,0 +1,1 @@
+"""Data layer: Speech Commands loading, synthetic dataset, features, augmentation, partitions."""

@@ -1,0 +1,462 @@
+"""Download and unpack the Google Speech Commands archives.
+
+The archives have the word folders at their top level (no enclosing
+directory), so unpacking into ``root`` gives ``root/yes/...``,
+``root/_background_noise_/...``, ``root/validation_list.txt`` and so on: the
+layout :mod:`fedkws.data.speech_commands` reads.
+
+The steps are ordered so that an interrupted run never leaves something that
+looks finished:
+
+1. the archive is streamed to ``<archive>.part`` while its SHA-256 is
+   computed; its size is checked against ``Content-Length`` and its digest
+   against the expected one, and only then is it renamed to ``<archive>``;
+2. it is unpacked into a temporary directory beside ``root`` (same file
+   system, so the final move is a rename), refusing members that would land
+   outside it;
+3. the unpacked tree is moved into ``root``;
+4. the marker file ``root/.fedkws_complete`` (version, digest, URL) is
+   written last. A ``root`` without it is never treated as complete.
+
+Checksum policy
+---------------
+With the default URL the official digest from :data:`ARCHIVES` is always
+checked. With a custom ``url`` (a mirror, a local server, a ``file://`` path)
+the digest is checked only if ``sha256`` is given; otherwise a warning says
+that the archive cannot be verified. A faithful mirror of the official
+archive can be verified with ``sha256=ARCHIVES[version].sha256``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, concurrent runs are not guarded
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+MARKER_NAME = ".fedkws_complete"
+DEFAULT_TIMEOUT = 60.0
+_CHUNK_SIZE = 1 << 20
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")  # a Windows drive prefix makes a member absolute there
+
+
+class DownloadError(Exception):
+    """The dataset could not be downloaded, verified or unpacked."""
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    """Where an official archive lives and the SHA-256 digest it must have."""
+
+    url: str
+    sha256: str
+
+
+# Digests as recorded by torchaudio (torchaudio/datasets/speechcommands.py,
+# ``_CHECKSUMS``) for the archives on download.tensorflow.org.
+ARCHIVES: dict[str, ArchiveSpec] = {
+    "v0.01": ArchiveSpec(
+        url="http://download.tensorflow.org/data/speech_commands_v0.01.tar.gz",
+        sha256="743935421bb51cccdb6bdd152e04c5c70274e935c82119ad7faeec31780d811d",
+    ),
+    "v0.02": ArchiveSpec(
+        url="http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz",
+        sha256="af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58",
+    ),
+}
+
+
+def is_complete(root: Path | str) -> bool:
+    """Whether ``root`` holds a fully downloaded and unpacked dataset.
+
+    Parameters
+    ----------
+    root
+        The dataset directory passed to :func:`download_speech_commands`.
+
+    Returns
+    -------
+    bool
+        ``True`` if the completion marker exists and is readable. Files in
+        ``root`` without the marker (an interrupted run, a manual copy) do not
+        count.
+    """
+    return _read_marker(Path(root)) is not None
+
+
+def download_speech_commands(
+    root: Path | str,
+    version: str = "v0.02",
+    url: str | None = None,
+    sha256: str | None = None,
+    progress: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+    keep_archive: bool = False,
+) -> Path:
+    """Download, verify and unpack Speech Commands into ``root``.
+
+    Does nothing if ``root`` already holds a complete dataset of the same
+    version (see :func:`is_complete`). A verified archive left beside
+    ``root`` by an earlier run whose unpacking failed is reused after its
+    digest is checked again.
+
+    Parameters
+    ----------
+    root
+        Directory that receives the word folders. Its parent is created if
+        needed and also holds the archive and temporary files while they
+        are being written.
+    version
+        ``"v0.01"`` or ``"v0.02"``; selects the official URL and digest and is
+        recorded in the completion marker.
+    url
+        Download from here instead of the official URL: any URL ``urllib``
+        opens (``http://``, ``https://``, ``file://``).
+    sha256
+        Expected SHA-256 digest (hex) of the archive. Defaults to the official
+        digest when ``url`` is not given. With a custom ``url`` and no
+        ``sha256`` the archive is not verified and a warning is logged.
+    progress
+        Show a ``rich`` progress bar while downloading and unpacking.
+    timeout
+        Seconds to wait for the server to connect or send data before giving
+        up.
+    keep_archive
+        Keep the verified ``.tar.gz`` beside ``root`` after unpacking instead
+        of deleting it.
+
+    Returns
+    -------
+    Path
+        ``root``, holding the unpacked dataset and its completion marker.
+
+    Raises
+    ------
+    DownloadError
+        On HTTP errors, unreachable hosts, timeouts, truncated downloads,
+        checksum mismatches, corrupt or unsafe archives, or when ``root``
+        already holds a different complete dataset.
+    ValueError
+        For an unknown ``version`` or a malformed ``sha256``.
+    """
+    if version not in ARCHIVES:
+        raise ValueError(f"unknown Speech Commands version {version!r}; known: {sorted(ARCHIVES)}")
+    root = Path(root).expanduser().absolute()
+    spec = ARCHIVES[version]
+    expected = _expected_digest(spec, url, sha256)
+    url = url or spec.url
+
+    if _already_done(root, version, expected):
+        return root
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(root):
+        # Another process may have finished the same download while this one waited.
+        if _already_done(root, version, expected):
+            return root
+        archive = root.parent / f"{root.name}-{_archive_name(url)}"
+        digest = _reuse_archive(archive, expected)
+        if digest is None:
+            if expected is None:
+                log.warning(
+                    "No SHA-256 given for %s: the archive cannot be verified. Pass sha256=... "
+                    "(for a mirror of the official archive: ARCHIVES[%r].sha256).",
+                    url,
+                    version,
+                )
+            digest = _download(url, archive, expected, timeout, progress)
+        _install(archive, root, progress)
+        _write_marker(root, {"version": version, "sha256": digest, "url": url})
+        if not keep_archive:
+            archive.unlink(missing_ok=True)
+    log.info("Speech Commands %s ready in %s", version, root)
+    return root
+
+
+def _expected_digest(spec: ArchiveSpec, url: str | None, sha256: str | None) -> str | None:
+    if sha256 is None:
+        return spec.sha256 if url is None else None
+    digest = sha256.strip().lower()
+    if not _SHA256_RE.match(digest):
+        raise ValueError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
+    return digest
+
+
+def _already_done(root: Path, version: str, expected: str | None) -> bool:
+    marker = _read_marker(root)
+    if marker is None:
+        return False
+    if marker.get("version") != version:
+        raise DownloadError(
+            f"{root} already holds Speech Commands {marker.get('version')}, not {version}; "
+            "use another root directory"
+        )
+    if expected is not None and marker.get("sha256") != expected:
+        raise DownloadError(
+            f"{root} already holds a dataset unpacked from an archive with SHA-256 "
+            f"{marker.get('sha256')}, but {expected} was requested; use another root "
+            f"directory or delete {root / MARKER_NAME} to download again"
+        )
+    log.info("Speech Commands %s already complete in %s", version, root)
+    return True
+
+
+def _read_marker(root: Path) -> dict | None:
+    try:
+        marker = json.loads((root / MARKER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or "version" not in marker or "sha256" not in marker:
+        return None
+    return marker
+
+
+def _write_marker(root: Path, content: dict) -> None:
+    # Written to a temporary name and renamed, so a crash mid-write cannot
+    # leave a truncated marker that still parses.
+    tmp = root / f"{MARKER_NAME}.tmp"
+    tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, root / MARKER_NAME)
+
+
+@contextlib.contextmanager
+def _lock(root: Path) -> Iterator[None]:
+    # Several simulation workers may call the downloader at once; without the
+    # lock they would write the same .part file concurrently.
+    if fcntl is None:
+        yield
+        return
+    lock_path = root.parent / f".{root.name}.lock"
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _archive_name(url: str) -> str:
+    name = posixpath.basename(urllib.parse.urlsplit(url).path)
+    return name or "speech_commands.tar.gz"
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK_SIZE), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _reuse_archive(archive: Path, expected: str | None) -> str | None:
+    # An archive without .part was verified when it was written, but it is
+    # checked again because it may have been modified since; without an
+    # expected digest there is nothing to check it against, so it is fetched
+    # again.
+    if not archive.is_file() or expected is None:
+        return None
+    actual = _sha256_of(archive)
+    if actual == expected:
+        log.info("Reusing verified archive %s", archive)
+        return actual
+    log.warning("Ignoring %s: SHA-256 %s, expected %s", archive, actual, expected)
+    archive.unlink()
+    return None
+
+
+def _download(url: str, archive: Path, expected: str | None, timeout: float, progress: bool) -> str:
+    """Fetch ``url`` into ``archive`` and return the SHA-256 of what arrived."""
+    part = archive.with_name(archive.name + ".part")
+    try:
+        digest = _fetch(url, part, timeout, progress)
+        if expected is not None and digest != expected:
+            raise DownloadError(
+                f"checksum mismatch for {part} downloaded from {url}: expected SHA-256 "
+                f"{expected}, got {digest}; the file was deleted"
+            )
+    except BaseException:
+        # A .part file cannot be resumed here, so keeping it would only waste
+        # disk space (gigabytes for the real archive).
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, archive)
+    return digest
+
+
+def _open_url(url: str, timeout: float) -> IO[bytes]:
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "fedkws"})
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        err.close()
+        raise DownloadError(f"HTTP {err.code} {err.reason} while downloading {url}") from None
+    except urllib.error.URLError as err:
+        raise DownloadError(f"could not connect to {url}: {err.reason}") from None
+    except (http.client.HTTPException, OSError) as err:
+        raise DownloadError(f"could not download {url}: {err!r}") from None
+    except ValueError as err:
+        raise DownloadError(f"invalid URL {url!r}: {err}") from None
+
+
+def _fetch(url: str, part: Path, timeout: float, progress: bool) -> str:
+    digest = hashlib.sha256()
+    received = 0
+    with _open_url(url, timeout) as response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        with (
+            open(part, "wb") as out,
+            _progress(progress, "Downloading", total, transfer=True) as advance,
+        ):
+            while True:
+                try:
+                    chunk = response.read(_CHUNK_SIZE)
+                except (http.client.HTTPException, OSError) as err:
+                    raise DownloadError(
+                        f"download of {url} interrupted after {received} bytes "
+                        f"(writing {part}): {err!r}"
+                    ) from None
+                if not chunk:
+                    break
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                advance(len(chunk))
+    if total is not None and received != total:
+        raise DownloadError(
+            f"truncated download of {url} into {part}: server announced {total} bytes, "
+            f"received {received}; the file was deleted"
+        )
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _progress(
+    enabled: bool, description: str, total: int | None, transfer: bool
+) -> Iterator[Callable[[int], object]]:
+    """Yield a callable that advances a progress bar (or does nothing)."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    if transfer:
+        columns = (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    else:
+        columns = (MofNCompleteColumn(),)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), *columns) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _install(archive: Path, root: Path, progress: bool) -> None:
+    """Unpack ``archive`` beside ``root`` and move the result into ``root``."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.extract-", dir=root.parent))
+    try:
+        _extract(archive, staging, progress)
+        top = _dataset_top(staging)
+        _move_into(top, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _dataset_top(staging: Path) -> Path:
+    # The official archives have no enclosing folder, but a repacked mirror
+    # may wrap everything in one; unwrap it so the layout is the same.
+    entries = list(staging.iterdir())
+    if len(entries) == 1 and entries[0].is_dir():
+        inner = entries[0]
+        if (inner / "validation_list.txt").exists() or (inner / "_background_noise_").is_dir():
+            log.info("Archive has an enclosing folder %r; using its contents", inner.name)
+            return inner
+    if not entries:
+        raise DownloadError("the archive is empty")
+    return staging
+
+
+def _checked_members(
+    tar: tarfile.TarFile, archive: Path, advance: Callable[[int], object]
+) -> Iterator[tarfile.TarInfo]:
+    # Checked one by one as tarfile reads them, so the gzip stream is
+    # decompressed only once. Only files and folders occur in the dataset;
+    # anything else (links, devices) is refused rather than interpreted.
+    for member in tar:
+        name = PurePosixPath(member.name)
+        if name.is_absolute() or ".." in name.parts or _DRIVE_RE.match(member.name):
+            raise DownloadError(
+                f"refusing to unpack {archive}: member {member.name!r} points outside the "
+                "target directory"
+            )
+        if not (member.isfile() or member.isdir()):
+            raise DownloadError(
+                f"refusing to unpack {archive}: member {member.name!r} is not a regular "
+                "file or directory"
+            )
+        yield member
+        advance(1)
+
+
+def _extract(archive: Path, dest: Path, progress: bool) -> None:
+    # The "data" filter (3.11.4+) also normalises permissions and rejects
+    # anything escaping dest; older versions rely on _checked_members alone.
+    kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    try:
+        with (
+            tarfile.open(archive, "r:*") as tar,
+            _progress(progress, "Unpacking", None, transfer=False) as advance,
+        ):
+            tar.extractall(dest, members=_checked_members(tar, archive, advance), **kwargs)
+    except DownloadError:
+        raise
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+        raise DownloadError(f"could not unpack {archive}: {err!r}") from None
+
+
+def _move_into(src: Path, root: Path) -> None:
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+    if not root.exists():
+        os.replace(src, root)
+        return
+    # root holds files but no marker: most likely an interrupted earlier
+    # install. Entries the archive provides are replaced; others are kept.
+    log.warning("%s exists without a completion marker; replacing its dataset files", root)
+    for entry in sorted(src.iterdir()):
+        target = root / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(entry, target)

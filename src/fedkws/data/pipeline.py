@@ -1,0 +1,114 @@
+"""From a dataset config to an opened feature cache.
+
+This is the only place that decides whether a dataset must be generated
+(embedded synthetic corpus) or downloaded (real Speech Commands) before it is
+read. Builders take plain arguments; the config is unpacked here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from fedkws.data.augment import AugmentConfig
+from fedkws.data.cache import CachedDataset, DataConfig, prepare
+from fedkws.data.features import FeatureConfig
+from fedkws.data.speech_commands import DatasetNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+def _pick(cls: type, values: Mapping[str, Any], **extra: Any) -> Any:
+    """Instantiate a dataclass from the matching keys of a mapping (lists become tuples)."""
+    names = {f.name for f in fields(cls)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+    kwargs.update(extra)
+    return cls(**kwargs)
+
+
+def feature_config(features: Mapping[str, Any]) -> FeatureConfig:
+    """``FeatureConfig`` from the ``features`` config group."""
+    return _pick(FeatureConfig, features)
+
+
+def augment_config(augment: Mapping[str, Any]) -> AugmentConfig:
+    """``AugmentConfig`` from the ``augment`` config group."""
+    return _pick(AugmentConfig, augment)
+
+
+def data_config(dataset: Mapping[str, Any]) -> DataConfig:
+    """``DataConfig`` from the ``dataset`` config group."""
+    return _pick(DataConfig, dataset, seed=int(dataset.get("split_seed", 0)))
+
+
+def ensure_dataset(
+    root: Path | str,
+    generate: Mapping[str, Any] | None = None,
+    download: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Make sure a complete dataset sits at ``root``: generate or download it if not.
+
+    Raises
+    ------
+    DatasetNotFoundError
+        If ``root`` is missing and the config says neither how to generate nor
+        how to download it.
+    """
+    root = Path(root)
+    if generate is not None:
+        from fedkws.data import synth
+
+        params = dict(
+            num_speakers=int(generate["speakers"]),
+            utterances_per_word=int(generate["utterances"]),
+            seed=int(generate["seed"]),
+            noise_seconds=float(generate.get("noise_seconds", 30)),
+        )
+        if not synth.is_complete(root, **params):
+            log.info("generating the synthetic dataset at %s", root)
+            summary = synth.generate(root, progress=progress, **params)
+            log.info("%s", summary.describe())
+        return root
+    if download is not None:
+        from fedkws.data import download as dl
+
+        if not dl.is_complete(root):
+            dl.download_speech_commands(
+                root,
+                version=download.get("version", "v0.02"),
+                url=download.get("url"),
+                sha256=download.get("sha256"),
+                progress=progress,
+            )
+        return root
+    if not root.is_dir():
+        # Let the loader produce its standard message naming both commands.
+        from fedkws.data.speech_commands import scan_words
+
+        scan_words(root)
+    return root
+
+
+def load_dataset(
+    dataset: Mapping[str, Any],
+    features: Mapping[str, Any],
+    cache_dir: Path | str,
+    progress: bool = True,
+) -> CachedDataset:
+    """Generate/download if needed, then build or reuse the memory-mapped cache."""
+    ensure_dataset(dataset["root"], dataset.get("generate"), dataset.get("download"), progress)
+    return prepare(data_config(dataset), feature_config(features), cache_dir, progress=progress)
+
+
+__all__ = [
+    "DatasetNotFoundError",
+    "augment_config",
+    "data_config",
+    "ensure_dataset",
+    "feature_config",
+    "load_dataset",
+]

@@ -1,0 +1,287 @@
+"""Google Speech Commands (v0.01 / v0.02) as distributed on disk.
+
+Layout: ``<root>/<word>/<8-hex speaker>_nohash_<n>.wav``, background noise in
+``<root>/_background_noise_/``, official split lists ``validation_list.txt``
+and ``testing_list.txt``. The same code reads the embedded synthetic dataset,
+which is written in exactly this layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from fedkws.data.audio import CLIP_SAMPLES
+
+log = logging.getLogger(__name__)
+
+# The 30 words of v0.01; v0.02 adds five more.
+WORDS_V1 = (
+    "bed", "bird", "cat", "dog", "down", "eight", "five", "four", "go", "happy",
+    "house", "left", "marvin", "nine", "no", "off", "on", "one", "right", "seven",
+    "sheila", "six", "stop", "three", "tree", "two", "up", "wow", "yes", "zero",
+)  # fmt: skip
+WORDS_V2 = tuple(sorted(WORDS_V1 + ("backward", "follow", "forward", "learn", "visual")))
+
+# The 12-class protocol of TensorFlow's speech_commands/train.py.
+SILENCE_LABEL = "_silence_"
+UNKNOWN_LABEL = "_unknown_"
+BACKGROUND_NOISE_DIR = "_background_noise_"
+TEN_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+LABELS_12 = (SILENCE_LABEL, UNKNOWN_LABEL) + TEN_WORDS
+
+# 2**27 - 1: the largest number of files per class the split rule supports.
+_MAX_NUM_WAVS_PER_CLASS = 2**27 - 1
+_SPEAKER_RE = re.compile(r"^([0-9a-fA-F]+)_nohash_(\d+)\.wav$")
+
+
+def which_set(
+    filename: str, validation_percentage: float = 10.0, testing_percentage: float = 10.0
+) -> str:
+    """Assign a file to ``training``, ``validation`` or ``testing`` by speaker hash.
+
+    The exact rule of TensorFlow's ``speech_commands/input_data.py``: the part
+    of the base name before ``_nohash_`` (the speaker) is hashed with SHA-1, so
+    every recording of a speaker lands in the same split, and adding files
+    never moves existing ones.
+
+    Parameters
+    ----------
+    filename
+        A path or file name such as ``yes/0a7c2a8d_nohash_0.wav``.
+    validation_percentage, testing_percentage
+        Sizes of the two held-out splits, in percent.
+    """
+    base_name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    hash_name = re.sub(r"_nohash_.*$", "", base_name)
+    hash_name_hashed = hashlib.sha1(hash_name.encode("utf-8")).hexdigest()
+    percentage_hash = (int(hash_name_hashed, 16) % (_MAX_NUM_WAVS_PER_CLASS + 1)) * (
+        100.0 / _MAX_NUM_WAVS_PER_CLASS
+    )
+    if percentage_hash < validation_percentage:
+        return "validation"
+    if percentage_hash < (testing_percentage + validation_percentage):
+        return "testing"
+    return "training"
+
+
+def speaker_of(filename: str) -> str:
+    """Speaker id of a Speech Commands file name (the part before ``_nohash_``)."""
+    base_name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    match = _SPEAKER_RE.match(base_name)
+    if match:
+        return match.group(1).lower()
+    return re.sub(r"_nohash_.*$", "", base_name.rsplit(".", 1)[0])
+
+
+# ---------------------------------------------------------------------------
+# Index: which clip goes to which split under which label
+# ---------------------------------------------------------------------------
+
+PROTOCOLS = ("12class", "35class")
+SPLITS = ("training", "validation", "testing")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset root does not exist or holds no Speech Commands folders."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One example of the index.
+
+    ``path`` is relative to the dataset root; silence examples have no file and
+    instead a slice ``(noise_file, offset, volume)`` of a background recording.
+    """
+
+    path: str | None
+    label: int
+    speaker: str
+    split: str
+    silence: tuple[str, int, float] | None = None
+
+
+@dataclass
+class DatasetIndex:
+    """Every example of one protocol, before any audio is read."""
+
+    root: Path
+    version: str
+    protocol: str
+    labels: tuple[str, ...]
+    items: list[Item]
+    split_source: str  # "official lists" or "hash rule"
+    ignored_words: dict[str, int] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, Counter]:
+        """Label histogram per split."""
+        out = {s: Counter() for s in SPLITS}
+        for item in self.items:
+            out[item.split][self.labels[item.label]] += 1
+        return out
+
+
+def _missing_root_message(root: Path) -> str:
+    return (
+        f"Speech Commands dataset not found at '{root}'. Create the embedded synthetic one with "
+        f"`fedkws generate --root {root}` or download the real one with "
+        f"`fedkws download --root {root} --version v0.02`."
+    )
+
+
+def scan_words(root: Path) -> dict[str, list[str]]:
+    """Map each word folder of ``root`` to its sorted ``word/file.wav`` paths."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(_missing_root_message(root))
+    words: dict[str, list[str]] = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if sub.name.startswith((".", "_")):
+            continue
+        files = sorted(f"{sub.name}/{f.name}" for f in sub.iterdir() if f.suffix.lower() == ".wav")
+        if files:
+            words[sub.name] = files
+    if not words:
+        raise DatasetNotFoundError(
+            f"'{root}' holds no word folders with .wav files. " + _missing_root_message(root)
+        )
+    return words
+
+
+def detect_version(words: Iterable[str]) -> str:
+    """``v0.02`` if any of the five words added in v0.02 is present, else ``v0.01``."""
+    return "v0.02" if set(words) & (set(WORDS_V2) - set(WORDS_V1)) else "v0.01"
+
+
+def _read_list(path: Path) -> set[str] | None:
+    if not path.is_file():
+        return None
+    return {line.strip().replace("\\", "/") for line in path.read_text().splitlines() if line.strip()}
+
+
+def noise_files(root: Path) -> list[str]:
+    """Sorted names of the background-noise recordings (may be empty)."""
+    folder = Path(root) / BACKGROUND_NOISE_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(f.name for f in folder.iterdir() if f.suffix.lower() == ".wav")
+
+
+def build_index(
+    root: Path | str,
+    protocol: str = "12class",
+    seed: int = 0,
+    silence_percentage: float = 10.0,
+    unknown_percentage: float = 10.0,
+    validation_percentage: float = 10.0,
+    testing_percentage: float = 10.0,
+    noise_lengths: dict[str, int] | None = None,
+) -> DatasetIndex:
+    """List the examples of a protocol, split by the official lists or the hash rule.
+
+    Under ``12class`` (TensorFlow ``train.py``): the ten command words keep their
+    label, every other word folder becomes ``_unknown_`` and, in each split, a
+    seeded random subset of them of size ``ceil(known * unknown_percentage / 100)``
+    is kept; ``ceil(known * silence_percentage / 100)`` silence examples are added,
+    each a random 1 s slice of a background recording at a random volume in
+    [0, 1]. Under ``35class`` every v0.02 word is its own class.
+
+    Parameters
+    ----------
+    noise_lengths
+        Length in samples of each background file, needed to draw silence
+        slices. Read from disk when not given.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol '{protocol}'. Valid protocols: {', '.join(PROTOCOLS)}")
+    root = Path(root)
+    words = scan_words(root)
+    version = detect_version(words)
+
+    val_list = _read_list(root / "validation_list.txt")
+    test_list = _read_list(root / "testing_list.txt")
+    if val_list is None or test_list is None:
+        split_source = "hash rule"
+        log.info(
+            "%s: no validation_list.txt/testing_list.txt, splitting by the hash rule "
+            "(%.0f%% validation, %.0f%% testing)",
+            root, validation_percentage, testing_percentage,
+        )  # fmt: skip
+
+        def split_of(rel: str) -> str:
+            return which_set(rel, validation_percentage, testing_percentage)
+    else:
+        split_source = "official lists"
+
+        def split_of(rel: str) -> str:
+            if rel in val_list:
+                return "validation"
+            return "testing" if rel in test_list else "training"
+
+    rng = np.random.default_rng(seed)
+    items: list[Item] = []
+    ignored: dict[str, int] = {}
+    if protocol == "35class":
+        if version != "v0.02":
+            raise ValueError(
+                f"The 35class protocol needs Speech Commands v0.02; '{root}' looks like v0.01 "
+                f"(none of {sorted(set(WORDS_V2) - set(WORDS_V1))} found). Use protocol=12class."
+            )
+        labels = WORDS_V2
+        for word, files in words.items():
+            if word not in labels:
+                ignored[word] = len(files)
+                continue
+            for rel in files:
+                items.append(Item(rel, labels.index(word), speaker_of(rel), split_of(rel)))
+        if ignored:
+            log.warning("35class: ignoring word folders outside the protocol: %s", ignored)
+        return DatasetIndex(root, version, protocol, labels, items, split_source, ignored)
+
+    labels = LABELS_12
+    known: dict[str, list[Item]] = {s: [] for s in SPLITS}
+    unknown: dict[str, list[Item]] = {s: [] for s in SPLITS}
+    unknown_label = labels.index(UNKNOWN_LABEL)
+    for word, files in words.items():
+        for rel in files:
+            split = split_of(rel)
+            if word in TEN_WORDS:
+                known[split].append(Item(rel, labels.index(word), speaker_of(rel), split))
+            else:
+                unknown[split].append(Item(rel, unknown_label, speaker_of(rel), split))
+
+    noises = noise_files(root)
+    if noise_lengths is None and noises:
+        noise_lengths = {
+            n: sf.info(str(root / BACKGROUND_NOISE_DIR / n)).frames for n in noises
+        }  # fmt: skip
+    usable = [n for n in noises if noise_lengths and noise_lengths.get(n, 0) >= CLIP_SAMPLES]
+    silence_label = labels.index(SILENCE_LABEL)
+    for split in SPLITS:
+        n_known = len(known[split])
+        items.extend(known[split])
+        n_silence = math.ceil(n_known * silence_percentage / 100)
+        if n_silence and not usable:
+            raise ValueError(
+                f"'{root / BACKGROUND_NOISE_DIR}' has no recording of at least 1 s, but the "
+                "12class protocol draws its silence examples from background noise."
+            )
+        for _ in range(n_silence):
+            name = usable[int(rng.integers(len(usable)))]
+            offset = int(rng.integers(0, noise_lengths[name] - CLIP_SAMPLES + 1))
+            volume = float(rng.uniform(0.0, 1.0))
+            items.append(Item(None, silence_label, "_silence_", split, (name, offset, volume)))
+        pool = unknown[split]
+        order = rng.permutation(len(pool))
+        n_unknown = min(len(pool), math.ceil(n_known * unknown_percentage / 100))
+        items.extend(pool[i] for i in sorted(order[:n_unknown]))
+    return DatasetIndex(root, version, protocol, labels, items, split_source, ignored)

@@ -1,0 +1,133 @@
+"""Feature extraction, the memory-mapped cache, and the mini-batch loader."""
+
+from __future__ import annotations
+
+import json
+
+import librosa
+import numpy as np
+import pytest
+import torch
+
+from fedkws.data import audio
+from fedkws.data.augment import AugmentConfig, Augmenter
+from fedkws.data.cache import DataConfig, open_cache, prepare
+from fedkws.data.features import FeatureConfig, FeatureExtractor
+from fedkws.data.loader import iterate_batches
+
+
+def test_default_features_are_40_by_101():
+    cfg = FeatureConfig()
+    assert (cfg.win_length, cfg.hop_length) == (480, 160)
+    out = FeatureExtractor(cfg)(torch.zeros(3, audio.CLIP_SAMPLES))
+    assert out.shape == (3, 1, 40, 101)
+    mfcc = FeatureExtractor(FeatureConfig(kind="mfcc", n_mfcc=13))(torch.zeros(2, 16000))
+    assert mfcc.shape == (2, 1, 13, 101)
+
+
+def test_logmel_matches_librosa():
+    rng = np.random.default_rng(0)
+    t = np.arange(audio.CLIP_SAMPLES) / audio.SAMPLE_RATE
+    wave = (0.3 * np.sin(2 * np.pi * 700 * t) + 0.05 * rng.standard_normal(t.size)).astype(
+        np.float32
+    )
+    cfg = FeatureConfig()
+    ours = FeatureExtractor(cfg)(torch.from_numpy(wave)[None])[0, 0].numpy()
+    ref = librosa.feature.melspectrogram(
+        y=wave, sr=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
+        win_length=cfg.win_length, window="hann", center=True, pad_mode="reflect",
+        power=2.0, n_mels=cfg.n_mels, fmin=cfg.f_min, fmax=cfg.f_max, htk=False, norm="slaney",
+    )  # fmt: skip
+    ref = np.log(ref + cfg.log_offset)
+    assert ours.shape == ref.shape
+    # Where there is energy the two agree to a small fraction of a log unit.
+    assert np.abs(ours - ref).max() < 1e-2
+
+
+def test_feature_key_changes_with_any_field():
+    base = FeatureConfig()
+    assert base.key() == FeatureConfig().key()
+    assert base.key() != FeatureConfig(n_mels=64).key()
+    assert base.key() != FeatureConfig(kind="mfcc").key()
+    with pytest.raises(ValueError, match="logmel, mfcc"):
+        FeatureConfig(kind="spectrogram")
+
+
+def test_cache_built_once_reused_and_invalidated(tiny_root, tmp_path, monkeypatch):
+    calls = {"clips": 0}
+    real = audio.read_clip
+
+    def counting(*args, **kwargs):
+        calls["clips"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("fedkws.data.cache.read_clip", counting)
+    config = DataConfig(root=str(tiny_root))
+    first = prepare(config, FeatureConfig(), tmp_path, progress=False)
+    decoded = calls["clips"]
+    assert decoded > 0
+    feats_path = first.path / f"features-{FeatureConfig().key()}.npy"
+    mtime = feats_path.stat().st_mtime_ns
+
+    open_cache.cache_clear()
+    again = prepare(config, FeatureConfig(), tmp_path, progress=False)
+    assert calls["clips"] == decoded  # nothing decoded again
+    assert feats_path.stat().st_mtime_ns == mtime  # nothing recomputed
+    assert again.path == first.path
+    assert isinstance(again.features, np.memmap) and isinstance(again.waves, np.memmap)
+
+    mfcc = prepare(config, FeatureConfig(kind="mfcc"), tmp_path, progress=False)
+    assert calls["clips"] == decoded  # new features from the cached waveforms
+    assert mfcc.path == first.path and mfcc.feature_key != first.feature_key
+    manifest = json.loads((first.path / "manifest.json").read_text())
+    assert len(manifest["features"]) == 2
+
+    other = prepare(DataConfig(root=str(tiny_root), seed=1), FeatureConfig(), tmp_path, False)
+    assert other.path != first.path  # other protocol draw -> new entry
+
+    # Touching the dataset (a changed file) invalidates the waveform cache too.
+    wav = next((tiny_root / "yes").glob("*.wav"))
+    stat = wav.stat()
+    import os
+
+    os.utime(wav, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        changed = prepare(config, FeatureConfig(), tmp_path, progress=False)
+        assert changed.path != first.path
+    finally:
+        os.utime(wav, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_cached_features_equal_fresh_computation(tiny_root, tmp_path):
+    data = prepare(DataConfig(root=str(tiny_root)), FeatureConfig(), tmp_path, progress=False)
+    rows = np.arange(5)
+    fresh = FeatureExtractor(FeatureConfig())(torch.from_numpy(np.asarray(data.waves[rows])))
+    assert torch.allclose(fresh, torch.from_numpy(np.asarray(data.features[rows])), atol=1e-5)
+
+
+def test_loader_shuffles_deterministically_and_augments_training_only(tiny_root, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    data = prepare(DataConfig(root=str(tiny_root)), FeatureConfig(), tmp_path, progress=False)
+    rows = data.split_indices("training")[:64]
+
+    def batches(seed, **kw):
+        gen = torch.Generator().manual_seed(seed)
+        return list(iterate_batches(data, rows, 16, gen, shuffle=True, **kw))
+
+    a, b, c = batches(1), batches(1), batches(2)
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
+    assert not all(torch.equal(x[1], y[1]) for x, y in zip(a, c))
+    # Un-augmented batches are exactly the cached features.
+    plain = list(iterate_batches(data, rows, 16))
+    assert torch.equal(plain[0][0], torch.from_numpy(np.asarray(data.features[rows[:16]])))
+
+    # Waveform augmentation works from the memory map: decoding a WAV would fail here.
+    monkeypatch.setattr("fedkws.data.audio.read_clip", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("fedkws.data.cache.read_clip", lambda *a, **k: 1 / 0)
+    aug = Augmenter(AugmentConfig(time_shift_ms=100, noise_prob=1.0),
+                    torch.from_numpy(np.asarray(data.noise)))  # fmt: skip
+    extractor = FeatureExtractor(FeatureConfig())
+    augmented = batches(1, augmenter=aug, extractor=extractor)
+    assert augmented[0][0].shape == a[0][0].shape
+    assert not torch.allclose(augmented[0][0], a[0][0])
+    assert torch.equal(augmented[0][1], a[0][1])  # labels untouched

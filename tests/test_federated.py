@@ -1,0 +1,215 @@
+"""End-to-end federated runs: a real Flower simulation on the Ray backend, tiny sizes.
+
+Each test runs 2-3 rounds of a small ResNet on the tiny synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedkws.data.cache import open_cache
+from fedkws.fl import engine
+from fedkws.models import bn_layers, build_model
+from fedkws.run import model_spec, run
+from fedkws.tracking import Result
+
+BASE = [
+    "model=resnet",
+    "model.depth=10",
+    "model.width=16",
+    "train.rounds=3",
+    "train.local_epochs=2",
+    "train.batch_size=16",
+    "train.eval_batch_size=64",
+    "optimizer.lr=3e-3",
+    "partition.num_clients=2",
+    "partition.min_partition_size=5",
+]
+CHANCE = 1 / 12
+
+
+def _run(make_cfg, tmp_path, overrides, name="run"):
+    cfg = make_cfg(BASE + overrides)
+    run_dir = tmp_path / name
+    return run(cfg, run_dir), run_dir, cfg
+
+
+def _final(result: Result) -> dict[str, float]:
+    return result.rounds[-1].metrics
+
+
+def _global_state(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_params_only_reproduces_the_eval_mode_collapse(make_cfg, tmp_path):
+    result, run_dir, _ = _run(
+        make_cfg, tmp_path,
+        ["bn=params_only", "bn.eval_modes=[eval,train]", "federation.federated_eval=true",
+         "train.rounds=3", "train.local_epochs=3"],
+    )  # fmt: skip
+    state = _global_state(run_dir)
+    means = [v for k, v in state.items() if k.endswith("running_mean")]
+    variances = [v for k, v in state.items() if k.endswith("running_var")]
+    assert means and all(torch.equal(m, torch.zeros_like(m)) for m in means)
+    assert all(torch.equal(v, torch.ones_like(v)) for v in variances)
+    final = _final(result)
+    # eval mode normalises with mean 0 / var 1: chance level; train mode works.
+    assert final["fed/eval/acc_mean"] < 2 * CHANCE
+    assert final["fed/train/acc_mean"] > 0.4
+    assert final["fed/train/acc_mean"] - final["fed/eval/acc_mean"] > 0.25
+    assert final["val/eval/acc"] < 2 * CHANCE < final["val/train/acc"]
+    # Only parameters crossed the wire: BatchNorm affine yes, buffers no.
+    info = result.rounds[-1].clients["0"]
+    n_bn_params = 2 * len(bn_layers(build_model(**model_spec(make_cfg(BASE), 12))))
+    assert info["bn_keys_received"] == n_bn_params
+    assert result.summary["complete"] and (run_dir / "accuracy.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def full_noniid(tmp_path_factory, data_dir, tiny_root):
+    """bn_sync=full on Dirichlet label-skewed clients, all three eval modes."""
+    from conftest import compose_cfg
+
+    cfg = compose_cfg(
+        BASE + ["bn=full", "bn.eval_modes=[eval,train,recalibrated]", "partition=dirichlet",
+                "partition.alpha=0.3", "partition.num_clients=3", "partition.min_partition_size=5"],
+        data_dir, tiny_root,
+    )  # fmt: skip
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    return run(cfg, run_dir), run_dir, cfg
+
+
+def test_full_and_recalibrated_close_to_train_mode(full_noniid):
+    result, _, _ = full_noniid
+    final = _final(result)
+    assert final["val/train/acc"] > 2 * CHANCE
+    assert abs(final["val/eval/acc"] - final["val/train/acc"]) < 0.2
+    assert abs(final["val/recalibrated/acc"] - final["val/train/acc"]) < 0.2
+    assert result.rounds[-1].clients["0"]["bn_keys_received"] > 0
+    assert "test/recalibrated/acc" in result.summary
+
+
+def test_federated_pooled_statistics_equal_central_union(full_noniid):
+    """The statistics pooled over the Flower messages equal those over the union."""
+    _, run_dir, cfg = full_noniid
+    pooled = torch.load(run_dir / "recalibrated_bn.pt", weights_only=True)
+    model = build_model(**model_spec(cfg, 12))
+    model.load_state_dict(_global_state(run_dir))
+    task_data = open_cache(*_cache_of(cfg))
+    with np.load(run_dir / "clients.npz") as npz:
+        union = np.sort(np.concatenate([npz[k] for k in npz.files if k.startswith("train_")]))
+    central = engine.recalibrate(
+        model, lambda net, layer: [engine.bn_input_moments(net, task_data, union, layer, 64)]
+    )
+    for key, value in central.state_dict().items():
+        if "running_" in key:
+            assert torch.allclose(pooled[key], value, rtol=1e-4, atol=1e-5), key
+
+
+def _cache_of(cfg):
+    from fedkws.data.pipeline import load_dataset
+
+    data = load_dataset(cfg.dataset, cfg.features, cfg.cache_dir, progress=False)
+    return str(data.path), data.feature_key
+
+
+def test_pooled_statistics_are_exact_on_non_iid_holders(tiny_root, data_dir):
+    """Unit check without Flower: per-holder moments pool to the union's statistics,
+    which averaging per-holder variances does not."""
+    from fedkws.data.cache import DataConfig, prepare
+    from fedkws.data.features import FeatureConfig
+
+    data = prepare(DataConfig(root=str(tiny_root)), FeatureConfig(), data_dir / "cache", False)
+    rows = data.split_indices("training")
+    labels = data.labels[rows]
+    holders = [rows[labels < 4], rows[(labels >= 4) & (labels < 8)], rows[labels >= 8]]
+    torch.manual_seed(0)
+    model = build_model("resnet", 12, depth=10, width=8)
+    with torch.no_grad():  # make the features strongly label dependent
+        model.train()
+        for x, _ in __import__("fedkws.data.loader", fromlist=["x"]).iterate_batches(data, rows, 64):
+            model(x)
+    split = engine.recalibrate(
+        model, lambda net, l: [engine.bn_input_moments(net, data, h, l, 32) for h in holders]
+    )
+    union = engine.recalibrate(
+        model, lambda net, l: [engine.bn_input_moments(net, data, rows, l, 64)]
+    )
+    for (_, a), (_, b) in zip(bn_layers(split), bn_layers(union), strict=True):
+        assert torch.allclose(a.running_mean, b.running_mean, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(a.running_var, b.running_var, rtol=1e-5, atol=1e-6)
+    # The naive average of per-holder variances misses the between-holder spread.
+    first = bn_layers(model)[0][1]
+    moments = [engine.bn_input_moments(model, data, h, 0, 64) for h in holders]
+    n = np.array([m[0] for m in moments])
+    naive_var = sum(
+        (ni / n.sum()) * ((ss - s * s / ni) / (ni - 1)) for ni, (_, s, ss) in zip(n, moments)
+    )
+    exact = bn_layers(union)[0][1].running_var.double()
+    assert (exact - naive_var).abs().max() > 1e-3 * exact.abs().max()
+    assert first is not None
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedyogi"])
+def test_adaptive_server_optimisers_keep_running_var_positive(make_cfg, tmp_path, strategy):
+    result, run_dir, _ = _run(
+        make_cfg, tmp_path, [f"strategy={strategy}", "bn=full", "train.rounds=2"]
+    )
+    for rec in result.rounds:
+        assert all(math.isfinite(v) for v in rec.metrics.values()), rec.metrics
+    state = _global_state(run_dir)
+    for key, value in state.items():
+        assert torch.isfinite(value.float()).all(), key
+        if key.endswith("running_var"):
+            assert (value > 0).all(), key
+        if key.endswith("num_batches_tracked"):
+            assert value.dtype == torch.int64
+    assert result.rounds[-1].metrics["val/eval/acc"] > CHANCE / 2
+
+
+def test_fedbn_keeps_bn_local_and_persistent(make_cfg, tmp_path):
+    result, run_dir, _ = _run(make_cfg, tmp_path, ["bn=local", "train.rounds=3"])
+    for rec in result.rounds:
+        for pid, info in rec.clients.items():
+            assert info["bn_keys_received"] == 0, (rec.round, pid)
+            assert info["keys_received"] > 0
+    for prev, cur in zip(result.rounds, result.rounds[1:]):
+        for pid, info in cur.clients.items():
+            # What the client starts round k with is what it ended round k-1 with.
+            assert info["bn_digest_in"] == prev.clients[pid]["bn_digest_out"]
+            assert info["bn_digest_in"] != info["bn_digest_out"]
+    # The server's BatchNorm state never changed.
+    state = _global_state(run_dir)
+    assert all(torch.equal(v, torch.zeros_like(v)) for k, v in state.items()
+               if k.endswith("running_mean"))  # fmt: skip
+    final = _final(result)
+    assert "fed/eval/acc_mean" in final and "fed/eval/acc_std" in final
+    assert final["fed/eval/acc_mean"] > 2 * CHANCE
+
+
+def test_resume_matches_uninterrupted_run(full_noniid, tmp_path):
+    reference, _, cfg = full_noniid
+    run_dir = tmp_path / "resumed"
+    cfg.train.stop_after_round = 1
+    interrupted = run(cfg, run_dir)
+    assert [r.round for r in interrupted.rounds] == [1]
+    assert not interrupted.summary["complete"]
+    cfg.train.stop_after_round = None
+    with pytest.raises(Exception, match="resume=true"):
+        run(cfg, run_dir)
+    cfg.resume = True
+    resumed = run(cfg, run_dir)
+    assert [r.round for r in resumed.rounds] == [1, 2, 3]
+    for a, b in zip(reference.rounds, resumed.rounds, strict=True):
+        for key, value in a.metrics.items():
+            if key.startswith("time/"):
+                continue
+            if key.endswith("/acc") or key.endswith("acc_mean"):
+                assert b.metrics[key] == value, (a.round, key)
+            else:
+                assert b.metrics[key] == pytest.approx(value, rel=1e-4), (a.round, key)
