@@ -105,6 +105,8 @@ def messy_root(tiny_root, tmp_path) -> Path:
     root = tmp_path / "messy"
     for word in ("yes", "no", "bed", "_background_noise_"):
         shutil.copytree(tiny_root / word, root / word)
+    for name in ("validation_list.txt", "testing_list.txt"):
+        shutil.copy(tiny_root / name, root / name)
     rng = np.random.default_rng(0)
     tone = (0.3 * np.sin(np.arange(SAMPLE_RATE) * 2 * np.pi * 440 / SAMPLE_RATE)).astype(np.float32)
     (root / "yes" / "deadbeef_nohash_0.wav").write_bytes(b"RIFF\x00\x00garbage" + rng.bytes(200))

@@ -63,9 +63,11 @@ def test_offline_run_contains_logged_round_metrics(tmp_path, monkeypatch):
     accs = sorted(float(row["val/eval/acc"]) for row in history)
     assert accs == [0.1, 0.2, 0.30000000000000004] or [round(a, 6) for a in accs] == [0.1, 0.2, 0.3]
     runs = [rec.run for rec in records if rec.WhichOneof("record_type") == "run"]
-    assert runs and runs[0].group == "sweep-a" and runs[0].display_name == "bn=full"
-    config_items = {i.key: i.value_json for rec in records
-                    if rec.WhichOneof("record_type") == "config" for i in rec.config.update}  # fmt: skip
+    assert runs and runs[0].run_group == "sweep-a" and runs[0].display_name == "bn=full"
+    config_items = {i.key: i.value_json for i in runs[0].config.update}
+    for rec in records:
+        if rec.WhichOneof("record_type") == "config":
+            config_items.update({i.key: i.value_json for i in rec.config.update})
     assert config_items.get("seed") == "7"
     # results.json is the source of truth and holds the same rounds.
     saved = Result.load(tmp_path / "results.json")

@@ -87,7 +87,7 @@ def speed_perturb(
     chosen = torch.rand(batch, generator=gen) < prob
     factors = _uniform(batch, low, high, gen)
     out = waves.clone()
-    for i in torch.flatnonzero(chosen).tolist():
+    for i in torch.nonzero(chosen).flatten().tolist():
         new_len = max(1, round(length / float(factors[i])))
         stretched = F.interpolate(
             waves[i].view(1, 1, -1), size=new_len, mode="linear", align_corners=False

@@ -113,7 +113,8 @@ def _build_waves(config: DataConfig, entry: Path, progress: bool) -> dict:
         noise_lengths=lengths,
     )
     noise_by_name = dict(zip(kept_noise, noise, strict=True))
-    tmp = entry / "waves.npy.tmp.npy"
+    # Not the name _save_atomic uses: compaction below reads this file while writing that one.
+    tmp = entry / "waves.partial.npy"
     waves = np.lib.format.open_memmap(
         tmp, mode="w+", dtype=np.float32, shape=(len(index.items), CLIP_SAMPLES)
     )
