@@ -20,12 +20,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedkws", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from fedkws.data import synth
+
     gen = sub.add_parser("generate", help="generate the synthetic Speech Commands dataset")
     gen.add_argument("--root", type=Path, required=True)
-    gen.add_argument("--speakers", type=int, default=48)
-    gen.add_argument("--utterances", type=int, default=2)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--noise-seconds", type=float, default=30.0)
+    gen.add_argument("--speakers", type=int, default=synth.DEFAULT_SPEAKERS)
+    gen.add_argument("--utterances", type=int, default=synth.DEFAULT_UTTERANCES)
+    gen.add_argument("--seed", type=int, default=synth.DEFAULT_SEED)
+    gen.add_argument("--noise-seconds", type=float, default=synth.DEFAULT_NOISE_SECONDS)
 
     dl = sub.add_parser("download", help="download and extract real Speech Commands")
     dl.add_argument("--root", type=Path, required=True)
@@ -41,9 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with user_errors():
         if args.command == "generate":
-            from fedkws.data.synth import generate
-
-            summary = generate(
+            summary = synth.generate(
                 args.root,
                 num_speakers=args.speakers,
                 utterances_per_word=args.utterances,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -11,6 +12,8 @@ from fedkws.data.cache import CachedDataset
 from fedkws.fl import engine
 from fedkws.fl.state import EVAL_MODES
 from fedkws.models import bn_layers
+
+log = logging.getLogger(__name__)
 
 # moments_of(model, layer) -> [(n, sum, sum of squares) per data holder]
 MomentsFn = Callable[[nn.Module, int], list]
@@ -24,9 +27,10 @@ def check_eval_modes(modes: list[str], bn_sync: str) -> None:
     if not modes:
         raise ValueError("bn.eval_modes is empty: give at least one of " + ", ".join(EVAL_MODES))
     if bn_sync == "local" and "recalibrated" in modes:
-        raise ValueError(
-            "eval_modes 'recalibrated' does not apply to bn_sync=local (FedBN keeps "
-            "statistics per client; its model is evaluated on each client with its own BN)"
+        # Kept as a warning so one sweep can cross bn=local with the other modes.
+        log.warning(
+            "eval_modes 'recalibrated' does not apply to bn_sync=local (FedBN keeps statistics "
+            "per client; its model is evaluated on each client with its own BN): skipped"
         )
 
 

@@ -18,8 +18,6 @@ from flwr.serverapp import ServerApp
 def quiet_flower_logging() -> None:
     """Flower logs through its own handler; stop the same lines reaching Hydra's root handler."""
     logging.getLogger("flwr").propagate = False
-    # Flower's state database logs its migrations at INFO on every start.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def simulate(

@@ -1,0 +1,7 @@
+"""Federated learning: Flower apps, aggregation, BatchNorm handling, evaluation."""
+
+import logging
+
+# Flower's state database (alembic) logs its plugin set-up at INFO when first
+# imported; set the level before anything here imports Flower.
+logging.getLogger("alembic").setLevel(logging.WARNING)
