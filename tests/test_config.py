@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_cfg
 
+from conftest import compose_cfg
 from fedkws import CONF_DIR
 from fedkws.data.pipeline import augment_config, data_config, feature_config
 from fedkws.models import build_model

@@ -6,9 +6,9 @@ import itertools
 from pathlib import Path
 
 import pytest
-from conftest import compose_cfg
 from hydra import compose, initialize_config_dir
 
+from conftest import compose_cfg
 from fedkws import CONF_DIR
 from fedkws.run import run
 

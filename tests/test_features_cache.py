@@ -115,8 +115,8 @@ def test_loader_shuffles_deterministically_and_augments_training_only(tiny_root,
         return list(iterate_batches(data, rows, 16, gen, shuffle=True, **kw))
 
     a, b, c = batches(1), batches(1), batches(2)
-    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
-    assert not all(torch.equal(x[1], y[1]) for x, y in zip(a, c))
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b, strict=False))
+    assert not all(torch.equal(x[1], y[1]) for x, y in zip(a, c, strict=False))
     # Un-augmented batches are exactly the cached features.
     plain = list(iterate_batches(data, rows, 16))
     assert torch.equal(plain[0][0], torch.from_numpy(np.asarray(data.features[rows[:16]])))

@@ -130,29 +130,25 @@ def test_pooled_statistics_are_exact_on_non_iid_holders(tiny_root, data_dir):
     holders = [rows[labels < 4], rows[(labels >= 4) & (labels < 8)], rows[labels >= 8]]
     torch.manual_seed(0)
     model = build_model("resnet", 12, depth=10, width=8)
-    with torch.no_grad():  # make the features strongly label dependent
-        model.train()
-        for x, _ in __import__("fedkws.data.loader", fromlist=["x"]).iterate_batches(data, rows, 64):
-            model(x)
     split = engine.recalibrate(
-        model, lambda net, l: [engine.bn_input_moments(net, data, h, l, 32) for h in holders]
+        model,
+        lambda net, layer: [engine.bn_input_moments(net, data, h, layer, 32) for h in holders],
     )
     union = engine.recalibrate(
-        model, lambda net, l: [engine.bn_input_moments(net, data, rows, l, 64)]
+        model, lambda net, layer: [engine.bn_input_moments(net, data, rows, layer, 64)]
     )
     for (_, a), (_, b) in zip(bn_layers(split), bn_layers(union), strict=True):
         assert torch.allclose(a.running_mean, b.running_mean, rtol=1e-5, atol=1e-6)
         assert torch.allclose(a.running_var, b.running_var, rtol=1e-5, atol=1e-6)
     # The naive average of per-holder variances misses the between-holder spread.
-    first = bn_layers(model)[0][1]
     moments = [engine.bn_input_moments(model, data, h, 0, 64) for h in holders]
     n = np.array([m[0] for m in moments])
     naive_var = sum(
-        (ni / n.sum()) * ((ss - s * s / ni) / (ni - 1)) for ni, (_, s, ss) in zip(n, moments)
+        (ni / n.sum()) * ((ss - s * s / ni) / (ni - 1))
+        for ni, (_, s, ss) in zip(n, moments, strict=False)
     )
     exact = bn_layers(union)[0][1].running_var.double()
     assert (exact - naive_var).abs().max() > 1e-3 * exact.abs().max()
-    assert first is not None
 
 
 @pytest.mark.parametrize("strategy", ["fedadam", "fedyogi"])
@@ -178,7 +174,7 @@ def test_fedbn_keeps_bn_local_and_persistent(make_cfg, tmp_path):
         for pid, info in rec.clients.items():
             assert info["bn_keys_received"] == 0, (rec.round, pid)
             assert info["keys_received"] > 0
-    for prev, cur in zip(result.rounds, result.rounds[1:]):
+    for prev, cur in zip(result.rounds, result.rounds[1:], strict=False):
         for pid, info in cur.clients.items():
             # What the client starts round k with is what it ended round k-1 with.
             assert info["bn_digest_in"] == prev.clients[pid]["bn_digest_out"]

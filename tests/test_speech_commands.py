@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import REFERENCE
 
+from conftest import REFERENCE
 from fedkws.data.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioReport, read_clip
 from fedkws.data.cache import DataConfig, prepare
 from fedkws.data.features import FeatureConfig

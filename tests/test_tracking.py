@@ -56,7 +56,9 @@ def test_offline_run_contains_logged_round_metrics(tmp_path, monkeypatch):
     history = []
     for rec in records:
         if rec.WhichOneof("record_type") == "history":
-            row = {item.key or "/".join(item.nested_key): item.value_json for item in rec.history.item}
+            row = {
+                item.key or "/".join(item.nested_key): item.value_json for item in rec.history.item
+            }
             history.append(row)
     steps = sorted(int(row["_step"]) for row in history)
     assert steps == [1, 2, 3]

@@ -1,8 +1,8 @@
 """``fedkws`` command: dataset tools and reports (training is ``fedkws-train``).
 
-    fedkws generate --root data/synthetic        # embedded synthetic dataset
-    fedkws download --root data/speech_commands_v0.02 --version v0.02
-    fedkws report outputs/bn_ablation/multirun/<date>/<time>
+fedkws generate --root data/synthetic        # embedded synthetic dataset
+fedkws download --root data/speech_commands_v0.02 --version v0.02
+fedkws report outputs/bn_ablation/multirun/<date>/<time>
 """
 
 from __future__ import annotations

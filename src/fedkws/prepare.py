@@ -1,7 +1,7 @@
 """Prepare the data of a config without training: generate/download, cache, summarise.
 
-    .venv/bin/fedkws-prepare                       # embedded synthetic dataset
-    .venv/bin/fedkws-prepare partition=dirichlet partition.alpha=0.1
+.venv/bin/fedkws-prepare                       # embedded synthetic dataset
+.venv/bin/fedkws-prepare partition=dirichlet partition.alpha=0.1
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from fedkws import CONF_DIR
 from fedkws.clients import make_clients
 from fedkws.data import partition as part
 from fedkws.data.pipeline import load_dataset
-from fedkws import CONF_DIR
 from fedkws.errors import user_errors
 
 log = logging.getLogger(__name__)

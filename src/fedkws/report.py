@@ -11,7 +11,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
 from hydra.experimental.callback import Callback
 
 from fedkws.errors import ConfigError
@@ -45,7 +44,9 @@ def _cell_name(path: Path, base: Path) -> str:
 def _columns(results: list[Result]) -> list[str]:
     keys: set[str] = set()
     for res in results:
-        keys.update(k for k in res.summary if re.fullmatch(r"(final/(val|fed)|test)/[a-z]+/acc(_mean)?", k))
+        keys.update(
+            k for k in res.summary if re.fullmatch(r"(final/(val|fed)|test)/[a-z]+/acc(_mean)?", k)
+        )
     order = {"final/val": 0, "final/fed": 1, "test": 2}
     return sorted(keys, key=lambda k: (order[k.rsplit("/", 2)[0]], k))
 
@@ -66,9 +67,11 @@ def report(paths: list[Path], markdown: Path | None = None, plot: Path | None = 
     for f in files:
         cells[_cell_name(f, base)].append(Result.load(f))
     columns = _columns([r for rs in cells.values() for r in rs])
-    header = ["run", "seeds", "strategy", "bn_sync", "norm", "rounds"] + [
-        c.removeprefix("final/") for c in columns
-    ] + ["wall s"]
+    header = (
+        ["run", "seeds", "strategy", "bn_sync", "norm", "rounds"]
+        + [c.removeprefix("final/") for c in columns]
+        + ["wall s"]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, runs in sorted(cells.items()):
         s = runs[0].summary
@@ -130,4 +133,5 @@ class SweepReport(Callback):
         except ConfigError as err:
             print(f"no report: {err}")
             return
-        print(f"\nSweep {sweep}\n{table}\n(table: {sweep / 'report.md'}, curves: {sweep / 'report.png'})")
+        print(f"\nSweep {sweep}\n{table}")
+        print(f"(table: {sweep / 'report.md'}, curves: {sweep / 'report.png'})")

@@ -47,9 +47,7 @@ def model_spec(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
 
 def _validate(cfg: DictConfig) -> None:
     if cfg.strategy.name not in STRATEGIES:
-        raise ConfigError(
-            f"Unknown strategy '{cfg.strategy.name}'. Valid: {', '.join(STRATEGIES)}"
-        )
+        raise ConfigError(f"Unknown strategy '{cfg.strategy.name}'. Valid: {', '.join(STRATEGIES)}")
     if cfg.bn.sync not in BN_SYNC_MODES:
         raise ConfigError(f"Unknown bn.sync '{cfg.bn.sync}'. Valid: {', '.join(BN_SYNC_MODES)}")
     try:
@@ -230,13 +228,17 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
                 model, data, train_rows, val_rows, task, evaluator, rounds, start_round,
                 on_round, optimizer_state=opt_state, stop_after_round=stop_after,
             )  # fmt: skip
-            recalibrated = evaluator.recalibrated(model) if "recalibrated" in cfg.bn.eval_modes else None
+            recalibrated = (
+                evaluator.recalibrated(model) if "recalibrated" in cfg.bn.eval_modes else None
+            )
         else:
             recalibrated = _federate(
                 cfg, task, model, plan, server_opt, data, val_rows, clients, start_round,
                 rounds, stop_after, on_round,
             )  # fmt: skip
-            evaluator = GlobalEvaluator(data, list(cfg.bn.eval_modes), int(cfg.train.eval_batch_size))
+            evaluator = GlobalEvaluator(
+                data, list(cfg.bn.eval_modes), int(cfg.train.eval_batch_size)
+            )
         if recalibrated is not None and recalibrated is not model:
             stats = {k: v for k, v in recalibrated.state_dict().items() if "running_" in k}
             torch.save(stats, run_dir / "recalibrated_bn.pt")
@@ -289,9 +291,7 @@ def _federate(cfg, task, model, plan, server_opt, data, val_rows, clients, start
         seed=int(cfg.seed),
         stop_after_round=stop_after,
     )
-    federation = Federation(
-        fed_plan, model, plan, server_opt, None, val_rows, on_round
-    )
+    federation = Federation(fed_plan, model, plan, server_opt, None, val_rows, on_round)
     federation.evaluator = GlobalEvaluator(
         data, list(cfg.bn.eval_modes), int(cfg.train.eval_batch_size),
         moments_of=federation.moments,

@@ -41,7 +41,8 @@ class FeatureConfig:
             )
         if self.win_length > self.n_fft:
             raise ValueError(
-                f"win_ms={self.win_ms} gives {self.win_length} samples, more than n_fft={self.n_fft}"
+                f"win_ms={self.win_ms} gives {self.win_length} samples, "
+                f"more than n_fft={self.n_fft}"
             )
 
     @property

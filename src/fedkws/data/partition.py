@@ -68,7 +68,9 @@ def partition(
     )
 
     if scheme not in SCHEMES:
-        raise ValueError(f"Unknown partition scheme '{scheme}'. Valid schemes: {', '.join(SCHEMES)}")
+        raise ValueError(
+            f"Unknown partition scheme '{scheme}'. Valid schemes: {', '.join(SCHEMES)}"
+        )
     labels = np.asarray(labels, dtype=np.int64)
     speakers = np.asarray(speakers)
     if len(labels) != len(speakers):
@@ -202,7 +204,9 @@ def plot(
         bottom += hist[:, k]
     ax.set_xlabel("client")
     ax.set_ylabel("training examples")
-    ax.set_title(f"label distribution per client (skew {skew(parts, labels, len(label_names)):.2f})")
+    ax.set_title(
+        f"label distribution per client (skew {skew(parts, labels, len(label_names)):.2f})"
+    )
     ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     path = Path(path)

@@ -165,7 +165,9 @@ def detect_version(words: Iterable[str]) -> str:
 def _read_list(path: Path) -> set[str] | None:
     if not path.is_file():
         return None
-    return {line.strip().replace("\\", "/") for line in path.read_text().splitlines() if line.strip()}
+    return {
+        line.strip().replace("\\", "/") for line in path.read_text().splitlines() if line.strip()
+    }
 
 
 def noise_files(root: Path) -> list[str]:

@@ -76,7 +76,7 @@ def _fedbn_file(task: dict[str, Any], pid: int, round_: int) -> Path:
 
 
 def _latest_fedbn_file(task: dict[str, Any], pid: int, up_to: int) -> Path | None:
-    """This client's most recent saved FedBN state from a round <= ``up_to``."""
+    """The client's most recent saved FedBN state from a round <= ``up_to``."""
     for round_ in range(up_to, 0, -1):
         path = _fedbn_file(task, pid, round_)
         if path.is_file():
@@ -97,7 +97,7 @@ def _model(task: dict[str, Any], message: Message, context: Context) -> torch.nn
 
 
 def _fedbn_state(task: dict[str, Any], pid: int, context: Context) -> dict[str, torch.Tensor]:
-    """This client's BatchNorm entries from the previous round (none before round 1)."""
+    """The client's own BatchNorm entries from its last round (none before its first)."""
     if FEDBN_STATE in context.state:
         return context.state[FEDBN_STATE].to_torch_state_dict()
     # A resumed run starts with empty node state: read what this client saved

@@ -92,7 +92,9 @@ def train_epochs(
             loss = F.cross_entropy(logits, y)
             objective = loss
             if anchor is not None:
-                prox = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
+                prox = sum(
+                    (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+                )
                 objective = loss + 0.5 * prox_mu * prox
             objective.backward()
             optimizer.step()

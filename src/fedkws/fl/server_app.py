@@ -156,8 +156,14 @@ class Federation:
         self.model.load_state_dict(new_state)
         total = max(sum(counts), 1)
         out = {
-            "train/loss": sum(float(m["train_loss"]) * n for m, n in zip(metrics, counts)) / total,
-            "train/acc": sum(float(m["train_acc"]) * n for m, n in zip(metrics, counts)) / total,
+            "train/loss": sum(
+                float(m["train_loss"]) * n for m, n in zip(metrics, counts, strict=True)
+            )
+            / total,
+            "train/acc": sum(
+                float(m["train_acc"]) * n for m, n in zip(metrics, counts, strict=True)
+            )
+            / total,
             "clients": float(len(pids)),
         }
         clients = {}
@@ -172,9 +178,7 @@ class Federation:
     def moments(self, model: nn.Module, layer: int) -> list:
         """Every client's (n, sum, sum of squares) for one BatchNorm layer's input."""
         task = {**self.plan.task, "layer": layer, "round": self.completed_round}
-        replies = self._send(
-            "query.bn_moments", sorted(self.nodes), task, dict(model.state_dict())
-        )
+        replies = self._send("query.bn_moments", sorted(self.nodes), task, dict(model.state_dict()))
         out = []
         for reply in replies:
             arrays = reply.content["moments"].to_torch_state_dict()
