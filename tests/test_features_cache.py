@@ -125,7 +125,7 @@ def test_loader_shuffles_deterministically_and_augments_training_only(tiny_root,
     monkeypatch.setattr("fedkws.data.audio.read_clip", lambda *a, **k: 1 / 0)
     monkeypatch.setattr("fedkws.data.cache.read_clip", lambda *a, **k: 1 / 0)
     aug = Augmenter(AugmentConfig(time_shift_ms=100, noise_prob=1.0),
-                    torch.from_numpy(np.asarray(data.noise)))  # fmt: skip
+                    data.noise_bank())  # fmt: skip
     extractor = FeatureExtractor(FeatureConfig())
     augmented = batches(1, augmenter=aug, extractor=extractor)
     assert augmented[0][0].shape == a[0][0].shape

@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from fedkws.data.augment import AugmentConfig, Augmenter
@@ -40,9 +39,7 @@ def train_central(
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     augment = AugmentConfig(**task["augment"])
-    augmenter = (
-        Augmenter(augment, torch.from_numpy(np.asarray(data.noise))) if augment.any else None
-    )
+    augmenter = Augmenter(augment, data.noise_bank()) if augment.any else None
     extractor = FeatureExtractor(FeatureConfig(**task["features"])) if augment.needs_waves else None
     last = rounds if stop_after_round is None else min(rounds, stop_after_round)
     for round_ in range(start_round, last + 1):

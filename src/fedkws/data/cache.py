@@ -212,6 +212,10 @@ class CachedDataset:
         """Number of labels of the protocol."""
         return len(self.label_names)
 
+    def noise_bank(self) -> torch.Tensor:
+        """The background recordings as one writable tensor (for noise augmentation)."""
+        return torch.from_numpy(np.array(self.noise, dtype=np.float32))
+
     def split_indices(self, split: str) -> np.ndarray:
         """Indices of the examples of ``training``, ``validation`` or ``testing``."""
         return np.flatnonzero(self.splits == SPLIT_CODES[split])

@@ -124,9 +124,7 @@ def train(message: Message, context: Context) -> Message:
     digest_in = _digest({k: model.state_dict()[k] for k in bn_keys}) if bn_keys else 0.0
 
     augment = AugmentConfig(**task["augment"])
-    augmenter = (
-        Augmenter(augment, torch.from_numpy(np.asarray(data.noise))) if augment.any else None
-    )
+    augmenter = Augmenter(augment, data.noise_bank()) if augment.any else None
     extractor = FeatureExtractor(FeatureConfig(**task["features"])) if augment.needs_waves else None
     generator = engine.make_generator(int(task["seed"]), int(task["round"]), pid)
     optimizer = engine.optimizer_factory(task["optimizer"])(model.parameters())
