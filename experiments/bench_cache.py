@@ -73,9 +73,7 @@ def main() -> None:
             yield extractor(waves), None
 
     t_decode = _epoch(decoded())
-    print(
-        f"training split: {len(rows)} examples ({len(paths)} from WAV files), batch {args.batch_size}"
-    )
+    print(f"training split: {len(rows)} examples ({len(paths)} from WAV files)")
     print(f"{'pipeline':<48}{'s/epoch':>10}{'x (a)':>8}")
     for name, t in (
         ("(a) cached features (memory map)", t_features),
