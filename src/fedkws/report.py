@@ -85,7 +85,8 @@ def report(paths: list[Path], markdown: Path | None = None, plot: Path | None = 
         ]
         for col in columns:
             row.append(_fmt([r.summary[col] for r in runs if r.summary.get(col) is not None]))
-        row.append(_fmt([r.summary["wall_s"] for r in runs if "wall_s" in r.summary]).split(" ")[0])
+        walls = [r.summary["wall_s"] for r in runs if "wall_s" in r.summary]
+        row.append(f"{np.mean(walls):.0f}" if walls else "-")
         lines.append("| " + " | ".join(row) + " |")
     table = "\n".join(lines)
     if markdown is not None:

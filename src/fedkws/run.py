@@ -222,7 +222,6 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
             )  # fmt: skip
             from fedkws.central import train_central
 
-            torch.set_num_threads(max(1, int(cfg.federation.ray_init_args.get("num_cpus", 2))))
             opt_state = ckpt.server_optimizer if ckpt else None
             train_central(
                 model, data, train_rows, val_rows, task, evaluator, rounds, start_round,
@@ -232,13 +231,11 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
                 evaluator.recalibrated(model) if "recalibrated" in cfg.bn.eval_modes else None
             )
         else:
-            recalibrated = _federate(
+            federation = _federate(
                 cfg, task, model, plan, server_opt, data, val_rows, clients, start_round,
                 rounds, stop_after, on_round,
             )  # fmt: skip
-            evaluator = GlobalEvaluator(
-                data, list(cfg.bn.eval_modes), int(cfg.train.eval_batch_size)
-            )
+            evaluator, recalibrated = federation.evaluator, federation.last_recalibrated
         if recalibrated is not None and recalibrated is not model:
             stats = {k: v for k, v in recalibrated.state_dict().items() if "running_" in k}
             torch.save(stats, run_dir / "recalibrated_bn.pt")
@@ -274,7 +271,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
 
 def _federate(cfg, task, model, plan, server_opt, data, val_rows, clients, start_round,
               rounds, stop_after, on_round):  # fmt: skip
-    """Run the Flower simulation; return the final recalibrated model (if any)."""
+    """Run the Flower simulation; return the Federation (model, evaluator, last recalibration)."""
     from fedkws.fl.server_app import Federation, FederationPlan, make_server_app
     from fedkws.fl.simulation import simulate
 
@@ -291,11 +288,7 @@ def _federate(cfg, task, model, plan, server_opt, data, val_rows, clients, start
         seed=int(cfg.seed),
         stop_after_round=stop_after,
     )
-    federation = Federation(fed_plan, model, plan, server_opt, None, val_rows, on_round)
-    federation.evaluator = GlobalEvaluator(
-        data, list(cfg.bn.eval_modes), int(cfg.train.eval_batch_size),
-        moments_of=federation.moments,
-    )  # fmt: skip
+    federation = Federation(fed_plan, model, plan, server_opt, data, val_rows, on_round)
     if start_round <= rounds and (stop_after is None or start_round <= stop_after):
         simulate(
             make_server_app(federation),
@@ -303,12 +296,15 @@ def _federate(cfg, task, model, plan, server_opt, data, val_rows, clients, start
             client_resources=_plain(cfg.federation.client_resources),
             ray_init_args=_plain(cfg.federation.ray_init_args),
         )
-    return federation.last_recalibrated
+    return federation
 
 
 def _test(evaluator, model, test_rows, recalibrated, run_dir, data) -> dict[str, Any]:
     """Final test-split metrics, per-class accuracy and confusion matrices."""
-    metrics, stats = evaluator.run(model, test_rows, "test", recalibrated)
+    # Federated recalibration needs the clients, which are gone after the simulation: the
+    # test split uses the last round's recalibrated model, or skips the mode if there is none.
+    modes = [m for m in evaluator.modes if m != "recalibrated" or recalibrated is not None]
+    metrics, stats = evaluator.run(model, test_rows, "test", recalibrated, modes)
     out: dict[str, Any] = dict(metrics)
     for mode, st in stats.items():
         out[f"test/{mode}/per_class_acc"] = {

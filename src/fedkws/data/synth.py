@@ -986,24 +986,10 @@ def generate(
         (root / word).mkdir(exist_ok=True)
     (root / BACKGROUND_NOISE_DIR).mkdir(exist_ok=True)
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from fedkws.progress import progress_bar
 
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("synthesising clips", total=num_clips + len(NOISE_FILES))
+    total = num_clips + len(NOISE_FILES)
+    with progress_bar("synthesising speech and noise", total, enabled=progress) as advance:
         with engine.lock:
             for speaker in speakers:
                 split = which_set(f"{speaker.speaker_id}_nohash_0.wav")
@@ -1016,13 +1002,12 @@ def generate(
                         total_bytes += _write_wav(root / rel, clip)
                         written.append(rel)
                         clips_per_split[split] += 1
-                    bar.advance(task, utterances_per_word)
-        bar.update(task, description="synthesising noise")
+                    advance(utterances_per_word)
         for name in NOISE_FILES:
             noise = make_noise(name, noise_seconds, seed)
             pcm = np.round(noise * 32767.0).astype(np.int16)
             total_bytes += _write_wav(root / BACKGROUND_NOISE_DIR / name, pcm)
-            bar.advance(task)
+            advance(1)
 
     _remove_stale(root, sorted(set(WORDS_V2) | set(words)), set(written))
     lists = {"validation": [], "testing": []}

@@ -28,6 +28,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
+from fedkws.data.cache import CachedDataset
 from fedkws.fl import engine
 from fedkws.fl.client_app import task_content
 from fedkws.fl.evaluation import GlobalEvaluator
@@ -71,13 +72,16 @@ class Federation:
         model: nn.Module,
         key_plan: KeyPlan,
         server_optimizer: ServerOptimizer,
-        evaluator: GlobalEvaluator,
+        data: CachedDataset,
         val_rows: np.ndarray,
         on_round: RoundCallback,
     ) -> None:
         self.plan, self.model, self.keys = plan, model, key_plan
-        self.server_optimizer, self.evaluator, self.val_rows = server_optimizer, evaluator, val_rows
-        self.on_round = on_round
+        self.server_optimizer, self.val_rows, self.on_round = server_optimizer, val_rows, on_round
+        # Server-side validation; "recalibrated" pools the clients' moments via queries.
+        self.evaluator = GlobalEvaluator(
+            data, plan.eval_modes, int(plan.task["eval_batch_size"]), moments_of=self.moments
+        )
         self.bn_keys = bn_state_keys(model)
         self.nodes: dict[int, int] = {}  # partition id -> node id
         self.grid: Grid | None = None
