@@ -216,25 +216,49 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
         if central:
             train_rows = np.sort(np.concatenate([c.train for c in clients]))
             evaluator = GlobalEvaluator(
-                data, list(cfg.bn.eval_modes), int(cfg.train.eval_batch_size),
-                moments_of=lambda net, layer: [engine.bn_input_moments(
-                    net, data, train_rows, layer, int(cfg.train.eval_batch_size))],
-            )  # fmt: skip
+                data,
+                list(cfg.bn.eval_modes),
+                int(cfg.train.eval_batch_size),
+                moments_of=lambda net, layer: [
+                    engine.bn_input_moments(
+                        net, data, train_rows, layer, int(cfg.train.eval_batch_size)
+                    )
+                ],
+            )
             from fedkws.central import train_central
 
             opt_state = ckpt.server_optimizer if ckpt else None
             train_central(
-                model, data, train_rows, val_rows, task, evaluator, rounds, start_round,
-                on_round, optimizer_state=opt_state, stop_after_round=stop_after,
-            )  # fmt: skip
+                model,
+                data,
+                train_rows,
+                val_rows,
+                task,
+                evaluator,
+                rounds,
+                start_round,
+                on_round,
+                optimizer_state=opt_state,
+                stop_after_round=stop_after,
+            )
             recalibrated = (
                 evaluator.recalibrated(model) if "recalibrated" in cfg.bn.eval_modes else None
             )
         else:
             federation = _federate(
-                cfg, task, model, plan, server_opt, data, val_rows, clients, start_round,
-                rounds, stop_after, on_round,
-            )  # fmt: skip
+                cfg,
+                task,
+                model,
+                plan,
+                server_opt,
+                data,
+                val_rows,
+                clients,
+                start_round,
+                rounds,
+                stop_after,
+                on_round,
+            )
             evaluator, recalibrated = federation.evaluator, federation.last_recalibrated
         if recalibrated is not None and recalibrated is not model:
             stats = {k: v for k, v in recalibrated.state_dict().items() if "running_" in k}
@@ -258,8 +282,13 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
             "wandb_dir": wandb.run_path,
         }
         if result.rounds:
-            summary.update({f"final/{k}": v for k, v in result.rounds[-1].metrics.items()
-                            if "/acc" in k or "/loss" in k})  # fmt: skip
+            summary.update(
+                {
+                    f"final/{k}": v
+                    for k, v in result.rounds[-1].metrics.items()
+                    if "/acc" in k or "/loss" in k
+                }
+            )
         if last_round >= rounds and bn_sync != "local":
             summary.update(_test(evaluator, model, test_rows, recalibrated, run_dir, data))
         recorder.finish(summary)
@@ -269,8 +298,20 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
     return result
 
 
-def _federate(cfg, task, model, plan, server_opt, data, val_rows, clients, start_round,
-              rounds, stop_after, on_round):  # fmt: skip
+def _federate(
+    cfg,
+    task,
+    model,
+    plan,
+    server_opt,
+    data,
+    val_rows,
+    clients,
+    start_round,
+    rounds,
+    stop_after,
+    on_round,
+):
     """Run the Flower simulation; return the Federation (model, evaluator, last recalibration)."""
     from fedkws.fl.server_app import Federation, FederationPlan, make_server_app
     from fedkws.fl.simulation import simulate

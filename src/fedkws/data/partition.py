@@ -135,8 +135,10 @@ def partition(
         log.warning(
             "pathological partition: %d of %d training examples (classes %s) belong to no "
             "client; use num_clients * classes_per_client >= the number of classes to keep them",
-            unused, n, left,
-        )  # fmt: skip
+            unused,
+            n,
+            left,
+        )
     return out
 
 

@@ -216,8 +216,10 @@ def build_index(
         log.info(
             "%s: no validation_list.txt/testing_list.txt, splitting by the hash rule "
             "(%.0f%% validation, %.0f%% testing)",
-            root, validation_percentage, testing_percentage,
-        )  # fmt: skip
+            root,
+            validation_percentage,
+            testing_percentage,
+        )
 
         def split_of(rel: str) -> str:
             return which_set(rel, validation_percentage, testing_percentage)
@@ -263,9 +265,7 @@ def build_index(
 
     noises = noise_files(root)
     if noise_lengths is None and noises:
-        noise_lengths = {
-            n: sf.info(str(root / BACKGROUND_NOISE_DIR / n)).frames for n in noises
-        }  # fmt: skip
+        noise_lengths = {n: sf.info(str(root / BACKGROUND_NOISE_DIR / n)).frames for n in noises}
     usable = [n for n in noises if noise_lengths and noise_lengths.get(n, 0) >= CLIP_SAMPLES]
     silence_label = labels.index(SILENCE_LABEL)
     for split in SPLITS:

@@ -108,8 +108,10 @@ def _fedbn_state(task: dict[str, Any], pid: int, context: Context) -> dict[str, 
 
 def _digest(state: dict[str, torch.Tensor]) -> float:
     """A scalar fingerprint of a set of tensors (to check persistence from outside)."""
-    return float(sum(float(v.double().abs().sum() * (i + 1)) for i, v in
-                     enumerate(state[k] for k in sorted(state))))  # fmt: skip
+    total = 0.0
+    for position, key in enumerate(sorted(state), start=1):
+        total += position * float(state[key].double().abs().sum())
+    return total
 
 
 @app.train()
@@ -121,7 +123,7 @@ def train(message: Message, context: Context) -> Message:
     model = _model(task, message, context)
     plan = key_plan(model, task["bn_sync"])
     bn_keys = sorted(bn_state_keys(model))
-    digest_in = _digest({k: model.state_dict()[k] for k in bn_keys}) if bn_keys else 0.0
+    digest_in = _digest({k: model.state_dict()[k] for k in bn_keys})
 
     augment = AugmentConfig(**task["augment"])
     augmenter = Augmenter(augment, data.noise_bank()) if augment.any else None
@@ -155,14 +157,11 @@ def train(message: Message, context: Context) -> Message:
             "train_acc": stats.acc,
             "seconds": stats.seconds,
             "bn_digest_in": digest_in,
-            "bn_digest_out": _digest({k: state[k] for k in bn_keys}) if bn_keys else 0.0,
+            "bn_digest_out": _digest({k: state[k] for k in bn_keys}),
         }
     )
-    reply = RecordDict(
-        {"model": ArrayRecord(torch_state_dict={k: state[k] for k in plan.shared}),
-         "metrics": metrics}
-    )  # fmt: skip
-    return Message(reply, reply_to=message)
+    shared = ArrayRecord(torch_state_dict={k: state[k] for k in plan.shared})
+    return Message(RecordDict({"model": shared, "metrics": metrics}), reply_to=message)
 
 
 @app.evaluate()
@@ -194,9 +193,12 @@ def bn_moments(message: Message, context: Context) -> Message:
     pid = _pid(context)
     model = _model(task, message, context)
     n, s, ss = engine.bn_input_moments(
-        model, _data(task), _rows(task, pid, "train"), int(task["layer"]),
+        model,
+        _data(task),
+        _rows(task, pid, "train"),
+        int(task["layer"]),
         int(task["eval_batch_size"]),
-    )  # fmt: skip
+    )
     arrays = ArrayRecord(
         torch_state_dict={"count": torch.tensor([n], dtype=torch.float64), "sum": s, "sumsq": ss}
     )

@@ -84,9 +84,15 @@ def train_epochs(
     drop_last = len(rows) % batch_size == 1 and len(rows) > 1
     for _ in range(epochs):
         for x, y in iterate_batches(
-            data, rows, batch_size, generator, shuffle=True, augmenter=augmenter,
-            extractor=extractor, drop_last=drop_last,
-        ):  # fmt: skip
+            data,
+            rows,
+            batch_size,
+            generator,
+            shuffle=True,
+            augmenter=augmenter,
+            extractor=extractor,
+            drop_last=drop_last,
+        ):
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
