@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import compose_cfg
 
+from conftest import compose_cfg
 from fedkws.run import run
 
 pytestmark = pytest.mark.slow
