@@ -114,6 +114,12 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
     part.plot([c.train for c in clients], data.labels, data.label_names, run_dir / "partition.png")
     val_rows = data.split_indices("validation")
     test_rows = data.split_indices("testing")
+    (run_dir / "data_summary.txt").write_text(data.summary() + "\n")
+    console.print(
+        f"data: {len(data.labels)} examples ({len(data.split_indices('training'))} training, "
+        f"{len(val_rows)} validation, {len(test_rows)} test), {data.num_classes} classes, "
+        f"{len(clients)} clients; {data.manifest['audio_report']}"
+    )
 
     spec = model_spec(cfg, data.num_classes)
     torch.manual_seed(engine.stream_seed(seed, 0x1E17))
@@ -129,7 +135,7 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
         "model": spec,
         "optimizer": _plain(cfg.optimizer),
         "augment": _plain(cfg.augment),
-        "features": {k: v for k, v in _plain(cfg.features).items()},
+        "features": _plain(cfg.features),
         "bn_sync": cfg.bn.sync,
         "local_epochs": int(cfg.train.local_epochs),
         "batch_size": int(cfg.train.batch_size),
