@@ -14,7 +14,25 @@ from fedkws import CONF_DIR
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "speech_commands_v0.02"
+# Real Speech Commands files, kept beside the checkout (../shared/reference).
+REFERENCE = Path(
+    os.environ.get(
+        "FEDKWS_REFERENCE_DIR",
+        Path(__file__).resolve().parents[2] / "shared" / "reference" / "speech_commands_v0.02",
+    )
+)
+
+
+@pytest.fixture
+def reference() -> Path:
+    """The real reference files; CI must have them, a bare clone skips what needs them."""
+    if not REFERENCE.is_dir():
+        message = f"real Speech Commands reference files not found at {REFERENCE}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (set FEDKWS_REFERENCE_DIR)")
+        pytest.skip(message + " (set FEDKWS_REFERENCE_DIR)")
+    return REFERENCE
+
 
 # The smallest corpus on which a small ResNet learns something within a few rounds.
 TINY = {"speakers": 16, "utterances": 2, "seed": 0, "noise_seconds": 5}

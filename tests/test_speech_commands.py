@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REFERENCE
 from fedkws.data.audio import CLIP_SAMPLES, SAMPLE_RATE, AudioReport, read_clip
 from fedkws.data.cache import DataConfig, prepare
 from fedkws.data.features import FeatureConfig
@@ -25,8 +24,8 @@ from fedkws.data.speech_commands import (
 )
 
 
-def test_which_set_puts_every_official_test_file_in_testing():
-    names = (REFERENCE / "testing_list.txt").read_text().split()
+def test_which_set_puts_every_official_test_file_in_testing(reference):
+    names = (reference / "testing_list.txt").read_text().split()
     assert len(names) == 11_005
     assigned = {which_set(name) for name in names}
     assert assigned == {"testing"}
@@ -43,8 +42,8 @@ def test_which_set_spreads_speakers_roughly_80_10_10():
     assert which_set("yes/0a7c2a8d_nohash_0.wav") == which_set("no/0a7c2a8d_nohash_3.wav")
 
 
-def test_real_float_recording_loads_as_one_second_16k_mono():
-    path = REFERENCE / "bed" / "00176480_nohash_0.wav"
+def test_real_float_recording_loads_as_one_second_16k_mono(reference):
+    path = reference / "bed" / "00176480_nohash_0.wav"
     assert sf.info(str(path)).subtype == "FLOAT"
     report = AudioReport()
     wave = read_clip(path, report)
