@@ -17,13 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from fedkws import checkpoint
-from fedkws.clients import make_clients, save_clients
+from fedkws.clients import ClientData, make_clients, save_clients
 from fedkws.data import partition as part
+from fedkws.data.cache import CachedDataset
 from fedkws.data.pipeline import load_dataset
 from fedkws.errors import ConfigError
 from fedkws.fl import engine
 from fedkws.fl.evaluation import GlobalEvaluator, check_eval_modes
-from fedkws.fl.state import BN_SYNC_MODES, ServerOptimizer, key_plan
+from fedkws.fl.server_app import Federation, FederationPlan, RoundCallback, make_server_app
+from fedkws.fl.state import BN_SYNC_MODES, KeyPlan, ServerOptimizer, key_plan
 from fedkws.models import build_model, count_parameters
 from fedkws.tracking import Recorder, Result, RoundRecord, WandbLogger
 
@@ -305,21 +307,20 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
 
 
 def _federate(
-    cfg,
-    task,
-    model,
-    plan,
-    server_opt,
-    data,
-    val_rows,
-    clients,
-    start_round,
-    rounds,
-    stop_after,
-    on_round,
-):
+    cfg: DictConfig,
+    task: dict[str, Any],
+    model: torch.nn.Module,
+    plan: KeyPlan,
+    server_opt: ServerOptimizer,
+    data: CachedDataset,
+    val_rows: np.ndarray,
+    clients: list[ClientData],
+    start_round: int,
+    rounds: int,
+    stop_after: int | None,
+    on_round: RoundCallback,
+) -> Federation:
     """Run the Flower simulation; return the Federation (model, evaluator, last recalibration)."""
-    from fedkws.fl.server_app import Federation, FederationPlan, make_server_app
     from fedkws.fl.simulation import simulate
 
     fed_plan = FederationPlan(
