@@ -209,3 +209,13 @@ def test_resume_matches_uninterrupted_run(full_noniid, tmp_path):
                 assert b.metrics[key] == value, (a.round, key)
             else:
                 assert b.metrics[key] == pytest.approx(value, rel=1e-4), (a.round, key)
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "central"])
+def test_full_augmentation_trains_in_clients_and_centrally(make_cfg, tmp_path, strategy):
+    result, _, _ = _run(
+        make_cfg, tmp_path, [f"strategy={strategy}", "augment=full", "train.rounds=1"]
+    )
+    metrics = _final(result)
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert 0.0 < metrics["train/acc"] <= 1.0

@@ -13,9 +13,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from fedkws.data.augment import AugmentConfig, Augmenter
 from fedkws.data.cache import CachedDataset
-from fedkws.data.features import FeatureConfig, FeatureExtractor
 from fedkws.fl import engine
 from fedkws.fl.evaluation import GlobalEvaluator
 from fedkws.fl.server_app import RoundCallback
@@ -38,9 +36,7 @@ def train_central(
     optimizer = engine.optimizer_factory(task["optimizer"])(model.parameters())
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
-    augment = AugmentConfig(**task["augment"])
-    augmenter = Augmenter(augment, data.noise_bank()) if augment.any else None
-    extractor = FeatureExtractor(FeatureConfig(**task["features"])) if augment.needs_waves else None
+    augmenter, extractor = engine.training_augmentation(task, data)
     last = rounds if stop_after_round is None else min(rounds, stop_after_round)
     for round_ in range(start_round, last + 1):
         start = time.perf_counter()

@@ -28,9 +28,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedkws.data.augment import AugmentConfig, Augmenter
 from fedkws.data.cache import CachedDataset, open_cache
-from fedkws.data.features import FeatureConfig, FeatureExtractor
 from fedkws.fl import engine
 from fedkws.fl.state import key_plan
 from fedkws.models import bn_state_keys, build_model
@@ -125,9 +123,7 @@ def train(message: Message, context: Context) -> Message:
     bn_keys = sorted(bn_state_keys(model))
     digest_in = _digest({k: model.state_dict()[k] for k in bn_keys})
 
-    augment = AugmentConfig(**task["augment"])
-    augmenter = Augmenter(augment, data.noise_bank()) if augment.any else None
-    extractor = FeatureExtractor(FeatureConfig(**task["features"])) if augment.needs_waves else None
+    augmenter, extractor = engine.training_augmentation(task, data)
     generator = engine.make_generator(int(task["seed"]), int(task["round"]), pid)
     optimizer = engine.optimizer_factory(task["optimizer"])(model.parameters())
     stats = engine.train_epochs(

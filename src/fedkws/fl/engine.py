@@ -23,6 +23,7 @@ from fedkws.data.augment import Augmenter
 from fedkws.data.cache import CachedDataset
 from fedkws.data.features import FeatureExtractor
 from fedkws.data.loader import iterate_batches
+from fedkws.data.pipeline import augment_config, feature_config
 from fedkws.models import bn_layers
 
 
@@ -47,6 +48,16 @@ def optimizer_factory(spec: Mapping[str, Any]) -> Callable[..., torch.optim.Opti
     cls = getattr(importlib.import_module(module), name)
     kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
     return lambda params: cls(params, **kwargs)
+
+
+def training_augmentation(
+    task: Mapping[str, Any], data: CachedDataset
+) -> tuple[Augmenter | None, FeatureExtractor | None]:
+    """The augmenter of a task and, when it works on waveforms, the feature extractor."""
+    augment = augment_config(task["augment"])
+    augmenter = Augmenter(augment, data.noise_bank()) if augment.any else None
+    extractor = FeatureExtractor(feature_config(task["features"])) if augment.needs_waves else None
+    return augmenter, extractor
 
 
 @dataclass
