@@ -76,3 +76,14 @@ def test_seed_repro_preset(tmp_path):
     assert cfg.name == "seed_repro" and cfg.train.rounds == 12
     assert list(cfg.partition.names) == ["alice", "bob"] and cfg.bn.sync == "params_only"
     assert cfg.model.depth == 34
+
+
+def test_prepare_prints_dataset_and_partition_summary(make_cfg, tmp_path):
+    from fedkws.prepare import prepare_data
+
+    cfg = make_cfg(["partition=dirichlet", "partition.alpha=0.2", "partition.min_partition_size=2"])
+    text = prepare_data(cfg, tmp_path)
+    assert "12class" in text and "_silence_" in text and "total" in text
+    assert "partition 'dirichlet'" in text and "4 clients" in text
+    assert (tmp_path / "partition.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "data_summary.txt").read_text().strip() == text.strip()
