@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fedkws.data.speech_commands import DatasetNotFoundError
-
-log = logging.getLogger("fedkws")
 
 
 class ConfigError(ValueError):
