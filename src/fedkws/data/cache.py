@@ -253,8 +253,7 @@ def prepare(
         manifest = json.loads(manifest_path.read_text())
     else:
         start = time.perf_counter()
-        manifest = {"root": str(Path(data.root).resolve()), **asdict(data)}
-        manifest["root"] = str(Path(data.root).resolve())
+        manifest = {**asdict(data), "root": str(Path(data.root).resolve())}
         manifest.update(_build_waves(data, entry, progress))
         manifest["waves_seconds"] = round(time.perf_counter() - start, 3)
         manifest["features"] = {}
