@@ -249,9 +249,10 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
                 optimizer_state=opt_state,
                 stop_after_round=stop_after,
             )
-            recalibrated = (
-                evaluator.recalibrated(model) if "recalibrated" in cfg.bn.eval_modes else None
-            )
+            # The last round's evaluation already recalibrated the final model.
+            recalibrated = evaluator.last_recalibrated
+            if recalibrated is None and "recalibrated" in cfg.bn.eval_modes:
+                recalibrated = evaluator.recalibrated(model)
         else:
             federation = _federate(
                 cfg,
@@ -267,7 +268,8 @@ def run(cfg: DictConfig, run_dir: Path | str | None = None) -> Result:
                 stop_after,
                 on_round,
             )
-            evaluator, recalibrated = federation.evaluator, federation.last_recalibrated
+            evaluator = federation.evaluator
+            recalibrated = evaluator.last_recalibrated
         if recalibrated is not None and recalibrated is not model:
             stats = {k: v for k, v in recalibrated.state_dict().items() if "running_" in k}
             torch.save(stats, run_dir / "recalibrated_bn.pt")

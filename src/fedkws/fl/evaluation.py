@@ -50,12 +50,16 @@ class GlobalEvaluator:
     ) -> None:
         self.data, self.modes, self.batch_size = data, list(modes), batch_size
         self.moments_of = moments_of
+        # The most recent recalibration, reused for the test split after the last round.
+        self.last_recalibrated: nn.Module | None = None
 
     def recalibrated(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model`` with exact pooled BatchNorm statistics."""
+        """A copy of ``model`` with exact pooled BatchNorm statistics (also kept as last)."""
         if not bn_layers(model) or self.moments_of is None:
-            return model
-        return engine.recalibrate(model, self.moments_of)
+            self.last_recalibrated = model
+        else:
+            self.last_recalibrated = engine.recalibrate(model, self.moments_of)
+        return self.last_recalibrated
 
     def run(
         self,

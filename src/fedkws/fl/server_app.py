@@ -85,7 +85,6 @@ class Federation:
         self.bn_keys = bn_state_keys(model)
         self.nodes: dict[int, int] = {}  # partition id -> node id
         self.grid: Grid | None = None
-        self.last_recalibrated: nn.Module | None = None
         self.completed_round = plan.start_round - 1
 
     # -- messaging ---------------------------------------------------------------------------
@@ -217,7 +216,7 @@ class Federation:
             if "recalibrated" in modes:
                 due = round_ % self.plan.recalibrate_every == 0 or round_ == self.plan.rounds
                 if due:
-                    recal = self.last_recalibrated = self.evaluator.recalibrated(self.model)
+                    recal = self.evaluator.recalibrated(self.model)
                 else:
                     modes.remove("recalibrated")
             metrics.update(self.evaluator.run(self.model, self.val_rows, "val", recal, modes)[0])
