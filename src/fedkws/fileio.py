@@ -1,0 +1,127 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+Every writer goes through :func:`atomic_path`: the content is written to a
+unique temporary name in the same folder (so several processes may write the
+same target at once) and renamed over the target with ``os.replace``.
+Work that must be done once however many processes ask for it (building a
+dataset or a cache entry) is serialised with :func:`file_lock`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
+
+
+@contextmanager
+def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a unique temporary path beside ``path``; rename it onto ``path`` on success.
+
+    ``suffix`` is appended to the temporary name for writers that insist on
+    an extension (``np.save`` adds ``.npy`` otherwise).
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_with(path: Path | str, writer: Callable[[Path], Any], suffix: str = "") -> Path:
+    """Call ``writer(tmp_path)`` and move the result onto ``path`` atomically."""
+    with atomic_path(path, suffix) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    """Write ``text`` atomically."""
+    return write_with(path, lambda tmp: tmp.write_text(text))
+
+
+def write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` atomically."""
+    return write_with(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_json(path: Path | str, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON atomically."""
+    return write_text(path, json.dumps(payload, indent=2))
+
+
+def save_npy(path: Path | str, array: Any) -> Path:
+    """``np.save`` atomically."""
+    import numpy as np
+
+    return write_with(path, lambda tmp: np.save(tmp, array), suffix=".npy")
+
+
+def torch_save(path: Path | str, obj: Any) -> Path:
+    """``torch.save`` atomically."""
+    import torch
+
+    return write_with(path, lambda tmp: torch.save(obj, tmp))
+
+
+class _HeldLock:
+    """One lock file as held by this process: a thread lock plus the flock'd handle."""
+
+    def __init__(self) -> None:
+        self.thread_lock = threading.RLock()
+        self.depth = 0
+        self.handle: IO[str] | None = None
+
+
+_held_locks: dict[str, _HeldLock] = {}
+_held_locks_guard = threading.Lock()
+
+
+@contextmanager
+def file_lock(path: Path | str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``path`` (created if missing) across processes.
+
+    ``fcntl.flock`` on the lock file serialises processes; a thread lock
+    serialises the threads of this one. Re-entrant within a process: a
+    nested ``file_lock`` on the same path returns at once instead of waiting
+    for itself. The lock file is left in place (deleting it would let two
+    processes hold "the" lock on two different files). Where ``fcntl`` does
+    not exist (Windows) only threads are serialised.
+    """
+    key = os.path.abspath(path)
+    with _held_locks_guard:
+        held = _held_locks.setdefault(key, _HeldLock())
+    with held.thread_lock:
+        if held.depth == 0:
+            handle = open(key, "a")  # noqa: SIM115 - kept open while the lock is held
+            try:
+                if fcntl is not None:
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+            except BaseException:
+                handle.close()
+                raise
+            held.handle = handle
+        held.depth += 1
+        try:
+            yield Path(key)
+        finally:
+            held.depth -= 1
+            if held.depth == 0 and held.handle is not None:
+                if fcntl is not None:
+                    fcntl.flock(held.handle, fcntl.LOCK_UN)
+                held.handle.close()
+                held.handle = None

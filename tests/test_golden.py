@@ -1,0 +1,42 @@
+"""Behaviour pinned across refactors: per-round accuracies of three shrunk presets.
+
+``tests/golden.json`` was recorded from these exact configurations. What is
+portable between CPU types is compared exactly (which clients trained, how
+many examples they used, which state-dict entries crossed the wire, the
+eval-mode collapse to the majority-class rate under ``params_only``);
+accuracies, whose kernels differ in the last digits between CPUs, within one
+validation example. A deliberate behaviour change re-records the file in a
+commit of its own that says why.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import GOLDEN, golden_view
+
+from fedkws.run import run
+
+GOLDEN_FILE = Path(__file__).with_name("golden.json")
+ACC_TOL = 1.01 / 48  # one example of the tiny dataset's 48-example validation split
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_golden_run(name, make_cfg, tmp_path):
+    expected = json.loads(GOLDEN_FILE.read_text())[name]
+    got = golden_view(run(make_cfg(GOLDEN[name]), tmp_path / name))
+    assert [r["round"] for r in got["rounds"]] == [r["round"] for r in expected["rounds"]]
+    for exp, new in zip(expected["rounds"], got["rounds"], strict=True):
+        assert new["clients"] == exp["clients"], exp["round"]  # sampling and the wire: exact
+        assert sorted(new["acc"]) == sorted(exp["acc"])
+        for key, value in exp["acc"].items():
+            assert new["acc"][key] == pytest.approx(value, abs=ACC_TOL), (exp["round"], key)
+    assert sorted(got["test"]) == sorted(expected["test"])
+    for key, value in expected["test"].items():
+        assert got["test"][key] == pytest.approx(value, abs=ACC_TOL), key
+    if name == "seed_repro":
+        # The collapse: with mean 0 / var 1 statistics the model predicts one class, exactly.
+        for rec in got["rounds"]:
+            assert rec["acc"]["val/eval/acc"] == pytest.approx(4 / 48, abs=1e-12)
