@@ -50,14 +50,47 @@ def test_noise_mixing_respects_probability_and_snr():
     assert torch.allclose(measured, torch.full_like(measured, 10.0), atol=0.2)
 
 
+def _runs(flags: list[bool]) -> list[int]:
+    """Lengths of the runs of True in ``flags``."""
+    runs, n = [], 0
+    for flag in [*flags, False]:
+        if flag:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    return runs
+
+
+def _bands_needed(flags: list[bool], max_width: int) -> int:
+    """Fewest bands of width <= max_width whose union is exactly the True runs."""
+    return sum(-(-run // max_width) for run in _runs(flags))
+
+
 def test_spec_augment_masks_bands():
-    feats = torch.ones(16, 1, 40, 101)
-    out = spec_augment(feats, 2, 10, 2, 5, _gen())
-    zeros = (out == 0).float()
-    assert zeros.sum() > 0
-    # Masked frames are zero across all bins, masked bins across all frames.
-    frame_zero = zeros.mean(2).squeeze(1)  # (batch, frames)
-    assert ((frame_zero == 0) | (frame_zero == 1) | (zeros.mean(3).squeeze(1).max() == 1)).all()
+    # Catches: swapped time/freq widths or counts, masking the whole input, random
+    # zeroed cells, masks along the wrong axis, and values changed outside the masks.
+    time_masks, time_width, freq_masks, freq_width = 3, 10, 1, 4
+    bins, frames = 40, 101  # distinct, so a transposed mask cannot pass
+    feats = 0.5 + torch.rand(64, 1, bins, frames, generator=_gen(11))  # no zeros anywhere
+    out = spec_augment(feats, time_masks, time_width, freq_masks, freq_width, _gen())
+    assert out.shape == feats.shape
+    zero = out[:, 0] == 0
+    kept = ~zero
+    assert torch.equal(out[:, 0][kept], feats[:, 0][kept])  # unmasked cells untouched
+    masked_frames = masked_bins = 0
+    for z in zero:
+        frame_cut = z.all(0)  # frames zero across every bin
+        bin_cut = z.all(1)  # bins zero across every frame
+        # The zero pattern is exactly the union of full-height time bands and
+        # full-width frequency bands: no stray zero cells.
+        assert torch.equal(z, frame_cut.unsqueeze(0) | bin_cut.unsqueeze(1))
+        assert _bands_needed(frame_cut.tolist(), time_width) <= time_masks
+        assert _bands_needed(bin_cut.tolist(), freq_width) <= freq_masks
+        masked_frames += int(frame_cut.sum())
+        masked_bins += int(bin_cut.sum())
+    # Masks were actually drawn along both axes (widths are uniform in 0..max).
+    assert masked_frames > 64 * time_masks and masked_bins > 64 * freq_masks
     assert torch.equal(spec_augment(feats, 0, 10, 0, 5, _gen()), feats)
 
 
