@@ -11,7 +11,7 @@ import pytest
 from conftest import compose_cfg
 from fedkws import CONF_DIR
 from fedkws.data.pipeline import augment_config, data_config, feature_config
-from fedkws.models import build_model
+from fedkws.core.models import build_model
 from fedkws.run import model_spec
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())

@@ -13,7 +13,7 @@ import torch
 
 from fedkws.data.cache import open_cache
 from fedkws.fl import engine
-from fedkws.models import bn_layers, build_model
+from fedkws.core.models import bn_layers, build_model
 from fedkws.run import model_spec, run
 from fedkws.tracking import Result
 

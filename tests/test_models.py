@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedkws.models import (
+from fedkws.core.models import (
     MODEL_NAMES,
     NORM_KINDS,
     bn_layers,

@@ -1,20 +1,24 @@
-"""Per-round checkpoints: global model, server optimiser, round, RNG states.
+"""Per-round checkpoints: global model, the recipe's optimiser state, round, records, RNG states.
 
 Written atomically after every round to ``<run_dir>/checkpoint.pt`` and read
 back with ``torch.load(weights_only=True)``: the file holds only tensors and
-plain Python values, never pickled objects.
+plain Python values, never pickled objects. ``optimizer`` is the recipe's
+own optimiser (the server optimiser of a federated run, the training
+optimiser of the centralised baseline), named by ``optimizer_kind``.
 """
 
 from __future__ import annotations
 
-import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from fedkws.errors import RunRefused
+from fedkws.fileio import torch_save
 
 FILENAME = "checkpoint.pt"
 
@@ -25,9 +29,11 @@ class Checkpoint:
 
     round: int
     model: dict[str, torch.Tensor]
-    server_optimizer: dict[str, Any]
+    optimizer_kind: str  # "server" (federated) or "central"
+    optimizer: dict[str, Any]
     records: list[dict[str, Any]]
-    extra: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)  # RunSpec.comparable() of the run
+    wandb_id: str = ""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -39,7 +45,8 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any]) -> None:
+    """Set torch's, NumPy's and Python's global RNGs to a saved state."""
     torch.set_rng_state(state["torch"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
@@ -49,34 +56,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save(run_dir: Path, ckpt: Checkpoint) -> Path:
     """Write the checkpoint atomically."""
-    path = Path(run_dir) / FILENAME
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(
-        {
-            "round": ckpt.round,
-            "model": ckpt.model,
-            "server_optimizer": ckpt.server_optimizer,
-            "records": ckpt.records,
-            "extra": ckpt.extra,
-            "rng": _rng_state(),
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
-    return path
+    payload = {**ckpt.__dict__, "rng": _rng_state()}
+    return torch_save(Path(run_dir) / FILENAME, payload)
 
 
-def load(run_dir: Path) -> Checkpoint | None:
-    """The last complete round's checkpoint, or None; restores the RNG states."""
+def load(run_dir: Path) -> tuple[Checkpoint, dict[str, Any]] | None:
+    """The last complete round's checkpoint and its RNG states, or None if there is none.
+
+    Raises
+    ------
+    RunRefused
+        If the file exists but cannot be read as a fedkws checkpoint.
+    """
     path = Path(run_dir) / FILENAME
     if not path.is_file():
         return None
-    raw = torch.load(path, weights_only=True)
-    _set_rng_state(raw["rng"])
-    return Checkpoint(
-        round=int(raw["round"]),
-        model=raw["model"],
-        server_optimizer=raw["server_optimizer"],
-        records=raw["records"],
-        extra=raw.get("extra", {}),
-    )
+    try:
+        raw = torch.load(path, weights_only=True)
+        rng = raw.pop("rng")
+        return Checkpoint(**raw), rng
+    except Exception as err:  # any unreadable or foreign file: refuse, never guess
+        reason = " ".join(str(err).split())[:200]
+        raise RunRefused(f"{path} is not a readable fedkws checkpoint ({reason})") from err

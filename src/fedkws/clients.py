@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from fedkws.data import partition as part
 from fedkws.data.cache import CachedDataset
 from fedkws.errors import ConfigError
+from fedkws.fileio import write_with
+from fedkws.spec import PartitionSpec
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class ClientData:
     test: np.ndarray
 
 
-def make_clients(data: CachedDataset, partition: Mapping[str, Any], seed: int) -> list[ClientData]:
+def make_clients(data: CachedDataset, partition: PartitionSpec, seed: int) -> list[ClientData]:
     """Partition the training split of ``data`` and give each client a local test split."""
     train_rows = data.split_indices("training")
     if len(train_rows) == 0:
@@ -33,23 +33,23 @@ def make_clients(data: CachedDataset, partition: Mapping[str, Any], seed: int) -
         parts = part.partition(
             data.labels[train_rows],
             data.speakers[train_rows],
-            scheme=str(partition["scheme"]),
-            num_clients=int(partition["num_clients"]),
+            scheme=partition.scheme,
+            num_clients=partition.num_clients,
             seed=seed,
-            alpha=float(partition.get("alpha", 0.5)),
-            classes_per_client=int(partition.get("classes_per_client", 2)),
-            speakers_per_client=int(partition.get("speakers_per_client", 1)),
-            min_partition_size=int(partition.get("min_partition_size", 10)),
+            alpha=partition.alpha,
+            classes_per_client=partition.classes_per_client,
+            speakers_per_client=partition.speakers_per_client,
+            min_partition_size=partition.min_partition_size,
         )
     except ValueError as err:
         raise ConfigError(f"partition: {err}") from err
-    names = list(partition.get("names") or [])
+    names = list(partition.names)
     if names and len(names) != len(parts):
         raise ConfigError(f"partition.names has {len(names)} names for {len(parts)} clients")
     clients = []
     for pid, rows in enumerate(parts):
         local_train, local_test = part.local_split(
-            train_rows[rows], float(partition.get("local_test_fraction", 0.2)), seed, pid
+            train_rows[rows], partition.local_test_fraction, seed, pid
         )
         name = names[pid] if names else f"client{pid}"
         clients.append(ClientData(pid, name, local_train, local_test))
@@ -62,7 +62,4 @@ def save_clients(clients: list[ClientData], path: Path) -> Path:
     for c in clients:
         arrays[f"train_{c.pid}"] = c.train
         arrays[f"test_{c.pid}"] = c.test
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-    return path
+    return write_with(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")

@@ -6,21 +6,30 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fedkws.data.speech_commands import DatasetNotFoundError
-
 
 class ConfigError(ValueError):
-    """A config value that cannot work, with the reason and the valid choices."""
+    """A config value that cannot work, with the reason and the valid choices (one per line)."""
 
 
-# Errors whose message is already written for the user.
-USER_ERRORS: tuple[type[BaseException], ...] = (DatasetNotFoundError, ConfigError)
+class FederationError(RuntimeError):
+    """The federation cannot go on (no clients came up, too few replied, a client query failed)."""
+
+
+class RunRefused(RuntimeError):
+    """A run that must not start (it would overwrite or mix up another run's files)."""
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from fedkws.data.download import DownloadError
+    from fedkws.data.speech_commands import DatasetNotFoundError
 
-    return USER_ERRORS + (DownloadError,)
+    return (ConfigError, RunRefused, DatasetNotFoundError, DownloadError, FederationError)
+
+
+def print_error(err: BaseException) -> None:
+    """``error: <message>``: one line per line of the message, nothing else."""
+    for line in str(err).splitlines() or [type(err).__name__]:
+        print(f"error: {line}", file=sys.stderr)
 
 
 @contextmanager
@@ -29,5 +38,5 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except _user_error_types() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         sys.exit(2)

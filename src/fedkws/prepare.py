@@ -15,16 +15,20 @@ from omegaconf import DictConfig
 from fedkws import CONF_DIR
 from fedkws.clients import make_clients
 from fedkws.data import partition as part
-from fedkws.data.pipeline import load_dataset
 from fedkws.errors import user_errors
+from fedkws.fileio import write_text
+from fedkws.recipes.common import load_data
+from fedkws.spec import RunSpec, from_config
 
 log = logging.getLogger(__name__)
 
 
-def prepare_data(cfg: DictConfig, out_dir: Path) -> str:
-    """Build the cache and the client partition of ``cfg``; return the printed report."""
-    data = load_dataset(cfg.dataset, cfg.features, cfg.cache_dir, progress=cfg.progress)
-    clients = make_clients(data, cfg.partition, seed=int(cfg.seed))
+def prepare_data(spec: RunSpec | DictConfig, out_dir: Path) -> str:
+    """Build the cache and the client partition of ``spec``; return the printed report."""
+    if not isinstance(spec, RunSpec):
+        spec = from_config(spec)
+    data = load_data(spec)
+    clients = make_clients(data, spec.partition, seed=spec.seed)
     png = part.plot(
         [c.train for c in clients], data.labels, data.label_names, out_dir / "partition.png"
     )
@@ -34,12 +38,13 @@ def prepare_data(cfg: DictConfig, out_dir: Path) -> str:
             f"  cache build: waveforms {data.manifest['waves_seconds']} s, features "
             + ", ".join(f"{v['seconds']} s" for v in data.manifest["features"].values()),
             "",
-            f"partition '{cfg.partition.scheme}' of the training split (local train rows):",
+            f"partition '{spec.partition.scheme}' of the training split (local train rows):",
             part.summary([c.train for c in clients], data.labels, data.label_names),
             f"label distribution plot: {png}",
         ]
     )
-    (out_dir / "data_summary.txt").write_text(text + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "data_summary.txt", text + "\n")
     return text
 
 
@@ -49,7 +54,8 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     with user_errors():
-        print(prepare_data(cfg, Path(HydraConfig.get().runtime.output_dir)))
+        spec = from_config(cfg)
+        print(prepare_data(spec, Path(HydraConfig.get().runtime.output_dir)))
 
 
 if __name__ == "__main__":

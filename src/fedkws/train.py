@@ -1,21 +1,86 @@
-"""Hydra entry point: ``fedkws-train [overrides]``; see ``conf/config.yaml``."""
+"""Hydra entry point: ``fedkws-train [overrides]``; see ``conf/config.yaml``.
+
+The config is read into a :class:`~fedkws.spec.RunSpec` once, here. Hydra is
+told not to write into the run folder (``hydra.output_subdir: null``, job
+logging to the console only); its files (``.hydra/``) are written by
+:func:`_keep_hydra_files` once the run is known to start, so a refused run
+leaves the folder exactly as it was.
+"""
 
 from __future__ import annotations
 
+import sys
+import time
+from pathlib import Path
+
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedkws import CONF_DIR
-from fedkws.errors import user_errors
+from fedkws.errors import print_error, user_errors
+
+_STARTED = time.time()
+
+
+def _hydra_context(name: str, seed: int) -> tuple[Path, tuple[str, str]]:
+    """The run folder, and the W&B group (the sweep) and run name (the override dirname)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    label = hc.job.override_dirname or name
+    if hc.mode == RunMode.MULTIRUN:
+        return run_dir, (f"{name}/{Path(hc.sweep.dir).name}", f"{label}/seed={seed}")
+    return run_dir, (name, label)
+
+
+def _keep_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
+    """What Hydra would have written to ``.hydra/``: the config, the overrides, Hydra's own."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from fedkws.fileio import write_text
+
+    folder = run_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    hc = HydraConfig.get()
+    write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text(folder / "overrides.yaml", OmegaConf.to_yaml(list(hc.overrides.task)))
+    write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
+
+
+def _tidy_refused(run_dir: Path) -> None:
+    """Remove the folder Hydra created for this refused run, if it is empty and new."""
+    try:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            if run_dir.stat().st_ctime >= _STARTED - 1:
+                run_dir.rmdir()
+    except OSError:
+        pass
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job and return the final validation accuracy (for sweepers)."""
-    from fedkws.run import run
+    from fedkws import lifecycle
+    from fedkws.run import preflight, run
+    from fedkws.spec import from_config
 
+    run_dir, names = _hydra_context(str(cfg.get("name")), int(cfg.get("seed", 0)))
     with user_errors():
-        result = run(cfg)
+        try:
+            spec = from_config(cfg)
+            preflight(spec, run_dir)
+        except BaseException:
+            _tidy_refused(run_dir)
+            raise
+    _keep_hydra_files(cfg, run_dir)
+    with user_errors(), lifecycle.graceful_interrupts():
+        try:
+            result = run(spec, run_dir, names)
+        except lifecycle.Interrupted:
+            print_error(RuntimeError(f"interrupted; completed rounds are kept in {run_dir}"))
+            sys.exit(130)
     metrics = result.rounds[-1].metrics if result.rounds else {}
     for key in ("val/eval/acc", "fed/eval/acc_mean"):
         if key in metrics:

@@ -1,4 +1,4 @@
-"""Federated learning: Flower apps, aggregation, BatchNorm handling, evaluation."""
+"""The Flower adapter: ClientApp, the server side of the messaging, the simulation backends."""
 
 import logging
 

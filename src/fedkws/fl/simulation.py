@@ -1,18 +1,25 @@
-"""The one place that starts Flower's in-process simulation (Ray backend).
+"""The one place that starts the clients: Flower's simulation (Ray) or the in-process grid.
 
 ``flwr.simulation.run_simulation`` is deprecated in favour of ``flwr run``;
 the apps in :mod:`fedkws.fl.client_app` and :mod:`fedkws.fl.server_app` are
 standard ``ClientApp`` / ``ServerApp`` objects, so moving to ``flwr run``
 means replacing only this module.
+
+Flower runs the ServerApp's main function in a thread and only logs what it
+raises; :func:`simulate` hands the exception back to the caller instead, so a
+failed run ends the process with its reason rather than hanging or exiting 0.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from flwr.serverapp import ServerApp
+from flwr.serverapp import Grid
+
+BACKENDS = ("ray", "inprocess")
 
 
 def quiet_flower_logging() -> None:
@@ -21,33 +28,54 @@ def quiet_flower_logging() -> None:
 
 
 def simulate(
-    server_app: ServerApp,
+    main: Callable[[Grid], None],
     num_clients: int,
-    client_resources: dict[str, Any],
-    ray_init_args: dict[str, Any] | None = None,
-    verbose: bool = False,
+    backend: str = "ray",
+    client_resources: Mapping[str, Any] | None = None,
+    ray_init_args: Mapping[str, Any] | None = None,
 ) -> None:
-    """Run ``server_app`` against ``num_clients`` virtual SuperNodes of our ClientApp.
+    """Run ``main(grid)`` against ``num_clients`` SuperNodes of fedkws's ClientApp.
 
     Each SuperNode gets ``node_config["partition-id"]`` in ``0..num_clients-1``.
+    Whatever ``main`` raises is raised here, after the backend has shut down.
     """
+    from fedkws.fl.client_app import app as client_app
+
+    if backend == "inprocess":
+        from fedkws.fl.inprocess import InProcessGrid
+
+        main(InProcessGrid(client_app, num_clients))
+        return
+    raised: list[BaseException] = []
+
+    def guarded(grid: Grid) -> None:
+        try:
+            main(grid)
+        except BaseException as err:  # handed back to the caller below
+            raised.append(err)
+
+    _run_ray(guarded, client_app, num_clients, client_resources or {}, ray_init_args or {})
+    if raised:
+        raise raised[0]
+
+
+def _run_ray(main, client_app, num_clients, client_resources, ray_init_args) -> None:
     # Telemetry stays off unless the user explicitly turned it on.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # CPU-only clients: keep Ray from touching accelerator variables (and warning about it).
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
-    from fedkws.fl.client_app import app as client_app
+    from fedkws.fl.server_app import make_server_app
 
     quiet_flower_logging()
     backend_config: dict[str, Any] = {"client_resources": dict(client_resources)}
     if ray_init_args:
         backend_config["init_args"] = dict(ray_init_args)
     run_simulation(
-        server_app=server_app,
+        server_app=make_server_app(main),
         client_app=client_app,
         num_supernodes=num_clients,
         backend_name="ray",
         backend_config=backend_config,
-        verbose_logging=verbose,
     )

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedkws.models import bn_state_keys
+from fedkws.core.models import bn_state_keys
 
 BN_SYNC_MODES = ("full", "params_only", "local")
 EVAL_MODES = ("eval", "train", "recalibrated")

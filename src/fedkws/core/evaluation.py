@@ -2,42 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import numpy as np
 from torch import nn
 
+from fedkws.core import loops
+from fedkws.core.bn import recalibrate
+from fedkws.core.models import bn_layers
 from fedkws.data.cache import CachedDataset
-from fedkws.fl import engine
-from fedkws.fl.state import EVAL_MODES
-from fedkws.models import bn_layers
-
-log = logging.getLogger(__name__)
 
 # moments_of(model, layer) -> [(n, sum, sum of squares) per data holder]
 MomentsFn = Callable[[nn.Module, int], list]
 
 
-def check_eval_modes(modes: list[str], bn_sync: str) -> None:
-    """Reject unknown modes and combinations that cannot mean anything."""
-    unknown = [m for m in modes if m not in EVAL_MODES]
-    if unknown:
-        raise ValueError(f"Unknown eval_modes {unknown}. Valid modes: {', '.join(EVAL_MODES)}")
-    if not modes:
-        raise ValueError("bn.eval_modes is empty: give at least one of " + ", ".join(EVAL_MODES))
-    if bn_sync == "local" and "recalibrated" in modes:
-        # Kept as a warning so one sweep can cross bn=local with the other modes.
-        log.warning(
-            "eval_modes 'recalibrated' does not apply to bn_sync=local (FedBN keeps statistics "
-            "per client; its model is evaluated on each client with its own BN): skipped"
-        )
-
-
-class GlobalEvaluator:
+class Evaluator:
     """Evaluate a model on one split in every requested mode.
 
-    ``recalibrated`` is ``eval`` after :func:`engine.recalibrate` with the
+    ``recalibrated`` is ``eval`` after :func:`loops.recalibrate` with the
     holders' moments; for a model without BatchNorm it equals ``eval``.
     """
 
@@ -58,7 +40,7 @@ class GlobalEvaluator:
         if not bn_layers(model) or self.moments_of is None:
             self.last_recalibrated = model
         else:
-            self.last_recalibrated = engine.recalibrate(model, self.moments_of)
+            self.last_recalibrated = recalibrate(model, self.moments_of)
         return self.last_recalibrated
 
     def run(
@@ -68,20 +50,20 @@ class GlobalEvaluator:
         prefix: str,
         recalibrated: nn.Module | None = None,
         modes: list[str] | None = None,
-    ) -> tuple[dict[str, float], dict[str, engine.EvalStats]]:
+    ) -> tuple[dict[str, float], dict[str, loops.EvalStats]]:
         """Metrics ``<prefix>/<mode>/acc|loss`` and the raw stats per mode.
 
         ``modes`` defaults to the evaluator's; a ``recalibrated`` model computed
         earlier can be passed in to avoid recomputing it.
         """
         metrics: dict[str, float] = {}
-        stats: dict[str, engine.EvalStats] = {}
+        stats: dict[str, loops.EvalStats] = {}
         for mode in self.modes if modes is None else modes:
             if mode == "recalibrated":
                 net = recalibrated if recalibrated is not None else self.recalibrated(model)
-                result = engine.evaluate(net, self.data, rows, self.batch_size, "eval")
+                result = loops.evaluate(net, self.data, rows, self.batch_size, "eval")
             else:
-                result = engine.evaluate(model, self.data, rows, self.batch_size, mode)
+                result = loops.evaluate(model, self.data, rows, self.batch_size, mode)
             stats[mode] = result
             metrics[f"{prefix}/{mode}/acc"] = result.acc
             metrics[f"{prefix}/{mode}/loss"] = result.loss

@@ -1,4 +1,4 @@
-"""Training, evaluation and BatchNorm statistics: the loops every mode shares.
+"""Training and evaluation loops: what every recipe and every client runs.
 
 The centralised baseline, the federated clients and the server's evaluation
 all call these functions, so the three differ only in who holds which data.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import importlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,44 +19,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedkws.data.augment import Augmenter
+from fedkws.data.augment import AugmentConfig, Augmenter
 from fedkws.data.cache import CachedDataset
-from fedkws.data.features import FeatureExtractor
+from fedkws.data.features import FeatureConfig, FeatureExtractor
 from fedkws.data.loader import iterate_batches
-from fedkws.data.pipeline import augment_config, feature_config
-from fedkws.models import bn_layers
 
 
-def stream_seed(*parts: int) -> int:
-    """A 63-bit seed for one (seed, round, client, ...) stream, independent of the others."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def make_generator(*parts: int) -> torch.Generator:
-    """A ``torch.Generator`` for one stream; also seeds torch's global RNG (dropout)."""
-    seed = stream_seed(*parts)
-    torch.manual_seed(seed)
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return gen
-
-
-def optimizer_factory(spec: Mapping[str, Any]) -> Callable[..., torch.optim.Optimizer]:
-    """``params -> optimizer`` from ``{"_target_": "torch.optim.AdamW", "lr": ...}``."""
-    target = str(spec["_target_"])
+def make_optimizer(params: Any, target: str, kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """An optimiser by class path, e.g. ``make_optimizer(p, "torch.optim.AdamW", {"lr": 1e-3})``."""
     module, _, name = target.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
-    kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
-    return lambda params: cls(params, **kwargs)
+    return cls(params, **kwargs)
 
 
 def training_augmentation(
-    task: Mapping[str, Any], data: CachedDataset
+    augment: AugmentConfig, features: FeatureConfig, data: CachedDataset
 ) -> tuple[Augmenter | None, FeatureExtractor | None]:
-    """The augmenter of a task and, when it works on waveforms, the feature extractor."""
-    augment = augment_config(task["augment"])
+    """The augmenter for ``augment`` and, when it works on waveforms, the feature extractor."""
     augmenter = Augmenter(augment, data.noise_bank()) if augment.any else None
-    extractor = FeatureExtractor(feature_config(task["features"])) if augment.needs_waves else None
+    extractor = FeatureExtractor(features) if augment.needs_waves else None
     return augmenter, extractor
 
 
@@ -182,82 +163,3 @@ def evaluate(
     n = int(confusion.sum())
     model.eval()
     return EvalStats(loss_sum / max(n, 1), float(np.trace(confusion)) / max(n, 1), n, confusion)
-
-
-class _StopForward(Exception):
-    pass
-
-
-@torch.no_grad()
-def bn_input_moments(
-    model: nn.Module, data: CachedDataset, rows: np.ndarray, layer: int, batch_size: int
-) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Per-channel count, sum and sum of squares of the input of BatchNorm ``layer``.
-
-    The model runs in eval mode, so the BatchNorm layers before ``layer``
-    normalise with whatever running statistics they hold (the pooled ones, in
-    layer-by-layer recalibration). The forward pass stops at ``layer``.
-    """
-    name, bn = bn_layers(model)[layer]
-    acc: dict[str, Any] = {"n": 0.0, "s": None, "ss": None}
-
-    def grab(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].to(torch.float64)
-        dims = [d for d in range(x.dim()) if d != 1]
-        acc["n"] += float(x.numel() // x.shape[1])
-        s, ss = x.sum(dims), (x * x).sum(dims)
-        acc["s"] = s if acc["s"] is None else acc["s"] + s
-        acc["ss"] = ss if acc["ss"] is None else acc["ss"] + ss
-        raise _StopForward
-
-    model.eval()
-    handle = bn.register_forward_pre_hook(grab)
-    try:
-        for x, _ in iterate_batches(data, np.sort(rows), batch_size):
-            try:
-                model(x)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    if acc["s"] is None:
-        zeros = torch.zeros(bn.num_features, dtype=torch.float64)
-        return 0.0, zeros, zeros.clone()
-    return acc["n"], acc["s"], acc["ss"]
-
-
-def pooled_statistics(
-    moments: list[tuple[float, torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact mean and unbiased variance of the union, from per-part (n, sum, sum of squares).
-
-    Unlike averaging per-client variances, this includes the spread of the
-    client means around the global mean.
-    """
-    n = sum(m[0] for m in moments)
-    if n < 2:
-        raise ValueError("need at least two values per channel to estimate a variance")
-    s = sum(m[1] for m in moments)
-    ss = sum(m[2] for m in moments)
-    mean = s / n
-    var = (ss - n * mean * mean) / (n - 1)
-    return mean, var.clamp_min(0.0)
-
-
-def recalibrate(
-    model: nn.Module,
-    moments_of: Callable[[nn.Module, int], list[tuple[float, torch.Tensor, torch.Tensor]]],
-) -> nn.Module:
-    """Set every BatchNorm's running statistics to the exact pooled ones, layer by layer.
-
-    ``moments_of(model, layer)`` returns the (n, sum, sum of squares) of layer
-    ``layer``'s input from each data holder, computed with the model as it is
-    now, i.e. with the layers before ``layer`` already recalibrated. Returns a
-    recalibrated copy; ``model`` itself is unchanged.
-    """
-    twin = copy.deepcopy(model).eval()
-    for layer, (_, bn) in enumerate(bn_layers(twin)):
-        mean, var = pooled_statistics(moments_of(twin, layer))
-        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-        bn.running_var.copy_(var.to(bn.running_var.dtype))
-    return twin

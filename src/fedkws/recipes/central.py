@@ -1,0 +1,99 @@
+"""The centralised baseline recipe: the same data, model and optimiser, no federation.
+
+The training rows are the union of the clients' local training rows, so the
+baseline sees exactly the examples the federation sees. One "round" is
+``train.local_epochs`` epochs, so its curve lines up with the federated ones.
+Its own optimiser (not a server optimiser) is what the checkpoint keeps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedkws.core import loops, seeding
+from fedkws.core.bn import bn_input_moments
+from fedkws.core.evaluation import Evaluator
+from fedkws.recipes import common
+from fedkws.spec import RunSpec
+from fedkws.tracking import Result
+
+
+class CentralRecipe:
+    """setup / train / finish of the centralised baseline."""
+
+    def __init__(self, spec: RunSpec, run: common.Run) -> None:
+        self.spec, self.run = spec, run
+
+    def setup(self, run_dir: Path) -> None:
+        """Data, model, optimiser and evaluator; restore a checkpoint when resuming."""
+        spec = self.spec
+        self.parts = common.setup(spec, run_dir)
+        self.model = self.parts.model
+        data = self.parts.data
+        self.train_rows = np.sort(np.concatenate([c.train for c in self.parts.clients]))
+        self.optimizer = loops.make_optimizer(
+            self.model.parameters(), spec.optimizer.target, dict(spec.optimizer.kwargs)
+        )
+        self.augmenter, self.extractor = loops.training_augmentation(
+            spec.augment, spec.features, data
+        )
+        batch = spec.train.eval_batch_size
+        self.evaluator = Evaluator(
+            data,
+            list(spec.bn.eval_modes),
+            batch,
+            moments_of=lambda net, layer: [
+                bn_input_moments(net, data, self.train_rows, layer, batch)
+            ],
+        )
+
+    def restore(self, model_state: dict, optimizer_state: dict[str, Any]) -> None:
+        """Continue from a checkpoint."""
+        self.model.load_state_dict(model_state)
+        if optimizer_state:
+            self.optimizer.load_state_dict(optimizer_state)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The training optimiser's state (checkpointed every round)."""
+        return self.optimizer.state_dict()
+
+    def train_round(self, round_: int) -> tuple[common.Metrics, common.ClientInfo]:
+        """``local_epochs`` epochs over the union of the clients' data."""
+        stats = loops.train_epochs(
+            self.model,
+            self.parts.data,
+            self.train_rows,
+            epochs=self.spec.train.local_epochs,
+            batch_size=self.spec.train.batch_size,
+            optimizer=self.optimizer,
+            generator=seeding.central_training_generator(self.spec.seed, round_),
+            augmenter=self.augmenter,
+            extractor=self.extractor,
+        )
+        return {"train/loss": stats.loss, "train/acc": stats.acc}, {}
+
+    def evaluate_round(self, round_: int) -> common.Metrics:
+        """Validation in every mode."""
+        return self.evaluator.run(self.model, self.parts.val_rows, "val")[0]
+
+    def train(self) -> None:
+        """Every round of this invocation."""
+        common.run_rounds(self, self.run)
+
+    def finish(self, run_dir: Path) -> Result:
+        """Summary and, for a complete run, the test split; returns the Result."""
+        title = f"{self.spec.name}: {self.spec.model.name}/{self.spec.model.norm}, centralised"
+        summary = common.summary(self.run, self.parts, title, "central")
+        if summary["complete"]:
+            if (
+                "recalibrated" in self.spec.bn.eval_modes
+                and self.evaluator.last_recalibrated is None
+            ):
+                self.evaluator.recalibrated(self.model)
+            summary.update(common.test_split(self.evaluator, self.model, self.parts, run_dir))
+        assert self.run.recorder is not None
+        self.run.recorder.finish(summary)
+        return self.run.result

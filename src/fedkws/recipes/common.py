@@ -1,0 +1,327 @@
+"""What both recipes share: the run folder and resume, data and model setup, one round loop,
+the recorder, checkpoints and the final test evaluation.
+
+A recipe (:mod:`fedkws.recipes.central`, :mod:`fedkws.recipes.federated`)
+provides three things: ``train_round(round) -> (metrics, per-client info)``,
+``evaluate_round(round) -> metrics`` and ``optimizer_state()``; everything
+else about a round (timing, results.json, W&B, checkpoint, console line,
+stopping) happens here, once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from rich.console import Console
+from torch import nn
+
+from fedkws import checkpoint, lifecycle
+from fedkws.clients import ClientData, make_clients
+from fedkws.core.evaluation import Evaluator
+from fedkws.core.models import build_model, count_parameters
+from fedkws.core.seeding import seed_model_init
+from fedkws.data.cache import CachedDataset, prepare
+from fedkws.data.pipeline import ensure_dataset
+from fedkws.errors import ConfigError, RunRefused
+from fedkws.fileio import torch_save, write_text
+from fedkws.plots import figure
+from fedkws.spec import RunSpec
+from fedkws.tracking import Recorder, Result, RoundRecord, WandbLogger
+
+console = Console(highlight=False, soft_wrap=True)
+
+Metrics = dict[str, float]
+ClientInfo = dict[str, dict[str, float]]
+
+
+class Recipe(Protocol):
+    """What the round loop needs from a recipe."""
+
+    model: nn.Module
+
+    def train_round(self, round_: int) -> tuple[Metrics, ClientInfo]: ...  # noqa: D102
+
+    def evaluate_round(self, round_: int) -> Metrics: ...  # noqa: D102
+
+    def optimizer_state(self) -> dict[str, Any]: ...  # noqa: D102
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, dict] | None:
+    """Refuse a start that would overwrite or mix up a run; load the checkpoint to resume.
+
+    Reads only: a refused run changes nothing on disk.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunRefused(f"{run_dir} is a file, not a run folder")
+    loaded = checkpoint.load(run_dir) if run_dir.is_dir() else None
+    if loaded is None:
+        if spec.resume and (run_dir / "results.json").is_file():
+            raise RunRefused(f"{run_dir} has results.json but no checkpoint.pt to resume from")
+        if not spec.resume and (run_dir / "results.json").is_file():
+            raise RunRefused(f"{run_dir} already holds a run; choose another folder")
+        return None
+    ckpt, _ = loaded
+    if not spec.resume:
+        raise RunRefused(
+            f"{run_dir} already holds a checkpoint (round {ckpt.round}); pass resume=true "
+            "to continue that run or choose another folder"
+        )
+    changed = _differences(ckpt.config, spec.comparable())
+    if changed:
+        raise RunRefused(
+            f"resume: the config differs from the checkpoint's in {', '.join(changed[:6])} "
+            "(only train.rounds may change)"
+        )
+    if spec.train.rounds < ckpt.round:
+        raise RunRefused(
+            f"resume: train.rounds={spec.train.rounds} is fewer than the {ckpt.round} rounds "
+            "already recorded"
+        )
+    return loaded
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse a folder that cannot be created or written (before anything is written)."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what}={str(path)!r}: {probe} is a file, not a folder")
+    import os
+
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}={str(path)!r}: {probe} is not writable")
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Setup:
+    """Data, clients and the initial model: what both recipes start from."""
+
+    data: CachedDataset
+    clients: list[ClientData]
+    val_rows: np.ndarray
+    test_rows: np.ndarray
+    model: nn.Module
+
+
+def load_data(spec: RunSpec) -> CachedDataset:
+    """Generate or download the dataset if needed; build or reuse the feature cache."""
+    ds = spec.dataset
+    generate = None if ds.generate is None else dict(ds.generate)
+    download = None if ds.download is None else dict(ds.download)
+    ensure_dataset(ds.data.root, generate, download, spec.progress)
+    return prepare(ds.data, spec.features, spec.cache_dir, progress=spec.progress)
+
+
+def setup(spec: RunSpec, run_dir: Path) -> Setup:
+    """Load the data, partition it, build the initial model; write the data summary."""
+    data = load_data(spec)
+    val_rows, test_rows = data.split_indices("validation"), data.split_indices("testing")
+    for split, rows in (("validation", val_rows), ("test", test_rows)):
+        if len(rows) == 0:
+            raise ConfigError(f"the {split} split of {data.manifest['root']} has no examples")
+    clients = make_clients(data, spec.partition, seed=spec.seed)
+    seed_model_init(spec.seed)
+    model = build_model(**spec.model.build_args(data.num_classes))
+    write_text(run_dir / "data_summary.txt", data.summary() + "\n")
+    train = sum(len(c.train) for c in clients)
+    console.print(
+        f"data: {len(data.labels)} examples ({len(data.split_indices('training'))} training, "
+        f"{len(val_rows)} validation, {len(test_rows)} test), {data.num_classes} classes, "
+        f"{len(clients)} clients ({train} local training rows); {data.manifest['audio_report']}"
+    )
+    return Setup(data, clients, val_rows, test_rows, model)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Run:
+    """One run's records: results.json, W&B, checkpoints and the console."""
+
+    def __init__(self, spec: RunSpec, run_dir: Path, wandb_names: tuple[str, str]):
+        self.spec, self.run_dir = spec, run_dir
+        self.result = Result(config=dict(spec.resolved))
+        self.resumed: checkpoint.Checkpoint | None = None
+        self.wandb_names = wandb_names
+        self.recorder: Recorder | None = None
+        self.started = time.perf_counter()
+
+    def open(self, loaded: tuple[checkpoint.Checkpoint, dict] | None, num_classes: int) -> None:
+        """Start recording (restoring a checkpoint's records and RNG states if resuming)."""
+        self.result.config["num_classes"] = num_classes
+        wandb_id = None
+        if loaded is not None:
+            self.resumed, rng = loaded
+            checkpoint.restore_rng(rng)
+            self.result.rounds = [RoundRecord(**r) for r in self.resumed.records]
+            wandb_id = self.resumed.wandb_id or None
+            console.print(f"resuming {self.run_dir} after round {self.resumed.round}")
+        log = self.spec.logger
+        wandb = WandbLogger(
+            mode=log.mode,
+            project=log.project,
+            entity=log.entity,
+            tags=list(log.tags),
+            config=self.result.config,
+            run_dir=self.run_dir,
+            group=self.wandb_names[0],
+            name=self.wandb_names[1],
+            run_id=wandb_id,
+        )
+        self.recorder = Recorder(self.run_dir, self.result, wandb)
+
+    @property
+    def start_round(self) -> int:
+        """The first round this invocation trains."""
+        return 1 if self.resumed is None else self.resumed.round + 1
+
+    @property
+    def last_round(self) -> int:
+        """The last round this invocation trains (``train.stop_after_round`` may cut it short)."""
+        stop = self.spec.train.stop_after_round
+        return self.spec.train.rounds if stop is None else min(self.spec.train.rounds, stop)
+
+    def record(self, recipe: Recipe, round_: int, metrics: Metrics, clients: ClientInfo, s: float):
+        """Persist one complete round: results.json, W&B, checkpoint, console line."""
+        assert self.recorder is not None
+        self.recorder.log_round(RoundRecord(round_, metrics, s, clients))
+        checkpoint.save(
+            self.run_dir,
+            checkpoint.Checkpoint(
+                round=round_,
+                model=recipe.model.state_dict(),
+                optimizer_kind=self.label_kind,
+                optimizer=recipe.optimizer_state(),
+                records=[r.__dict__ for r in self.result.rounds],
+                config=self.spec.comparable(),
+                wandb_id=self.recorder.wandb.run_id or "",
+            ),
+        )
+        if self.spec.progress:
+            console.print(format_round(round_, self.spec.train.rounds, metrics, s))
+
+    @property
+    def label_kind(self) -> str:
+        """``central`` or ``server``: whose optimiser the checkpoint holds."""
+        return "central" if self.spec.strategy.central else "server"
+
+    def close(self, ok: bool) -> None:
+        """Finish W&B (always; from ``finally``)."""
+        if self.recorder is not None:
+            self.recorder.wandb.finish(0 if ok else 1)
+
+
+def run_rounds(recipe: Recipe, run: Run) -> None:
+    """The round loop of every recipe: train, evaluate, record; stop on request."""
+    for round_ in range(run.start_round, run.last_round + 1):
+        lifecycle.raise_if_stopping()
+        start = time.perf_counter()
+        metrics, clients = recipe.train_round(round_)
+        metrics["time/train_s"] = time.perf_counter() - start
+        eval_start = time.perf_counter()
+        metrics.update(recipe.evaluate_round(round_))
+        metrics["time/eval_s"] = time.perf_counter() - eval_start
+        run.record(recipe, round_, metrics, clients, time.perf_counter() - start)
+
+
+def format_round(round_: int, rounds: int, metrics: Metrics, seconds: float) -> str:
+    """The console line of one round."""
+    parts = [f"[bold]round {round_:>3}/{rounds}[/bold]"]
+    if "train/acc" in metrics:
+        parts.append(f"train acc {metrics['train/acc']:.3f}")
+    for key in sorted(metrics):
+        if key.startswith(("val/", "fed/")) and key.endswith(("/acc", "/acc_mean")):
+            label = key.replace("/acc_mean", " (mean over clients)").replace("/acc", "")
+            parts.append(f"{label} {metrics[key]:.3f}")
+    parts.append(f"{seconds:.1f} s")
+    return " | ".join(parts)
+
+
+# --------------------------------------------------------------------------- finishing
+
+
+def summary(run: Run, setup_: Setup, title: str, bn_sync: str) -> dict[str, Any]:
+    """The final summary fields every run has."""
+    spec, result = run.spec, run.result
+    last_round = result.rounds[-1].round if result.rounds else 0
+    out: dict[str, Any] = {
+        "title": title,
+        "strategy": spec.strategy.name,
+        "bn_sync": bn_sync,
+        "norm": spec.model.norm,
+        "model": spec.model.name,
+        "num_parameters": count_parameters(setup_.model),
+        "num_clients": len(setup_.clients),
+        "client_names": [c.name for c in setup_.clients],
+        "num_classes": setup_.data.num_classes,
+        "label_names": list(setup_.data.label_names),
+        "eval_batch_size": spec.train.eval_batch_size,
+        "rounds_completed": last_round,
+        "complete": last_round >= spec.train.rounds,
+        "wall_s": time.perf_counter() - run.started,
+        "wandb_dir": run.recorder.wandb.run_path if run.recorder else None,
+    }
+    if result.rounds:
+        last = result.rounds[-1].metrics
+        out.update({f"final/{k}": v for k, v in last.items() if "/acc" in k or "/loss" in k})
+    return out
+
+
+def test_split(
+    evaluator: Evaluator, model: nn.Module, setup_: Setup, run_dir: Path
+) -> dict[str, Any]:
+    """Final test-split metrics, per-class accuracy and confusion matrices (with plots).
+
+    ``recalibrated`` uses the evaluator's last recalibration (of the final model);
+    without one the mode is skipped.
+    """
+    recal = evaluator.last_recalibrated
+    modes = [m for m in evaluator.modes if m != "recalibrated" or recal is not None]
+    metrics, stats = evaluator.run(model, setup_.test_rows, "test", recal, modes)
+    out: dict[str, Any] = dict(metrics)
+    names = setup_.data.label_names
+    for mode, st in stats.items():
+        out[f"test/{mode}/per_class_acc"] = {
+            name: (None if np.isnan(a) else float(a))
+            for name, a in zip(names, st.per_class_acc(), strict=True)
+        }
+        out[f"test/{mode}/confusion"] = st.confusion.tolist()
+        plot_confusion(st.confusion, names, mode, run_dir / f"confusion_{mode}.png")
+    if recal is not None and recal is not model:
+        stats_only = {k: v for k, v in recal.state_dict().items() if "running_" in k}
+        torch_save(run_dir / "recalibrated_bn.pt", stats_only)
+    return out
+
+
+def plot_confusion(confusion: np.ndarray, labels, mode: str, path: Path) -> None:
+    """Row-normalised confusion matrix of one evaluation mode."""
+    with figure(path, figsize=(6, 5.2)) as (_, ax):
+        norm = confusion / confusion.sum(1, keepdims=True).clip(min=1)
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        ticks = range(len(labels))
+        ax.set_xticks(ticks, labels, rotation=60, fontsize=7)
+        ax.set_yticks(ticks, labels, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        acc = np.trace(confusion) / max(confusion.sum(), 1)
+        ax.set_title(f"test confusion, {mode} mode (acc {acc:.3f})")

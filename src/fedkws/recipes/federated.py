@@ -1,0 +1,246 @@
+"""The federated recipe: the round loop of :mod:`fedkws.recipes.common` driving Flower clients.
+
+Per round: sample clients (:func:`fedkws.core.sampling.sample_clients`), send
+them the global model's shared entries, aggregate their replies in
+partition-id order (:func:`fedkws.core.aggregation.aggregate`), evaluate. A
+client that fails is recorded (results.json ``failures``, console) and left
+out of that round; the run stops only when fewer than
+``strategy.min_train_clients`` replied. A client without training examples
+is never sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedkws.clients import save_clients
+from fedkws.core.aggregation import ServerOptimizer, aggregate, key_plan
+from fedkws.core.evaluation import Evaluator
+from fedkws.core.models import bn_layers, bn_state_keys
+from fedkws.core.sampling import sample_clients
+from fedkws.data import partition as part
+from fedkws.errors import ConfigError, FederationError
+from fedkws.recipes import common
+from fedkws.spec import RunSpec
+from fedkws.tracking import Result
+
+log = logging.getLogger(__name__)
+
+
+class FederatedRecipe:
+    """setup / train / finish of a federated run."""
+
+    def __init__(self, spec: RunSpec, run: common.Run) -> None:
+        self.spec, self.run = spec, run
+        self.clients_api = None  # FlowerClients while the simulation runs
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def setup(self, run_dir: Path) -> None:
+        """Data, clients, model, key plan, server optimiser, the clients' task, evaluator."""
+        spec = self.spec
+        self.parts = common.setup(spec, run_dir)
+        self.model = self.parts.model
+        if spec.bn.sync == "local" and not bn_layers(self.model):
+            raise ConfigError(f"bn.sync='local': model {spec.model.name} has no BatchNorm layer")
+        if spec.bn.sync == "local" and "recalibrated" in spec.bn.eval_modes:
+            log.warning("bn.eval_modes 'recalibrated' does not apply to bn.sync=local: skipped")
+        clients = self.parts.clients
+        self.eligible = [c.pid for c in clients if len(c.train) > 0]
+        if len(self.eligible) < spec.strategy.min_train_clients:
+            raise ConfigError(
+                f"strategy.min_train_clients={spec.strategy.min_train_clients}: only "
+                f"{len(self.eligible)} clients have training examples"
+            )
+        clients_file = save_clients(clients, run_dir / "clients.npz")
+        part.plot([c.train for c in clients], self.parts.data.labels,
+                  self.parts.data.label_names, run_dir / "partition.png")  # fmt: skip
+        self.keys = key_plan(self.model, spec.bn.sync)
+        self.bn_keys = bn_state_keys(self.model)
+        s = spec.strategy
+        self.server_opt = ServerOptimizer(
+            s.name, lr=s.server_lr, momentum=s.server_momentum,
+            beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau,
+        )  # fmt: skip
+        self.task = _client_task(spec, self.parts.data, clients_file, run_dir / "client_state")
+        self.evaluator = Evaluator(
+            self.parts.data, list(spec.bn.eval_modes), spec.train.eval_batch_size,
+            moments_of=self._moments,
+        )  # fmt: skip
+        self.completed_round = 0
+        self.failures: list[dict] = []
+
+    def restore(self, model_state: dict, optimizer_state: dict[str, Any]) -> None:
+        """Continue from a checkpoint."""
+        self.model.load_state_dict(model_state)
+        self.server_opt.load_state_dict(optimizer_state)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The server optimiser's moments (checkpointed every round)."""
+        return self.server_opt.state_dict()
+
+    # -- one round ---------------------------------------------------------------------------
+
+    def _shared_state(self) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        return {k: state[k] for k in self.keys.shared}
+
+    def train_round(self, round_: int) -> tuple[common.Metrics, common.ClientInfo]:
+        """Train the sampled clients and aggregate what came back."""
+        s = self.spec.strategy
+        pids = sample_clients(self.spec.seed, round_, self.eligible, s.fraction_train,
+                              s.min_train_clients)  # fmt: skip
+        failed_before = len(self.clients_api.failures)
+        replies = self.clients_api.train(round_, pids, self._shared_state())
+        failures = self.clients_api.failures[failed_before:]
+        for failure in failures:
+            common.console.print(f"[yellow]warning:[/yellow] {failure.describe()}")
+        if len(replies) < s.min_train_clients:
+            raise FederationError(
+                f"round {round_}: {len(replies)} of {len(pids)} clients replied, fewer than "
+                f"strategy.min_train_clients={s.min_train_clients}"
+                + (f"; {failures[0].describe()}" if failures else "")
+            )
+        leaked = set().union(*(r.state.keys() for r in replies)) - set(self.keys.shared)
+        if leaked:
+            raise FederationError(f"clients sent keys that must stay local: {sorted(leaked)[:5]}")
+        new_state = aggregate(self.model.state_dict(), [r.state for r in replies],
+                              [r.num_examples for r in replies], self.keys, self.server_opt)  # fmt: skip
+        self.model.load_state_dict(new_state)
+        self.completed_round = round_
+        metrics = _train_metrics(replies, len(pids))
+        info = self._client_info(replies)
+        if failures:
+            metrics["clients_failed"] = float(len(failures))
+            self.failures.extend(f.__dict__ for f in failures)
+            info.update({str(f.pid): {"failed": 1.0} for f in failures})
+        return metrics, info
+
+    def _client_info(self, replies) -> common.ClientInfo:
+        info = {}
+        for reply in replies:
+            entry = {k: v for k, v in reply.metrics.items() if k != "pid"}
+            # What actually crossed the wire, so FedBN's promise can be checked from outside.
+            entry["keys_received"] = float(len(reply.state))
+            entry["bn_keys_received"] = float(len(self.bn_keys.intersection(reply.state)))
+            info[str(reply.pid)] = entry
+        return info
+
+    def _moments(self, model: torch.nn.Module, layer: int) -> list:
+        return self.clients_api.moments(self.completed_round, dict(model.state_dict()), layer)
+
+    def evaluate_round(self, round_: int) -> common.Metrics:
+        """Server-side validation in every mode, plus federated evaluation when asked."""
+        metrics: common.Metrics = {}
+        local = self.spec.bn.sync == "local"
+        if not local:
+            modes = list(self.spec.bn.eval_modes)
+            recal = None
+            if "recalibrated" in modes:
+                every = self.spec.bn.recalibrate_every
+                if round_ % every == 0 or round_ == self.spec.train.rounds:
+                    recal = self.evaluator.recalibrated(self.model)
+                else:
+                    modes.remove("recalibrated")
+            val = self.evaluator.run(self.model, self.parts.val_rows, "val", recal, modes)[0]
+            metrics.update(val)
+        if local or self.spec.federation.federated_eval:
+            metrics.update(self._federated_evaluate(round_))
+        return metrics
+
+    def _federated_evaluate(self, round_: int) -> common.Metrics:
+        """Mean and spread over clients of the accuracy on their local test splits."""
+        modes = tuple(m for m in self.spec.bn.eval_modes if m != "recalibrated")
+        replies = self.clients_api.evaluate(round_ + 1, self._shared_state(), modes)
+        out: common.Metrics = {}
+        for mode in modes:
+            for what in ("acc", "loss"):
+                values = np.array([r[f"{mode}_{what}"] for r in replies])
+                out[f"fed/{mode}/{what}_mean"] = float(values.mean())
+                out[f"fed/{mode}/{what}_std"] = float(values.std())
+            if mode == modes[0]:
+                for r in replies:
+                    out[f"fed/{mode}/acc_client{int(r['pid'])}"] = r[f"{mode}_acc"]
+        return out
+
+    # -- train / finish ----------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Start the clients (Ray, or in process) and run the rounds of this invocation."""
+        if self.run.start_round > self.run.last_round:
+            return
+        from fedkws.fl.server_app import FlowerClients
+        from fedkws.fl.simulation import simulate
+
+        def serve(grid) -> None:
+            self.clients_api = FlowerClients(grid, len(self.parts.clients), self.task)
+            self.clients_api.discover()
+            try:
+                common.run_rounds(self, self.run)
+            finally:
+                self.clients_api = None
+
+        fed = self.spec.federation
+        simulate(
+            serve,
+            num_clients=len(self.parts.clients),
+            backend=fed.backend,
+            client_resources={"num_cpus": fed.num_cpus, "num_gpus": fed.num_gpus},
+            ray_init_args=dict(fed.ray_init_args),
+        )
+
+    def finish(self, run_dir: Path) -> Result:
+        """Summary and, for a complete run, the test split; returns the Result."""
+        spec = self.spec
+        title = (
+            f"{spec.name}: {spec.model.name}/{spec.model.norm}, {spec.strategy.name}, "
+            f"{len(self.parts.clients)} clients, bn_sync={spec.bn.sync}"
+        )
+        summary = common.summary(self.run, self.parts, title, spec.bn.sync)
+        summary["failures"] = self.failures
+        if summary["complete"] and spec.bn.sync != "local":
+            summary.update(common.test_split(self.evaluator, self.model, self.parts, run_dir))
+        assert self.run.recorder is not None
+        self.run.recorder.finish(summary)
+        return self.run.result
+
+
+def _train_metrics(replies, sampled: int) -> common.Metrics:
+    counts = [r.num_examples for r in replies]
+    total = max(sum(counts), 1)
+    return {
+        "train/loss": sum(r.metrics["train_loss"] * n for r, n in zip(replies, counts, strict=True))
+        / total,
+        "train/acc": sum(r.metrics["train_acc"] * n for r, n in zip(replies, counts, strict=True))
+        / total,
+        "clients": float(sampled),
+    }
+
+
+def _client_task(spec: RunSpec, data, clients_file: Path, state_dir: Path):
+    from fedkws.fl.messages import ClientTask
+
+    return ClientTask(
+        cache_entry=str(data.path),
+        feature_key=data.feature_key,
+        clients_file=str(clients_file),
+        state_dir=str(state_dir),
+        model=spec.model.build_args(data.num_classes),
+        optimizer_target=spec.optimizer.target,
+        optimizer_kwargs=dict(spec.optimizer.kwargs),
+        augment=spec.augment,
+        features=spec.features,
+        bn_sync=spec.bn.sync,
+        local_epochs=spec.train.local_epochs,
+        batch_size=spec.train.batch_size,
+        eval_batch_size=spec.train.eval_batch_size,
+        eval_modes=spec.bn.eval_modes,
+        prox_mu=spec.strategy.prox_mu,
+        seed=spec.seed,
+        threads=max(1, int(spec.federation.num_cpus)),
+    )

@@ -1,0 +1,494 @@
+"""The run spec: the Hydra config read exactly once, into frozen dataclasses, and validated.
+
+:func:`from_config` is the only function in fedkws that reads a ``DictConfig``.
+It checks every value, collects every problem of a config and raises one
+:class:`~fedkws.errors.ConfigError` listing them all (one line each, naming
+the key, the value and what is allowed), before anything is written to disk.
+Everything below (recipes, core, Flower adapters) takes these dataclasses or
+plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedkws.core.aggregation import BN_SYNC_MODES, EVAL_MODES, ServerOptimizer
+from fedkws.core.models import MODEL_NAMES, NORM_KINDS
+from fedkws.data.augment import AugmentConfig
+from fedkws.data.cache import DataConfig
+from fedkws.data.features import FEATURE_KINDS, FeatureConfig
+from fedkws.errors import ConfigError
+
+STRATEGIES = (*ServerOptimizer.RULES, "central")
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "speaker")
+PROTOCOLS = ("12class", "35class")
+LOGGER_MODES = ("offline", "online", "disabled")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where the examples come from and how they are labelled and split."""
+
+    name: str
+    data: DataConfig
+    generate: tuple[tuple[str, Any], ...] | None = None  # synthetic corpus parameters
+    download: tuple[tuple[str, Any], ...] | None = None  # real archive: version, url, sha256
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Arguments of :func:`fedkws.core.models.build_model` except ``num_classes``."""
+
+    name: str
+    norm: str
+    groups: int
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def build_args(self, num_classes: int) -> dict[str, Any]:
+        """Keyword arguments of ``build_model`` for ``num_classes`` outputs."""
+        return {
+            "name": self.name,
+            "num_classes": num_classes,
+            "norm": self.norm,
+            "groups": self.groups,
+            **dict(self.kwargs),
+        }
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The client (and centralised) optimiser: a class path and its keyword arguments."""
+
+    target: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Rounds, epochs and batch sizes."""
+
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    stop_after_round: int | None = None
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """How the training split is divided among clients."""
+
+    scheme: str = "iid"
+    num_clients: int = 4
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    speakers_per_client: int = 1
+    min_partition_size: int = 10
+    local_test_fraction: float = 0.2
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """The server rule (``central``: no federation) and its hyper-parameters."""
+
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    min_train_clients: int = 1
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    prox_mu: float = 0.0
+
+    @property
+    def central(self) -> bool:
+        """Whether this is the centralised baseline."""
+        return self.name == "central"
+
+
+@dataclass(frozen=True)
+class BNSpec:
+    """What crosses the wire of the BatchNorm state and how the model is evaluated."""
+
+    sync: str = "full"
+    eval_modes: tuple[str, ...] = ("eval", "train")
+    recalibrate_every: int = 1
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    """Flower simulation settings."""
+
+    backend: str = "ray"  # "inprocess": every client in the driver, no Ray (debugging, tests)
+    num_cpus: float = 1
+    num_gpus: float = 0.0
+    federated_eval: bool = False
+    ray_init_args: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class LoggerSpec:
+    """The W&B mirror."""
+
+    mode: str = "offline"
+    project: str = "fedkws"
+    entity: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one run needs, validated."""
+
+    name: str
+    seed: int
+    cache_dir: str
+    progress: bool
+    resume: bool
+    dataset: DatasetSpec
+    features: FeatureConfig
+    augment: AugmentConfig
+    model: ModelSpec
+    optimizer: OptimizerSpec
+    train: TrainSpec
+    partition: PartitionSpec
+    strategy: StrategySpec
+    bn: BNSpec
+    federation: FederationSpec
+    logger: LoggerSpec
+    resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for results.json
+
+    def comparable(self) -> dict[str, Any]:
+        """The resolved config minus what may change between a run and its resume."""
+        out = {k: v for k, v in self.resolved.items() if k not in ("resume", "progress")}
+        train = dict(out.get("train", {}))
+        for key in ("rounds", "stop_after_round"):
+            train.pop(key, None)
+        out["train"] = train
+        return out
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Problems:
+    """Collects every problem of a config; raises them together."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, key: str, value: Any, allowed: str) -> None:
+        self.lines.append(f"{key}={value!r}: {allowed}")
+
+    def check(self, ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            self.add(key, value, allowed)
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError("\n".join(self.lines))
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _pairs(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    return tuple(
+        (k, tuple(v) if isinstance(v, list) else v) for k, v in sorted((mapping or {}).items())
+    )
+
+
+def _typed(cls: type, values: Mapping[str, Any], problems: _Problems, group: str) -> Any:
+    """``cls(**values)`` for the fields ``cls`` has, each converted to the field's type."""
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        convert = _CONVERTERS.get(str(f.type))
+        try:
+            kwargs[f.name] = convert(value) if convert else value
+        except (TypeError, ValueError):
+            problems.add(f"{group}.{f.name}", value, f"must be {f.type}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        problems.add(group, dict(values), str(err))
+        return None
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _float_pair(value: Any) -> tuple[float, float]:
+    low, high = value
+    return float(low), float(high)
+
+
+def _opt_float_pair(value: Any) -> tuple[float, float] | None:
+    return None if value is None else _float_pair(value)
+
+
+def _strict_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(value)
+    return value
+
+
+def _str_tuple(value: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in (value or ()))
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": _strict_bool,
+    "int | None": _opt_int,
+    "tuple[float, float]": _float_pair,
+    "tuple[float, float] | None": _opt_float_pair,
+    "tuple[str, ...]": _str_tuple,
+}
+
+
+def from_config(cfg: Any) -> RunSpec:
+    """Read and validate a composed fedkws config (a ``DictConfig`` or a plain dict).
+
+    Raises
+    ------
+    ConfigError
+        Listing every invalid value, one per line.
+    """
+    raw = _plain(cfg)
+    p = _Problems()
+    spec = RunSpec(
+        name=str(raw["name"]),
+        seed=int(raw["seed"]),
+        cache_dir=str(raw["cache_dir"]),
+        progress=bool(raw.get("progress", True)),
+        resume=bool(raw.get("resume", False)),
+        dataset=_dataset(raw["dataset"], p),
+        features=_typed(FeatureConfig, raw["features"], p, "features"),
+        augment=_typed(AugmentConfig, raw["augment"], p, "augment"),
+        model=_model(raw["model"], raw["norm"], p),
+        optimizer=_optimizer(raw["optimizer"], p),
+        train=_typed(TrainSpec, raw["train"], p, "train"),
+        partition=_typed(PartitionSpec, raw["partition"], p, "partition"),
+        strategy=_typed(StrategySpec, raw["strategy"], p, "strategy"),
+        bn=_typed(BNSpec, raw["bn"], p, "bn"),
+        federation=_federation(raw["federation"], p),
+        logger=_typed(LoggerSpec, raw["logger"], p, "logger"),
+        resolved=raw,
+    )
+    p.raise_if_any()  # the checks below need every group read
+    validate(spec, p)
+    p.raise_if_any()
+    return spec
+
+
+def _dataset(raw: Mapping[str, Any], p: _Problems) -> DatasetSpec:
+    data = _typed(
+        DataConfig,
+        {**raw, "seed": raw.get("split_seed", 0), "root": str(raw.get("root", ""))},
+        p,
+        "dataset",
+    )
+    generate = raw.get("generate")
+    download = raw.get("download")
+    return DatasetSpec(
+        name=str(raw.get("name", "")),
+        data=data,
+        generate=None if generate is None else _pairs(generate),
+        download=None if download is None else _pairs(download),
+    )
+
+
+def _model(raw: Mapping[str, Any], norm: Mapping[str, Any], p: _Problems) -> ModelSpec:
+    kwargs = {k: v for k, v in raw.items() if k != "name"}
+    return ModelSpec(
+        name=str(raw.get("name")),
+        norm=str(norm.get("kind")),
+        groups=int(norm.get("groups", 8)),
+        kwargs=_pairs(kwargs),
+    )
+
+
+def _optimizer(raw: Mapping[str, Any], p: _Problems) -> OptimizerSpec:
+    kwargs = {k: v for k, v in raw.items() if not k.startswith("_")}
+    return OptimizerSpec(target=str(raw.get("_target_")), kwargs=_pairs(kwargs))
+
+
+def _federation(raw: Mapping[str, Any], p: _Problems) -> FederationSpec:
+    resources = dict(raw.get("client_resources") or {})
+    values = {
+        "num_cpus": resources.get("num_cpus", 1),
+        "num_gpus": resources.get("num_gpus", 0.0),
+        "federated_eval": raw.get("federated_eval", False),
+        "backend": raw.get("backend", "ray"),
+    }
+    spec = _typed(FederationSpec, values, p, "federation")
+    if spec is None:
+        return FederationSpec()
+    return dataclasses.replace(spec, ray_init_args=_pairs(raw.get("ray_init_args")))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(spec: RunSpec, p: _Problems) -> None:
+    """Every cross-field and range check; problems are added to ``p``."""
+    for check in (_check_data, _check_model, _check_train, _check_partition):
+        check(spec, p)
+    for check in (_check_strategy, _check_bn, _check_federation, _check_logger):
+        check(spec, p)
+
+
+def _one_of(p: _Problems, key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    p.check(value in allowed, key, value, f"must be one of {', '.join(allowed)}")
+
+
+def _check_data(spec: RunSpec, p: _Problems) -> None:
+    data = spec.dataset.data
+    _one_of(p, "dataset.protocol", data.protocol, PROTOCOLS)
+    _one_of(p, "features.kind", spec.features.kind, FEATURE_KINDS)
+    for key in ("silence_percentage", "unknown_percentage"):
+        value = getattr(data, key)
+        p.check(0 <= value <= 100, f"dataset.{key}", value, "must be in [0, 100]")
+    for key in ("validation_percentage", "testing_percentage"):
+        value = getattr(data, key)
+        p.check(0 < value < 100, f"dataset.{key}", value, "must be in (0, 100)")
+    aug = spec.augment
+    for key in ("noise_prob", "speed_prob"):
+        value = getattr(aug, key)
+        p.check(0 <= value <= 1, f"augment.{key}", value, "must be a probability in [0, 1]")
+    for key in ("time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins"):
+        value = getattr(aug, key)
+        p.check(value >= 0, f"augment.{key}", value, "must be >= 0")
+    p.check(aug.time_shift_ms >= 0, "augment.time_shift_ms", aug.time_shift_ms, "must be >= 0")
+
+
+def _check_model(spec: RunSpec, p: _Problems) -> None:
+    from fedkws.core.models import build_model
+
+    _one_of(p, "model.name", spec.model.name, MODEL_NAMES)
+    _one_of(p, "norm.kind", spec.model.norm, NORM_KINDS)
+    if spec.model.name in MODEL_NAMES and spec.model.norm in NORM_KINDS:
+        try:
+            build_model(**spec.model.build_args(2))
+        except (TypeError, ValueError) as err:
+            p.add("model", dict(spec.model.kwargs), f"cannot build {spec.model.name}: {err}")
+    try:
+        module, _, name = spec.optimizer.target.rpartition(".")
+        getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        p.add("optimizer._target_", spec.optimizer.target, "must name an optimiser class")
+    opt = dict(spec.optimizer.kwargs)
+    if "lr" in opt:
+        p.check(float(opt["lr"]) > 0, "optimizer.lr", opt["lr"], "must be > 0")
+    if "weight_decay" in opt:
+        wd = opt["weight_decay"]
+        p.check(float(wd) >= 0, "optimizer.weight_decay", wd, "must be >= 0")
+
+
+def _check_train(spec: RunSpec, p: _Problems) -> None:
+    t = spec.train
+    for key in ("rounds", "local_epochs", "batch_size", "eval_batch_size"):
+        p.check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
+    stop = t.stop_after_round
+    p.check(stop is None or stop >= 1, "train.stop_after_round", stop, "must be null or >= 1")
+
+
+def _check_partition(spec: RunSpec, p: _Problems) -> None:
+    part = spec.partition
+    _one_of(p, "partition.scheme", part.scheme, PARTITION_SCHEMES)
+    p.check(part.num_clients >= 1, "partition.num_clients", part.num_clients, "must be >= 1")
+    p.check(part.alpha > 0, "partition.alpha", part.alpha, "must be > 0")
+    frac = part.local_test_fraction
+    p.check(0 <= frac < 1, "partition.local_test_fraction", frac, "must be in [0, 1)")
+    for key in ("classes_per_client", "speakers_per_client"):
+        p.check(getattr(part, key) >= 1, f"partition.{key}", getattr(part, key), "must be >= 1")
+    p.check(
+        part.min_partition_size >= 0,
+        "partition.min_partition_size",
+        part.min_partition_size,
+        "must be >= 0",
+    )
+    if part.names and part.scheme != "speaker":
+        p.check(
+            len(part.names) == part.num_clients,
+            "partition.names",
+            list(part.names),
+            f"must name each of the {part.num_clients} clients (partition.num_clients)",
+        )
+
+
+def _check_strategy(spec: RunSpec, p: _Problems) -> None:
+    s = spec.strategy
+    _one_of(p, "strategy.name", s.name, STRATEGIES)
+    p.check(
+        0 < s.fraction_train <= 1, "strategy.fraction_train", s.fraction_train, "must be in (0, 1]"
+    )
+    p.check(
+        s.min_train_clients >= 1, "strategy.min_train_clients", s.min_train_clients, "must be >= 1"
+    )
+    p.check(s.server_lr > 0, "strategy.server_lr", s.server_lr, "must be > 0")
+    p.check(
+        0 <= s.server_momentum < 1,
+        "strategy.server_momentum",
+        s.server_momentum,
+        "must be in [0, 1)",
+    )
+    for key in ("beta_1", "beta_2"):
+        p.check(0 <= getattr(s, key) < 1, f"strategy.{key}", getattr(s, key), "must be in [0, 1)")
+    p.check(s.tau > 0, "strategy.tau", s.tau, "must be > 0")
+    p.check(s.prox_mu >= 0, "strategy.prox_mu", s.prox_mu, "must be >= 0")
+    if spec.partition.scheme != "speaker" and s.min_train_clients > spec.partition.num_clients:
+        p.add(
+            "strategy.min_train_clients",
+            s.min_train_clients,
+            f"must be <= partition.num_clients ({spec.partition.num_clients})",
+        )
+
+
+def _check_bn(spec: RunSpec, p: _Problems) -> None:
+    bn = spec.bn
+    _one_of(p, "bn.sync", bn.sync, BN_SYNC_MODES)
+    p.check(bool(bn.eval_modes), "bn.eval_modes", list(bn.eval_modes), "must not be empty")
+    for mode in bn.eval_modes:
+        _one_of(p, "bn.eval_modes", mode, EVAL_MODES)
+    p.check(bn.recalibrate_every >= 1, "bn.recalibrate_every", bn.recalibrate_every, "must be >= 1")
+    if bn.sync == "local" and not spec.strategy.central and spec.model.norm != "batch":
+        p.add(
+            "bn.sync",
+            "local",
+            f"FedBN needs a model with BatchNorm (norm=batch, not {spec.model.norm})",
+        )
+
+
+def _check_federation(spec: RunSpec, p: _Problems) -> None:
+    fed = spec.federation
+    _one_of(p, "federation.backend", fed.backend, ("ray", "inprocess"))
+    p.check(fed.num_cpus > 0, "federation.client_resources.num_cpus", fed.num_cpus, "must be > 0")
+    p.check(fed.num_gpus >= 0, "federation.client_resources.num_gpus", fed.num_gpus, "must be >= 0")
+    ray_cpus = dict(fed.ray_init_args).get("num_cpus")
+    if ray_cpus is not None and fed.num_cpus > float(ray_cpus):
+        p.add(
+            "federation.client_resources.num_cpus",
+            fed.num_cpus,
+            f"must be <= federation.ray_init_args.num_cpus ({ray_cpus}): "
+            "Ray could never place a client",
+        )
+
+
+def _check_logger(spec: RunSpec, p: _Problems) -> None:
+    _one_of(p, "logger.mode", spec.logger.mode, LOGGER_MODES)
