@@ -32,7 +32,9 @@ def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
     an extension (``np.save`` adds ``.npy`` otherwise).
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
