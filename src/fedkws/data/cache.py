@@ -21,7 +21,10 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -34,9 +37,12 @@ from fedkws.data.features import FeatureConfig, FeatureExtractor
 from fedkws.data.speech_commands import (
     BACKGROUND_NOISE_DIR,
     SPLITS,
+    DatasetIndex,
+    Item,
     build_index,
     noise_files,
 )
+from fedkws.fileio import file_lock, save_npy, write_json, write_with
 from fedkws.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -83,79 +89,116 @@ def data_key(config: DataConfig) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+@contextmanager
+def _scratch(folder: Path, name: str) -> Iterator[Path]:
+    """A uniquely named scratch ``.npy`` file in ``folder``, deleted on exit unless moved."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp.npy", dir=folder)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
-def _build_waves(config: DataConfig, entry: Path, progress: bool) -> dict:
-    root = Path(config.root)
-    report = AudioReport()
-    noise_names = noise_files(root)
-    noise: list[np.ndarray] = []
-    kept_noise: list[str] = []
-    for name in noise_names:
+def _read_noise(root: Path, report: AudioReport) -> dict[str, np.ndarray]:
+    """The readable background recordings of ``root``, by file name."""
+    noise: dict[str, np.ndarray] = {}
+    for name in noise_files(root):
         try:
-            noise.append(read_audio(root / BACKGROUND_NOISE_DIR / name, report))
-            kept_noise.append(name)
+            noise[name] = read_audio(root / BACKGROUND_NOISE_DIR / name, report)
         except AudioReadError as err:
             report.skip(root / BACKGROUND_NOISE_DIR / name, str(err))
-    lengths = {name: len(w) for name, w in zip(kept_noise, noise, strict=True)}
-    index = build_index(
-        root,
+    return noise
+
+
+def _index(config: DataConfig, noise: dict[str, np.ndarray]) -> DatasetIndex:
+    return build_index(
+        config.root,
         protocol=config.protocol,
         seed=config.seed,
         silence_percentage=config.silence_percentage,
         unknown_percentage=config.unknown_percentage,
         validation_percentage=config.validation_percentage,
         testing_percentage=config.testing_percentage,
-        noise_lengths=lengths,
+        noise_lengths={name: len(wave) for name, wave in noise.items()},
     )
-    noise_by_name = dict(zip(kept_noise, noise, strict=True))
-    # Not the name _save_atomic uses: compaction below reads this file while writing that one.
-    tmp = entry / "waves.partial.npy"
-    waves = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.float32, shape=(len(index.items), CLIP_SAMPLES)
-    )
-    kept = []
-    with progress_bar("decoding audio", total=len(index.items), enabled=progress) as advance:
-        for item in index.items:
+
+
+def _decode(
+    root: Path,
+    items: list[Item],
+    noise: dict[str, np.ndarray],
+    out: np.ndarray,
+    report: AudioReport,
+    progress: bool,
+) -> list[Item]:
+    """Fill the first rows of ``out`` with the readable examples; return those."""
+    kept: list[Item] = []
+    with progress_bar("decoding audio", total=len(items), enabled=progress) as advance:
+        for item in items:
             if item.silence is not None:
                 name, offset, volume = item.silence
-                waves[len(kept)] = noise_by_name[name][offset : offset + CLIP_SAMPLES] * volume
+                out[len(kept)] = noise[name][offset : offset + CLIP_SAMPLES] * volume
                 kept.append(item)
             else:
                 try:
-                    waves[len(kept)] = read_clip(root / item.path, report)
+                    out[len(kept)] = read_clip(root / item.path, report)
                     kept.append(item)
                 except AudioReadError as err:
                     report.skip(item.path, str(err))
             advance(1)
-    waves.flush()
-    del waves
-    if len(kept) < len(index.items):
-        # Skipped files leave empty rows at the end: cut them off.
-        full = np.load(tmp, mmap_mode="r")
-        _save_atomic(entry / "waves.npy", np.asarray(full[: len(kept)]))
-        del full
-        tmp.unlink()
-    else:
-        os.replace(tmp, entry / "waves.npy")
+    return kept
 
+
+def _write_waves(
+    root: Path,
+    entry: Path,
+    index: DatasetIndex,
+    noise: dict[str, np.ndarray],
+    report: AudioReport,
+    progress: bool,
+) -> list[Item]:
+    """Decode every example into ``waves.npy``; return the examples kept."""
+    with _scratch(entry, "waves.npy") as partial:
+        shape = (len(index.items), CLIP_SAMPLES)
+        waves = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+        kept = _decode(root, index.items, noise, waves, report, progress)
+        waves.flush()
+        del waves
+        if len(kept) < len(index.items):
+            # Skipped files leave empty rows at the end: cut them off.
+            full = np.load(partial, mmap_mode="r")
+            save_npy(entry / "waves.npy", np.asarray(full[: len(kept)]))
+            del full
+        else:
+            os.replace(partial, entry / "waves.npy")
+    return kept
+
+
+def _write_meta(entry: Path, kept: list[Item], labels: tuple[str, ...]) -> None:
     speakers = sorted({it.speaker for it in kept})
     speaker_code = {s: i for i, s in enumerate(speakers)}
-    np.savez(
-        entry / "meta.npz",
+    arrays = dict(
         labels=np.array([it.label for it in kept], dtype=np.int64),
         splits=np.array([SPLIT_CODES[it.split] for it in kept], dtype=np.int64),
         speakers=np.array([speaker_code[it.speaker] for it in kept], dtype=np.int64),
         speaker_names=np.array(speakers),
         paths=np.array([it.path or "" for it in kept]),
-        label_names=np.array(index.labels),
+        label_names=np.array(labels),
     )
-    bank = np.concatenate(noise) if noise else np.zeros((0,), np.float32)
-    _save_atomic(entry / "noise.npy", bank.astype(np.float32))
+    write_with(entry / "meta.npz", lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+
+
+def _build_waves(config: DataConfig, entry: Path, progress: bool) -> dict:
+    """Write ``waves.npy``, ``meta.npz`` and ``noise.npy``; return their manifest fields."""
+    root = Path(config.root)
+    report = AudioReport()
+    noise = _read_noise(root, report)
+    index = _index(config, noise)
+    kept = _write_waves(root, entry, index, noise, report, progress)
+    _write_meta(entry, kept, index.labels)
+    bank = np.concatenate(list(noise.values())) if noise else np.zeros((0,), np.float32)
+    save_npy(entry / "noise.npy", bank.astype(np.float32))
     if report.num_skipped or report.resampled or report.downmixed:
         log.warning("%s: %s", root, report.summary())
     else:
@@ -164,7 +207,7 @@ def _build_waves(config: DataConfig, entry: Path, progress: bool) -> dict:
         "version": index.version,
         "split_source": index.split_source,
         "ignored_words": index.ignored_words,
-        "noise_files": kept_noise,
+        "noise_files": list(noise),
         "audio_report": report.summary(),
         "skipped_files": report.skipped_files,
         "num_examples": len(kept),
@@ -176,17 +219,17 @@ def _build_features(entry: Path, features: FeatureConfig, progress: bool) -> Pat
     waves = np.load(entry / "waves.npy", mmap_mode="r")
     extractor = FeatureExtractor(features)
     shape = (len(waves), 1, features.num_bins, features.num_frames(waves.shape[1]))
-    tmp = path.with_name(path.name + ".tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-    batch = 256
-    with progress_bar("computing features", total=len(waves), enabled=progress) as advance:
-        for start in range(0, len(waves), batch):
-            chunk = torch.from_numpy(np.array(waves[start : start + batch]))
-            out[start : start + len(chunk)] = extractor(chunk).numpy()
-            advance(len(chunk))
-    out.flush()
-    del out
-    os.replace(tmp, path)
+    with _scratch(entry, path.name) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        batch = 256
+        with progress_bar("computing features", total=len(waves), enabled=progress) as advance:
+            for start in range(0, len(waves), batch):
+                chunk = torch.from_numpy(np.array(waves[start : start + batch]))
+                out[start : start + len(chunk)] = extractor(chunk).numpy()
+                advance(len(chunk))
+        out.flush()
+        del out
+        os.replace(tmp, path)
     return path
 
 
@@ -239,36 +282,75 @@ class CachedDataset:
         return "\n".join(lines)
 
 
+def _read_manifest(entry: Path) -> dict | None:
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _has_features(manifest: dict | None, entry: Path, fkey: str) -> bool:
+    return (
+        manifest is not None
+        and fkey in manifest.get("features", {})
+        and (entry / f"features-{fkey}.npy").is_file()
+    )
+
+
+def _build_entry(data: DataConfig, entry: Path, progress: bool) -> dict:
+    """Decode the dataset into ``entry``; the manifest is written last."""
+    log.info("building cache entry %s from %s", entry, data.root)
+    (entry / "manifest.json").unlink(missing_ok=True)
+    entry.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    manifest = {**asdict(data), "root": str(Path(data.root).resolve())}
+    manifest.update(_build_waves(data, entry, progress))
+    manifest["waves_seconds"] = round(time.perf_counter() - start, 3)
+    manifest["features"] = {}
+    write_json(entry / "manifest.json", manifest)
+    return manifest
+
+
+def _add_features(entry: Path, manifest: dict, features: FeatureConfig, progress: bool) -> dict:
+    """Compute one feature config from the cached waveforms and record it in the manifest."""
+    log.info("computing features %s in %s", features.key(), entry)
+    start = time.perf_counter()
+    _build_features(entry, features, progress)
+    manifest["features"][features.key()] = {
+        **asdict(features),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    write_json(entry / "manifest.json", manifest)
+    return manifest
+
+
 def prepare(
     data: DataConfig,
     features: FeatureConfig,
     cache_dir: Path | str,
     progress: bool = True,
 ) -> CachedDataset:
-    """Build (or reuse) the cache entry for ``data`` and ``features`` and open it."""
-    entry = Path(cache_dir) / data_key(data)
-    entry.mkdir(parents=True, exist_ok=True)
-    manifest_path = entry / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-    else:
-        start = time.perf_counter()
-        manifest = {**asdict(data), "root": str(Path(data.root).resolve())}
-        manifest.update(_build_waves(data, entry, progress))
-        manifest["waves_seconds"] = round(time.perf_counter() - start, 3)
-        manifest["features"] = {}
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+    """Build (or reuse) the cache entry for ``data`` and ``features`` and open it.
+
+    Safe when several processes prepare the same entry at once: building is
+    serialised by a lock file in ``cache_dir``; whoever comes second waits and
+    then reuses what the first built.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = data_key(data)
+    entry = cache_dir / key
     fkey = features.key()
-    if fkey not in manifest["features"] or not (entry / f"features-{fkey}.npy").is_file():
-        start = time.perf_counter()
-        _build_features(entry, features, progress)
-        manifest["features"][fkey] = {
-            **asdict(features),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        tmp = manifest_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, manifest_path)
+    manifest = _read_manifest(entry)
+    if not _has_features(manifest, entry, fkey):
+        with file_lock(cache_dir / f".{key}.lock"):
+            # Whoever held the lock before may have built what is missing.
+            manifest = _read_manifest(entry)
+            if manifest is None:
+                manifest = _build_entry(data, entry, progress)
+            if not _has_features(manifest, entry, fkey):
+                manifest = _add_features(entry, manifest, features, progress)
     return open_cache(str(entry), fkey)
 
 

@@ -49,10 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks, concurrent runs are not guarded
-    fcntl = None
+from fedkws.fileio import file_lock, write_text
 
 log = logging.getLogger(__name__)
 
@@ -237,25 +234,14 @@ def _read_marker(root: Path) -> dict | None:
 def _write_marker(root: Path, content: dict) -> None:
     # Written to a temporary name and renamed, so a crash mid-write cannot
     # leave a truncated marker that still parses.
-    tmp = root / f"{MARKER_NAME}.tmp"
-    tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, root / MARKER_NAME)
+    write_text(root / MARKER_NAME, json.dumps(content, indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
+def _lock(root: Path) -> contextlib.AbstractContextManager:
     # Several simulation workers may call the downloader at once; without the
-    # lock they would write the same .part file concurrently.
-    if fcntl is None:
-        yield
-        return
-    lock_path = root.parent / f".{root.name}.lock"
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    # lock they would write the same .part file concurrently. The lock file is
+    # the one fedkws.data.synth uses for a root, and re-entrant in a process.
+    return file_lock(root.parent / f".{root.name}.lock")
 
 
 def _archive_name(url: str) -> str:

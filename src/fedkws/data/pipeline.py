@@ -17,6 +17,7 @@ from fedkws.data.augment import AugmentConfig
 from fedkws.data.cache import CachedDataset, DataConfig, prepare
 from fedkws.data.features import FeatureConfig
 from fedkws.data.speech_commands import DatasetNotFoundError
+from fedkws.fileio import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ def ensure_dataset(
 ) -> Path:
     """Make sure a complete dataset sits at ``root``: generate or download it if not.
 
+    Safe when several processes ask for the same ``root`` at once: one of
+    them generates or downloads it (under a lock file beside ``root``), the
+    others wait and then use it.
+
     Raises
     ------
     DatasetNotFoundError
@@ -69,9 +74,13 @@ def ensure_dataset(
             noise_seconds=float(generate.get("noise_seconds", 30)),
         )
         if not synth.is_complete(root, **params):
-            log.info("generating the synthetic dataset at %s", root)
-            summary = synth.generate(root, progress=progress, **params)
-            log.info("%s", summary.describe())
+            root.parent.mkdir(parents=True, exist_ok=True)
+            with file_lock(synth.lock_path(root)):
+                # Another process may have generated it while this one waited.
+                if not synth.is_complete(root, **params):
+                    log.info("generating the synthetic dataset at %s", root)
+                    summary = synth.generate(root, progress=progress, **params)
+                    log.info("%s", summary.describe())
         return root
     if download is not None:
         from fedkws.data import download as dl
