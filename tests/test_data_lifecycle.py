@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedkws.data.cache import DataConfig, open_cache, prepare
+from fedkws.data.features import FeatureConfig
 
 # Small enough to generate in about a second, big enough for 12class: one
 # speaker in each held-out split, so every split has every word.
@@ -97,3 +105,92 @@ def test_concurrent_first_use_generates_and_builds_once(tmp_path):
     ]
     leftovers = [p for p in data_dir.rglob("*") if ".tmp" in p.name or "partial" in p.name]
     assert leftovers == []
+
+
+# ---------------------------------------------------------------------------
+# Damaged cache entries are detected and rebuilt, never used
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    from fedkws.data import synth
+
+    root = tmp_path_factory.mktemp("small") / "synthetic"
+    synth.generate(
+        root,
+        num_speakers=SMALL_GENERATE["speakers"],
+        utterances_per_word=SMALL_GENERATE["utterances"],
+        seed=SMALL_GENERATE["seed"],
+        noise_seconds=SMALL_GENERATE["noise_seconds"],
+        progress=False,
+    )
+    return root
+
+
+_ARRAYS = ("waves", "features", "noise", "labels", "splits", "speakers", "paths")
+
+
+def _prepare(root: Path, cache: Path):
+    return prepare(DataConfig(root=str(root)), FeatureConfig(), cache, progress=False)
+
+
+def _truncate_waves(entry: Path) -> None:
+    # Nothing of this process may touch the old mapping once the file is shorter.
+    open_cache.cache_clear()
+    path = entry / "waves.npy"
+    os.truncate(path, path.stat().st_size - 4096)
+
+
+def _alter_features(entry: Path) -> None:
+    # Same size, other bytes: only the checksum can tell. The entry stays open
+    # in this process on purpose: prepare must not hand back that stale view.
+    (path,) = entry.glob("features-*.npy")
+    with open(path, "r+b") as handle:
+        handle.seek(path.stat().st_size // 2)
+        handle.write(np.full(64, 7.0, np.float32).tobytes())
+
+
+def _remove_meta(entry: Path) -> None:
+    (entry / "meta.npz").unlink()
+
+
+def _garbage_manifest(entry: Path) -> None:
+    (entry / "manifest.json").write_text('{"features": {"x": ')
+
+
+def _foreign_manifest(entry: Path) -> None:
+    (entry / "manifest.json").write_text("[1, 2, 3]")
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_truncate_waves, "waves.npy: "),
+        (_alter_features, "content differs"),
+        (_remove_meta, "meta.npz: No such file"),
+        (_garbage_manifest, "manifest.json unreadable"),
+        (_foreign_manifest, "not a manifest"),
+    ],
+)
+def test_damaged_cache_is_rebuilt(small_root, tmp_path, caplog, damage, reason):
+    cache = tmp_path / "cache"
+    first = _prepare(small_root, cache)
+    reference = {name: np.array(getattr(first, name)) for name in _ARRAYS}
+    entry = first.path
+    del first
+    damage(entry)
+
+    with caplog.at_level(logging.INFO, logger="fedkws.data.cache"):
+        again = _prepare(small_root, cache)
+    assert "damaged" in caplog.text and reason in caplog.text, caplog.text
+    assert again.path == entry
+    for name, expected in reference.items():
+        np.testing.assert_array_equal(np.asarray(getattr(again, name)), expected, err_msg=name)
+
+    # The rebuilt entry passes the check: a third call rebuilds nothing.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedkws.data.cache"):
+        _prepare(small_root, cache)
+    assert "building" not in caplog.text and "computing" not in caplog.text
+    assert "damaged" not in caplog.text

@@ -6,13 +6,21 @@ Layout of one cache entry ``<cache_dir>/<data key>/``::
     features-<key>.npy     (N, 1, bins, frames) float32, one per feature config
     meta.npz               labels, splits, speakers, paths
     noise.npy              background recordings, concatenated (for augmentation)
-    manifest.json          what was built from what; written last
+    manifest.json          what was built from what, with every file's size and
+                           SHA-1; written last
 
 The data key hashes the dataset's file listing (names, sizes, mtimes) and the
 protocol parameters, the feature key the feature config, so a changed input
 gets a new entry and an unchanged one is reused. Arrays are opened with
 ``mmap_mode="r"``: every process that opens them shares the operating
 system's page cache instead of holding a copy.
+
+Building is serialised by a lock file ``<cache_dir>/.<data key>.lock``, so
+processes that share a cache folder build each entry once. Before an entry
+is used, :func:`prepare` checks every file against the size and SHA-1 the
+manifest recorded (about 0.1 s per 200 MB): a truncated, altered or missing
+file, or a manifest that does not parse, makes it rebuild that part instead
+of using it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -49,6 +58,9 @@ log = logging.getLogger(__name__)
 
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 _CACHE_FORMAT = 1
+# Manifests without this version carry no checksums: their entry is rebuilt.
+_MANIFEST_VERSION = 2
+_BASE_FILES = ("waves.npy", "meta.npz", "noise.npy")
 
 
 @dataclass(frozen=True)
@@ -282,20 +294,64 @@ class CachedDataset:
         return "\n".join(lines)
 
 
-def _read_manifest(entry: Path) -> dict | None:
+def _file_record(path: Path) -> dict:
+    """Size and SHA-1 of a file, as the manifest keeps them."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha1": digest.hexdigest()}
+
+
+def _file_problem(path: Path, record: object) -> str | None:
+    """Why ``path`` does not match its manifest record, or None if it does."""
+    if not isinstance(record, dict) or not {"size", "sha1"} <= record.keys():
+        return f"{path.name}: no size/checksum in the manifest"
     try:
-        manifest = json.loads((entry / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
+        size = path.stat().st_size
+        if size != record["size"]:
+            return f"{path.name}: {size} bytes, the manifest says {record['size']}"
+        if _file_record(path)["sha1"] != record["sha1"]:
+            return f"{path.name}: content differs from its recorded SHA-1"
+    except OSError as err:
+        return f"{path.name}: {err.strerror or err}"
+    return None
 
 
-def _has_features(manifest: dict | None, entry: Path, fkey: str) -> bool:
-    return (
-        manifest is not None
-        and fkey in manifest.get("features", {})
-        and (entry / f"features-{fkey}.npy").is_file()
-    )
+def _read_manifest(entry: Path) -> tuple[dict | None, str | None]:
+    """The manifest of ``entry`` and, if it is unusable, why."""
+    path = entry / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as err:
+        return None, f"manifest.json unreadable ({err.__class__.__name__})"
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("manifest_version") != _MANIFEST_VERSION
+        or not isinstance(manifest.get("files"), dict)
+        or not isinstance(manifest.get("features"), dict)
+    ):
+        return None, "manifest.json is not a manifest of this cache format"
+    return manifest, None
+
+
+def _entry_problem(entry: Path, manifest: dict) -> str | None:
+    """The first base file (waves, meta, noise) that does not match the manifest."""
+    for name in _BASE_FILES:
+        problem = _file_problem(entry / name, manifest["files"].get(name))
+        if problem:
+            return problem
+    return None
+
+
+def _features_problem(entry: Path, manifest: dict, fkey: str) -> str | None:
+    """Why the features ``fkey`` cannot be used as they are (None: they can)."""
+    if fkey not in manifest["features"]:
+        return "not built yet"
+    record = manifest["features"][fkey]
+    return _file_problem(entry / f"features-{fkey}.npy", record.get("file"))
 
 
 def _build_entry(data: DataConfig, entry: Path, progress: bool) -> dict:
@@ -303,10 +359,15 @@ def _build_entry(data: DataConfig, entry: Path, progress: bool) -> dict:
     log.info("building cache entry %s from %s", entry, data.root)
     (entry / "manifest.json").unlink(missing_ok=True)
     entry.mkdir(parents=True, exist_ok=True)
+    for stale in entry.glob("features-*.npy"):
+        stale.unlink()
     start = time.perf_counter()
     manifest = {**asdict(data), "root": str(Path(data.root).resolve())}
     manifest.update(_build_waves(data, entry, progress))
     manifest["waves_seconds"] = round(time.perf_counter() - start, 3)
+    manifest["manifest_version"] = _MANIFEST_VERSION
+    manifest["build_id"] = uuid.uuid4().hex
+    manifest["files"] = {name: _file_record(entry / name) for name in _BASE_FILES}
     manifest["features"] = {}
     write_json(entry / "manifest.json", manifest)
     return manifest
@@ -316,12 +377,44 @@ def _add_features(entry: Path, manifest: dict, features: FeatureConfig, progress
     """Compute one feature config from the cached waveforms and record it in the manifest."""
     log.info("computing features %s in %s", features.key(), entry)
     start = time.perf_counter()
-    _build_features(entry, features, progress)
+    path = _build_features(entry, features, progress)
     manifest["features"][features.key()] = {
         **asdict(features),
         "seconds": round(time.perf_counter() - start, 3),
+        "file": _file_record(path),
+        "build_id": uuid.uuid4().hex,
     }
     write_json(entry / "manifest.json", manifest)
+    return manifest
+
+
+def _problems(entry: Path, fkey: str) -> tuple[dict | None, str | None, str | None]:
+    """The manifest, what is wrong with the entry, what is wrong with its features."""
+    manifest, problem = _read_manifest(entry)
+    if manifest is None:
+        return None, problem or "not built yet", None
+    problem = _entry_problem(entry, manifest)
+    if problem:
+        return manifest, problem, None
+    return manifest, None, _features_problem(entry, manifest, fkey)
+
+
+def _build_what_is_missing(
+    data: DataConfig, features: FeatureConfig, entry: Path, progress: bool
+) -> dict:
+    """With the entry's lock held: check it again, rebuild whatever is missing or damaged."""
+    fkey = features.key()
+    manifest, entry_problem, features_problem = _problems(entry, fkey)
+    if entry_problem is not None:
+        if entry_problem != "not built yet":
+            log.warning("cache entry %s is damaged (%s); rebuilding it", entry, entry_problem)
+        manifest = _build_entry(data, entry, progress)
+        features_problem = "not built yet"
+    if features_problem is not None:
+        if features_problem != "not built yet":
+            log.warning("features %s in %s are damaged (%s); rebuilding them", fkey, entry,
+                        features_problem)  # fmt: skip
+        manifest = _add_features(entry, manifest, features, progress)
     return manifest
 
 
@@ -333,6 +426,8 @@ def prepare(
 ) -> CachedDataset:
     """Build (or reuse) the cache entry for ``data`` and ``features`` and open it.
 
+    Every file of the entry is checked against the size and SHA-1 recorded
+    when it was built; whatever is missing or damaged is rebuilt, never used.
     Safe when several processes prepare the same entry at once: building is
     serialised by a lock file in ``cache_dir``; whoever comes second waits and
     then reuses what the first built.
@@ -342,16 +437,19 @@ def prepare(
     key = data_key(data)
     entry = cache_dir / key
     fkey = features.key()
-    manifest = _read_manifest(entry)
-    if not _has_features(manifest, entry, fkey):
+    manifest, entry_problem, features_problem = _problems(entry, fkey)
+    if entry_problem is not None or features_problem is not None:
         with file_lock(cache_dir / f".{key}.lock"):
-            # Whoever held the lock before may have built what is missing.
-            manifest = _read_manifest(entry)
-            if manifest is None:
-                manifest = _build_entry(data, entry, progress)
-            if not _has_features(manifest, entry, fkey):
-                manifest = _add_features(entry, manifest, features, progress)
-    return open_cache(str(entry), fkey)
+            manifest = _build_what_is_missing(data, features, entry, progress)
+    opened = open_cache(str(entry), fkey)
+    if (
+        opened.manifest.get("build_id") != manifest["build_id"]
+        or opened.manifest["features"].get(fkey) != manifest["features"][fkey]
+    ):
+        # This process opened the files before they were rebuilt: open the new ones.
+        open_cache.cache_clear()
+        opened = open_cache(str(entry), fkey)
+    return opened
 
 
 @lru_cache(maxsize=4)
