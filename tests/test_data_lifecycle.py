@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -13,8 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedkws.data import synth
 from fedkws.data.cache import DataConfig, open_cache, prepare
+from fedkws.data.download import INCOMPLETE_NAME, DownloadError
 from fedkws.data.features import FeatureConfig
+from fedkws.data.pipeline import ensure_dataset, load_dataset
+from fedkws.data.speech_commands import BACKGROUND_NOISE_DIR, build_index
 
 # Small enough to generate in about a second, big enough for 12class: one
 # speaker in each held-out split, so every split has every word.
@@ -114,8 +120,6 @@ def test_concurrent_first_use_generates_and_builds_once(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory) -> Path:
-    from fedkws.data import synth
-
     root = tmp_path_factory.mktemp("small") / "synthetic"
     synth.generate(
         root,
@@ -194,3 +198,69 @@ def test_damaged_cache_is_rebuilt(small_root, tmp_path, caplog, damage, reason):
         _prepare(small_root, cache)
     assert "building" not in caplog.text and "computing" not in caplog.text
     assert "damaged" not in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# A real dataset extracted by hand, and entries that cannot be read
+# ---------------------------------------------------------------------------
+
+
+def _copy_dataset(src: Path, dst: Path, lists: bool = True) -> Path:
+    """A few folders of ``src`` in Speech Commands layout (no fedkws marker)."""
+    for word in ("yes", "no", "bed", BACKGROUND_NOISE_DIR):
+        shutil.copytree(src / word, dst / word)
+    if lists:
+        for name in ("validation_list.txt", "testing_list.txt"):
+            shutil.copy(src / name, dst / name)
+    return dst
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/speech_commands_v0.02.tar.gz"
+
+
+def test_extracted_dataset_is_used_without_download(small_root, tmp_path, caplog):
+    root = _copy_dataset(small_root, tmp_path / "speech_commands_v0.02")
+    # Any download attempt would fail: nothing listens on this port.
+    download = {"version": "v0.02", "url": _closed_port_url(), "sha256": "a" * 64}
+    with caplog.at_level(logging.INFO, logger="fedkws.data.pipeline"):
+        assert ensure_dataset(root, download=download, progress=False) == root
+    assert "using it as it is" in caplog.text
+    dataset = {"root": str(root), "protocol": "12class", "download": download}
+    data = load_dataset(dataset, {}, tmp_path / "cache", progress=False)
+    assert {"yes", "no"} <= set(data.label_names[i] for i in np.unique(data.labels))
+
+    # Without word folders, or with the mark of an interrupted install, it downloads.
+    for leftover in (tmp_path / "empty", tmp_path / "interrupted"):
+        leftover.mkdir()
+    shutil.copytree(root / "yes", tmp_path / "interrupted" / "yes")
+    (tmp_path / "interrupted" / INCOMPLETE_NAME).touch()
+    for leftover in (tmp_path / "empty", tmp_path / "interrupted"):
+        with pytest.raises(DownloadError, match="could not connect"):
+            ensure_dataset(leftover, download=download, progress=False)
+
+
+def test_dangling_symlinks_are_skipped_and_counted(small_root, tmp_path):
+    root = _copy_dataset(small_root, tmp_path / "links")
+    (root / "yes" / "dead0000_nohash_0.wav").symlink_to(tmp_path / "gone.wav")
+    (root / BACKGROUND_NOISE_DIR / "gone_noise.wav").symlink_to(tmp_path / "gone_noise.wav")
+    (root / "notes.txt").symlink_to(tmp_path / "gone.txt")
+
+    index = build_index(root, "12class")  # reads noise lengths itself
+    assert "yes/dead0000_nohash_0.wav" in {it.path for it in index.items}
+    data = prepare(DataConfig(root=str(root)), FeatureConfig(), tmp_path / "cache", False)
+    skipped = sorted(Path(p).name for p in data.manifest["skipped_files"])
+    assert skipped == ["dead0000_nohash_0.wav", "gone_noise.wav"]
+    assert "2 skipped" in data.manifest["audio_report"]
+    assert "yes/dead0000_nohash_0.wav" not in set(data.paths.tolist())
+    assert data.manifest["noise_files"] == sorted(synth.NOISE_FILES)
+
+    # Repairing the link changes the data key: the next prepare builds a new entry.
+    (root / "yes" / "dead0000_nohash_0.wav").unlink()
+    shutil.copy(next((root / "yes").glob("*.wav")), root / "yes" / "dead0000_nohash_0.wav")
+    repaired = prepare(DataConfig(root=str(root)), FeatureConfig(), tmp_path / "cache", False)
+    assert repaired.path != data.path
+    assert "yes/dead0000_nohash_0.wav" in set(repaired.paths.tolist())

@@ -77,16 +77,31 @@ class DataConfig:
 
 
 def _fingerprint(root: Path) -> str:
-    """Hash of every file's relative path, size and mtime under ``root``."""
+    """Hash of every file's relative path, size and mtime under ``root``.
+
+    Symlinked folders are followed (the loader reads them too), each real
+    folder once. A file that cannot be stat'ed (a dangling symlink, no
+    permission) is hashed by name only: the loader will skip and count it.
+    """
     digest = hashlib.sha1()
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
-            stat = path.stat()
             rel = path.relative_to(root).as_posix()
+            try:
+                stat = path.stat()
+            except OSError as err:
+                digest.update(f"{rel}\0unreadable {err.errno}\n".encode())
+                continue
             digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 

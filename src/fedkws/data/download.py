@@ -54,6 +54,8 @@ from fedkws.fileio import file_lock, write_text
 log = logging.getLogger(__name__)
 
 MARKER_NAME = ".fedkws_complete"
+# Present while an install into an existing root is moving files into it.
+INCOMPLETE_NAME = ".fedkws_incomplete"
 DEFAULT_TIMEOUT = 60.0
 _CHUNK_SIZE = 1 << 20
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -187,6 +189,7 @@ def download_speech_commands(
             digest = _download(url, archive, expected, timeout, progress)
         _install(archive, root, progress)
         _write_marker(root, {"version": version, "sha256": digest, "url": url})
+        (root / INCOMPLETE_NAME).unlink(missing_ok=True)
         if not keep_archive:
             archive.unlink(missing_ok=True)
     log.info("Speech Commands %s ready in %s", version, root)
@@ -438,7 +441,10 @@ def _move_into(src: Path, root: Path) -> None:
         return
     # root holds files but no marker: most likely an interrupted earlier
     # install. Entries the archive provides are replaced; others are kept.
+    # Until the marker is written, INCOMPLETE_NAME says that the word folders
+    # in root may be a partial copy (see fedkws.data.pipeline.ensure_dataset).
     log.warning("%s exists without a completion marker; replacing its dataset files", root)
+    (root / INCOMPLETE_NAME).touch()
     for entry in sorted(src.iterdir()):
         target = root / entry.name
         if target.is_dir() and not target.is_symlink():

@@ -45,6 +45,14 @@ def data_config(dataset: Mapping[str, Any]) -> DataConfig:
     return _pick(DataConfig, dataset, seed=int(dataset.get("split_seed", 0)))
 
 
+def _extracted_by_hand(root: Path) -> bool:
+    """Whether ``root`` holds word folders that no interrupted download left behind."""
+    from fedkws.data import download as dl
+    from fedkws.data.speech_commands import has_word_folders
+
+    return not (root / dl.INCOMPLETE_NAME).exists() and has_word_folders(root)
+
+
 def ensure_dataset(
     root: Path | str,
     generate: Mapping[str, Any] | None = None,
@@ -85,7 +93,15 @@ def ensure_dataset(
     if download is not None:
         from fedkws.data import download as dl
 
-        if not dl.is_complete(root):
+        if dl.is_complete(root):
+            return root
+        if _extracted_by_hand(root):
+            log.info(
+                "%s holds an extracted Speech Commands dataset without fedkws' download "
+                "marker; using it as it is (nothing is downloaded)",
+                root,
+            )
+        else:
             dl.download_speech_commands(
                 root,
                 version=download.get("version", "v0.02"),
