@@ -268,14 +268,15 @@ def test_interrupted_run_is_incomplete_and_rerun_finishes(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real_render(*args, **kwargs)
 
-    monkeypatch.setattr(synth, "render_utterance", failing_render)
+    # generate() calls the renderer through the module that writes the dataset
+    monkeypatch.setattr(synth.dataset, "render_utterance", failing_render)
     with pytest.raises(KeyboardInterrupt):
         _generate(root, num_speakers=3, words=words)
     assert synth.read_marker(root) is None
     assert not synth.is_complete(root)
     assert not list(root.rglob("*.tmp"))
 
-    monkeypatch.setattr(synth, "render_utterance", real_render)
+    monkeypatch.setattr(synth.dataset, "render_utterance", real_render)
     _generate(root, num_speakers=3, words=words)
     assert synth.is_complete(root, num_speakers=3, words=words)
     assert len(list((root / "yes").glob("*.wav"))) == 3

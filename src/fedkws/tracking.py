@@ -11,12 +11,29 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedkws.errors import ConfigError
+from fedkws.fileio import write_json
+from fedkws.plots import figure
+
+__all__ = [
+    "LOGGER_MODES",
+    "Recorder",
+    "Result",
+    "RoundRecord",
+    "WandbLogger",
+    "accuracy_keys",
+    "draw_accuracy",
+    "plot_accuracy",
+    "write_json",
+]
+
 log = logging.getLogger(__name__)
+
+LOGGER_MODES: tuple[str, ...] = ("offline", "online", "disabled")
 
 
 @dataclass
@@ -69,13 +86,6 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 class WandbLogger:
     """The one W&B adapter: resolved config in, ``offline`` by default, finish() always.
 
@@ -87,6 +97,10 @@ class WandbLogger:
     group, name
         The sweep and the override dirname of this job, so multirun jobs are
         separate runs grouped together.
+    init_timeout
+        Seconds an ``online`` run may take to reach the server (W&B's default
+        when None). If it cannot start (server unreachable, no credentials),
+        one warning is logged and the run continues in ``offline`` mode.
     """
 
     def __init__(
@@ -100,17 +114,17 @@ class WandbLogger:
         entity: str | None = None,
         tags: list[str] | None = None,
         run_id: str | None = None,
+        init_timeout: float | None = None,
     ) -> None:
-        if mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"logger.mode must be offline, online or disabled, got '{mode}'")
+        if mode not in LOGGER_MODES:
+            raise ConfigError(f"logger.mode must be one of {', '.join(LOGGER_MODES)}, got {mode!r}")
         self.mode = mode
         self.run = None
         if mode == "disabled":
             return
         import wandb
 
-        self.run = wandb.init(
-            mode=mode,
+        kwargs: dict[str, Any] = dict(
             project=project,
             entity=entity,
             group=group,
@@ -121,8 +135,28 @@ class WandbLogger:
             id=run_id,
             resume="allow" if run_id else None,
             reinit="finish_previous",
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
         )
+        quiet: dict[str, Any] = dict(console="off", silent=True, x_disable_stats=True)
+        if mode == "offline":
+            self.run = wandb.init(mode="offline", settings=wandb.Settings(**quiet), **kwargs)
+            return
+        timeout = {} if init_timeout is None else {"init_timeout": float(init_timeout)}
+        try:
+            self.run = wandb.init(
+                mode="online", settings=wandb.Settings(**quiet, **timeout), **kwargs
+            )
+        except (wandb.errors.Error, TimeoutError, OSError) as err:
+            # No server, no network or no credentials: the numbers still go to an
+            # offline run (and results.json), and training goes on.
+            reason = next((line for line in str(err).splitlines() if line.strip()), "")
+            log.warning(
+                "W&B online run could not start (%s: %s); logging offline instead "
+                "(upload later with `wandb sync`)",
+                type(err).__name__,
+                reason.strip(),
+            )
+            self.mode = "offline"
+            self.run = wandb.init(mode="offline", settings=wandb.Settings(**quiet), **kwargs)
 
     @property
     def run_id(self) -> str | None:
@@ -184,17 +218,22 @@ class Recorder:
             log.warning("could not draw accuracy.png: %s", err)
 
 
-def plot_accuracy(result: Result, path: Path) -> Path:
-    """Accuracy per round: one line per evaluation mode, plus training accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def accuracy_keys(result: Result) -> list[str]:
+    """The metrics drawn by :func:`plot_accuracy`: every ``*/acc`` and ``*/acc_mean``."""
     keys = sorted({k for r in result.rounds for k in r.metrics if k.endswith("/acc")})
     keys += sorted({k for r in result.rounds for k in r.metrics if k.endswith("/acc_mean")})
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key in keys:
+    return keys
+
+
+def draw_accuracy(ax: Any, result: Result) -> Any:
+    """Draw accuracy per round onto ``ax`` and return it.
+
+    One line per evaluation mode (``val/<mode>/acc``, ``fed/<mode>/acc_mean``
+    with a +-1 std band), the training accuracy dashed, and the chance level
+    when the number of classes is known. Each line is labelled with its metric
+    name, so the legend lists exactly what was drawn.
+    """
+    for key in accuracy_keys(result):
         xs, ys = result.curve(key)
         style = "--" if key.startswith("train/") else "-"
         ax.plot(xs, ys, style, marker="o", markersize=3, label=key)
@@ -213,7 +252,11 @@ def plot_accuracy(result: Result, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.set_title(result.summary.get("title", "accuracy per round"))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return ax
+
+
+def plot_accuracy(result: Result, path: Path | str) -> Path:
+    """Write ``path`` (PNG): the accuracy curves of :func:`draw_accuracy`."""
+    with figure(path) as (_fig, ax):
+        draw_accuracy(ax, result)
+    return Path(path)

@@ -6,13 +6,21 @@ Layout of one cache entry ``<cache_dir>/<data key>/``::
     features-<key>.npy     (N, 1, bins, frames) float32, one per feature config
     meta.npz               labels, splits, speakers, paths
     noise.npy              background recordings, concatenated (for augmentation)
-    manifest.json          what was built from what; written last
+    manifest.json          what was built from what, with every file's size and
+                           SHA-1; written last
 
 The data key hashes the dataset's file listing (names, sizes, mtimes) and the
 protocol parameters, the feature key the feature config, so a changed input
 gets a new entry and an unchanged one is reused. Arrays are opened with
 ``mmap_mode="r"``: every process that opens them shares the operating
 system's page cache instead of holding a copy.
+
+Building is serialised by a lock file ``<cache_dir>/.<data key>.lock``, so
+processes that share a cache folder build each entry once. Before an entry
+is used, :func:`prepare` checks every file against the size and SHA-1 the
+manifest recorded (about 0.1 s per 200 MB): a truncated, altered or missing
+file, or a manifest that does not parse, makes it rebuild that part instead
+of using it.
 """
 
 from __future__ import annotations
@@ -21,7 +29,11 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -34,15 +46,21 @@ from fedkws.data.features import FeatureConfig, FeatureExtractor
 from fedkws.data.speech_commands import (
     BACKGROUND_NOISE_DIR,
     SPLITS,
+    DatasetIndex,
+    Item,
     build_index,
     noise_files,
 )
+from fedkws.fileio import file_lock, save_npy, write_json, write_with
 from fedkws.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 _CACHE_FORMAT = 1
+# Manifests without this version carry no checksums: their entry is rebuilt.
+_MANIFEST_VERSION = 2
+_BASE_FILES = ("waves.npy", "meta.npz", "noise.npy")
 
 
 @dataclass(frozen=True)
@@ -59,16 +77,31 @@ class DataConfig:
 
 
 def _fingerprint(root: Path) -> str:
-    """Hash of every file's relative path, size and mtime under ``root``."""
+    """Hash of every file's relative path, size and mtime under ``root``.
+
+    Symlinked folders are followed (the loader reads them too), each real
+    folder once. A file that cannot be stat'ed (a dangling symlink, no
+    permission) is hashed by name only: the loader will skip and count it.
+    """
     digest = hashlib.sha1()
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
-            stat = path.stat()
             rel = path.relative_to(root).as_posix()
+            try:
+                stat = path.stat()
+            except OSError as err:
+                digest.update(f"{rel}\0unreadable {err.errno}\n".encode())
+                continue
             digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
@@ -83,79 +116,116 @@ def data_key(config: DataConfig) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+@contextmanager
+def _scratch(folder: Path, name: str) -> Iterator[Path]:
+    """A uniquely named scratch ``.npy`` file in ``folder``, deleted on exit unless moved."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp.npy", dir=folder)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
-def _build_waves(config: DataConfig, entry: Path, progress: bool) -> dict:
-    root = Path(config.root)
-    report = AudioReport()
-    noise_names = noise_files(root)
-    noise: list[np.ndarray] = []
-    kept_noise: list[str] = []
-    for name in noise_names:
+def _read_noise(root: Path, report: AudioReport) -> dict[str, np.ndarray]:
+    """The readable background recordings of ``root``, by file name."""
+    noise: dict[str, np.ndarray] = {}
+    for name in noise_files(root):
         try:
-            noise.append(read_audio(root / BACKGROUND_NOISE_DIR / name, report))
-            kept_noise.append(name)
+            noise[name] = read_audio(root / BACKGROUND_NOISE_DIR / name, report)
         except AudioReadError as err:
             report.skip(root / BACKGROUND_NOISE_DIR / name, str(err))
-    lengths = {name: len(w) for name, w in zip(kept_noise, noise, strict=True)}
-    index = build_index(
-        root,
+    return noise
+
+
+def _index(config: DataConfig, noise: dict[str, np.ndarray]) -> DatasetIndex:
+    return build_index(
+        config.root,
         protocol=config.protocol,
         seed=config.seed,
         silence_percentage=config.silence_percentage,
         unknown_percentage=config.unknown_percentage,
         validation_percentage=config.validation_percentage,
         testing_percentage=config.testing_percentage,
-        noise_lengths=lengths,
+        noise_lengths={name: len(wave) for name, wave in noise.items()},
     )
-    noise_by_name = dict(zip(kept_noise, noise, strict=True))
-    # Not the name _save_atomic uses: compaction below reads this file while writing that one.
-    tmp = entry / "waves.partial.npy"
-    waves = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.float32, shape=(len(index.items), CLIP_SAMPLES)
-    )
-    kept = []
-    with progress_bar("decoding audio", total=len(index.items), enabled=progress) as advance:
-        for item in index.items:
+
+
+def _decode(
+    root: Path,
+    items: list[Item],
+    noise: dict[str, np.ndarray],
+    out: np.ndarray,
+    report: AudioReport,
+    progress: bool,
+) -> list[Item]:
+    """Fill the first rows of ``out`` with the readable examples; return those."""
+    kept: list[Item] = []
+    with progress_bar("decoding audio", total=len(items), enabled=progress) as advance:
+        for item in items:
             if item.silence is not None:
                 name, offset, volume = item.silence
-                waves[len(kept)] = noise_by_name[name][offset : offset + CLIP_SAMPLES] * volume
+                out[len(kept)] = noise[name][offset : offset + CLIP_SAMPLES] * volume
                 kept.append(item)
             else:
                 try:
-                    waves[len(kept)] = read_clip(root / item.path, report)
+                    out[len(kept)] = read_clip(root / item.path, report)
                     kept.append(item)
                 except AudioReadError as err:
                     report.skip(item.path, str(err))
             advance(1)
-    waves.flush()
-    del waves
-    if len(kept) < len(index.items):
-        # Skipped files leave empty rows at the end: cut them off.
-        full = np.load(tmp, mmap_mode="r")
-        _save_atomic(entry / "waves.npy", np.asarray(full[: len(kept)]))
-        del full
-        tmp.unlink()
-    else:
-        os.replace(tmp, entry / "waves.npy")
+    return kept
 
+
+def _write_waves(
+    root: Path,
+    entry: Path,
+    index: DatasetIndex,
+    noise: dict[str, np.ndarray],
+    report: AudioReport,
+    progress: bool,
+) -> list[Item]:
+    """Decode every example into ``waves.npy``; return the examples kept."""
+    with _scratch(entry, "waves.npy") as partial:
+        shape = (len(index.items), CLIP_SAMPLES)
+        waves = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+        kept = _decode(root, index.items, noise, waves, report, progress)
+        waves.flush()
+        del waves
+        if len(kept) < len(index.items):
+            # Skipped files leave empty rows at the end: cut them off.
+            full = np.load(partial, mmap_mode="r")
+            save_npy(entry / "waves.npy", np.asarray(full[: len(kept)]))
+            del full
+        else:
+            os.replace(partial, entry / "waves.npy")
+    return kept
+
+
+def _write_meta(entry: Path, kept: list[Item], labels: tuple[str, ...]) -> None:
     speakers = sorted({it.speaker for it in kept})
     speaker_code = {s: i for i, s in enumerate(speakers)}
-    np.savez(
-        entry / "meta.npz",
+    arrays = dict(
         labels=np.array([it.label for it in kept], dtype=np.int64),
         splits=np.array([SPLIT_CODES[it.split] for it in kept], dtype=np.int64),
         speakers=np.array([speaker_code[it.speaker] for it in kept], dtype=np.int64),
         speaker_names=np.array(speakers),
         paths=np.array([it.path or "" for it in kept]),
-        label_names=np.array(index.labels),
+        label_names=np.array(labels),
     )
-    bank = np.concatenate(noise) if noise else np.zeros((0,), np.float32)
-    _save_atomic(entry / "noise.npy", bank.astype(np.float32))
+    write_with(entry / "meta.npz", lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+
+
+def _build_waves(config: DataConfig, entry: Path, progress: bool) -> dict:
+    """Write ``waves.npy``, ``meta.npz`` and ``noise.npy``; return their manifest fields."""
+    root = Path(config.root)
+    report = AudioReport()
+    noise = _read_noise(root, report)
+    index = _index(config, noise)
+    kept = _write_waves(root, entry, index, noise, report, progress)
+    _write_meta(entry, kept, index.labels)
+    bank = np.concatenate(list(noise.values())) if noise else np.zeros((0,), np.float32)
+    save_npy(entry / "noise.npy", bank.astype(np.float32))
     if report.num_skipped or report.resampled or report.downmixed:
         log.warning("%s: %s", root, report.summary())
     else:
@@ -164,7 +234,7 @@ def _build_waves(config: DataConfig, entry: Path, progress: bool) -> dict:
         "version": index.version,
         "split_source": index.split_source,
         "ignored_words": index.ignored_words,
-        "noise_files": kept_noise,
+        "noise_files": list(noise),
         "audio_report": report.summary(),
         "skipped_files": report.skipped_files,
         "num_examples": len(kept),
@@ -176,17 +246,17 @@ def _build_features(entry: Path, features: FeatureConfig, progress: bool) -> Pat
     waves = np.load(entry / "waves.npy", mmap_mode="r")
     extractor = FeatureExtractor(features)
     shape = (len(waves), 1, features.num_bins, features.num_frames(waves.shape[1]))
-    tmp = path.with_name(path.name + ".tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-    batch = 256
-    with progress_bar("computing features", total=len(waves), enabled=progress) as advance:
-        for start in range(0, len(waves), batch):
-            chunk = torch.from_numpy(np.array(waves[start : start + batch]))
-            out[start : start + len(chunk)] = extractor(chunk).numpy()
-            advance(len(chunk))
-    out.flush()
-    del out
-    os.replace(tmp, path)
+    with _scratch(entry, path.name) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        batch = 256
+        with progress_bar("computing features", total=len(waves), enabled=progress) as advance:
+            for start in range(0, len(waves), batch):
+                chunk = torch.from_numpy(np.array(waves[start : start + batch]))
+                out[start : start + len(chunk)] = extractor(chunk).numpy()
+                advance(len(chunk))
+        out.flush()
+        del out
+        os.replace(tmp, path)
     return path
 
 
@@ -239,37 +309,162 @@ class CachedDataset:
         return "\n".join(lines)
 
 
+def _file_record(path: Path) -> dict:
+    """Size and SHA-1 of a file, as the manifest keeps them."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha1": digest.hexdigest()}
+
+
+def _file_problem(path: Path, record: object) -> str | None:
+    """Why ``path`` does not match its manifest record, or None if it does."""
+    if not isinstance(record, dict) or not {"size", "sha1"} <= record.keys():
+        return f"{path.name}: no size/checksum in the manifest"
+    try:
+        size = path.stat().st_size
+        if size != record["size"]:
+            return f"{path.name}: {size} bytes, the manifest says {record['size']}"
+        if _file_record(path)["sha1"] != record["sha1"]:
+            return f"{path.name}: content differs from its recorded SHA-1"
+    except OSError as err:
+        return f"{path.name}: {err.strerror or err}"
+    return None
+
+
+def _read_manifest(entry: Path) -> tuple[dict | None, str | None]:
+    """The manifest of ``entry`` and, if it is unusable, why."""
+    path = entry / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as err:
+        return None, f"manifest.json unreadable ({err.__class__.__name__})"
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("manifest_version") != _MANIFEST_VERSION
+        or not isinstance(manifest.get("files"), dict)
+        or not isinstance(manifest.get("features"), dict)
+    ):
+        return None, "manifest.json is not a manifest of this cache format"
+    return manifest, None
+
+
+def _entry_problem(entry: Path, manifest: dict) -> str | None:
+    """The first base file (waves, meta, noise) that does not match the manifest."""
+    for name in _BASE_FILES:
+        problem = _file_problem(entry / name, manifest["files"].get(name))
+        if problem:
+            return problem
+    return None
+
+
+def _features_problem(entry: Path, manifest: dict, fkey: str) -> str | None:
+    """Why the features ``fkey`` cannot be used as they are (None: they can)."""
+    if fkey not in manifest["features"]:
+        return "not built yet"
+    record = manifest["features"][fkey]
+    return _file_problem(entry / f"features-{fkey}.npy", record.get("file"))
+
+
+def _build_entry(data: DataConfig, entry: Path, progress: bool) -> dict:
+    """Decode the dataset into ``entry``; the manifest is written last."""
+    log.info("building cache entry %s from %s", entry, data.root)
+    (entry / "manifest.json").unlink(missing_ok=True)
+    entry.mkdir(parents=True, exist_ok=True)
+    for stale in entry.glob("features-*.npy"):
+        stale.unlink()
+    start = time.perf_counter()
+    manifest = {**asdict(data), "root": str(Path(data.root).resolve())}
+    manifest.update(_build_waves(data, entry, progress))
+    manifest["waves_seconds"] = round(time.perf_counter() - start, 3)
+    manifest["manifest_version"] = _MANIFEST_VERSION
+    manifest["build_id"] = uuid.uuid4().hex
+    manifest["files"] = {name: _file_record(entry / name) for name in _BASE_FILES}
+    manifest["features"] = {}
+    write_json(entry / "manifest.json", manifest)
+    return manifest
+
+
+def _add_features(entry: Path, manifest: dict, features: FeatureConfig, progress: bool) -> dict:
+    """Compute one feature config from the cached waveforms and record it in the manifest."""
+    log.info("computing features %s in %s", features.key(), entry)
+    start = time.perf_counter()
+    path = _build_features(entry, features, progress)
+    manifest["features"][features.key()] = {
+        **asdict(features),
+        "seconds": round(time.perf_counter() - start, 3),
+        "file": _file_record(path),
+        "build_id": uuid.uuid4().hex,
+    }
+    write_json(entry / "manifest.json", manifest)
+    return manifest
+
+
+def _problems(entry: Path, fkey: str) -> tuple[dict | None, str | None, str | None]:
+    """The manifest, what is wrong with the entry, what is wrong with its features."""
+    manifest, problem = _read_manifest(entry)
+    if manifest is None:
+        return None, problem or "not built yet", None
+    problem = _entry_problem(entry, manifest)
+    if problem:
+        return manifest, problem, None
+    return manifest, None, _features_problem(entry, manifest, fkey)
+
+
+def _build_what_is_missing(
+    data: DataConfig, features: FeatureConfig, entry: Path, progress: bool
+) -> dict:
+    """With the entry's lock held: check it again, rebuild whatever is missing or damaged."""
+    fkey = features.key()
+    manifest, entry_problem, features_problem = _problems(entry, fkey)
+    if entry_problem is not None:
+        if entry_problem != "not built yet":
+            log.warning("cache entry %s is damaged (%s); rebuilding it", entry, entry_problem)
+        manifest = _build_entry(data, entry, progress)
+        features_problem = "not built yet"
+    if features_problem is not None:
+        if features_problem != "not built yet":
+            log.warning("features %s in %s are damaged (%s); rebuilding them", fkey, entry,
+                        features_problem)  # fmt: skip
+        manifest = _add_features(entry, manifest, features, progress)
+    return manifest
+
+
 def prepare(
     data: DataConfig,
     features: FeatureConfig,
     cache_dir: Path | str,
     progress: bool = True,
 ) -> CachedDataset:
-    """Build (or reuse) the cache entry for ``data`` and ``features`` and open it."""
-    entry = Path(cache_dir) / data_key(data)
-    entry.mkdir(parents=True, exist_ok=True)
-    manifest_path = entry / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-    else:
-        start = time.perf_counter()
-        manifest = {**asdict(data), "root": str(Path(data.root).resolve())}
-        manifest.update(_build_waves(data, entry, progress))
-        manifest["waves_seconds"] = round(time.perf_counter() - start, 3)
-        manifest["features"] = {}
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+    """Build (or reuse) the cache entry for ``data`` and ``features`` and open it.
+
+    Every file of the entry is checked against the size and SHA-1 recorded
+    when it was built; whatever is missing or damaged is rebuilt, never used.
+    Safe when several processes prepare the same entry at once: building is
+    serialised by a lock file in ``cache_dir``; whoever comes second waits and
+    then reuses what the first built.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = data_key(data)
+    entry = cache_dir / key
     fkey = features.key()
-    if fkey not in manifest["features"] or not (entry / f"features-{fkey}.npy").is_file():
-        start = time.perf_counter()
-        _build_features(entry, features, progress)
-        manifest["features"][fkey] = {
-            **asdict(features),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        tmp = manifest_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, manifest_path)
-    return open_cache(str(entry), fkey)
+    manifest, entry_problem, features_problem = _problems(entry, fkey)
+    if entry_problem is not None or features_problem is not None:
+        with file_lock(cache_dir / f".{key}.lock"):
+            manifest = _build_what_is_missing(data, features, entry, progress)
+    opened = open_cache(str(entry), fkey)
+    if (
+        opened.manifest.get("build_id") != manifest["build_id"]
+        or opened.manifest["features"].get(fkey) != manifest["features"][fkey]
+    ):
+        # This process opened the files before they were rebuilt: open the new ones.
+        open_cache.cache_clear()
+        opened = open_cache(str(entry), fkey)
+    return opened
 
 
 @lru_cache(maxsize=4)

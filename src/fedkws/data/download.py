@@ -49,14 +49,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks, concurrent runs are not guarded
-    fcntl = None
+from fedkws.fileio import file_lock, write_text
 
 log = logging.getLogger(__name__)
 
 MARKER_NAME = ".fedkws_complete"
+# Present while an install into an existing root is moving files into it.
+INCOMPLETE_NAME = ".fedkws_incomplete"
 DEFAULT_TIMEOUT = 60.0
 _CHUNK_SIZE = 1 << 20
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -190,6 +189,7 @@ def download_speech_commands(
             digest = _download(url, archive, expected, timeout, progress)
         _install(archive, root, progress)
         _write_marker(root, {"version": version, "sha256": digest, "url": url})
+        (root / INCOMPLETE_NAME).unlink(missing_ok=True)
         if not keep_archive:
             archive.unlink(missing_ok=True)
     log.info("Speech Commands %s ready in %s", version, root)
@@ -237,25 +237,14 @@ def _read_marker(root: Path) -> dict | None:
 def _write_marker(root: Path, content: dict) -> None:
     # Written to a temporary name and renamed, so a crash mid-write cannot
     # leave a truncated marker that still parses.
-    tmp = root / f"{MARKER_NAME}.tmp"
-    tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, root / MARKER_NAME)
+    write_text(root / MARKER_NAME, json.dumps(content, indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
+def _lock(root: Path) -> contextlib.AbstractContextManager:
     # Several simulation workers may call the downloader at once; without the
-    # lock they would write the same .part file concurrently.
-    if fcntl is None:
-        yield
-        return
-    lock_path = root.parent / f".{root.name}.lock"
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    # lock they would write the same .part file concurrently. The lock file is
+    # the one fedkws.data.synth uses for a root, and re-entrant in a process.
+    return file_lock(root.parent / f".{root.name}.lock")
 
 
 def _archive_name(url: str) -> str:
@@ -452,7 +441,10 @@ def _move_into(src: Path, root: Path) -> None:
         return
     # root holds files but no marker: most likely an interrupted earlier
     # install. Entries the archive provides are replaced; others are kept.
+    # Until the marker is written, INCOMPLETE_NAME says that the word folders
+    # in root may be a partial copy (see fedkws.data.pipeline.ensure_dataset).
     log.warning("%s exists without a completion marker; replacing its dataset files", root)
+    (root / INCOMPLETE_NAME).touch()
     for entry in sorted(src.iterdir()):
         target = root / entry.name
         if target.is_dir() and not target.is_symlink():

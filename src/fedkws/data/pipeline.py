@@ -17,6 +17,7 @@ from fedkws.data.augment import AugmentConfig
 from fedkws.data.cache import CachedDataset, DataConfig, prepare
 from fedkws.data.features import FeatureConfig
 from fedkws.data.speech_commands import DatasetNotFoundError
+from fedkws.fileio import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,14 @@ def data_config(dataset: Mapping[str, Any]) -> DataConfig:
     return _pick(DataConfig, dataset, seed=int(dataset.get("split_seed", 0)))
 
 
+def _extracted_by_hand(root: Path) -> bool:
+    """Whether ``root`` holds word folders that no interrupted download left behind."""
+    from fedkws.data import download as dl
+    from fedkws.data.speech_commands import has_word_folders
+
+    return not (root / dl.INCOMPLETE_NAME).exists() and has_word_folders(root)
+
+
 def ensure_dataset(
     root: Path | str,
     generate: Mapping[str, Any] | None = None,
@@ -51,6 +60,10 @@ def ensure_dataset(
     progress: bool = True,
 ) -> Path:
     """Make sure a complete dataset sits at ``root``: generate or download it if not.
+
+    Safe when several processes ask for the same ``root`` at once: one of
+    them generates or downloads it (under a lock file beside ``root``), the
+    others wait and then use it.
 
     Raises
     ------
@@ -69,14 +82,26 @@ def ensure_dataset(
             noise_seconds=float(generate.get("noise_seconds", 30)),
         )
         if not synth.is_complete(root, **params):
-            log.info("generating the synthetic dataset at %s", root)
-            summary = synth.generate(root, progress=progress, **params)
-            log.info("%s", summary.describe())
+            root.parent.mkdir(parents=True, exist_ok=True)
+            with file_lock(synth.lock_path(root)):
+                # Another process may have generated it while this one waited.
+                if not synth.is_complete(root, **params):
+                    log.info("generating the synthetic dataset at %s", root)
+                    summary = synth.generate(root, progress=progress, **params)
+                    log.info("%s", summary.describe())
         return root
     if download is not None:
         from fedkws.data import download as dl
 
-        if not dl.is_complete(root):
+        if dl.is_complete(root):
+            return root
+        if _extracted_by_hand(root):
+            log.info(
+                "%s holds an extracted Speech Commands dataset without fedkws' download "
+                "marker; using it as it is (nothing is downloaded)",
+                root,
+            )
+        else:
             dl.download_speech_commands(
                 root,
                 version=download.get("version", "v0.02"),

@@ -138,16 +138,32 @@ def _missing_root_message(root: Path) -> str:
     )
 
 
+def _wav_files(folder: Path) -> list[str]:
+    """Sorted ``folder/file.wav`` names; a folder that cannot be listed counts as empty."""
+    try:
+        names = [f.name for f in folder.iterdir() if f.suffix.lower() == ".wav"]
+    except OSError as err:
+        log.warning("skipping %s: cannot list it (%s)", folder, err.strerror or err)
+        return []
+    return sorted(f"{folder.name}/{name}" for name in names)
+
+
+def _word_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if not p.name.startswith((".", "_")) and p.is_dir())
+
+
 def scan_words(root: Path) -> dict[str, list[str]]:
-    """Map each word folder of ``root`` to its sorted ``word/file.wav`` paths."""
+    """Map each word folder of ``root`` to its sorted ``word/file.wav`` paths.
+
+    Entries that cannot be used (a dangling symlink, a folder that cannot be
+    listed) are listed or skipped here and counted when the audio is read.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(_missing_root_message(root))
     words: dict[str, list[str]] = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        if sub.name.startswith((".", "_")):
-            continue
-        files = sorted(f"{sub.name}/{f.name}" for f in sub.iterdir() if f.suffix.lower() == ".wav")
+    for sub in _word_folders(root):
+        files = _wav_files(sub)
         if files:
             words[sub.name] = files
     if not words:
@@ -155,6 +171,15 @@ def scan_words(root: Path) -> dict[str, list[str]]:
             f"'{root}' holds no word folders with .wav files. " + _missing_root_message(root)
         )
     return words
+
+
+def has_word_folders(root: Path | str) -> bool:
+    """Whether ``root`` holds at least one word folder with a ``.wav`` file in it."""
+    root = Path(root)
+    try:
+        return any(_wav_files(sub) for sub in _word_folders(root))
+    except OSError:
+        return False
 
 
 def detect_version(words: Iterable[str]) -> str:
@@ -175,7 +200,18 @@ def noise_files(root: Path) -> list[str]:
     folder = Path(root) / BACKGROUND_NOISE_DIR
     if not folder.is_dir():
         return []
-    return sorted(f.name for f in folder.iterdir() if f.suffix.lower() == ".wav")
+    return [rel.split("/", 1)[1] for rel in _wav_files(folder)]
+
+
+def _noise_lengths(root: Path, names: list[str]) -> dict[str, int]:
+    """Frames of each readable background recording (unreadable ones are left out)."""
+    lengths = {}
+    for name in names:
+        try:
+            lengths[name] = sf.info(str(root / BACKGROUND_NOISE_DIR / name)).frames
+        except (sf.LibsndfileError, RuntimeError, OSError) as err:
+            log.warning("skipping background recording %s: %s", name, err)
+    return lengths
 
 
 def build_index(
@@ -264,8 +300,8 @@ def build_index(
                 unknown[split].append(Item(rel, unknown_label, speaker_of(rel), split))
 
     noises = noise_files(root)
-    if noise_lengths is None and noises:
-        noise_lengths = {n: sf.info(str(root / BACKGROUND_NOISE_DIR / n)).frames for n in noises}
+    if noise_lengths is None:
+        noise_lengths = _noise_lengths(root, noises)
     usable = [n for n in noises if noise_lengths and noise_lengths.get(n, 0) >= CLIP_SAMPLES]
     silence_label = labels.index(SILENCE_LABEL)
     for split in SPLITS:

@@ -1,0 +1,266 @@
+"""The data layer over its life: concurrent first use, damaged caches, odd roots, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedkws.data import synth
+from fedkws.data.cache import DataConfig, open_cache, prepare
+from fedkws.data.download import INCOMPLETE_NAME, DownloadError
+from fedkws.data.features import FeatureConfig
+from fedkws.data.pipeline import ensure_dataset, load_dataset
+from fedkws.data.speech_commands import BACKGROUND_NOISE_DIR, build_index
+
+# Small enough to generate in about a second, big enough for 12class: one
+# speaker in each held-out split, so every split has every word.
+SMALL_GENERATE = {"speakers": 3, "utterances": 1, "seed": 0, "noise_seconds": 2}
+
+_WORKER = r"""
+import hashlib, json, logging, sys, time
+from pathlib import Path
+
+import numpy as np
+
+from fedkws.data.pipeline import load_dataset
+
+dataset, cache_dir, ready, go = json.loads(sys.argv[1])
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="LOG %(name)s: %(message)s")
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.005)
+data = load_dataset(dataset, {}, cache_dir, progress=False)
+
+
+def digest(array):
+    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+print(json.dumps({
+    "entry": str(data.path),
+    "waves": digest(data.waves),
+    "features": digest(data.features),
+    "labels": digest(data.labels),
+    "splits": digest(data.splits),
+    "paths": data.paths.tolist(),
+}))
+"""
+
+
+def _race(tmp_path: Path, dataset: dict, cache_dir: Path, workers: int = 2) -> list[dict]:
+    """Start ``workers`` processes that call ``load_dataset`` at the same moment."""
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    go = tmp_path / "go"
+    procs = []
+    for i in range(workers):
+        ready = tmp_path / f"ready{i}"
+        args = json.dumps([dataset, str(cache_dir), str(ready), str(go)])
+        procs.append(
+            (
+                ready,
+                subprocess.Popen(
+                    [sys.executable, str(script), args],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
+        )
+    deadline = time.monotonic() + 120
+    while not all(ready.exists() for ready, _ in procs):
+        assert time.monotonic() < deadline, "workers did not start"
+        assert all(p.poll() is None for _, p in procs), [p.communicate() for _, p in procs]
+        time.sleep(0.01)
+    go.touch()
+    results = []
+    for _, proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        results.append({**json.loads(out.strip().splitlines()[-1]), "log": err})
+    return results
+
+
+def test_concurrent_first_use_generates_and_builds_once(tmp_path):
+    data_dir = tmp_path / "data"
+    root = data_dir / "synthetic"
+    dataset = {"root": str(root), "protocol": "12class", "generate": SMALL_GENERATE}
+    first, second = _race(tmp_path, dataset, data_dir / "cache")
+
+    logs = first["log"] + second["log"]
+    # One process did the work, the other waited for it and reused the result.
+    assert logs.count("generating the synthetic dataset") == 1, logs
+    assert logs.count("building cache entry") == 1, logs
+    assert logs.count("computing features") == 1, logs
+    for key in ("entry", "waves", "features", "labels", "splits", "paths"):
+        assert first[key] == second[key], key
+    assert len(first["paths"]) > 0
+    # No temporary file or second entry is left behind.
+    assert [p.name for p in (data_dir / "cache").iterdir() if not p.name.endswith(".lock")] == [
+        Path(first["entry"]).name
+    ]
+    leftovers = [p for p in data_dir.rglob("*") if ".tmp" in p.name or "partial" in p.name]
+    assert leftovers == []
+
+
+# ---------------------------------------------------------------------------
+# Damaged cache entries are detected and rebuilt, never used
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("small") / "synthetic"
+    synth.generate(
+        root,
+        num_speakers=SMALL_GENERATE["speakers"],
+        utterances_per_word=SMALL_GENERATE["utterances"],
+        seed=SMALL_GENERATE["seed"],
+        noise_seconds=SMALL_GENERATE["noise_seconds"],
+        progress=False,
+    )
+    return root
+
+
+_ARRAYS = ("waves", "features", "noise", "labels", "splits", "speakers", "paths")
+
+
+def _prepare(root: Path, cache: Path):
+    return prepare(DataConfig(root=str(root)), FeatureConfig(), cache, progress=False)
+
+
+def _truncate_waves(entry: Path) -> None:
+    # Nothing of this process may touch the old mapping once the file is shorter.
+    open_cache.cache_clear()
+    path = entry / "waves.npy"
+    os.truncate(path, path.stat().st_size - 4096)
+
+
+def _alter_features(entry: Path) -> None:
+    # Same size, other bytes: only the checksum can tell. The entry stays open
+    # in this process on purpose: prepare must not hand back that stale view.
+    (path,) = entry.glob("features-*.npy")
+    with open(path, "r+b") as handle:
+        handle.seek(path.stat().st_size // 2)
+        handle.write(np.full(64, 7.0, np.float32).tobytes())
+
+
+def _remove_meta(entry: Path) -> None:
+    (entry / "meta.npz").unlink()
+
+
+def _garbage_manifest(entry: Path) -> None:
+    (entry / "manifest.json").write_text('{"features": {"x": ')
+
+
+def _foreign_manifest(entry: Path) -> None:
+    (entry / "manifest.json").write_text("[1, 2, 3]")
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_truncate_waves, "waves.npy: "),
+        (_alter_features, "content differs"),
+        (_remove_meta, "meta.npz: No such file"),
+        (_garbage_manifest, "manifest.json unreadable"),
+        (_foreign_manifest, "not a manifest"),
+    ],
+)
+def test_damaged_cache_is_rebuilt(small_root, tmp_path, caplog, damage, reason):
+    cache = tmp_path / "cache"
+    first = _prepare(small_root, cache)
+    reference = {name: np.array(getattr(first, name)) for name in _ARRAYS}
+    entry = first.path
+    del first
+    damage(entry)
+
+    with caplog.at_level(logging.INFO, logger="fedkws.data.cache"):
+        again = _prepare(small_root, cache)
+    assert "damaged" in caplog.text and reason in caplog.text, caplog.text
+    assert again.path == entry
+    for name, expected in reference.items():
+        np.testing.assert_array_equal(np.asarray(getattr(again, name)), expected, err_msg=name)
+
+    # The rebuilt entry passes the check: a third call rebuilds nothing.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedkws.data.cache"):
+        _prepare(small_root, cache)
+    assert "building" not in caplog.text and "computing" not in caplog.text
+    assert "damaged" not in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# A real dataset extracted by hand, and entries that cannot be read
+# ---------------------------------------------------------------------------
+
+
+def _copy_dataset(src: Path, dst: Path, lists: bool = True) -> Path:
+    """A few folders of ``src`` in Speech Commands layout (no fedkws marker)."""
+    for word in ("yes", "no", "bed", BACKGROUND_NOISE_DIR):
+        shutil.copytree(src / word, dst / word)
+    if lists:
+        for name in ("validation_list.txt", "testing_list.txt"):
+            shutil.copy(src / name, dst / name)
+    return dst
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/speech_commands_v0.02.tar.gz"
+
+
+def test_extracted_dataset_is_used_without_download(small_root, tmp_path, caplog):
+    root = _copy_dataset(small_root, tmp_path / "speech_commands_v0.02")
+    # Any download attempt would fail: nothing listens on this port.
+    download = {"version": "v0.02", "url": _closed_port_url(), "sha256": "a" * 64}
+    with caplog.at_level(logging.INFO, logger="fedkws.data.pipeline"):
+        assert ensure_dataset(root, download=download, progress=False) == root
+    assert "using it as it is" in caplog.text
+    dataset = {"root": str(root), "protocol": "12class", "download": download}
+    data = load_dataset(dataset, {}, tmp_path / "cache", progress=False)
+    assert {"yes", "no"} <= set(data.label_names[i] for i in np.unique(data.labels))
+
+    # Without word folders, or with the mark of an interrupted install, it downloads.
+    for leftover in (tmp_path / "empty", tmp_path / "interrupted"):
+        leftover.mkdir()
+    shutil.copytree(root / "yes", tmp_path / "interrupted" / "yes")
+    (tmp_path / "interrupted" / INCOMPLETE_NAME).touch()
+    for leftover in (tmp_path / "empty", tmp_path / "interrupted"):
+        with pytest.raises(DownloadError, match="could not connect"):
+            ensure_dataset(leftover, download=download, progress=False)
+
+
+def test_dangling_symlinks_are_skipped_and_counted(small_root, tmp_path):
+    root = _copy_dataset(small_root, tmp_path / "links")
+    (root / "yes" / "dead0000_nohash_0.wav").symlink_to(tmp_path / "gone.wav")
+    (root / BACKGROUND_NOISE_DIR / "gone_noise.wav").symlink_to(tmp_path / "gone_noise.wav")
+    (root / "notes.txt").symlink_to(tmp_path / "gone.txt")
+
+    index = build_index(root, "12class")  # reads noise lengths itself
+    assert "yes/dead0000_nohash_0.wav" in {it.path for it in index.items}
+    data = prepare(DataConfig(root=str(root)), FeatureConfig(), tmp_path / "cache", False)
+    skipped = sorted(Path(p).name for p in data.manifest["skipped_files"])
+    assert skipped == ["dead0000_nohash_0.wav", "gone_noise.wav"]
+    assert "2 skipped" in data.manifest["audio_report"]
+    assert "yes/dead0000_nohash_0.wav" not in set(data.paths.tolist())
+    assert data.manifest["noise_files"] == sorted(synth.NOISE_FILES)
+
+    # Repairing the link changes the data key: the next prepare builds a new entry.
+    (root / "yes" / "dead0000_nohash_0.wav").unlink()
+    shutil.copy(next((root / "yes").glob("*.wav")), root / "yes" / "dead0000_nohash_0.wav")
+    repaired = prepare(DataConfig(root=str(root)), FeatureConfig(), tmp_path / "cache", False)
+    assert repaired.path != data.path
+    assert "yes/dead0000_nohash_0.wav" in set(repaired.paths.tolist())
