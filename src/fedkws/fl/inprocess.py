@@ -16,6 +16,7 @@ import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
 _NODE_BASE = 1000
 
@@ -24,6 +25,11 @@ class InProcessGrid(Grid):
     """Node discovery and send-and-receive for ``num_clients`` in-process SuperNodes."""
 
     def __init__(self, client_app: ClientApp, num_clients: int) -> None:
+        # Messages read the sender's identity from this process-wide record (Flower sets it
+        # in a real ServerApp process).
+        for name in ("_run_id", "_node_id", "_task_id"):
+            if getattr(TaskIdentity, name) is None:
+                setattr(TaskIdentity, name, 0)
         self.client_app = client_app
         self.contexts = {
             _NODE_BASE + pid: Context(
