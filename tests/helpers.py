@@ -23,7 +23,9 @@ SMALL_FEDERATION = [
 
 # The golden runs: the three presets that carry the project's claims, shrunk.
 GOLDEN = {
-    "seed_repro": ["experiment=seed_repro", "model.width=8", "train.rounds=2", "train.batch_size=32"],
+    "seed_repro": [
+        "experiment=seed_repro", "model.width=8", "train.rounds=2", "train.batch_size=32",
+    ],
     "bn_ablation_full_dirichlet": [
         "experiment=bn_ablation", "bn=full", "partition=dirichlet", "partition.alpha=0.3",
         "partition.num_clients=3", "model.width=8", "train.rounds=2",
@@ -57,5 +59,9 @@ def golden_view(result) -> dict:
                 },
             }
         )
-    test = {k: v for k, v in sorted(result.summary.items()) if k.startswith("test/") and k.endswith("/acc")}
+    test = {
+        k: v
+        for k, v in sorted(result.summary.items())
+        if k.startswith("test/") and k.endswith("/acc")
+    }
     return {"rounds": rounds, "test": test}

@@ -10,9 +10,9 @@ import pytest
 
 from conftest import compose_cfg
 from fedkws import CONF_DIR
-from fedkws.data.pipeline import augment_config, data_config, feature_config
 from fedkws.core.models import build_model
-from fedkws.run import model_spec
+from fedkws.data.pipeline import augment_config, data_config, feature_config
+from fedkws.spec import from_config
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
@@ -32,7 +32,7 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
     feature_config(cfg.features)
     augment_config(cfg.augment)
     data_config(cfg.dataset)
-    spec = model_spec(cfg, num_classes=12)
+    spec = from_config(cfg).model.build_args(num_classes=12)
     if spec["name"] != "resnet" or spec.get("depth", 18) <= 18:
         build_model(**spec)
     assert cfg.strategy.name in ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "central")

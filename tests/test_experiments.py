@@ -41,9 +41,13 @@ def test_every_sweep_cell_composes(preset, tmp_path):
         assert cfg.name == preset
 
 
+BACKENDS = ["inprocess", pytest.param("ray", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_smoke_runs_tiny(preset, make_cfg, tmp_path):
-    cfg = make_cfg([f"experiment={preset}", *TINY_RUN])
+def test_preset_smoke_runs_tiny(preset, backend, make_cfg, tmp_path):
+    cfg = make_cfg([f"experiment={preset}", *TINY_RUN, f"federation.backend={backend}"])
     result = run(cfg, tmp_path / preset)
     assert [r.round for r in result.rounds] == [1]
     assert result.summary["complete"]

@@ -11,25 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from fedkws.data.cache import open_cache
-from fedkws.fl import engine
+from fedkws.core.bn import bn_input_moments, recalibrate
 from fedkws.core.models import bn_layers, build_model
-from fedkws.run import model_spec, run
+from fedkws.data.cache import open_cache
+from fedkws.run import run
+from fedkws.spec import from_config
 from fedkws.tracking import Result
+from helpers import CHANCE, SMALL_FEDERATION
 
-BASE = [
-    "model=resnet",
-    "model.depth=10",
-    "model.width=16",
-    "train.rounds=3",
-    "train.local_epochs=2",
-    "train.batch_size=16",
-    "train.eval_batch_size=64",
-    "optimizer.lr=3e-3",
-    "partition.num_clients=2",
-    "partition.min_partition_size=5",
-]
-CHANCE = 1 / 12
+# Every test here but the first runs the real ClientApp in process (no Ray); the
+# first proves the same through Flower's Ray simulation.
+BASE = [*SMALL_FEDERATION, "federation.backend=inprocess"]
 
 
 def _run(make_cfg, tmp_path, overrides, name="run"):
@@ -50,7 +42,7 @@ def test_params_only_reproduces_the_eval_mode_collapse(make_cfg, tmp_path):
     result, run_dir, _ = _run(
         make_cfg, tmp_path,
         ["bn=params_only", "bn.eval_modes=[eval,train]", "federation.federated_eval=true",
-         "train.rounds=3", "train.local_epochs=3"],
+         "train.rounds=3", "train.local_epochs=3", "federation.backend=ray"],
     )  # fmt: skip
     state = _global_state(run_dir)
     means = [v for k, v in state.items() if k.endswith("running_mean")]
@@ -65,7 +57,9 @@ def test_params_only_reproduces_the_eval_mode_collapse(make_cfg, tmp_path):
     assert final["val/eval/acc"] < 2 * CHANCE < final["val/train/acc"]
     # Only parameters crossed the wire: BatchNorm affine yes, buffers no.
     info = result.rounds[-1].clients["0"]
-    n_bn_params = 2 * len(bn_layers(build_model(**model_spec(make_cfg(BASE), 12))))
+    n_bn_params = 2 * len(
+        bn_layers(build_model(**from_config(make_cfg(BASE)).model.build_args(12)))
+    )
     assert info["bn_keys_received"] == n_bn_params
     assert result.summary["complete"] and (run_dir / "accuracy.png").is_file()
 
@@ -98,13 +92,13 @@ def test_federated_pooled_statistics_equal_central_union(full_noniid):
     """The statistics pooled over the Flower messages equal those over the union."""
     _, run_dir, cfg = full_noniid
     pooled = torch.load(run_dir / "recalibrated_bn.pt", weights_only=True)
-    model = build_model(**model_spec(cfg, 12))
+    model = build_model(**from_config(cfg).model.build_args(12))
     model.load_state_dict(_global_state(run_dir))
     task_data = open_cache(*_cache_of(cfg))
     with np.load(run_dir / "clients.npz") as npz:
         union = np.sort(np.concatenate([npz[k] for k in npz.files if k.startswith("train_")]))
-    central = engine.recalibrate(
-        model, lambda net, layer: [engine.bn_input_moments(net, task_data, union, layer, 64)]
+    central = recalibrate(
+        model, lambda net, layer: [bn_input_moments(net, task_data, union, layer, 64)]
     )
     for key, value in central.state_dict().items():
         if "running_" in key:
@@ -112,9 +106,9 @@ def test_federated_pooled_statistics_equal_central_union(full_noniid):
 
 
 def _cache_of(cfg):
-    from fedkws.data.pipeline import load_dataset
+    from fedkws.recipes.common import load_data
 
-    data = load_dataset(cfg.dataset, cfg.features, cfg.cache_dir, progress=False)
+    data = load_data(from_config(cfg))
     return str(data.path), data.feature_key
 
 
@@ -130,18 +124,16 @@ def test_pooled_statistics_are_exact_on_non_iid_holders(tiny_root, data_dir):
     holders = [rows[labels < 4], rows[(labels >= 4) & (labels < 8)], rows[labels >= 8]]
     torch.manual_seed(0)
     model = build_model("resnet", 12, depth=10, width=8)
-    split = engine.recalibrate(
+    split = recalibrate(
         model,
-        lambda net, layer: [engine.bn_input_moments(net, data, h, layer, 32) for h in holders],
+        lambda net, layer: [bn_input_moments(net, data, h, layer, 32) for h in holders],
     )
-    union = engine.recalibrate(
-        model, lambda net, layer: [engine.bn_input_moments(net, data, rows, layer, 64)]
-    )
+    union = recalibrate(model, lambda net, layer: [bn_input_moments(net, data, rows, layer, 64)])
     for (_, a), (_, b) in zip(bn_layers(split), bn_layers(union), strict=True):
         assert torch.allclose(a.running_mean, b.running_mean, rtol=1e-5, atol=1e-6)
         assert torch.allclose(a.running_var, b.running_var, rtol=1e-5, atol=1e-6)
     # The naive average of per-holder variances misses the between-holder spread.
-    moments = [engine.bn_input_moments(model, data, h, 0, 64) for h in holders]
+    moments = [bn_input_moments(model, data, h, 0, 64) for h in holders]
     n = np.array([m[0] for m in moments])
     naive_var = sum(
         (ni / n.sum()) * ((ss - s * s / ni) / (ni - 1))

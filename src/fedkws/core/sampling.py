@@ -10,8 +10,10 @@ from fedkws.core.seeding import sampling_rng
 def sample_clients(
     seed: int, round_: int, eligible: Sequence[int], fraction: float, min_clients: int
 ) -> list[int]:
-    """``round(fraction * len(eligible))`` of the ``eligible`` partition ids (at least
-    ``min_clients``, at most all), drawn without replacement from the round's stream; sorted.
+    """The partition ids that train in ``round_``, sorted.
+
+    ``round(fraction * len(eligible))`` of ``eligible`` (at least ``min_clients``,
+    at most all), drawn without replacement from the round's stream.
     """
     n = len(eligible)
     k = min(n, max(min_clients, int(round(fraction * n))))

@@ -45,7 +45,7 @@ class ClientTask:
     def at(
         self, round_: int, layer: int = -1, eval_modes: tuple[str, ...] | None = None
     ) -> ClientTask:
-        """This task for one round (and one BatchNorm layer or set of modes)."""
+        """The same task for one round (and one BatchNorm layer or set of modes)."""
         modes = self.eval_modes if eval_modes is None else tuple(eval_modes)
         return replace(self, round=round_, layer=layer, eval_modes=modes)
 

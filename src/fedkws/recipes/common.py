@@ -1,5 +1,7 @@
-"""What both recipes share: the run folder and resume, data and model setup, one round loop,
-the recorder, checkpoints and the final test evaluation.
+"""What both recipes share: run folder, setup, round loop, records, checkpoints, test split.
+
+The run folder and resume checks, data and model setup, one round loop, the
+recorder, checkpoints and the final test evaluation live here.
 
 A recipe (:mod:`fedkws.recipes.central`, :mod:`fedkws.recipes.federated`)
 provides three things: ``train_round(round) -> (metrics, per-client info)``,

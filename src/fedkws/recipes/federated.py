@@ -109,8 +109,8 @@ class FederatedRecipe:
         leaked = set().union(*(r.state.keys() for r in replies)) - set(self.keys.shared)
         if leaked:
             raise FederationError(f"clients sent keys that must stay local: {sorted(leaked)[:5]}")
-        new_state = aggregate(self.model.state_dict(), [r.state for r in replies],
-                              [r.num_examples for r in replies], self.keys, self.server_opt)  # fmt: skip
+        states, counts = [r.state for r in replies], [r.num_examples for r in replies]
+        new_state = aggregate(self.model.state_dict(), states, counts, self.keys, self.server_opt)
         self.model.load_state_dict(new_state)
         self.completed_round = round_
         metrics = _train_metrics(replies, len(pids))
