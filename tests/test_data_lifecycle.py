@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from fedkws.data import synth
 from fedkws.data.cache import DataConfig, open_cache, prepare
 from fedkws.data.download import INCOMPLETE_NAME, DownloadError
+from fedkws.data.errors import DataError
 from fedkws.data.features import FeatureConfig
 from fedkws.data.pipeline import ensure_dataset, load_dataset
 from fedkws.data.speech_commands import BACKGROUND_NOISE_DIR, build_index
@@ -264,3 +266,149 @@ def test_dangling_symlinks_are_skipped_and_counted(small_root, tmp_path):
     repaired = prepare(DataConfig(root=str(root)), FeatureConfig(), tmp_path / "cache", False)
     assert repaired.path != data.path
     assert "yes/dead0000_nohash_0.wav" in set(repaired.paths.tolist())
+
+
+# ---------------------------------------------------------------------------
+# User errors: one line naming the key or path, the value and what is allowed
+# ---------------------------------------------------------------------------
+
+
+def _one_line(info: pytest.ExceptionInfo) -> str:
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_data_error_is_a_value_error():
+    assert issubclass(DataError, ValueError)
+
+
+def test_file_where_a_dataset_folder_is_expected(tmp_path):
+    file = tmp_path / "speech_commands"
+    file.write_text("not a folder")
+    for call in (
+        lambda: ensure_dataset(file, generate=SMALL_GENERATE, progress=False),
+        lambda: ensure_dataset(file, download={"version": "v0.02"}, progress=False),
+        lambda: ensure_dataset(file),
+        lambda: build_index(file),
+    ):
+        with pytest.raises(DataError) as info:
+            call()
+        assert _one_line(info) == (
+            f"dataset.root='{file}' is not a folder (a file?); set dataset.root to a folder"
+        )
+    with pytest.raises(DataError) as info:
+        ensure_dataset(file / "inner", generate=SMALL_GENERATE, progress=False)
+    message = _one_line(info)
+    assert f"dataset.root='{file / 'inner'}' cannot be a folder: '{file}'" in message
+    assert file.read_text() == "not a folder"
+
+
+def test_cache_folder_that_cannot_be_written(small_root, tmp_path):
+    file = tmp_path / "cache"
+    file.write_text("x")
+    config = DataConfig(root=str(small_root))
+    with pytest.raises(DataError) as info:
+        prepare(config, FeatureConfig(), file, progress=False)
+    assert _one_line(info).startswith(f"cache_dir='{file}' is not a folder")
+    with pytest.raises(DataError) as info:
+        prepare(config, FeatureConfig(), file / "sub", progress=False)
+    assert f"'{file}' is not a folder" in _one_line(info)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_read_only_cache_folder(small_root, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o500)
+    try:
+        with pytest.raises(DataError) as info:
+            prepare(DataConfig(root=str(small_root)), FeatureConfig(), cache, progress=False)
+    finally:
+        cache.chmod(0o700)
+    message = _one_line(info)
+    assert f"cache_dir='{cache}' is not a writable folder" in message
+    assert "Permission denied" in message
+
+
+def test_silence_needs_background_noise(small_root, tmp_path):
+    root = _copy_dataset(small_root, tmp_path / "sc")
+    noise = root / BACKGROUND_NOISE_DIR
+    for name in synth.NOISE_FILES:
+        (noise / name).unlink()
+    expected = (
+        "dataset.protocol='12class' draws its _silence_ examples (dataset.silence_percentage=10)"
+        f" from background recordings, but '{noise}' STATE; put .wav recordings of at least 1 s"
+        " there or set dataset.silence_percentage=0"
+    )
+    with pytest.raises(DataError) as info:
+        build_index(root, "12class")
+    assert _one_line(info) == expected.replace("STATE", "holds no .wav file")
+
+    noise.rmdir()
+    with pytest.raises(DataError) as info:
+        prepare(DataConfig(root=str(root)), FeatureConfig(), tmp_path / "cache", False)
+    assert _one_line(info) == expected.replace("STATE", "does not exist")
+
+    noise.mkdir()
+    sf.write(noise / "short.wav", np.zeros(8000, np.float32), 16000)
+    with pytest.raises(DataError) as info:
+        build_index(root, "12class")
+    assert "holds no readable recording of at least 1 s (found short.wav)" in _one_line(info)
+
+    # Without silence examples, no background noise is needed.
+    index = build_index(root, "12class", silence_percentage=0)
+    assert not any(item.silence for item in index.items)
+
+
+def test_protocols_the_dataset_cannot_serve(small_root, tmp_path):
+    with pytest.raises(DataError) as info:
+        build_index(small_root, "10class")
+    assert (
+        _one_line(info) == "dataset.protocol='10class' is not a protocol; allowed: 12class, 35class"
+    )
+    with pytest.raises(DataError, match="dataset.protocol='twelve'"):
+        DataConfig(root=str(small_root), protocol="twelve")
+    with pytest.raises(DataError, match=r"dataset.testing_percentage=120 is out of range"):
+        DataConfig(root=str(small_root), testing_percentage=120)
+
+    v1 = _copy_dataset(small_root, tmp_path / "v1")  # yes, no, bed: v0.01 words only
+    with pytest.raises(DataError) as info:
+        build_index(v1, "35class")
+    message = _one_line(info)
+    assert message.startswith(
+        f"dataset.protocol='35class' needs Speech Commands v0.02, but dataset.root='{v1}' "
+        "holds v0.01 (none of backward, follow, forward, learn, visual found)"
+    )
+    assert message.endswith("allowed for this dataset: protocol=12class")
+
+
+def test_empty_held_out_split_is_an_error(small_root, tmp_path):
+    root = _copy_dataset(small_root, tmp_path / "sc")
+    (root / "validation_list.txt").write_text("")
+    with pytest.raises(DataError) as info:
+        build_index(root, "12class")
+    message = _one_line(info)
+    assert message.startswith(f"the validation split of dataset.root='{root}' has no example;")
+    assert "official lists" in message
+
+    (root / "validation_list.txt").unlink()
+    (root / "testing_list.txt").unlink()
+    config = DataConfig(root=str(root), validation_percentage=0.0)
+    with pytest.raises(DataError) as info:
+        prepare(config, FeatureConfig(), tmp_path / "cache", progress=False)
+    message = _one_line(info)
+    assert "the validation split" in message
+    assert "dataset.validation_percentage=0 and dataset.testing_percentage=10" in message
+
+
+def test_split_emptied_by_unreadable_files_is_an_error(small_root, tmp_path):
+    root = _copy_dataset(small_root, tmp_path / "sc")
+    testing = (root / "testing_list.txt").read_text().split()
+    for rel in testing:
+        if (root / rel).exists():
+            (root / rel).write_bytes(b"RIFF garbage")
+    with pytest.raises(DataError) as info:
+        prepare(DataConfig(root=str(root)), FeatureConfig(), tmp_path / "cache", False)
+    message = _one_line(info)
+    assert message.startswith(f"the testing split of dataset.root='{root}' has no example after")
+    assert "unreadable files were skipped" in message

@@ -64,40 +64,75 @@ def _sha(data: bytes) -> str:
 
 
 class _Server:
-    """Serves byte strings by path; ``truncate`` paths announce more bytes than sent."""
+    """Serves byte strings by path, with ETag and single-range (``bytes=N-``) support.
+
+    ``truncate`` paths announce more bytes than they send, every time;
+    ``truncate_once`` paths only on their first request; ``ignore_range``
+    paths answer every request with the whole file; ``stall`` paths send 100
+    bytes, then nothing.
+    """
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.truncate: set[str] = set()
+        self.truncate_once: set[str] = set()
+        self.ignore_range: set[str] = set()
         self.stall: set[str] = set()
         self.requests: list[str] = []
+        self.headers: list[dict[str, str]] = []
+        self.statuses: list[int] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            def _start(self, data: bytes) -> int:
+                """The first byte to send, or -1 after answering 416 (nothing left)."""
+                etag = f'"{_sha(data)[:16]}"'
+                wanted = self.headers.get("Range")
+                if not wanted or self.path in outer.ignore_range:
+                    return 0
+                if self.headers.get("If-Range") not in (None, etag):
+                    return 0
+                start = int(wanted.removeprefix("bytes=").removesuffix("-"))
+                if start >= len(data):
+                    outer.statuses.append(416)
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return -1
+                return start
+
             def do_GET(self) -> None:  # noqa: N802
                 outer.requests.append(self.path)
+                outer.headers.append(dict(self.headers))
                 data = outer.files.get(self.path)
                 if data is None:
+                    outer.statuses.append(404)
                     self.send_error(404, "Not Found")
                     return
-                self.send_response(200)
+                start = self._start(data)
+                if start < 0:
+                    return
+                body = data[start:]
+                outer.statuses.append(206 if start else 200)
+                self.send_response(206 if start else 200)
                 self.send_header("Content-Type", "application/gzip")
+                self.send_header("ETag", f'"{_sha(data)[:16]}"')
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
                 if self.path in outer.stall:
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data[:100])
+                    self.wfile.write(body[:100])
                     self.wfile.flush()
                     time.sleep(1.0)
                     return
-                if self.path in outer.truncate:
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data[: len(data) // 2])
+                if self.path in outer.truncate or self.path in outer.truncate_once:
+                    outer.truncate_once.discard(self.path)
+                    self.wfile.write(body[: len(body) // 2])
                     self.close_connection = True
                     return
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.wfile.write(body)
 
             def log_message(self, *args) -> None:
                 pass
@@ -139,8 +174,11 @@ def _leftovers(parent: Path) -> list[str]:
     return sorted(
         p.name
         for p in parent.iterdir()
-        if p.name.endswith(".part") or ".extract-" in p.name or p.name.endswith(".tar.gz")
+        if ".part" in p.name or ".extract-" in p.name or p.name.endswith(".tar.gz")
     )
+
+
+PART = "sc-speech_commands_test.tar.gz.part"
 
 
 def test_official_archives():
@@ -199,16 +237,96 @@ def test_wrong_checksum_rejected(tmp_path, server, archive):
     assert _leftovers(tmp_path) == []
 
 
-def test_truncated_download_rejected(tmp_path, server, archive):
+def test_truncated_download_keeps_part(tmp_path, server, archive):
     url = _serve(server, archive)
     server.truncate.add("/speech_commands_test.tar.gz")
     root = tmp_path / "sc"
     # No checksum: only the size check can catch the truncation.
-    with pytest.raises(DownloadError, match="truncated|interrupted"):
+    with pytest.raises(DownloadError, match="truncated.*the partial file is kept"):
         download_speech_commands(root, url=url, progress=False)
     assert not is_complete(root)
     assert not root.exists()
+    # What arrived is kept, with the URL and validator needed to resume it.
+    assert _leftovers(tmp_path) == [PART, PART + ".json"]
+    assert (tmp_path / PART).read_bytes() == archive[: len(archive) // 2]
+    state = json.loads((tmp_path / (PART + ".json")).read_text())
+    assert state == {"url": url, "validator": f'"{_sha(archive)[:16]}"'}
+
+
+def test_interrupted_download_resumes_with_range(tmp_path, server, archive):
+    url = _serve(server, archive)
+    server.truncate_once.add("/speech_commands_test.tar.gz")
+    root = tmp_path / "sc"
+    with pytest.raises(DownloadError, match="truncated"):
+        download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    half = len(archive) // 2
+    assert (tmp_path / PART).stat().st_size == half
+
+    download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    assert server.headers[1]["Range"] == f"bytes={half}-"
+    assert server.headers[1]["If-Range"] == f'"{_sha(archive)[:16]}"'
+    assert server.statuses == [200, 206]
+    assert is_complete(root)
+    assert json.loads((root / MARKER_NAME).read_text())["sha256"] == _sha(archive)
     assert _leftovers(tmp_path) == []
+
+
+def test_resume_starts_over_when_range_is_ignored(tmp_path, server, archive):
+    url = _serve(server, archive)
+    server.truncate_once.add("/speech_commands_test.tar.gz")
+    server.ignore_range.add("/speech_commands_test.tar.gz")
+    root = tmp_path / "sc"
+    with pytest.raises(DownloadError, match="truncated"):
+        download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    assert "Range" in server.headers[1] and server.statuses == [200, 200]
+    assert is_complete(root)
+    assert _leftovers(tmp_path) == []
+
+
+def test_resume_starts_over_when_the_file_changed(tmp_path, server, archive):
+    url = _serve(server, archive)
+    server.truncate_once.add("/speech_commands_test.tar.gz")
+    root = tmp_path / "sc"
+    with pytest.raises(DownloadError, match="truncated"):
+        download_speech_commands(root, url=url, progress=False)
+    # The server now has another archive: If-Range no longer matches its ETag.
+    changed = _make_archive(tmp_path / "changed.tar.gz", prefix="")
+    changed = changed + b"\0" * 512  # still a valid gzip stream followed by padding
+    (tmp_path / "changed.tar.gz").unlink()
+    server.files["/speech_commands_test.tar.gz"] = changed
+    download_speech_commands(root, url=url, sha256=_sha(changed), progress=False)
+    assert server.statuses == [200, 200]
+    assert json.loads((root / MARKER_NAME).read_text())["sha256"] == _sha(changed)
+
+
+def test_complete_part_is_fetched_again(tmp_path, server, archive):
+    """A .part as long as the file (killed before the rename): 416, then a fresh download."""
+    url = _serve(server, archive)
+    server.truncate_once.add("/speech_commands_test.tar.gz")
+    root = tmp_path / "sc"
+    with pytest.raises(DownloadError, match="truncated"):
+        download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    (tmp_path / PART).write_bytes(archive)
+    download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    assert server.statuses == [200, 416, 200]
+    assert is_complete(root)
+    assert _leftovers(tmp_path) == []
+
+
+def test_corrupt_part_fails_the_checksum_and_is_deleted(tmp_path, server, archive):
+    url = _serve(server, archive)
+    server.truncate_once.add("/speech_commands_test.tar.gz")
+    root = tmp_path / "sc"
+    with pytest.raises(DownloadError, match="truncated"):
+        download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    part = tmp_path / PART
+    part.write_bytes(b"x" * part.stat().st_size)  # same length, wrong bytes
+    with pytest.raises(DownloadError, match="checksum mismatch.*the file was deleted"):
+        download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    assert _leftovers(tmp_path) == []
+    download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    assert is_complete(root)
 
 
 def test_http_404(tmp_path, server):
@@ -237,7 +355,8 @@ def test_stalled_server_times_out(tmp_path, server, archive):
         download_speech_commands(
             tmp_path / "sc", url=url, sha256=_sha(archive), progress=False, timeout=0.2
         )
-    assert _leftovers(tmp_path) == []
+    # The 100 bytes that arrived are kept for a later resume.
+    assert (tmp_path / PART).read_bytes() == archive[:100]
 
 
 @pytest.fixture(params=["data_filter", "manual_checks"])

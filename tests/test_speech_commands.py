@@ -169,3 +169,43 @@ def test_missing_split_lists_fall_back_to_hash_rule(messy_root, caplog):
     for item in index.items:
         if item.path is not None:
             assert item.split == which_set(item.path)
+
+
+def _wav_data_chunk(path: Path) -> tuple[int, bytes]:
+    """Bits per sample and raw sample bytes of a PCM WAV, parsed without soundfile."""
+    blob = path.read_bytes()
+    assert blob[:4] == b"RIFF" and blob[8:12] == b"WAVE"
+    pos, bits, data = 12, None, None
+    while pos + 8 <= len(blob):
+        tag, size = blob[pos : pos + 4], int.from_bytes(blob[pos + 4 : pos + 8], "little")
+        body = blob[pos + 8 : pos + 8 + size]
+        if tag == b"fmt ":
+            bits = int.from_bytes(body[14:16], "little")
+        elif tag == b"data":
+            data = body
+        pos += 8 + size + (size & 1)
+    return bits, data
+
+
+def test_24_bit_pcm_is_read_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    ints = rng.integers(-(2**23), 2**23, size=SAMPLE_RATE, dtype=np.int64)
+    ints[:4] = [-(2**23), 2**23 - 1, 0, -1]  # the extremes and the smallest steps
+    path = tmp_path / "cafe0024_nohash_0.wav"
+    # soundfile writes int32 to PCM_24 by keeping the top 24 bits.
+    sf.write(path, (ints << 8).astype(np.int32), SAMPLE_RATE, subtype="PCM_24")
+    assert sf.info(str(path)).subtype == "PCM_24"
+
+    bits, raw = _wav_data_chunk(path)
+    assert bits == 24
+    triples = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int64)
+    stored = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
+    stored = np.where(stored >= 2**23, stored - 2**24, stored)
+    np.testing.assert_array_equal(stored, ints)  # the file holds exactly these samples
+
+    report = AudioReport()
+    wave = read_clip(path, report)
+    assert wave.dtype == np.float32 and report.read == 1 and report.resampled == 0
+    # 24-bit integers divided by 2**23 are exact in float32 (24-bit mantissa).
+    np.testing.assert_array_equal(wave, (ints / 2**23).astype(np.float32))
+    assert wave[0] == -1.0 and wave[1] == np.float32((2**23 - 1) / 2**23)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from fedkws.data.audio import CLIP_SAMPLES, AudioReadError, AudioReport, read_audio, read_clip
+from fedkws.data.errors import DataError, check_folder
 from fedkws.data.features import FeatureConfig, FeatureExtractor
 from fedkws.data.speech_commands import (
     BACKGROUND_NOISE_DIR,
@@ -49,6 +50,8 @@ from fedkws.data.speech_commands import (
     DatasetIndex,
     Item,
     build_index,
+    check_protocol,
+    check_splits,
     noise_files,
 )
 from fedkws.fileio import file_lock, save_npy, write_json, write_with
@@ -74,6 +77,24 @@ class DataConfig:
     unknown_percentage: float = 10.0
     validation_percentage: float = 10.0
     testing_percentage: float = 10.0
+
+    def __post_init__(self) -> None:
+        check_protocol(self.protocol)
+        for name in (
+            "silence_percentage",
+            "unknown_percentage",
+            "validation_percentage",
+            "testing_percentage",
+        ):
+            value = getattr(self, name)
+            if not 0 <= value <= 100:
+                raise DataError(f"dataset.{name}={value} is out of range; allowed: 0 to 100")
+        if self.validation_percentage + self.testing_percentage >= 100:
+            raise DataError(
+                f"dataset.validation_percentage={self.validation_percentage:g} plus "
+                f"dataset.testing_percentage={self.testing_percentage:g} leaves no training "
+                "data; allowed: a sum below 100"
+            )
 
 
 def _fingerprint(root: Path) -> str:
@@ -223,6 +244,14 @@ def _build_waves(config: DataConfig, entry: Path, progress: bool) -> dict:
     noise = _read_noise(root, report)
     index = _index(config, noise)
     kept = _write_waves(root, entry, index, noise, report, progress)
+    check_splits(
+        kept,
+        root,
+        index.split_source,
+        config.validation_percentage,
+        config.testing_percentage,
+        skipped=report.num_skipped,
+    )
     _write_meta(entry, kept, index.labels)
     bank = np.concatenate(list(noise.values())) if noise else np.zeros((0,), np.float32)
     save_npy(entry / "noise.npy", bank.astype(np.float32))
@@ -433,6 +462,21 @@ def _build_what_is_missing(
     return manifest
 
 
+def _writable_folder(cache_dir: Path | str) -> Path:
+    """``cache_dir``, created if needed; :class:`DataError` if it cannot be written."""
+    cache_dir = check_folder(cache_dir, "cache_dir")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir):
+            pass
+    except OSError as err:
+        raise DataError(
+            f"cache_dir='{cache_dir}' is not a writable folder ({err.strerror or err}); "
+            "set cache_dir to a folder this user can write"
+        ) from None
+    return cache_dir
+
+
 def prepare(
     data: DataConfig,
     features: FeatureConfig,
@@ -447,8 +491,7 @@ def prepare(
     serialised by a lock file in ``cache_dir``; whoever comes second waits and
     then reuses what the first built.
     """
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = _writable_folder(cache_dir)
     key = data_key(data)
     entry = cache_dir / key
     fkey = features.key()

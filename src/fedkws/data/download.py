@@ -10,7 +10,13 @@ looks finished:
 
 1. the archive is streamed to ``<archive>.part`` while its SHA-256 is
    computed; its size is checked against ``Content-Length`` and its digest
-   against the expected one, and only then is it renamed to ``<archive>``;
+   against the expected one, and only then is it renamed to ``<archive>``.
+   An interrupted transfer (network error, timeout, Ctrl-C, short body)
+   keeps the ``.part`` file and ``<archive>.part.json`` (its URL and the
+   server's ETag or Last-Modified); the next call asks for the rest with an
+   HTTP ``Range`` request guarded by ``If-Range``, and starts over if the
+   server answers with the whole file (changed, or no range support). A
+   ``.part`` whose finished digest is wrong is deleted;
 2. it is unpacked into a temporary directory beside ``root`` (same file
    system, so the final move is a rename), refusing members that would land
    outside it;
@@ -49,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from fedkws.fileio import file_lock, write_text
+from fedkws.fileio import file_lock, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -277,30 +283,37 @@ def _reuse_archive(archive: Path, expected: str | None) -> str | None:
 
 
 def _download(url: str, archive: Path, expected: str | None, timeout: float, progress: bool) -> str:
-    """Fetch ``url`` into ``archive`` and return the SHA-256 of what arrived."""
+    """Fetch ``url`` into ``archive`` and return the SHA-256 of what arrived.
+
+    An interrupted transfer leaves ``<archive>.part`` (and ``.part.json``,
+    the URL and validator it came from) for the next call to resume; a
+    finished one whose digest is wrong is deleted.
+    """
     part = archive.with_name(archive.name + ".part")
-    try:
-        digest = _fetch(url, part, timeout, progress)
-        if expected is not None and digest != expected:
-            raise DownloadError(
-                f"checksum mismatch for {part} downloaded from {url}: expected SHA-256 "
-                f"{expected}, got {digest}; the file was deleted"
-            )
-    except BaseException:
-        # A .part file cannot be resumed here, so keeping it would only waste
-        # disk space (gigabytes for the real archive).
-        part.unlink(missing_ok=True)
-        raise
+    digest = _fetch(url, part, timeout, progress)
+    if expected is not None and digest != expected:
+        _discard(part)
+        raise DownloadError(
+            f"checksum mismatch for {part} downloaded from {url}: expected SHA-256 "
+            f"{expected}, got {digest}; the file was deleted"
+        )
     os.replace(part, archive)
+    _state_path(part).unlink(missing_ok=True)
     return digest
 
 
-def _open_url(url: str, timeout: float) -> IO[bytes]:
+class _RangeNotSatisfiable(Exception):
+    """HTTP 416: the server has nothing after the bytes already received."""
+
+
+def _open_url(url: str, timeout: float, headers: dict[str, str] | None = None) -> IO[bytes]:
     try:
-        request = urllib.request.Request(url, headers={"User-Agent": "fedkws"})
+        request = urllib.request.Request(url, headers={"User-Agent": "fedkws", **(headers or {})})
         return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         err.close()
+        if err.code == 416 and headers and "Range" in headers:
+            raise _RangeNotSatisfiable from None
         raise DownloadError(f"HTTP {err.code} {err.reason} while downloading {url}") from None
     except urllib.error.URLError as err:
         raise DownloadError(f"could not connect to {url}: {err.reason}") from None
@@ -310,36 +323,127 @@ def _open_url(url: str, timeout: float) -> IO[bytes]:
         raise DownloadError(f"invalid URL {url!r}: {err}") from None
 
 
-def _fetch(url: str, part: Path, timeout: float, progress: bool) -> str:
+def _state_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _state_path(part).unlink(missing_ok=True)
+
+
+def _resume_headers(url: str, part: Path) -> dict[str, str]:
+    """``Range``/``If-Range`` headers to continue ``part``, or {} to start over.
+
+    A partial file is continued only if it came from the same URL and the
+    server gave a validator (a strong ETag or Last-Modified): ``If-Range``
+    makes the server send the whole file again if it changed since.
+    """
+    try:
+        state = json.loads(_state_path(part).read_text())
+        size = part.stat().st_size
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(state, dict) or state.get("url") != url or size == 0:
+        return {}
+    validator = state.get("validator")
+    if not isinstance(validator, str) or not validator:
+        return {}
+    return {"Range": f"bytes={size}-", "If-Range": validator}
+
+
+def _validator(response: IO[bytes]) -> str | None:
+    etag = response.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.headers.get("Last-Modified")
+
+
+def _resumed_at(response: IO[bytes], headers: dict[str, str]) -> int:
+    """The offset the response continues from: 0 unless the server honoured the range."""
+    if not headers or getattr(response, "status", None) != 206:
+        return 0
+    asked = int(headers["Range"][len("bytes=") : -1])
+    match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+    return asked if match and int(match.group(1)) == asked else 0
+
+
+def _sha256_prefix(path: Path, size: int) -> hashlib._Hash:
     digest = hashlib.sha256()
-    received = 0
-    with _open_url(url, timeout) as response:
+    with open(path, "rb") as handle:
+        while size > 0:
+            chunk = handle.read(min(_CHUNK_SIZE, size))
+            if not chunk:
+                break
+            digest.update(chunk)
+            size -= len(chunk)
+    return digest
+
+
+def _fetch(url: str, part: Path, timeout: float, progress: bool) -> str:
+    headers = _resume_headers(url, part)
+    try:
+        response = _open_url(url, timeout, headers)
+    except _RangeNotSatisfiable:
+        # The partial file is as long as the server's (or longer): start over.
+        _discard(part)
+        headers = {}
+        response = _open_url(url, timeout)
+    with response:
+        offset = _resumed_at(response, headers)
+        if offset:
+            log.info("Resuming %s at byte %d into %s", url, offset, part)
+        else:
+            write_json(_state_path(part), {"url": url, "validator": _validator(response)})
+        digest = _sha256_prefix(part, offset) if offset else hashlib.sha256()
         length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        with (
-            open(part, "wb") as out,
-            _progress(progress, "Downloading", total, transfer=True) as advance,
-        ):
-            while True:
-                try:
-                    chunk = response.read(_CHUNK_SIZE)
-                except (http.client.HTTPException, OSError) as err:
-                    raise DownloadError(
-                        f"download of {url} interrupted after {received} bytes "
-                        f"(writing {part}): {err!r}"
-                    ) from None
-                if not chunk:
-                    break
-                out.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
-                advance(len(chunk))
+        total = offset + int(length) if length and length.isdigit() else None
+        received = _stream(response, url, part, offset, total, digest, progress)
     if total is not None and received != total:
         raise DownloadError(
             f"truncated download of {url} into {part}: server announced {total} bytes, "
-            f"received {received}; the file was deleted"
+            f"received {received}; the partial file is kept and the next call resumes it"
         )
     return digest.hexdigest()
+
+
+def _stream(
+    response: IO[bytes],
+    url: str,
+    part: Path,
+    offset: int,
+    total: int | None,
+    digest: hashlib._Hash,
+    progress: bool,
+) -> int:
+    """Append the response body to ``part`` (after ``offset`` bytes); return the new size."""
+    received = offset
+    # read1 returns what has arrived (up to a chunk), so an interruption loses
+    # nothing that was received: it is all in the .part file for the resume.
+    read = getattr(response, "read1", response.read)
+    with (
+        open(part, "r+b" if offset else "wb") as out,
+        _progress(progress, "Downloading", total, transfer=True) as advance,
+    ):
+        out.seek(offset)
+        out.truncate()
+        advance(offset)
+        while True:
+            try:
+                chunk = read(_CHUNK_SIZE)
+            except (http.client.HTTPException, OSError) as err:
+                raise DownloadError(
+                    f"download of {url} interrupted after {received} bytes "
+                    f"(writing {part}): {err!r}; the partial file is kept and the next "
+                    "call resumes it"
+                ) from None
+            if not chunk:
+                break
+            out.write(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+            advance(len(chunk))
+    return received
 
 
 @contextlib.contextmanager

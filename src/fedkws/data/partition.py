@@ -27,6 +27,79 @@ def _speaker_order(speakers: np.ndarray, seed: int) -> np.ndarray:
     return np.array([lookup[s] for s in speakers.tolist()], dtype=np.int64)
 
 
+def _make_partitioner(
+    scheme: str,
+    num_clients: int,
+    seed: int,
+    alpha: float,
+    classes_per_client: int,
+    speakers_per_client: int,
+    min_partition_size: int,
+    num_speakers: int,
+):
+    """The Flower Datasets partitioner of ``scheme``."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        GroupedNaturalIdPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
+    if scheme == "iid":
+        return IidPartitioner(num_partitions=num_clients)
+    if scheme == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_clients,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_partition_size,
+            self_balancing=False,
+            seed=seed,
+        )
+    if scheme == "pathological":
+        return PathologicalPartitioner(
+            num_partitions=num_clients,
+            partition_by="label",
+            num_classes_per_partition=classes_per_client,
+            class_assignment_mode="first-deterministic",
+            seed=seed,
+        )
+    if speakers_per_client > num_speakers:
+        raise ValueError(
+            f"speakers_per_client={speakers_per_client} but the training data has only "
+            f"{num_speakers} speakers"
+        )
+    return GroupedNaturalIdPartitioner(
+        partition_by="speaker",
+        group_size=speakers_per_client,
+        mode="allow-bigger",
+        sort_unique_ids=True,
+    )
+
+
+def _load_partitions(part, labels: np.ndarray) -> list[np.ndarray]:
+    """Every partition's sorted rows; warn about rows no client got."""
+    with warnings.catch_warnings():
+        # Reported below in our own words, with the number of examples affected.
+        warnings.filterwarnings("ignore", message="Classes: .* will NOT be used")
+        out = [
+            np.sort(np.asarray(part.load_partition(i)["row"], dtype=np.int64))
+            for i in range(part.num_partitions)
+        ]
+    n = len(labels)
+    unused = n - sum(len(p) for p in out)
+    if unused:
+        left = sorted(set(labels.tolist()) - set(labels[np.concatenate(out)].tolist()))
+        log.warning(
+            "pathological partition: %d of %d training examples (classes %s) belong to no "
+            "client; use num_clients * classes_per_client >= the number of classes to keep them",
+            unused,
+            n,
+            left,
+        )
+    return out
+
+
 def partition(
     labels: np.ndarray,
     speakers: np.ndarray,
@@ -60,12 +133,6 @@ def partition(
     """
     import datasets
     from datasets import Dataset
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        GroupedNaturalIdPartitioner,
-        IidPartitioner,
-        PathologicalPartitioner,
-    )
 
     if scheme not in SCHEMES:
         raise ValueError(
@@ -90,56 +157,12 @@ def partition(
     if scheme == "iid":
         # IidPartitioner cuts contiguous shards: shuffle first to make them random.
         table = table.shuffle(seed=seed).flatten_indices()
-        part = IidPartitioner(num_partitions=num_clients)
-    elif scheme == "dirichlet":
-        part = DirichletPartitioner(
-            num_partitions=num_clients,
-            partition_by="label",
-            alpha=alpha,
-            min_partition_size=min_partition_size,
-            self_balancing=False,
-            seed=seed,
-        )
-    elif scheme == "pathological":
-        part = PathologicalPartitioner(
-            num_partitions=num_clients,
-            partition_by="label",
-            num_classes_per_partition=classes_per_client,
-            class_assignment_mode="first-deterministic",
-            seed=seed,
-        )
-    else:
-        num_speakers = len(np.unique(speakers))
-        if speakers_per_client > num_speakers:
-            raise ValueError(
-                f"speakers_per_client={speakers_per_client} but the training data has only "
-                f"{num_speakers} speakers"
-            )
-        part = GroupedNaturalIdPartitioner(
-            partition_by="speaker",
-            group_size=speakers_per_client,
-            mode="allow-bigger",
-            sort_unique_ids=True,
-        )
+    part = _make_partitioner(
+        scheme, num_clients, seed, alpha, classes_per_client, speakers_per_client,
+        min_partition_size, len(np.unique(speakers)),
+    )  # fmt: skip
     part.dataset = table
-    with warnings.catch_warnings():
-        # Reported below in our own words, with the number of examples affected.
-        warnings.filterwarnings("ignore", message="Classes: .* will NOT be used")
-        out = [
-            np.sort(np.asarray(part.load_partition(i)["row"], dtype=np.int64))
-            for i in range(part.num_partitions)
-        ]
-    unused = n - sum(len(p) for p in out)
-    if unused:
-        left = sorted(set(labels.tolist()) - set(labels[np.concatenate(out)].tolist()))
-        log.warning(
-            "pathological partition: %d of %d training examples (classes %s) belong to no "
-            "client; use num_clients * classes_per_client >= the number of classes to keep them",
-            unused,
-            n,
-            left,
-        )
-    return out
+    return _load_partitions(part, labels)
 
 
 def local_split(

@@ -15,8 +15,8 @@ from typing import Any
 
 from fedkws.data.augment import AugmentConfig
 from fedkws.data.cache import CachedDataset, DataConfig, prepare
+from fedkws.data.errors import DataError, DatasetNotFoundError, check_folder
 from fedkws.data.features import FeatureConfig
-from fedkws.data.speech_commands import DatasetNotFoundError
 from fedkws.fileio import file_lock
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,10 @@ def ensure_dataset(
     DatasetNotFoundError
         If ``root`` is missing and the config says neither how to generate nor
         how to download it.
+    DataError
+        If ``root`` (or a folder above it) is a file.
     """
-    root = Path(root)
+    root = check_folder(root, "dataset.root")
     if generate is not None:
         from fedkws.data import synth
 
@@ -130,6 +132,7 @@ def load_dataset(
 
 
 __all__ = [
+    "DataError",
     "DatasetNotFoundError",
     "augment_config",
     "data_config",

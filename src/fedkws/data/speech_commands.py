@@ -13,7 +13,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import numpy as np
 import soundfile as sf
 
 from fedkws.data.audio import CLIP_SAMPLES
+from fedkws.data.errors import DataError, DatasetNotFoundError, check_folder
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,6 @@ PROTOCOLS = ("12class", "35class")
 SPLITS = ("training", "validation", "testing")
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset root does not exist or holds no Speech Commands folders."""
-
-
 @dataclass(frozen=True)
 class Item:
     """One example of the index.
@@ -158,11 +155,18 @@ def scan_words(root: Path) -> dict[str, list[str]]:
     Entries that cannot be used (a dangling symlink, a folder that cannot be
     listed) are listed or skipped here and counted when the audio is read.
     """
-    root = Path(root)
+    root = check_folder(root, "dataset.root")
     if not root.is_dir():
         raise DatasetNotFoundError(_missing_root_message(root))
+    try:
+        folders = _word_folders(root)
+    except OSError as err:
+        raise DataError(
+            f"dataset.root='{root}' cannot be listed ({err.strerror or err}); "
+            "it must be a readable folder"
+        ) from None
     words: dict[str, list[str]] = {}
-    for sub in _word_folders(root):
+    for sub in folders:
         files = _wav_files(sub)
         if files:
             words[sub.name] = files
@@ -214,6 +218,163 @@ def _noise_lengths(root: Path, names: list[str]) -> dict[str, int]:
     return lengths
 
 
+def check_protocol(protocol: str) -> None:
+    """Raise :class:`DataError` unless ``protocol`` is one of :data:`PROTOCOLS`."""
+    if protocol not in PROTOCOLS:
+        raise DataError(
+            f"dataset.protocol='{protocol}' is not a protocol; allowed: {', '.join(PROTOCOLS)}"
+        )
+
+
+def _no_silence_message(root: Path, noises: list[str], silence_percentage: float) -> str:
+    folder = root / BACKGROUND_NOISE_DIR
+    if not folder.is_dir():
+        state = "does not exist"
+    elif not noises:
+        state = "holds no .wav file"
+    else:
+        shown = ", ".join(noises[:3]) + (", ..." if len(noises) > 3 else "")
+        state = f"holds no readable recording of at least 1 s (found {shown})"
+    return (
+        f"dataset.protocol='12class' draws its _silence_ examples "
+        f"(dataset.silence_percentage={silence_percentage:g}) from background recordings, "
+        f"but '{folder}' {state}; put .wav recordings of at least 1 s there "
+        "or set dataset.silence_percentage=0"
+    )
+
+
+def check_splits(
+    items: Iterable[Item],
+    root: Path,
+    split_source: str,
+    validation_percentage: float,
+    testing_percentage: float,
+    skipped: int = 0,
+) -> None:
+    """Raise :class:`DataError` if a split has no example read from a file.
+
+    An empty validation or testing split would otherwise surface much later
+    as an accuracy of 0.000 (or NaN) at the end of training.
+    """
+    counts = Counter(item.split for item in items if item.path is not None)
+    empty = [split for split in SPLITS if counts[split] == 0]
+    if not empty:
+        return
+    if split_source == "official lists":
+        how = (
+            f"split by the official lists in '{root}' (validation_list.txt, testing_list.txt): "
+            "they must name word files present in dataset.root"
+        )
+    else:
+        how = (
+            f"split by the speaker-hash rule with dataset.validation_percentage="
+            f"{validation_percentage:g} and dataset.testing_percentage={testing_percentage:g}: "
+            "with few speakers a split can get none; add speakers, raise the percentage "
+            "(0 < value, validation + testing < 100) or write the two split lists"
+        )
+    read = f" after {skipped} unreadable files were skipped" if skipped else ""
+    raise DataError(
+        f"the {' and '.join(empty)} split of dataset.root='{root}' has no example{read}; {how}"
+    )
+
+
+def _splitter(
+    root: Path, validation_percentage: float, testing_percentage: float
+) -> tuple[Callable[[str], str], str]:
+    """The split of each file (by the official lists, else by the hash rule) and its source."""
+    val_list = _read_list(root / "validation_list.txt")
+    test_list = _read_list(root / "testing_list.txt")
+    if val_list is None or test_list is None:
+        log.info(
+            "%s: no validation_list.txt/testing_list.txt, splitting by the hash rule "
+            "(%.0f%% validation, %.0f%% testing)",
+            root,
+            validation_percentage,
+            testing_percentage,
+        )
+
+        def by_hash(rel: str) -> str:
+            return which_set(rel, validation_percentage, testing_percentage)
+
+        return by_hash, "hash rule"
+
+    def by_list(rel: str) -> str:
+        if rel in val_list:
+            return "validation"
+        return "testing" if rel in test_list else "training"
+
+    return by_list, "official lists"
+
+
+def _index_35class(
+    root: Path, words: dict[str, list[str]], version: str, split_of: Callable[[str], str]
+) -> tuple[list[Item], dict[str, int]]:
+    if version != "v0.02":
+        raise DataError(
+            f"dataset.protocol='35class' needs Speech Commands v0.02, but "
+            f"dataset.root='{root}' holds v0.01 (none of "
+            f"{', '.join(sorted(set(WORDS_V2) - set(WORDS_V1)))} found); "
+            "allowed for this dataset: protocol=12class"
+        )
+    items: list[Item] = []
+    ignored: dict[str, int] = {}
+    for word, files in words.items():
+        if word not in WORDS_V2:
+            ignored[word] = len(files)
+            continue
+        for rel in files:
+            items.append(Item(rel, WORDS_V2.index(word), speaker_of(rel), split_of(rel)))
+    if ignored:
+        log.warning("35class: ignoring word folders outside the protocol: %s", ignored)
+    return items, ignored
+
+
+def _index_12class(
+    root: Path,
+    words: dict[str, list[str]],
+    split_of: Callable[[str], str],
+    seed: int,
+    silence_percentage: float,
+    unknown_percentage: float,
+    noise_lengths: dict[str, int] | None,
+) -> list[Item]:
+    labels = LABELS_12
+    known: dict[str, list[Item]] = {s: [] for s in SPLITS}
+    unknown: dict[str, list[Item]] = {s: [] for s in SPLITS}
+    unknown_label = labels.index(UNKNOWN_LABEL)
+    for word, files in words.items():
+        for rel in files:
+            split = split_of(rel)
+            if word in TEN_WORDS:
+                known[split].append(Item(rel, labels.index(word), speaker_of(rel), split))
+            else:
+                unknown[split].append(Item(rel, unknown_label, speaker_of(rel), split))
+
+    noises = noise_files(root)
+    if noise_lengths is None:
+        noise_lengths = _noise_lengths(root, noises)
+    usable = [n for n in noises if noise_lengths.get(n, 0) >= CLIP_SAMPLES]
+    silence_label = labels.index(SILENCE_LABEL)
+    rng = np.random.default_rng(seed)
+    items: list[Item] = []
+    for split in SPLITS:
+        n_known = len(known[split])
+        items.extend(known[split])
+        n_silence = math.ceil(n_known * silence_percentage / 100)
+        if n_silence and not usable:
+            raise DataError(_no_silence_message(root, noises, silence_percentage))
+        for _ in range(n_silence):
+            name = usable[int(rng.integers(len(usable)))]
+            offset = int(rng.integers(0, noise_lengths[name] - CLIP_SAMPLES + 1))
+            volume = float(rng.uniform(0.0, 1.0))
+            items.append(Item(None, silence_label, "_silence_", split, (name, offset, volume)))
+        pool = unknown[split]
+        order = rng.permutation(len(pool))
+        n_unknown = min(len(pool), math.ceil(n_known * unknown_percentage / 100))
+        items.extend(pool[i] for i in sorted(order[:n_unknown]))
+    return items
+
+
 def build_index(
     root: Path | str,
     protocol: str = "12class",
@@ -238,88 +399,28 @@ def build_index(
     noise_lengths
         Length in samples of each background file, needed to draw silence
         slices. Read from disk when not given.
+
+    Raises
+    ------
+    DatasetNotFoundError
+        If ``root`` is missing or holds no word folder with ``.wav`` files.
+    DataError
+        For a protocol the dataset cannot serve (unknown name, 35class on
+        v0.01, 12class silence without background recordings) or a split
+        without examples.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"Unknown protocol '{protocol}'. Valid protocols: {', '.join(PROTOCOLS)}")
+    check_protocol(protocol)
     root = Path(root)
     words = scan_words(root)
     version = detect_version(words)
-
-    val_list = _read_list(root / "validation_list.txt")
-    test_list = _read_list(root / "testing_list.txt")
-    if val_list is None or test_list is None:
-        split_source = "hash rule"
-        log.info(
-            "%s: no validation_list.txt/testing_list.txt, splitting by the hash rule "
-            "(%.0f%% validation, %.0f%% testing)",
-            root,
-            validation_percentage,
-            testing_percentage,
-        )
-
-        def split_of(rel: str) -> str:
-            return which_set(rel, validation_percentage, testing_percentage)
-    else:
-        split_source = "official lists"
-
-        def split_of(rel: str) -> str:
-            if rel in val_list:
-                return "validation"
-            return "testing" if rel in test_list else "training"
-
-    rng = np.random.default_rng(seed)
-    items: list[Item] = []
-    ignored: dict[str, int] = {}
+    split_of, split_source = _splitter(root, validation_percentage, testing_percentage)
     if protocol == "35class":
-        if version != "v0.02":
-            raise ValueError(
-                f"The 35class protocol needs Speech Commands v0.02; '{root}' looks like v0.01 "
-                f"(none of {sorted(set(WORDS_V2) - set(WORDS_V1))} found). Use protocol=12class."
-            )
         labels = WORDS_V2
-        for word, files in words.items():
-            if word not in labels:
-                ignored[word] = len(files)
-                continue
-            for rel in files:
-                items.append(Item(rel, labels.index(word), speaker_of(rel), split_of(rel)))
-        if ignored:
-            log.warning("35class: ignoring word folders outside the protocol: %s", ignored)
-        return DatasetIndex(root, version, protocol, labels, items, split_source, ignored)
-
-    labels = LABELS_12
-    known: dict[str, list[Item]] = {s: [] for s in SPLITS}
-    unknown: dict[str, list[Item]] = {s: [] for s in SPLITS}
-    unknown_label = labels.index(UNKNOWN_LABEL)
-    for word, files in words.items():
-        for rel in files:
-            split = split_of(rel)
-            if word in TEN_WORDS:
-                known[split].append(Item(rel, labels.index(word), speaker_of(rel), split))
-            else:
-                unknown[split].append(Item(rel, unknown_label, speaker_of(rel), split))
-
-    noises = noise_files(root)
-    if noise_lengths is None:
-        noise_lengths = _noise_lengths(root, noises)
-    usable = [n for n in noises if noise_lengths and noise_lengths.get(n, 0) >= CLIP_SAMPLES]
-    silence_label = labels.index(SILENCE_LABEL)
-    for split in SPLITS:
-        n_known = len(known[split])
-        items.extend(known[split])
-        n_silence = math.ceil(n_known * silence_percentage / 100)
-        if n_silence and not usable:
-            raise ValueError(
-                f"'{root / BACKGROUND_NOISE_DIR}' has no recording of at least 1 s, but the "
-                "12class protocol draws its silence examples from background noise."
-            )
-        for _ in range(n_silence):
-            name = usable[int(rng.integers(len(usable)))]
-            offset = int(rng.integers(0, noise_lengths[name] - CLIP_SAMPLES + 1))
-            volume = float(rng.uniform(0.0, 1.0))
-            items.append(Item(None, silence_label, "_silence_", split, (name, offset, volume)))
-        pool = unknown[split]
-        order = rng.permutation(len(pool))
-        n_unknown = min(len(pool), math.ceil(n_known * unknown_percentage / 100))
-        items.extend(pool[i] for i in sorted(order[:n_unknown]))
+        items, ignored = _index_35class(root, words, version, split_of)
+    else:
+        labels, ignored = LABELS_12, {}
+        items = _index_12class(
+            root, words, split_of, seed, silence_percentage, unknown_percentage, noise_lengths
+        )
+    check_splits(items, root, split_source, validation_percentage, testing_percentage)
     return DatasetIndex(root, version, protocol, labels, items, split_source, ignored)
