@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import tempfile
 import time
 import uuid
@@ -140,12 +141,14 @@ def data_key(config: DataConfig) -> str:
 @contextmanager
 def _scratch(folder: Path, name: str) -> Iterator[Path]:
     """A uniquely named scratch ``.npy`` file in ``folder``, deleted on exit unless moved."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp.npy", dir=folder)
-    os.close(fd)
+    # Not mkstemp: its files are private (0600); this one gets the usual
+    # permissions (0666 less the umask), like the file it becomes.
+    tmp = folder / f".{name}.{secrets.token_hex(8)}.tmp.npy"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield Path(tmp)
+        yield tmp
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def _read_noise(root: Path, report: AudioReport) -> dict[str, np.ndarray]:
