@@ -157,10 +157,13 @@ def report(paths: list[Path], markdown: Path | None = None, plot: Path | None = 
     if not_done:
         table += f"\n\nmissing ({len(not_done)} run(s) without a finished results.json):\n"
         table += "\n".join(f"- {item}" for item in not_done)
-    if markdown is not None:
-        write_text(markdown, table + "\n")
-    if plot is not None:
-        _plot(done, plot)
+    outputs = [(markdown, lambda p: write_text(p, table + "\n")), (plot, lambda p: _plot(done, p))]
+    for target, write in outputs:
+        if target is not None:
+            try:
+                write(Path(target))
+            except OSError as err:  # e.g. --markdown into a folder that does not exist
+                raise ConfigError(f"cannot write {target}: {err.strerror or err}") from err
     return table
 
 
