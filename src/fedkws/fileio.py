@@ -24,6 +24,12 @@ except ImportError:  # Windows: no advisory locks
     fcntl = None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
     """Yield a unique temporary path beside ``path``; rename it onto ``path`` on success.
@@ -37,6 +43,7 @@ def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
     )
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
     try:
         yield tmp
         os.replace(tmp, path)

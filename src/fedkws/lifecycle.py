@@ -56,5 +56,6 @@ def graceful_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
+        # The flag stays set: threads still winding down (a ServerApp waiting for nodes)
+        # must see it. The next run clears it when it starts.
         signal.signal(signal.SIGINT, previous)
-        _STOP.clear()

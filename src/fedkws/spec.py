@@ -480,6 +480,15 @@ def _check_federation(spec: RunSpec, p: _Problems) -> None:
     _one_of(p, "federation.backend", fed.backend, ("ray", "inprocess"))
     p.check(fed.num_cpus > 0, "federation.client_resources.num_cpus", fed.num_cpus, "must be > 0")
     p.check(fed.num_gpus >= 0, "federation.client_resources.num_gpus", fed.num_gpus, "must be >= 0")
+    if fed.num_gpus > 0 and fed.backend == "ray":
+        import torch
+
+        p.check(
+            torch.cuda.is_available(),
+            "federation.client_resources.num_gpus",
+            fed.num_gpus,
+            "must be 0 on a machine without CUDA (Ray could never place a client)",
+        )
     ray_cpus = dict(fed.ray_init_args).get("num_cpus")
     if ray_cpus is not None and fed.num_cpus > float(ray_cpus):
         p.add(

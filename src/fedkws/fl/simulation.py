@@ -19,12 +19,26 @@ from typing import Any
 
 from flwr.serverapp import Grid
 
+from fedkws import lifecycle
+from fedkws.errors import FederationError
+
 BACKENDS = ("ray", "inprocess")
 
 
+def _no_tracebacks(record: logging.LogRecord) -> bool:
+    return "Traceback (most recent call last)" not in record.getMessage()
+
+
 def quiet_flower_logging() -> None:
-    """Flower logs through its own handler; stop the same lines reaching Hydra's root handler."""
-    logging.getLogger("flwr").propagate = False
+    """Flower logs through its own handler; stop the same lines reaching Hydra's root handler.
+
+    Flower also logs whole tracebacks when a simulation fails; fedkws reports the
+    reason in one ``error:`` line instead, so those records are dropped.
+    """
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False
+    if _no_tracebacks not in flwr_log.filters:
+        flwr_log.addFilter(_no_tracebacks)
 
 
 def simulate(
@@ -72,10 +86,20 @@ def _run_ray(main, client_app, num_clients, client_resources, ray_init_args) -> 
     backend_config: dict[str, Any] = {"client_resources": dict(client_resources)}
     if ray_init_args:
         backend_config["init_args"] = dict(ray_init_args)
-    run_simulation(
-        server_app=make_server_app(main),
-        client_app=client_app,
-        num_supernodes=num_clients,
-        backend_name="ray",
-        backend_config=backend_config,
-    )
+    try:
+        run_simulation(
+            server_app=make_server_app(main),
+            client_app=client_app,
+            num_supernodes=num_clients,
+            backend_name="ray",
+            backend_config=backend_config,
+        )
+    except Exception as err:
+        # The backend died (e.g. Ray could not place the clients) while the ServerApp thread
+        # may still wait for nodes: tell it to stop, so the process ends instead of hanging.
+        lifecycle.request_stop()
+        cause: BaseException = err
+        while cause.__cause__ is not None:  # the root reason, not Flower's wrapper
+            cause = cause.__cause__
+        reason = " ".join(str(cause).split())[:300] or type(cause).__name__
+        raise FederationError(f"the Flower simulation failed: {reason}") from err
