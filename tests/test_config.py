@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from conftest import compose_cfg
 from fedkws import CONF_DIR
-from fedkws.core.models import build_model
+from fedkws.core.models import bn_layers, bn_state_keys, build_model, count_parameters
 from fedkws.data.pipeline import augment_config, data_config, feature_config
+from fedkws.errors import ConfigError
 from fedkws.spec import from_config
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
@@ -32,11 +39,148 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
     feature_config(cfg.features)
     augment_config(cfg.augment)
     data_config(cfg.dataset)
-    spec = from_config(cfg).model.build_args(num_classes=12)
+    spec = from_config(cfg).model.build_args(num_classes=12)  # validates the whole config
     if spec["name"] != "resnet" or spec.get("depth", 18) <= 18:
         build_model(**spec)
-    assert cfg.strategy.name in ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "central")
-    assert cfg.bn.sync in ("full", "params_only", "local")
+
+
+# The option files that select a rule, and the key each sets: the files on disk are
+# the list of choices, so a rule added in code without a file (or the reverse) fails.
+# group: (config key, where the validated spec keeps it)
+SELECTORS = {
+    "strategy": ("strategy.name", "strategy.name"),
+    "bn": ("bn.sync", "bn.sync"),
+    "norm": ("norm.kind", "model.norm"),
+    "partition": ("partition.scheme", "partition.scheme"),
+}
+
+
+def _spec_value(spec, group: str):
+    obj = spec
+    for attr in SELECTORS[group][1].split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
+SELECTED = [(g, o) for g, o in OPTIONS if g in SELECTORS]
+
+
+@pytest.mark.parametrize(("group", "option"), SELECTED, ids=[f"{g}={o}" for g, o in SELECTED])
+def test_each_option_file_selects_the_rule_it_is_named_after(group, option, tmp_path):
+    # Catches: a strategy (or bn sync, norm, partition) file the code rejects or renames.
+    spec = from_config(compose_cfg([f"{group}={option}"], tmp_path))
+    assert _spec_value(spec, group) == option
+    if group == "strategy":
+        assert spec.strategy.central == (option == "central")
+
+
+@pytest.mark.parametrize("group", sorted(SELECTORS))
+def test_code_accepts_exactly_the_option_files(group, tmp_path):
+    # Catches: a rule accepted by the code that no config file offers, or the reverse.
+    key = SELECTORS[group][0]
+    with pytest.raises(ConfigError) as err:
+        from_config(compose_cfg([f"{key}=no_such_rule"], tmp_path))
+    line = next(ln for ln in str(err.value).splitlines() if ln.startswith(f"{key}="))
+    allowed = set(re.findall(r"[A-Za-z0-9_]+", line.split("must be one of", 1)[1]))
+    assert allowed == {o for g, o in OPTIONS if g == group}
+
+
+# Small but architecturally identical variants of every model family.
+FAMILIES = {
+    "cnn": {},
+    "res8": {"maps": 8},
+    "res15": {"maps": 8},
+    "resnet10": {"width": 4},
+    "resnet18": {"width": 4},
+    "resnet34": {"width": 4},
+    "resnet50": {"width": 4},
+}
+# BatchNorm layers, counted by hand from the architectures: cnn two convs; res8 and
+# res15 one per conv after the stem (6, 13); ResNets one per conv, plus the stem and
+# one per projection shortcut (3 for basic blocks, 4 for bottlenecks).
+BN_COUNT = {
+    "cnn": 2,
+    "res8": 6,
+    "res15": 13,
+    "resnet10": 1 + 4 * 2 + 3,
+    "resnet18": 1 + 8 * 2 + 3,
+    "resnet34": 1 + 16 * 2 + 3,
+    "resnet50": 1 + 16 * 3 + 4,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_bn_layers_are_listed_in_forward_order(name):
+    # Catches: bn_layers in registration order where forward order differs (e.g. a
+    # shortcut's BatchNorm run before the main path), a BN run twice or never.
+    torch.manual_seed(0)
+    model = build_model(name, 12, norm="batch", **FAMILIES[name])
+    called: list[_BatchNorm] = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: called.append(m))
+        for m in model.modules()
+        if isinstance(m, _BatchNorm)
+    ]
+    model.train()
+    model(torch.randn(2, 1, 40, 101))
+    for h in hooks:
+        h.remove()
+    assert len(called) == BN_COUNT[name]
+    assert [m for _, m in bn_layers(model)] == called
+
+
+def test_state_dict_keys_of_a_hand_countable_model():
+    # Catches: BN keys missing a buffer (num_batches_tracked), conv or head keys taken
+    # for BN keys, a conv bias left in before BatchNorm.
+    model = build_model("cnn", 12, norm="batch", channels=(4, 4), pooled=(1, 1))
+    buffers = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    bn = {f"features.{i}.{k}" for i in (1, 5) for k in buffers}
+    other = {"features.0.weight", "features.4.weight", "classifier.weight", "classifier.bias"}
+    assert bn_state_keys(model) == bn
+    assert set(model.state_dict()) == bn | other
+    # conv 1x4x8x20 + BN 2x4 + conv 4x4x4x10 + BN 2x4 + linear 4x12 + 12
+    assert count_parameters(model) == 640 + 8 + 640 + 8 + 48 + 12
+
+
+def _sweep_cells(preset: str) -> list[list[str]]:
+    """Every job of ``-m experiment=<preset>``, parsed the way Hydra's sweeper parses them."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params or {}
+    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    axes = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [f"{o.get_key_element()}={o.get_value_element_as_str()}"]
+        for o in overrides
+    ]
+    return [list(cell) for cell in itertools.product(*axes)]
+
+
+SWEEPS = [
+    p.stem
+    for p in sorted((Path(CONF_DIR) / "experiment").glob("*.yaml"))
+    if re.search(r"^\s*sweeper:", p.read_text(), re.MULTILINE)
+]
+
+
+@pytest.mark.parametrize("preset", SWEEPS)
+def test_every_sweep_cell_composes_and_validates(preset, tmp_path):
+    # Catches: a sweep value the config or the code rejects, and a cell count that differs
+    # from the one the preset documents ("6 jobs").
+    cells = _sweep_cells(preset)
+    documented = re.search(
+        r"(\d+) jobs", (Path(CONF_DIR) / "experiment" / f"{preset}.yaml").read_text()
+    )
+    assert documented and len(cells) == int(documented.group(1))
+    assert len({tuple(c) for c in cells}) == len(cells)
+    for cell in cells:
+        spec = from_config(compose_cfg([f"experiment={preset}", *cell], tmp_path))
+        assert spec.name == preset
+        for item in cell:
+            key, value = item.split("=", 1)
+            if key in SELECTORS:
+                assert str(_spec_value(spec, key)) == value
 
 
 def test_every_yaml_opens_with_the_command_that_runs_it():
