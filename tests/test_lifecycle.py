@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMALL_FEDERATION, cli_env, error_lines, tiny_dataset_overrides, train_command
 
 from fedkws.errors import FederationError
 from fedkws.fl import client_app
 from fedkws.fl.messages import ClientTask
 from fedkws.run import run
+from helpers import SMALL_FEDERATION, cli_env, error_lines, tiny_dataset_overrides, train_command
 
 # --------------------------------------------------------------------------- failing clients
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+
 from helpers import cli_env, error_lines, tiny_dataset_overrides, train_command
 
 # (overrides, a fragment the one error line must contain)
