@@ -65,3 +65,39 @@ def golden_view(result) -> dict:
         if k.startswith("test/") and k.endswith("/acc")
     }
     return {"rounds": rounds, "test": test}
+
+
+# --------------------------------------------------------------------------- the real CLI
+
+
+def tiny_dataset_overrides(data_dir, tiny_root) -> list[str]:
+    """Command-line overrides that point ``fedkws-train`` at the session's tiny dataset."""
+    from conftest import TINY
+
+    return [
+        f"data_dir={data_dir}",
+        f"cache_dir={data_dir / 'cache'}",
+        f"dataset.root={tiny_root}",
+        f"dataset.generate.speakers={TINY['speakers']}",
+        f"dataset.generate.utterances={TINY['utterances']}",
+        f"dataset.generate.noise_seconds={TINY['noise_seconds']}",
+    ]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI subprocess: W&B off, telemetry off, this checkout's code."""
+    import os
+
+    return {**os.environ, "WANDB_MODE": "disabled", "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def train_command(*overrides: str) -> list[str]:
+    """``fedkws-train`` with ``overrides``, as a user types it."""
+    import sys
+
+    return [sys.executable, "-m", "fedkws.train", *overrides]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The ``error:`` lines of a command's stderr."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]

@@ -11,23 +11,49 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from fedkws.errors import user_errors
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``error:`` line (exit 2), like every other one."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _at_least(low: float, kind: type = int):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is less than {low}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch the sub-commands."""
-    parser = argparse.ArgumentParser(prog="fedkws", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="fedkws", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     from fedkws.data import synth
 
     gen = sub.add_parser("generate", help="generate the synthetic Speech Commands dataset")
     gen.add_argument("--root", type=Path, required=True)
-    gen.add_argument("--speakers", type=int, default=synth.DEFAULT_SPEAKERS)
-    gen.add_argument("--utterances", type=int, default=synth.DEFAULT_UTTERANCES)
+    # Three speakers at least: one for each of the training, validation and test splits.
+    gen.add_argument("--speakers", type=_at_least(3), default=synth.DEFAULT_SPEAKERS)
+    gen.add_argument("--utterances", type=_at_least(1), default=synth.DEFAULT_UTTERANCES)
     gen.add_argument("--seed", type=int, default=synth.DEFAULT_SEED)
-    gen.add_argument("--noise-seconds", type=float, default=synth.DEFAULT_NOISE_SECONDS)
+    gen.add_argument(
+        "--noise-seconds", type=_at_least(1.0, float), default=synth.DEFAULT_NOISE_SECONDS
+    )
 
     dl = sub.add_parser("download", help="download and extract real Speech Commands")
     dl.add_argument("--root", type=Path, required=True)

@@ -21,9 +21,16 @@ class RunRefused(RuntimeError):
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from fedkws.data.download import DownloadError
-    from fedkws.data.speech_commands import DatasetNotFoundError
+    from fedkws.data.errors import DataError, DatasetNotFoundError
 
-    return (ConfigError, RunRefused, DatasetNotFoundError, DownloadError, FederationError)
+    return (
+        ConfigError,
+        RunRefused,
+        DataError,
+        DatasetNotFoundError,
+        DownloadError,
+        FederationError,
+    )
 
 
 def print_error(err: BaseException) -> None:

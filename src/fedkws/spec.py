@@ -140,6 +140,7 @@ class LoggerSpec:
     project: str = "fedkws"
     entity: str | None = None
     tags: tuple[str, ...] = ()
+    init_timeout: float = 30.0  # seconds to reach the W&B server before falling back to offline
 
 
 @dataclass(frozen=True)
@@ -221,8 +222,9 @@ def _typed(cls: type, values: Mapping[str, Any], problems: _Problems, group: str
             problems.add(f"{group}.{f.name}", value, f"must be {f.type}")
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        problems.add(group, dict(values), str(err))
+    except (TypeError, ValueError) as err:  # the class's own check (it names the key, or not)
+        message = str(err)
+        problems.lines.append(message if message.startswith(group) else f"{group}: {message}")
         return None
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from fedkws import CONF_DIR
@@ -57,6 +58,26 @@ def _tidy_refused(run_dir: Path) -> None:
                 run_dir.rmdir()
     except OSError:
         pass
+
+
+class FolderGuard(Callback):
+    """Hydra creates the run or sweep folder before fedkws runs: check it can, first."""
+
+    def _check(self, folder: str, key: str) -> None:
+        from fedkws.errors import ConfigError
+        from fedkws.recipes.common import check_writable
+
+        with user_errors():
+            try:
+                check_writable(Path(folder), key)
+            except ConfigError as err:
+                raise ConfigError(str(err)) from None
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102 - Hydra hook
+        self._check(str(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
+        self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

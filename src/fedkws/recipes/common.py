@@ -189,6 +189,7 @@ class Run:
             group=self.wandb_names[0],
             name=self.wandb_names[1],
             run_id=wandb_id,
+            init_timeout=log.init_timeout,
         )
         self.recorder = Recorder(self.run_dir, self.result, wandb)
 

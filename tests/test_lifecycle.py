@@ -1,0 +1,223 @@
+"""A run never hangs and never loses work: failures, Ctrl-C, refused starts.
+
+Promises about the process are checked through the real ``fedkws-train`` command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedkws.errors import FederationError
+from fedkws.fl import client_app
+from fedkws.fl.messages import ClientTask
+from fedkws.run import run
+from helpers import SMALL_FEDERATION, cli_env, error_lines, tiny_dataset_overrides, train_command
+
+# --------------------------------------------------------------------------- failing clients
+
+
+class FailingClient:
+    """The real ClientApp, except that one client raises in one round's training."""
+
+    def __init__(self, pid: int, round_: int) -> None:
+        self.pid, self.round = pid, round_
+        self.real = client_app.app
+
+    def __call__(self, message, context):
+        task_fails = message.metadata.message_type == "train" and (
+            int(context.node_config["partition-id"]) == self.pid
+            and ClientTask.from_record(message.content["config"]).round == self.round
+        )
+        if task_fails:
+            raise RuntimeError("disk on fire")
+        return self.real(message, context)
+
+
+def _fed(make_cfg, *extra):
+    overrides = [*SMALL_FEDERATION, "federation.backend=inprocess", "partition.num_clients=3"]
+    return make_cfg([*overrides, "train.local_epochs=1", *extra])
+
+
+def test_a_failing_client_is_recorded_and_the_round_goes_on(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(client_app, "app", FailingClient(pid=1, round_=2))
+    result = run(_fed(make_cfg), tmp_path / "run")
+    assert [r.round for r in result.rounds] == [1, 2, 3] and result.summary["complete"]
+    failures = result.summary["failures"]
+    assert len(failures) == 1
+    assert failures[0]["pid"] == 1 and failures[0]["round"] == 2
+    assert failures[0]["message_type"] == "train" and "disk on fire" in failures[0]["reason"]
+    second = result.rounds[1]
+    assert second.metrics["clients_failed"] == 1
+    assert second.clients["1"] == {"failed": 1.0}
+    assert sorted(result.rounds[0].clients) == sorted(result.rounds[2].clients) == ["0", "1", "2"]
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["summary"]["failures"][0]["reason"] == failures[0]["reason"]
+
+
+def test_too_few_replies_stop_the_run_with_one_reason(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(client_app, "app", FailingClient(pid=0, round_=2))
+    with pytest.raises(FederationError, match="min_train_clients=3.*disk on fire"):
+        run(_fed(make_cfg, "strategy.min_train_clients=3"), tmp_path / "run")
+    # Round 1 is kept: results.json and the checkpoint of the last complete round.
+    rounds = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["round"] == 1
+
+
+# --------------------------------------------------------------------------- refused starts
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file's content hash and modification time: a refused run must change neither."""
+    return {
+        str(p.relative_to(folder)): (hashlib.sha1(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _train(data_dir, tiny_root, run_dir, *overrides, timeout=180):
+    command = train_command(
+        *tiny_dataset_overrides(data_dir, tiny_root), "model=cnn", "strategy=central",
+        "train.rounds=3", f"hydra.run.dir={run_dir}", *overrides,
+    )  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(data_dir, tiny_root, tmp_path_factory):
+    """A centralised run that stopped on purpose after round 2 of 3."""
+    run_dir = tmp_path_factory.mktemp("refused") / "run"
+    out = _train(data_dir, tiny_root, run_dir, "train.stop_after_round=2")
+    assert out.returncode == 0, out.stderr
+    return run_dir
+
+
+REFUSALS = [
+    ([], "pass resume=true"),
+    (["resume=true", "optimizer.lr=0.5"], "differs from the checkpoint's in optimizer.lr"),
+    (["resume=true", "train.rounds=1"], "fewer than the 2 rounds already recorded"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), REFUSALS, ids=["no-resume", "changed", "fewer"])
+def test_refused_run_changes_nothing_on_disk(stopped_run, data_dir, tiny_root, overrides, expected):
+    before = _snapshot(stopped_run)
+    assert ".hydra/config.yaml" in before and "checkpoint.pt" in before
+    out = _train(data_dir, tiny_root, stopped_run, *overrides)
+    assert out.returncode == 2, out.stderr
+    lines = error_lines(out.stderr)
+    assert len(lines) == 1 and expected in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+    assert _snapshot(stopped_run) == before
+
+
+def test_corrupt_checkpoint_is_refused(stopped_run, data_dir, tiny_root, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped_run, run_dir)
+    (run_dir / "checkpoint.pt").write_bytes(b"\x00" * 100)
+    before = _snapshot(run_dir)
+    out = _train(data_dir, tiny_root, run_dir, "resume=true")
+    assert out.returncode == 2 and "not a readable fedkws checkpoint" in out.stderr
+    assert len(error_lines(out.stderr)) == 1 and "Traceback" not in out.stderr
+    assert _snapshot(run_dir) == before
+
+
+def test_resume_continues_where_it_stopped(stopped_run, data_dir, tiny_root, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped_run, run_dir)
+    out = _train(data_dir, tiny_root, run_dir, "resume=true")
+    assert out.returncode == 0, out.stderr
+    rounds = json.loads((run_dir / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def _interrupt_after_round(command: list[str], run_dir: Path, round_: int = 1):
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env())  # fmt: skip
+    results = run_dir / "results.json"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if results.is_file() and f'"round": {round_}' in results.read_text():
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        return proc.returncode, out, err, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _check_clean_stop(code, err, seconds, run_dir):
+    assert code == 130, err
+    assert seconds < 15, seconds
+    assert "Traceback" not in err
+    lines = error_lines(err)
+    assert len(lines) == 1 and "interrupted" in lines[0], err
+    kept = torch.load(run_dir / "checkpoint.pt", weights_only=True)["round"]
+    recorded = json.loads((run_dir / "results.json").read_text())["rounds"]
+    assert kept >= 1 and [r["round"] for r in recorded] == list(range(1, kept + 1))
+
+
+def test_ctrl_c_stops_a_central_run_cleanly(data_dir, tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    command = train_command(
+        *tiny_dataset_overrides(data_dir, tiny_root), "strategy=central", "model=resnet",
+        "model.depth=10", "model.width=16", "train.rounds=100", f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    code, _, err, seconds = _interrupt_after_round(command, run_dir)
+    _check_clean_stop(code, err, seconds, run_dir)
+
+
+def _raylets() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_ray_simulation_cleanly(data_dir, tiny_root, tmp_path):
+    before = _raylets()
+    run_dir = tmp_path / "run"
+    command = train_command(
+        *tiny_dataset_overrides(data_dir, tiny_root), "model=cnn", "train.rounds=100",
+        "federation.backend=ray", f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    code, _, err, seconds = _interrupt_after_round(command, run_dir)
+    _check_clean_stop(code, err, seconds, run_dir)
+    assert _raylets() <= before  # no Ray process left behind
+
+
+@pytest.mark.slow
+def test_a_crashed_simulation_ends_the_process_quickly(data_dir, tiny_root, tmp_path):
+    """Ray refuses its start-up arguments: one line with the reason, exit 2, no hang."""
+    start = time.monotonic()
+    out = subprocess.run(
+        train_command(*tiny_dataset_overrides(data_dir, tiny_root), "model=cnn",
+                      "+federation.ray_init_args.object_store_memory=10",
+                      f"hydra.run.dir={tmp_path / 'run'}"),
+        capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    lines = error_lines(out.stderr)
+    assert len(lines) == 1 and "object store memory" in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+    assert time.monotonic() - start < 60

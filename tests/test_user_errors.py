@@ -1,0 +1,91 @@
+"""Every user mistake gets one line: ``error: ...``, exit status 2, no traceback, nothing written.
+
+Driven through the real ``fedkws-train`` command, as a user meets them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from helpers import cli_env, error_lines, tiny_dataset_overrides, train_command
+
+# (overrides, a fragment the one error line must contain)
+CONFIG_MISTAKES = [
+    (["strategy.fraction_train=0"], "strategy.fraction_train=0.0: must be in (0, 1]"),
+    (["strategy.fraction_train=1.5"], "strategy.fraction_train=1.5"),
+    (["train.batch_size=0"], "train.batch_size=0: must be >= 1"),
+    (["optimizer.lr=-0.1"], "optimizer.lr=-0.1: must be > 0"),
+    (["partition.local_test_fraction=1.0"], "partition.local_test_fraction=1.0"),
+    (["bn=local", "norm=group"], "FedBN needs a model with BatchNorm"),
+    (["logger.mode=bogus"], "logger.mode='bogus': must be one of offline, online, disabled"),
+    (["bn.eval_modes=[eval,bogus]"], "bn.eval_modes='bogus'"),
+    (["federation.client_resources.num_cpus=4"], "Ray could never place a client"),
+    (["federation.client_resources.num_gpus=1"], "without CUDA"),
+    (["strategy.min_train_clients=9"], "must be <= partition.num_clients"),
+    (["dataset.protocol=50class"], "dataset.protocol='50class'"),
+    (["features.kind=wavelet"], "features: Unknown feature kind 'wavelet'"),
+    (["train.local_epochs=two"], "train.local_epochs='two'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), CONFIG_MISTAKES, ids=lambda v: str(v))
+def test_config_mistake_is_one_line(overrides, expected, tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        train_command(*overrides, f"hydra.run.dir={run_dir}", f"data_dir={tmp_path / 'data'}"),
+        capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert len(error_lines(out.stderr)) == 1, out.stderr
+    assert expected in error_lines(out.stderr)[0]
+    assert "Traceback" not in out.stderr + out.stdout
+    # Validation comes before anything is written: no run folder, no data folder.
+    assert not run_dir.exists() and not (tmp_path / "data").exists()
+
+
+def test_all_problems_of_a_config_are_reported_together(tmp_path):
+    out = subprocess.run(
+        train_command("train.batch_size=0", "optimizer.lr=-1", "logger.mode=x",
+                      f"hydra.run.dir={tmp_path / 'run'}"),
+        capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    keys = sorted(line.split("=")[0] for line in error_lines(out.stderr))
+    assert out.returncode == 2
+    assert keys == ["error: logger.mode", "error: optimizer.lr", "error: train.batch_size"]
+
+
+def _tiny(data_dir, tiny_root, *overrides):
+    return train_command(*tiny_dataset_overrides(data_dir, tiny_root), "model=cnn", *overrides)
+
+
+def test_a_file_where_a_folder_is_expected(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for override in (f"cache_dir={blocker}", f"hydra.run.dir={blocker}"):
+        out = subprocess.run(
+            train_command(override, f"data_dir={tmp_path / 'data'}"),
+            capture_output=True, text=True, env=cli_env(), timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 2, (override, out.stderr)
+        assert len(error_lines(out.stderr)) == 1 and "Traceback" not in out.stderr, out.stderr
+        assert str(blocker) in error_lines(out.stderr)[0]
+    assert blocker.read_text() == "not a folder"
+
+
+def test_dataset_without_background_noise(tmp_path, tiny_root):
+    """The 12-class protocol needs _background_noise_ for its silence class."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_root, root, ignore=shutil.ignore_patterns("_background_noise_"))
+    out = subprocess.run(
+        train_command("dataset.generate=null", f"dataset.root={root}",
+                      f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"),
+        capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    lines = error_lines(out.stderr)
+    assert len(lines) == 1 and "_background_noise_" in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
