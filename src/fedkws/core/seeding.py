@@ -19,6 +19,7 @@ class Stream(IntEnum):
     MODEL_INIT = 0x1E17  # initial global model weights
     CLIENT_SAMPLING = 0x5A3  # which clients train in a round
     CENTRAL_TRAINING = 0xCE47  # batch order and augmentation of the centralised baseline
+    LOCAL_TEST_SPLIT = 0x5EED  # which of a client's rows form its local test split
 
 
 def stream_seed(*parts: int) -> int:

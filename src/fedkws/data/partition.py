@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedkws.core.seeding import Stream
+
 log = logging.getLogger(__name__)
 
 SCHEMES = ("iid", "dirichlet", "speaker", "pathological")
@@ -171,7 +173,7 @@ def local_split(
     """Split one client's rows into its local train and test sets (seeded per client)."""
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    rng = np.random.default_rng([seed, client_id, 0x5EED])
+    rng = np.random.default_rng([seed, client_id, int(Stream.LOCAL_TEST_SPLIT)])
     perm = rng.permutation(rows)
     n_test = int(round(len(rows) * test_fraction))
     if test_fraction > 0 and len(rows) > 1:
@@ -215,27 +217,22 @@ def plot(
     parts: list[np.ndarray], labels: np.ndarray, label_names: tuple[str, ...], path: Path | str
 ) -> Path:
     """Stacked bar chart of the label distribution per client, saved as PNG."""
-    import matplotlib
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fedkws.plots import figure
 
     hist = label_histogram(parts, labels, len(label_names))
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(parts) + 3), 4))
-    bottom = np.zeros(len(parts))
-    cmap = plt.get_cmap("tab20")
-    for k, name in enumerate(label_names):
-        ax.bar(np.arange(len(parts)), hist[:, k], bottom=bottom, color=cmap(k % 20), label=name)
-        bottom += hist[:, k]
-    ax.set_xlabel("client")
-    ax.set_ylabel("training examples")
-    ax.set_title(
-        f"label distribution per client (skew {skew(parts, labels, len(label_names)):.2f})"
-    )
-    ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(max(6, 0.35 * len(parts) + 3), 4)) as (_, ax):
+        bottom = np.zeros(len(parts))
+        cmap = colormaps["tab20"]
+        for k, name in enumerate(label_names):
+            ax.bar(np.arange(len(parts)), hist[:, k], bottom=bottom, color=cmap(k % 20), label=name)
+            bottom += hist[:, k]
+        ax.set_xlabel("client")
+        ax.set_ylabel("training examples")
+        skewness = skew(parts, labels, len(label_names))
+        ax.set_title(f"label distribution per client (skew {skewness:.2f})")
+        ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
     return path
