@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny synthetic dataset generated once, and Hydra composition."""
+"""Shared fixtures: one tiny synthetic dataset (and cache) per session, configs copied per test.
+
+Shared settings and helpers live in ``helpers.py``, imported explicitly by the tests.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,9 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from fedkws import CONF_DIR
+from helpers import TINY, compose_cfg
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -34,10 +36,6 @@ def reference() -> Path:
     return REFERENCE
 
 
-# The smallest corpus on which a small ResNet learns something within a few rounds.
-TINY = {"speakers": 16, "utterances": 2, "seed": 0, "noise_seconds": 5}
-
-
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """One data folder (datasets + caches) shared by the whole session."""
@@ -59,20 +57,6 @@ def tiny_root(data_dir) -> Path:
         progress=False,
     )
     return root
-
-
-def compose_cfg(overrides: list[str], data_dir: Path, tiny_root: Path | None = None) -> DictConfig:
-    """Compose ``conf/config.yaml`` with overrides, shrunk for tests."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["logger=disabled", *overrides])
-    with open_dict(cfg):
-        cfg.data_dir = str(data_dir)
-        cfg.cache_dir = str(data_dir / "cache")
-        cfg.progress = False
-        if tiny_root is not None and cfg.dataset.get("generate") is not None:
-            cfg.dataset.root = str(tiny_root)
-            cfg.dataset.generate = dict(TINY)
-    return cfg
 
 
 @pytest.fixture

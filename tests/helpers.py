@@ -5,7 +5,44 @@ Kept out of conftest.py so tests import it explicitly.
 
 from __future__ import annotations
 
+import copy
+from functools import lru_cache
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from fedkws import CONF_DIR
+
 CHANCE = 1 / 12
+
+# The smallest corpus on which a small ResNet learns something within a few rounds.
+TINY = {"speakers": 16, "utterances": 2, "seed": 0, "noise_seconds": 5}
+
+
+@lru_cache(maxsize=None)
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    """Each distinct override list is composed by Hydra once per session."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=["logger=disabled", *overrides])
+
+
+def compose_cfg(overrides: list[str], data_dir: Path, tiny_root: Path | None = None) -> DictConfig:
+    """A fresh copy of ``conf/config.yaml`` with ``overrides``, shrunk for tests.
+
+    Composition is cached; every call returns its own deep copy, so no test can
+    change another test's config.
+    """
+    cfg = copy.deepcopy(_composed(tuple(overrides)))
+    with open_dict(cfg):
+        cfg.data_dir = str(data_dir)
+        cfg.cache_dir = str(data_dir / "cache")
+        cfg.progress = False
+        if tiny_root is not None and cfg.dataset.get("generate") is not None:
+            cfg.dataset.root = str(tiny_root)
+            cfg.dataset.generate = dict(TINY)
+    return cfg
+
 
 # A ResNet-10 of width 16 on two clients of the tiny dataset: learns within 3 rounds.
 SMALL_FEDERATION = [
@@ -72,8 +109,6 @@ def golden_view(result) -> dict:
 
 def tiny_dataset_overrides(data_dir, tiny_root) -> list[str]:
     """Command-line overrides that point ``fedkws-train`` at the session's tiny dataset."""
-    from conftest import TINY
-
     return [
         f"data_dir={data_dir}",
         f"cache_dir={data_dir / 'cache'}",

@@ -14,12 +14,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from conftest import compose_cfg
 from fedkws import CONF_DIR
 from fedkws.core.models import bn_layers, bn_state_keys, build_model, count_parameters
 from fedkws.data.pipeline import augment_config, data_config, feature_config
 from fedkws.errors import ConfigError
 from fedkws.spec import from_config
+from helpers import compose_cfg
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]

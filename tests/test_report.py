@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import TINY
 from fedkws import CONF_DIR
+from helpers import TINY
 
 BIN = Path(sys.executable).parent
 # summary key of each column the report must show (independent of report.py)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import compose_cfg
 from fedkws.run import run
+from helpers import compose_cfg
 
 pytestmark = pytest.mark.slow
 CHANCE = 1 / 12
