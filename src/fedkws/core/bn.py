@@ -80,18 +80,53 @@ def pooled_statistics(
 
 def recalibrate(
     model: nn.Module,
-    moments_of: Callable[[nn.Module, int], list[tuple[float, torch.Tensor, torch.Tensor]]],
+    moments_of: Callable[[nn.Module, int], list[Moments]],
+    record: list[list[Moments]] | None = None,
 ) -> nn.Module:
     """Set every BatchNorm's running statistics to the exact pooled ones, layer by layer.
 
     ``moments_of(model, layer)`` returns the (n, sum, sum of squares) of layer
     ``layer``'s input from each data holder, computed with the model as it is
     now, i.e. with the layers before ``layer`` already recalibrated. Returns a
-    recalibrated copy; ``model`` itself is unchanged.
+    recalibrated copy; ``model`` itself is unchanged. Each layer's per-holder
+    moments are appended to ``record`` when one is given.
     """
     twin = copy.deepcopy(model).eval()
     for layer, (_, bn) in enumerate(bn_layers(twin)):
-        mean, var = pooled_statistics(moments_of(twin, layer))
+        moments = moments_of(twin, layer)
+        if record is not None:
+            record.append(moments)
+        mean, var = pooled_statistics(moments)
+        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+        bn.running_var.copy_(var.to(bn.running_var.dtype))
+    return twin
+
+
+def averaged_statistics(moments: list[Moments]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Example-weighted average of each holder's own mean and unbiased variance.
+
+    What averaging the holders' freshly computed running statistics gives: the
+    mean equals the pooled mean, the variance misses the spread of the holder
+    means around it (:func:`pooled_statistics` includes it). Holders with fewer
+    than two values are left out of the variance.
+    """
+    n = sum(m[0] for m in moments)
+    mean = sum(m[1] for m in moments) / n
+    var_weights = [m[0] for m in moments if m[0] >= 2]
+    var = sum(m[0] * (m[2] - m[1] * m[1] / m[0]) / (m[0] - 1) for m in moments if m[0] >= 2) / sum(
+        var_weights
+    )
+    return mean, var.clamp_min(0.0)
+
+
+def averaged_twin(model: nn.Module, recorded: list[list[Moments]]) -> nn.Module:
+    """A copy of ``model`` with :func:`averaged_statistics` of ``recorded`` in every BatchNorm.
+
+    ``recorded`` holds the per-layer, per-holder moments that :func:`recalibrate` recorded.
+    """
+    twin = copy.deepcopy(model).eval()
+    for (_, bn), moments in zip(bn_layers(twin), recorded, strict=True):
+        mean, var = averaged_statistics(moments)
         bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
         bn.running_var.copy_(var.to(bn.running_var.dtype))
     return twin

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fedkws.core.seeding import evaluation_rng
 from fedkws.data.augment import AugmentConfig, Augmenter
 from fedkws.data.cache import CachedDataset
 from fedkws.data.features import FeatureConfig, FeatureExtractor
@@ -115,6 +116,8 @@ class EvalStats:
     acc: float
     num_examples: int
     confusion: np.ndarray
+    rows: np.ndarray  # the dataset rows, in evaluation order
+    correct: np.ndarray  # per row (same order): was the prediction right
 
     def per_class_acc(self) -> np.ndarray:
         """Recall of each class (NaN for a class with no example)."""
@@ -143,6 +146,19 @@ def norm_mode_model(model: nn.Module, mode: str) -> nn.Module:
     raise ValueError(f"Unknown evaluation mode '{mode}'. Valid modes: eval, train")
 
 
+def evaluation_order(rows: np.ndarray, seed: int | None) -> np.ndarray:
+    """The order in which ``rows`` are evaluated.
+
+    A seeded shuffle (the same for every arm of a seed), so the batches of
+    train-mode evaluation mix the classes as a random test batch would. The
+    cache stores examples grouped by class: ``seed=None`` gives that stored
+    order, whose class-pure batches make train-mode accuracy meaningless; it
+    is kept only to show that effect.
+    """
+    ordered = np.sort(np.asarray(rows))
+    return ordered if seed is None else evaluation_rng(seed).permutation(ordered)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -150,16 +166,30 @@ def evaluate(
     rows: np.ndarray,
     batch_size: int,
     mode: str = "eval",
+    *,
+    order_seed: int | None,
 ) -> EvalStats:
-    """Evaluate on ``rows`` in their stored order (fixed batches: train mode depends on them)."""
+    """Evaluate on ``rows`` in :func:`evaluation_order` (train mode depends on the batches).
+
+    Raises
+    ------
+    ValueError
+        If ``rows`` is empty: an accuracy of nothing is not 0.
+    """
+    if len(rows) == 0:
+        raise ValueError("no examples to evaluate")
     net = norm_mode_model(model, mode)
+    ordered = evaluation_order(rows, order_seed)
     k = data.num_classes
     confusion = np.zeros((k, k), dtype=np.int64)
-    loss_sum = 0.0
-    for x, y in iterate_batches(data, np.sort(rows), batch_size):
+    loss_sum, correct = 0.0, []
+    for x, y in iterate_batches(data, ordered, batch_size):
         logits = net(x)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        np.add.at(confusion, (y.numpy(), logits.argmax(1).numpy()), 1)
+        predicted = logits.argmax(1).numpy()
+        np.add.at(confusion, (y.numpy(), predicted), 1)
+        correct.append(predicted == y.numpy())
     n = int(confusion.sum())
     model.eval()
-    return EvalStats(loss_sum / max(n, 1), float(np.trace(confusion)) / max(n, 1), n, confusion)
+    acc = float(np.trace(confusion)) / n
+    return EvalStats(loss_sum / n, acc, n, confusion, ordered, np.concatenate(correct))

@@ -20,6 +20,7 @@ class Stream(IntEnum):
     CLIENT_SAMPLING = 0x5A3  # which clients train in a round
     CENTRAL_TRAINING = 0xCE47  # batch order and augmentation of the centralised baseline
     LOCAL_TEST_SPLIT = 0x5EED  # which of a client's rows form its local test split
+    EVALUATION_ORDER = 0xE7A1  # the shuffled order of every evaluation (same for every arm)
 
 
 def stream_seed(*parts: int) -> int:
@@ -44,6 +45,11 @@ def seed_model_init(seed: int) -> None:
 def sampling_rng(seed: int, round_: int) -> np.random.Generator:
     """The stream that picks the clients of ``round_``."""
     return np.random.default_rng(stream_seed(seed, round_, Stream.CLIENT_SAMPLING))
+
+
+def evaluation_rng(seed: int) -> np.random.Generator:
+    """The stream that orders evaluation examples (a fresh generator per call: same order)."""
+    return np.random.default_rng(stream_seed(seed, Stream.EVALUATION_ORDER))
 
 
 def client_training_generator(seed: int, round_: int, pid: int) -> torch.Generator:

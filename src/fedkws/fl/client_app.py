@@ -155,14 +155,20 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """The global model (with this client's BN under FedBN) on the local test split."""
+    """The global model (with this client's BN under FedBN) on its local or the shared test split.
+
+    A client without local test rows replies ``num-examples`` 0 and no accuracy.
+    """
     task = ClientTask.from_record(message.content["config"])
-    pid = _pid(context)
+    pid, data = _pid(context), _data(task)
     model = _model(task, message, context)
-    rows = _rows(task, pid, "test")
+    if task.eval_split == "local":
+        rows = _rows(task, pid, "test")
+    else:
+        rows = data.split_indices(task.eval_split)
     values: dict[str, float | int] = {"num-examples": len(rows), "pid": pid}
-    for mode in task.eval_modes:
-        stats = loops.evaluate(model, _data(task), rows, task.eval_batch_size, mode)
+    for mode in task.eval_modes if len(rows) else ():
+        stats = loops.evaluate(model, data, rows, task.eval_batch_size, mode, order_seed=task.seed)
         values[f"{mode}_acc"] = stats.acc
         values[f"{mode}_loss"] = stats.loss
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=message)

@@ -41,13 +41,18 @@ class ClientTask:
     threads: int
     round: int = 0
     layer: int = -1  # BatchNorm layer of a moments query
+    eval_split: str = "local"  # evaluate on: "local" (the client's own test rows) or "testing"
 
     def at(
-        self, round_: int, layer: int = -1, eval_modes: tuple[str, ...] | None = None
+        self,
+        round_: int,
+        layer: int = -1,
+        eval_modes: tuple[str, ...] | None = None,
+        eval_split: str = "local",
     ) -> ClientTask:
-        """The same task for one round (and one BatchNorm layer or set of modes)."""
+        """The same task for one round (and one BatchNorm layer, set of modes, split)."""
         modes = self.eval_modes if eval_modes is None else tuple(eval_modes)
-        return replace(self, round=round_, layer=layer, eval_modes=modes)
+        return replace(self, round=round_, layer=layer, eval_modes=modes, eval_split=eval_split)
 
     def to_record(self) -> ConfigRecord:
         """Encode as a Flower ``ConfigRecord`` (one JSON string)."""

@@ -134,9 +134,11 @@ class FlowerClients:
             out.append((float(arrays["count"][0]), arrays["sum"], arrays["sumsq"]))
         return out
 
-    def evaluate(self, round_: int, state: dict, modes: tuple[str, ...]) -> list[dict]:
-        """Each client's metrics on its local test split, in partition-id order."""
-        task = self.task.at(round_, eval_modes=modes)
+    def evaluate(
+        self, round_: int, state: dict, modes: tuple[str, ...], split: str = "local"
+    ) -> list[dict]:
+        """Each client's metrics on its local (or a shared) split, in partition-id order."""
+        task = self.task.at(round_, eval_modes=modes, eval_split=split)
         replies = self._send("evaluate", sorted(self.nodes), task, state)
         return [{k: float(v) for k, v in r.content["metrics"].items()} for r in replies]
 

@@ -45,6 +45,7 @@ class CentralRecipe:
             data,
             list(spec.bn.eval_modes),
             batch,
+            order_seed=spec.seed,
             moments_of=lambda net, layer: [
                 bn_input_moments(net, data, self.train_rows, layer, batch)
             ],
@@ -88,12 +89,12 @@ class CentralRecipe:
         title = f"{self.spec.name}: {self.spec.model.name}/{self.spec.model.norm}, centralised"
         summary = common.summary(self.run, self.parts, title, "central")
         if summary["complete"]:
-            if (
-                "recalibrated" in self.spec.bn.eval_modes
-                and self.evaluator.last_recalibrated is None
-            ):
+            modes = common.final_modes(self.spec, self.model)
+            if "recalibrated" in modes and self.evaluator.last_recalibrated is None:
                 self.evaluator.recalibrated(self.model)
-            summary.update(common.test_split(self.evaluator, self.model, self.parts, run_dir))
+            summary.update(
+                common.final_evaluation(self.evaluator, self.model, self.parts, run_dir, modes)
+            )
         assert self.run.recorder is not None
         self.run.recorder.finish(summary)
         return self.run.result

@@ -24,7 +24,7 @@ from torch import nn
 from fedkws import checkpoint, lifecycle
 from fedkws.clients import ClientData, make_clients
 from fedkws.core.evaluation import Evaluator
-from fedkws.core.models import build_model, count_parameters
+from fedkws.core.models import bn_layers, build_model, count_parameters
 from fedkws.core.seeding import seed_model_init
 from fedkws.data.cache import CachedDataset, prepare
 from fedkws.data.pipeline import ensure_dataset
@@ -290,18 +290,42 @@ def summary(run: Run, setup_: Setup, title: str, bn_sync: str) -> dict[str, Any]
     return out
 
 
-def test_split(
-    evaluator: Evaluator, model: nn.Module, setup_: Setup, run_dir: Path
-) -> dict[str, Any]:
-    """Final test-split metrics, per-class accuracy and confusion matrices (with plots).
+def final_modes(spec: RunSpec, model: nn.Module) -> list[str]:
+    """The modes of the final evaluation.
 
-    ``recalibrated`` uses the evaluator's last recalibration (of the final model);
-    without one the mode is skipped.
+    The configured ones, plus the fresh-statistics references of every
+    BatchNorm arm (``recalibrated``; for ``bn.sync=full`` also
+    ``fresh_average``, see :class:`~fedkws.core.evaluation.Evaluator`).
+    """
+    modes = list(spec.bn.eval_modes)
+    if not bn_layers(model) or (spec.bn.sync == "local" and not spec.strategy.central):
+        return [m for m in modes if m != "recalibrated"]
+    if "recalibrated" not in modes:
+        modes.append("recalibrated")
+    if spec.bn.sync == "full" and not spec.strategy.central:
+        modes.append("fresh_average")
+    return modes
+
+
+def final_evaluation(
+    evaluator: Evaluator, model: nn.Module, setup_: Setup, run_dir: Path, modes: list[str]
+) -> dict[str, Any]:
+    """Validation and test in every final mode, with speaker-clustered 95 % intervals.
+
+    Also the test split's per-class accuracy and confusion matrices (with plots).
+
+    The recalibrated modes use the evaluator's last recalibration (of the final
+    model); without one they are skipped.
     """
     recal = evaluator.last_recalibrated
-    modes = [m for m in evaluator.modes if m != "recalibrated" or recal is not None]
-    metrics, stats = evaluator.run(model, setup_.test_rows, "test", recal, modes)
-    out: dict[str, Any] = dict(metrics)
+    if recal is None:
+        modes = [m for m in modes if m not in ("recalibrated", "fresh_average")]
+    out: dict[str, Any] = {}
+    speakers = setup_.data.speakers
+    for prefix, rows in (("final/val", setup_.val_rows), ("test", setup_.test_rows)):
+        metrics, stats = evaluator.run(model, rows, prefix, recal, modes)
+        out.update(metrics)
+        out.update(intervals(stats, speakers, prefix, evaluator.order_seed))
     names = setup_.data.label_names
     for mode, st in stats.items():
         out[f"test/{mode}/per_class_acc"] = {
@@ -313,6 +337,29 @@ def test_split(
     if recal is not None and recal is not model:
         stats_only = {k: v for k, v in recal.state_dict().items() if "running_" in k}
         torch_save(run_dir / "recalibrated_bn.pt", stats_only)
+    return out
+
+
+def intervals(stats: dict, speakers: np.ndarray, prefix: str, seed: int) -> dict[str, Any]:
+    """Speaker-clustered bootstrap 95 % intervals of each mode's accuracy.
+
+    And paired intervals of the differences between modes (same model, same examples).
+    """
+    from fedkws.core.stats import cluster_bootstrap_ci, paired_difference_ci
+
+    out: dict[str, Any] = {}
+    for mode, st in stats.items():
+        lo, hi = cluster_bootstrap_ci(st.correct, speakers[st.rows], seed=seed)
+        out[f"{prefix}/{mode}/acc_ci95"] = [lo, hi]
+    modes = list(stats)
+    for i, a in enumerate(modes):
+        for b in modes[i + 1 :]:
+            sa, sb = stats[a], stats[b]
+            assert np.array_equal(sa.rows, sb.rows)  # paired: the same examples in one order
+            diff, lo, hi = paired_difference_ci(
+                sa.correct, sb.correct, speakers[sa.rows], seed=seed
+            )
+            out[f"{prefix}/diff/{a}-{b}"] = {"diff": diff, "ci95": [lo, hi]}
     return out
 
 

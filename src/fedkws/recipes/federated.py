@@ -70,8 +70,10 @@ class FederatedRecipe:
         self.task = _client_task(spec, self.parts.data, clients_file, run_dir / "client_state")
         self.evaluator = Evaluator(
             self.parts.data, list(spec.bn.eval_modes), spec.train.eval_batch_size,
-            moments_of=self._moments,
+            order_seed=spec.seed, moments_of=self._moments,
         )  # fmt: skip
+        self.recalibrated_round = 0  # the round whose model the last recalibration is of
+        self.shared_test: common.Metrics = {}  # FedBN: personalised models on the test split
         self.completed_round = 0
         self.failures: list[dict] = []
 
@@ -145,6 +147,7 @@ class FederatedRecipe:
                 every = self.spec.bn.recalibrate_every
                 if round_ % every == 0 or round_ == self.spec.train.rounds:
                     recal = self.evaluator.recalibrated(self.model)
+                    self.recalibrated_round = round_
                 else:
                     modes.remove("recalibrated")
             val = self.evaluator.run(self.model, self.parts.val_rows, "val", recal, modes)[0]
@@ -153,20 +156,49 @@ class FederatedRecipe:
             metrics.update(self._federated_evaluate(round_))
         return metrics
 
-    def _federated_evaluate(self, round_: int) -> common.Metrics:
-        """Mean and spread over clients of the accuracy on their local test splits."""
+    def _federated_evaluate(self, round_: int, split: str = "local") -> common.Metrics:
+        """Mean and spread over clients of the accuracy on their local test splits.
+
+        With ``split="testing"``: of each client's model on the shared test split.
+
+        Clients without local test rows are left out, never counted as 0.
+        """
         modes = tuple(m for m in self.spec.bn.eval_modes if m != "recalibrated")
-        replies = self.clients_api.evaluate(round_ + 1, self._shared_state(), modes)
+        replies = self.clients_api.evaluate(round_ + 1, self._shared_state(), modes, split)
+        replies = [r for r in replies if r["num-examples"] > 0]
+        prefix = "fed" if split == "local" else "test/fedbn"
         out: common.Metrics = {}
+        if not replies:
+            return out
         for mode in modes:
             for what in ("acc", "loss"):
                 values = np.array([r[f"{mode}_{what}"] for r in replies])
-                out[f"fed/{mode}/{what}_mean"] = float(values.mean())
-                out[f"fed/{mode}/{what}_std"] = float(values.std())
+                out[f"{prefix}/{mode}/{what}_mean"] = float(values.mean())
+                out[f"{prefix}/{mode}/{what}_std"] = float(values.std())
             if mode == modes[0]:
                 for r in replies:
-                    out[f"fed/{mode}/acc_client{int(r['pid'])}"] = r[f"{mode}_acc"]
+                    out[f"{prefix}/{mode}/acc_client{int(r['pid'])}"] = r[f"{mode}_acc"]
         return out
+
+    def _while_clients_are_up(self) -> None:
+        """What the final evaluation needs from the clients, before they go.
+
+        The final model's exact statistics, or (FedBN) each client's model on the
+        shared test split.
+        """
+        if (
+            self.run.result.rounds[-1:]
+            and self.run.result.rounds[-1].round < self.spec.train.rounds
+        ):
+            return
+        if self.run.start_round > self.run.last_round:
+            return
+        if self.spec.bn.sync == "local":
+            self.shared_test = self._federated_evaluate(self.spec.train.rounds, "testing")
+        elif "recalibrated" in common.final_modes(self.spec, self.model):
+            if self.recalibrated_round != self.spec.train.rounds:
+                self.evaluator.recalibrated(self.model)
+                self.recalibrated_round = self.spec.train.rounds
 
     # -- train / finish ----------------------------------------------------------------------
 
@@ -182,6 +214,7 @@ class FederatedRecipe:
             self.clients_api.discover()
             try:
                 common.run_rounds(self, self.run)
+                self._while_clients_are_up()
             finally:
                 self.clients_api = None
 
@@ -204,7 +237,13 @@ class FederatedRecipe:
         summary = common.summary(self.run, self.parts, title, spec.bn.sync)
         summary["failures"] = self.failures
         if summary["complete"] and spec.bn.sync != "local":
-            summary.update(common.test_split(self.evaluator, self.model, self.parts, run_dir))
+            modes = common.final_modes(spec, self.model)
+            if self.recalibrated_round != spec.train.rounds:
+                self.evaluator.last_recalibrated = None  # not of the final model: skip
+            summary.update(
+                common.final_evaluation(self.evaluator, self.model, self.parts, run_dir, modes)
+            )
+        summary.update(self.shared_test)
         assert self.run.recorder is not None
         self.run.recorder.finish(summary)
         return self.run.result
