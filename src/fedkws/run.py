@@ -58,6 +58,9 @@ def run(
         common.console.print(_headline(spec, recipe, run_dir))
         recipe.train()
         result = recipe.finish(run_dir)
+        final = common.format_final(result.summary)
+        if final:
+            common.console.print(final)
         ok = True
     finally:
         record.close(ok)

@@ -247,6 +247,22 @@ def run_rounds(recipe: Recipe, run: Run) -> None:
         run.record(recipe, round_, metrics, clients, time.perf_counter() - start)
 
 
+def format_final(summary: dict[str, Any]) -> str:
+    """The closing lines of a run: every final accuracy with its 95 % interval."""
+    lines = []
+    for prefix, label in (("final/val", "validation"), ("test", "test")):
+        parts = []
+        for key in sorted(summary):
+            if key.startswith(prefix + "/") and key.endswith("/acc") and "/diff/" not in key:
+                mode = key[len(prefix) + 1 : -len("/acc")]
+                lo, hi = summary.get(key + "_ci95") or (float("nan"),) * 2
+                name = f"train(batch {summary['eval_batch_size']})" if mode == "train" else mode
+                parts.append(f"{name} {summary[key]:.3f} [{lo:.3f}, {hi:.3f}]")
+        if parts:
+            lines.append(f"{label} accuracy (95 % interval): " + " | ".join(parts))
+    return "\n".join(lines)
+
+
 def format_round(round_: int, rounds: int, metrics: Metrics, seconds: float) -> str:
     """The console line of one round."""
     parts = [f"[bold]round {round_:>3}/{rounds}[/bold]"]
@@ -321,7 +337,7 @@ def final_evaluation(
     if recal is None:
         modes = [m for m in modes if m not in ("recalibrated", "fresh_average")]
     out: dict[str, Any] = {}
-    speakers = setup_.data.speakers
+    speakers = bootstrap_clusters(setup_.data)
     for prefix, rows in (("final/val", setup_.val_rows), ("test", setup_.test_rows)):
         metrics, stats = evaluator.run(model, rows, prefix, recal, modes)
         out.update(metrics)
@@ -338,6 +354,18 @@ def final_evaluation(
         stats_only = {k: v for k, v in recal.state_dict().items() if "running_" in k}
         torch_save(run_dir / "recalibrated_bn.pt", stats_only)
     return out
+
+
+def bootstrap_clusters(data: CachedDataset) -> np.ndarray:
+    """The resampling unit of every example: its speaker; each silence slice on its own.
+
+    Silence examples are independent random slices of background noise, not
+    utterances of one speaker, so they must not form one cluster.
+    """
+    codes = np.asarray(data.speakers).copy()
+    silent = np.asarray(data.speaker_names)[codes] == "_silence_"
+    codes[silent] = len(data.speaker_names) + np.arange(int(silent.sum()))
+    return codes
 
 
 def intervals(stats: dict, speakers: np.ndarray, prefix: str, seed: int) -> dict[str, Any]:
