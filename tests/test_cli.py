@@ -36,6 +36,26 @@ def test_help_lists_the_subcommands():
         assert command in out.stdout
 
 
+# Two-sided 95 % Student t quantiles t_{0.975, df} (printed tables; independent of fedkws).
+T975 = {1: 12.706204736174707, 2: 4.302652729911275}
+
+
+def _t95(values: list[float], lo: float = 0.0) -> str:
+    """``[lo, hi]`` of mean ± t * sd / sqrt(n), clipped to [lo, 1], as the report prints it."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = T975[n - 1] * sd / n**0.5
+    sign = "+" if lo < 0 else ""
+    return f"[{max(mean - half, lo):{sign}.3f}, {min(mean + half, 1.0):{sign}.3f}]"
+
+
+def _rows(stdout: str) -> dict[str, list[str]]:
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in lines]
+    return {row[0]: row for row in cells[2:]} | {"header": cells[0]}
+
+
 def test_report_on_a_folder(tmp_path):
     base = {"strategy": "fedavg", "bn_sync": "full", "norm": "batch", "rounds_completed": 3,
             "complete": True, "wall_s": 10.0}  # fmt: skip
@@ -50,14 +70,69 @@ def test_report_on_a_folder(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| bn=")]
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
-    # mean and sample std of (0.5, 0.7) = 0.6 and 0.1414; of (0.25, 0.75) = 0.5 and 0.3536
+    # mean and sample std of (0.5, 0.7) = 0.6 and 0.1414; of (0.25, 0.75) = 0.5 and 0.3536;
+    # t interval of 2 seeds: mean ± 12.706 * sd / sqrt(2), clipped to [0, 1]
     # columns: run, seeds, missing, strategy, bn_sync, norm, rounds, val/eval, test/eval, wall
     assert cells == [
-        ["bn=full", "2", "-", "fedavg", "full", "batch", "3", "0.600 ± 0.141", "0.500 ± 0.354",
-         "10"],
+        ["bn=full", "2", "-", "fedavg", "full", "batch", "3", "0.600 ± 0.141 [0.000, 1.000]",
+         "0.500 ± 0.354 [0.000, 1.000]", "10"],
         ["bn=local", "1", "-", "fedavg", "local", "batch", "3", "0.125", "0.375", "10"],
     ]  # fmt: skip
     assert (tmp_path / "table.md").read_text().strip() == out.stdout.strip()
+
+
+def test_report_intervals_differences_and_reference_row(tmp_path):
+    # A centralised reference (1 seed, with its bootstrap intervals), a federated cell of
+    # 3 seeds (t interval over seeds), and one of 1 seed (its own intervals).
+    common = {"bn_sync": "full", "norm": "batch", "rounds_completed": 5, "complete": True,
+              "wall_s": 1.0}  # fmt: skip
+    central = {**common, "strategy": "central", "final/val/eval/acc": 0.91,
+               "final/val/eval/acc_ci95": [0.88, 0.935], "test/eval/acc": 0.9,
+               "test/eval/acc_ci95": [0.87, 0.925], "test/recalibrated/acc": 0.905,
+               "test/diff/recalibrated-eval": {"diff": 0.005, "ci95": [-0.002, 0.012]}}  # fmt: skip
+    _results_json(tmp_path / "runs" / "strategy=central" / "seed=0", central)
+    fed = {"val": [0.71, 0.75, 0.8], "test": [0.70, 0.74, 0.81], "rec": [0.78, 0.8, 0.83]}
+    for seed in range(3):
+        _results_json(
+            tmp_path / "runs" / "alpha=0.1" / f"seed={seed}",
+            {**common, "strategy": "fedavg", "final/val/eval/acc": fed["val"][seed],
+             "final/val/eval/acc_ci95": [0.0, 1.0],  # per-seed bounds: never averaged
+             "test/eval/acc": fed["test"][seed], "test/eval/acc_ci95": [0.1, 0.2],
+             "test/recalibrated/acc": fed["rec"][seed],
+             "test/diff/recalibrated-eval": {
+                 "diff": fed["rec"][seed] - fed["test"][seed], "ci95": [0.0, 0.1]}},
+        )  # fmt: skip
+    one = {**common, "strategy": "fedavg", "final/val/eval/acc": 0.5,
+           "final/val/eval/acc_ci95": [0.4, 0.61], "test/eval/acc": 0.55,
+           "test/diff/recalibrated-eval": {"diff": -0.125, "ci95": [-0.25, None]}}  # fmt: skip
+    _results_json(tmp_path / "runs" / "alpha=1.0" / "seed=0", one)
+    out = _fedkws("report", tmp_path / "runs")
+    assert out.returncode == 0, out.stderr
+    rows = _rows(out.stdout)
+    assert rows["header"][7:] == ["val/eval/acc", "test/eval/acc", "test/recalibrated/acc",
+                                  "test/diff/recalibrated-eval", "wall s"]  # fmt: skip
+    order = [line.split("|")[1].strip() for line in out.stdout.splitlines()
+             if line.startswith("| ")][1:]  # fmt: skip
+    assert order == ["strategy=central", "alpha=0.1", "alpha=1.0"]  # the reference first
+    assert rows["strategy=central"][7:11] == [
+        "0.910 [0.880, 0.935]",
+        "0.900 [0.870, 0.925]",
+        "0.905",
+        "+0.005 [-0.002, +0.012]",
+    ]
+    diffs = [r - t for r, t in zip(fed["rec"], fed["test"], strict=True)]  # 0.08, 0.06, 0.02
+    assert rows["alpha=0.1"][1] == "3"
+    assert rows["alpha=0.1"][7:11] == [
+        f"0.753 ± 0.045 {_t95(fed['val'])}",  # mean 0.7533, sd 0.0451
+        f"0.750 ± 0.056 {_t95(fed['test'])}",
+        f"0.803 ± 0.025 {_t95(fed['rec'])}",
+        f"+0.053 ± 0.031 {_t95(diffs, lo=-1.0)}",
+    ]
+    # the t interval is the seeds', not the mean of the per-seed bounds [0.1, 0.2]
+    assert _t95(fed["test"]) == "[0.612, 0.888]"  # 0.75 ± 4.303 * 0.0557 / sqrt(3)
+    # a null bound (non-finite when written) shows no interval rather than a broken one
+    assert rows["alpha=1.0"][7:11] == ["0.500 [0.400, 0.610]", "0.550", "-",
+                                       "-0.125"]  # fmt: skip
 
 
 BAD_INPUT = {

@@ -46,8 +46,21 @@ def _report(*args: Path) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+T975_DF1 = 12.706204736174707  # Student t_{0.975} with 1 degree of freedom (printed tables)
+
+
 def _mean_sd(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+    """Two seeds: mean ± sd [t interval of the mean, clipped to [0, 1]]."""
+    assert len(values) == 2
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    half = T975_DF1 * sd / 2**0.5
+    return f"{mean:.3f} ± {sd:.3f} [{max(mean - half, 0):.3f}, {min(mean + half, 1):.3f}]"
+
+
+def _single(summary: dict, key: str) -> str:
+    """One seed: the value, with the run's own bootstrap interval when it recorded one."""
+    ci = summary.get(f"{key}_ci95")
+    return f"{summary[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +130,7 @@ def test_report_marks_missing_runs(sweep, tmp_path):
     assert set(rows) == {partial, full, "optimizer.lr=0.1"}
     assert (rows[partial]["seeds"], rows[partial]["missing"]) == ("1", "seed=1")
     for column, key in COLUMNS.items():
-        assert rows[partial][column] == f"{kept[key]:.3f}"
+        assert rows[partial][column] == _single(kept, key)
     assert (rows[full]["seeds"], rows[full]["missing"]) == ("2", "-")
     crashed_row = rows["optimizer.lr=0.1"]
     assert (crashed_row["seeds"], crashed_row["missing"]) == ("0", "seed=0")

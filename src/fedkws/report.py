@@ -1,10 +1,39 @@
 """Turn a sweep (folders of ``results.json``) into one table.
 
-Runs whose folders differ only in ``seed=N`` form one row: the value is the
-mean over seeds, with the sample standard deviation (``mean ± std``) when there
-are several. A run folder that Hydra created (it has ``.hydra/``) but that has
-no finished ``results.json`` (crashed, killed or still running) is listed in
-the row's ``missing`` column and below the table, never silently dropped.
+Runs whose folders differ only in ``seed=N`` form one row (a *cell*). A run
+folder that Hydra created (it has ``.hydra/``) but that has no finished
+``results.json`` (crashed, killed or still running) is listed in the row's
+``missing`` column and below the table, never silently dropped. Rows of
+centralised runs (``strategy: central``) come first: they are the reference
+the federated rows are read against; the other rows follow in name order.
+
+What a cell shows
+-----------------
+Accuracy columns are the summary keys ``final/val/<mode>/acc``,
+``final/fed/<mode>/acc_mean`` and ``test/<mode>/acc`` (shown without
+``final/``). Paired-difference columns are the keys
+``<prefix>/diff/<modeA>-<modeB>`` (``<prefix>`` one of ``final/val``,
+``final/fed``, ``test``), each a ``{"diff": d, "ci95": [lo, hi]}``.
+
+* **one finished seed**: the run's value, then ``[lo, hi]`` = the run's own
+  95 % interval: ``<key>_ci95`` for an accuracy (a bootstrap over test
+  *speakers*, :func:`fedkws.core.stats.cluster_bootstrap_ci`), the ``ci95`` of
+  a difference (:func:`fedkws.core.stats.paired_difference_ci`). No interval is
+  shown when the run did not record one.
+* **n >= 2 finished seeds**: ``mean ± sd`` (sample standard deviation over
+  the seeds), then ``[lo, hi]`` = ``mean ± t_{0.975, n-1} * sd / sqrt(n)``, the
+  t interval of the mean over seeds (:func:`fedkws.core.stats.t_interval`),
+  clipped to the possible range ([0, 1] for an accuracy, [-1, 1] for a
+  difference). The per-seed bootstrap bounds are *not* averaged: averaging
+  bounds is not an interval of anything. The seeds' spread contains
+  everything that changes with the seed (initialisation, data order, client
+  sampling, partition); the test set is the same for all seeds, so its speaker-sampling uncertainty
+  is what each run's own ``_ci95`` measures (read it from a single-seed row or
+  the run's ``results.json``).
+
+Differences are printed with a sign (``+0.012``). ``-`` marks a value no
+finished run of the row recorded; ``missing`` marks a row none of whose runs
+finished.
 """
 
 from __future__ import annotations
@@ -17,6 +46,7 @@ from pathlib import Path
 import numpy as np
 from hydra.experimental.callback import Callback
 
+from fedkws.core.stats import t_interval
 from fedkws.errors import ConfigError
 from fedkws.fileio import write_text
 from fedkws.plots import figure
@@ -91,22 +121,68 @@ def _label(folder: Path, base: Path) -> str:
     return folder.name if _SEED_DIR.match(folder.name) else _relative(folder, base)
 
 
+_ACC = re.compile(r"(final/(val|fed)|test)/[a-z]+/acc(_mean)?")
+_DIFF = re.compile(r"(final/(val|fed)|test)/diff/[a-z]+-[a-z]+")
+_PREFIXES = {"final/val": 0, "final/fed": 1, "test": 2}
+
+
 def _columns(results: list[Result]) -> list[str]:
+    """Accuracy then difference keys, grouped by ``final/val``, ``final/fed``, ``test``."""
     keys: set[str] = set()
     for res in results:
-        keys.update(
-            k for k in res.summary if re.fullmatch(r"(final/(val|fed)|test)/[a-z]+/acc(_mean)?", k)
-        )
-    order = {"final/val": 0, "final/fed": 1, "test": 2}
-    return sorted(keys, key=lambda k: (order[k.rsplit("/", 2)[0]], k))
+        keys.update(k for k in res.summary if _ACC.fullmatch(k) or _DIFF.fullmatch(k))
+
+    def order(key: str) -> tuple[int, int, str]:
+        prefix = key.split("/diff/")[0] if _DIFF.fullmatch(key) else key.rsplit("/", 2)[0]
+        return (_PREFIXES[prefix], int(bool(_DIFF.fullmatch(key))), key)
+
+    return sorted(keys, key=order)
 
 
-def _fmt(values: list[float]) -> str:
+def _bounds(raw: object) -> tuple[float, float] | None:
+    """``[lo, hi]`` as floats, or None when absent or not finite (written as null)."""
+    if (
+        isinstance(raw, list | tuple)
+        and len(raw) == 2
+        and all(isinstance(b, int | float) and np.isfinite(b) for b in raw)
+    ):
+        return float(raw[0]), float(raw[1])
+    return None
+
+
+def _values(results: list[Result], key: str) -> list[tuple[float, tuple[float, float] | None]]:
+    """Each run's value of ``key`` with its own 95 % interval (runs without it skipped)."""
+    out = []
+    for res in results:
+        raw = res.summary.get(key)
+        if _DIFF.fullmatch(key):
+            if isinstance(raw, dict) and isinstance(raw.get("diff"), int | float):
+                out.append((float(raw["diff"]), _bounds(raw.get("ci95"))))
+        elif isinstance(raw, int | float) and not isinstance(raw, bool):
+            out.append((float(raw), _bounds(res.summary.get(f"{key}_ci95"))))
+    return out
+
+
+def _fmt(values: list[tuple[float, tuple[float, float] | None]], signed: bool = False) -> str:
+    """One cell: value or ``mean ± sd``, then the 95 % interval (rule: module docstring)."""
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+    num = "{:+.3f}" if signed else "{:.3f}"
+    xs = [v for v, _ in values]
+    if len(xs) == 1:
+        text, interval = num.format(xs[0]), values[0][1]
+    else:
+        text = f"{num.format(np.mean(xs))} ± {np.std(xs, ddof=1):.3f}"
+        lo, hi = t_interval(xs)
+        bound = 1.0  # an accuracy lies in [0, 1], a difference of two in [-1, 1]
+        interval = (max(lo, -bound if signed else 0.0), min(hi, bound))
+    if interval is None:
+        return text
+    return f"{text} [{num.format(interval[0])}, {num.format(interval[1])}]"
+
+
+def _is_reference(results: list[Result]) -> bool:
+    return any(r.summary.get("strategy") == "central" for r in results)
 
 
 def report(paths: list[Path], markdown: Path | None = None, plot: Path | None = None) -> str:
@@ -125,7 +201,10 @@ def report(paths: list[Path], markdown: Path | None = None, plot: Path | None = 
     )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     not_done: list[str] = []
-    for name, cell_runs in sorted(cells.items()):
+    # The centralised reference row(s) first, then the rest by name.
+    for name, cell_runs in sorted(
+        cells.items(), key=lambda c: (not _is_reference(done[c[0]]), c[0])
+    ):
         results = done[name]
         lost = [r for r in cell_runs if not r.complete]
         not_done += [
@@ -149,11 +228,15 @@ def report(paths: list[Path], markdown: Path | None = None, plot: Path | None = 
             str(s.get("rounds_completed", "-")),
         ]
         for col in columns:
-            row.append(_fmt([r.summary[col] for r in results if r.summary.get(col) is not None]))
+            row.append(_fmt(_values(results, col), signed=bool(_DIFF.fullmatch(col))))
         walls = [r.summary["wall_s"] for r in results if "wall_s" in r.summary]
         row.append(f"{np.mean(walls):.0f}" if walls else "-")
         lines.append("| " + " | ".join(row) + " |")
     table = "\n".join(lines)
+    table += (
+        "\n\ncells: one seed: value [its run's 95 % speaker-bootstrap interval]; "
+        "n >= 2 seeds: mean ± sd [95 % t interval of the mean over seeds]"
+    )
     if not_done:
         table += f"\n\nmissing ({len(not_done)} run(s) without a finished results.json):\n"
         table += "\n".join(f"- {item}" for item in not_done)
