@@ -1,14 +1,15 @@
-"""Every experiment preset composes, every sweep cell composes, and each smoke-runs tiny."""
+"""Every experiment preset smoke-runs tiny.
+
+That every sweep cell composes and validates is tests/test_config.py's job (cells
+parsed with Hydra's own OverridesParser, counted against the documented job count).
+"""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from conftest import compose_cfg
 from fedkws import CONF_DIR
 from fedkws.run import run
 
@@ -22,23 +23,8 @@ TINY_RUN = [
 ]
 
 
-def _sweep_cells(preset: str) -> list[list[str]]:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
-    params = cfg.hydra.sweeper.params or {}
-    axes = [[f"{k}={v}" for v in str(values).split(",")] for k, values in params.items()]
-    return [list(cell) for cell in itertools.product(*axes)]
-
-
 def test_presets_exist():
     assert {"seed_repro", "bn_ablation", "norm_augment_ablation"} <= set(PRESETS)
-
-
-@pytest.mark.parametrize("preset", PRESETS)
-def test_every_sweep_cell_composes(preset, tmp_path):
-    for cell in _sweep_cells(preset):
-        cfg = compose_cfg([f"experiment={preset}", *cell], tmp_path)
-        assert cfg.name == preset
 
 
 BACKENDS = ["inprocess", pytest.param("ray", marks=pytest.mark.slow)]

@@ -162,19 +162,6 @@ def test_bn_state_keys_exact(name):
     assert not is_bn_key(next(iter(non_bn)), model)
 
 
-def test_bn_layers_forward_order():
-    model = build_model("res8", NUM_CLASSES)
-    names = [n for n, _ in bn_layers(model)]
-    assert names == [f"norms.{i}" for i in range(6)]
-
-    seen = []
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(m)) for _, m in bn_layers(model)]
-    model(_batch())
-    for h in hooks:
-        h.remove()
-    assert seen == [m for _, m in bn_layers(model)]
-
-
 @pytest.mark.parametrize("name", ["cnn", "res8", "resnet10"])
 @pytest.mark.parametrize("norm", ["batch", "group", "none"])
 def test_gradient_step_changes_parameters(name, norm):

@@ -113,3 +113,60 @@ def test_pooled_statistics_match_torch_on_the_concatenation():
     union = torch.cat(parts)
     assert torch.allclose(mean, union.mean(0))
     assert torch.allclose(var, union.var(0, unbiased=True))
+
+
+# --------------------------------------------------------------------------- FedProx
+
+
+def test_proximal_term_adds_mu_times_the_distance_to_the_start():
+    # Catches: prox_mu ignored, the anchor moved with the weights (zero pull), a wrong
+    # factor (mu/2 ||w - w0||^2 has gradient mu (w - w0)).
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from fedkws.core.loops import train_epochs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 2, 2, generator=g)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    data = SimpleNamespace(features=x.numpy(), labels=y.numpy())
+    rows = np.arange(8)
+    lr, mu = 0.5, 0.7
+
+    def net() -> nn.Module:
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+
+    def trained(prox_mu: float) -> list[torch.Tensor]:
+        model = net()
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        # Two epochs of one full batch: two steps; the batch's order does not change the mean.
+        train_epochs(model, data, rows, 2, 8, opt, torch.Generator().manual_seed(1),
+                     prox_mu=prox_mu)  # fmt: skip
+        return [p.detach() for p in model.parameters()]
+
+    # By hand: w1 = w0 - lr g(w0); w2 = w1 - lr (g(w1) + mu (w1 - w0)).
+    model = net()
+    w0 = [p.detach().clone() for p in model.parameters()]
+
+    def grad(weights):
+        for p, w in zip(model.parameters(), weights, strict=True):
+            p.data.copy_(w)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    w1 = [w - lr * d for w, d in zip(w0, grad(w0), strict=True)]
+    g1 = grad(w1)
+    plain = [w - lr * d for w, d in zip(w1, g1, strict=True)]
+    prox = [w - lr * (d + mu * (w - a)) for w, d, a in zip(w1, g1, w0, strict=True)]
+
+    for got, want in zip(trained(0.0), plain, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    got_prox = trained(mu)
+    for got, want in zip(got_prox, prox, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    # The pull is there: the two differ by lr * mu * (w1 - w0), far above the tolerance.
+    shift = max(float((a - b).abs().max()) for a, b in zip(got_prox, plain, strict=True))
+    assert shift > 1e-3

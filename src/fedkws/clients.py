@@ -9,6 +9,7 @@ import numpy as np
 
 from fedkws.data import partition as part
 from fedkws.data.cache import CachedDataset
+from fedkws.data.speech_commands import SILENCE_LABEL
 from fedkws.errors import ConfigError
 from fedkws.fileio import write_with
 from fedkws.spec import PartitionSpec
@@ -40,6 +41,10 @@ def make_clients(data: CachedDataset, partition: PartitionSpec, seed: int) -> li
             classes_per_client=partition.classes_per_client,
             speakers_per_client=partition.speakers_per_client,
             min_partition_size=partition.min_partition_size,
+            # silence has no speaker: spread it over the speaker clients
+            silence_label=(
+                data.label_names.index(SILENCE_LABEL) if SILENCE_LABEL in data.label_names else None
+            ),
         )
     except ValueError as err:
         raise ConfigError(f"partition: {err}") from err

@@ -1,22 +1,33 @@
 """Split the training examples across federated clients.
 
 Pure, seeded functions: the same inputs and seed always give the same
-clients. The partitioners themselves are Flower Datasets' (IID, Dirichlet
-label skew, pathological k-classes, natural speaker ids) applied to an
-in-memory ``datasets.Dataset`` of ``(label, speaker)`` rows.
+clients. IID, Dirichlet label skew and natural speaker ids are Flower
+Datasets' partitioners applied to an in-memory ``datasets.Dataset`` of
+``(label, speaker)`` rows; the pathological k-classes split is done here,
+because none of Flower's class assignment modes guarantees that every class
+reaches a client (``first-deterministic`` draws all but the first class of each
+client at random, ``deterministic`` gives client i classes i..i+k-1, so 6
+clients x 2 classes use only 7 of 12).
+
+Every training row goes to exactly one client. A configuration that cannot
+keep them all (pathological with ``num_clients * classes_per_client`` below
+the number of classes) is an error that says how many rows would be lost and
+why, never a silent drop.
+
+Silence examples (the ``_silence_`` class of the 12-class protocol) are cut
+from background recordings and have no speaker: the data layer gives them all
+one pseudo speaker. Under the speaker scheme they would form one client of
+pure silence; pass ``silence_label`` and they are spread over the speaker
+clients in proportion to the clients' sizes instead, like any other class.
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from fedkws.core.seeding import Stream
-
-log = logging.getLogger(__name__)
 
 SCHEMES = ("iid", "dirichlet", "speaker", "pathological")
 
@@ -34,17 +45,15 @@ def _make_partitioner(
     num_clients: int,
     seed: int,
     alpha: float,
-    classes_per_client: int,
     speakers_per_client: int,
     min_partition_size: int,
     num_speakers: int,
 ):
-    """The Flower Datasets partitioner of ``scheme``."""
+    """The Flower Datasets partitioner of ``scheme`` (not pathological)."""
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         GroupedNaturalIdPartitioner,
         IidPartitioner,
-        PathologicalPartitioner,
     )
 
     if scheme == "iid":
@@ -56,14 +65,6 @@ def _make_partitioner(
             alpha=alpha,
             min_partition_size=min_partition_size,
             self_balancing=False,
-            seed=seed,
-        )
-    if scheme == "pathological":
-        return PathologicalPartitioner(
-            num_partitions=num_clients,
-            partition_by="label",
-            num_classes_per_partition=classes_per_client,
-            class_assignment_mode="first-deterministic",
             seed=seed,
         )
     if speakers_per_client > num_speakers:
@@ -79,27 +80,92 @@ def _make_partitioner(
     )
 
 
-def _load_partitions(part, labels: np.ndarray) -> list[np.ndarray]:
-    """Every partition's sorted rows; warn about rows no client got."""
-    with warnings.catch_warnings():
-        # Reported below in our own words, with the number of examples affected.
-        warnings.filterwarnings("ignore", message="Classes: .* will NOT be used")
-        out = [
-            np.sort(np.asarray(part.load_partition(i)["row"], dtype=np.int64))
-            for i in range(part.num_partitions)
-        ]
-    n = len(labels)
-    unused = n - sum(len(p) for p in out)
-    if unused:
-        left = sorted(set(labels.tolist()) - set(labels[np.concatenate(out)].tolist()))
-        log.warning(
-            "pathological partition: %d of %d training examples (classes %s) belong to no "
-            "client; use num_clients * classes_per_client >= the number of classes to keep them",
-            unused,
-            n,
-            left,
-        )
+def _load_partitions(part, n: int) -> list[np.ndarray]:
+    """Every partition's sorted ``row`` values; an error if a row reached no client."""
+    out = [
+        np.sort(np.asarray(part.load_partition(i)["row"], dtype=np.int64))
+        for i in range(part.num_partitions)
+    ]
+    _check_every_row_kept(out, n)
     return out
+
+
+def _check_every_row_kept(parts: list[np.ndarray], n: int) -> None:
+    """A safety net behind every scheme: each row on exactly one client."""
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    kept = len(np.unique(flat))
+    if kept != n or len(flat) != n:
+        raise ValueError(
+            f"partition: {n - kept} of {n} training examples belong to no client and "
+            f"{len(flat) - kept} to more than one (the partitioner lost or repeated them)"
+        )
+
+
+def _pathological(
+    labels: np.ndarray, num_clients: int, classes_per_client: int, seed: int
+) -> list[np.ndarray]:
+    """Each client ``classes_per_client`` classes; every class on at least one client.
+
+    The classes are shuffled (seeded) and dealt round the clients in order, so
+    client ``i`` holds shuffled classes ``i*k .. i*k+k-1`` (wrapping around):
+    with ``num_clients * k >= classes`` every class is dealt, each to
+    ``floor`` or ``ceil`` of ``num_clients * k / classes`` clients. A class's
+    rows are shuffled and split evenly among the clients that hold it.
+    """
+    classes = np.unique(labels)
+    c, k = len(classes), classes_per_client
+    if not 1 <= k <= c:
+        raise ValueError(
+            f"classes_per_client={k} must be between 1 and {c} (the classes in the training data)"
+        )
+    rng = np.random.default_rng([seed, _PATHOLOGICAL_STREAM])
+    order = classes[rng.permutation(c)]
+    if num_clients * k < c:
+        dropped = order[num_clients * k :]
+        lost = int(np.isin(labels, dropped).sum())
+        raise ValueError(
+            f"pathological partition: {lost} of {len(labels)} training examples (classes "
+            f"{sorted(dropped.tolist())}) would belong to no client, because num_clients * "
+            f"classes_per_client = {num_clients} * {k} = {num_clients * k} is less than the "
+            f"{c} classes; raise num_clients or classes_per_client"
+        )
+    holders: dict[int, list[int]] = {int(cls): [] for cls in classes}
+    for client in range(num_clients):
+        for j in range(k):
+            holders[int(order[(client * k + j) % c])].append(client)
+    rows: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for cls, clients in holders.items():
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        for client, chunk in zip(clients, np.array_split(members, len(clients)), strict=True):
+            rows[client].append(chunk)
+    parts = [np.sort(np.concatenate(r)) for r in rows]
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ValueError(
+            f"pathological partition: clients {empty} get no examples (their classes have "
+            f"fewer examples than clients holding them); lower num_clients or "
+            f"classes_per_client"
+        )
+    _check_every_row_kept(parts, len(labels))
+    return parts
+
+
+def _spread(parts: list[np.ndarray], extra: np.ndarray, seed: int) -> list[np.ndarray]:
+    """Add the rows ``extra`` to the clients in proportion to their sizes (seeded)."""
+    sizes = np.array([len(p) for p in parts], dtype=np.float64)
+    quota = len(extra) * sizes / sizes.sum()
+    counts = np.floor(quota).astype(np.int64)
+    # largest remainders get the rest (ties to the lower client id)
+    rest = len(extra) - counts.sum()
+    counts[np.argsort(-(quota - counts), kind="stable")[:rest]] += 1
+    shuffled = np.random.default_rng([seed, _SILENCE_STREAM]).permutation(extra)
+    chunks = np.split(shuffled, np.cumsum(counts)[:-1])
+    return [np.sort(np.concatenate([p, c])) for p, c in zip(parts, chunks, strict=True)]
+
+
+# Stream tags of this module's own random draws (fixed: changing one changes partitions).
+_PATHOLOGICAL_STREAM = 0x9A7
+_SILENCE_STREAM = 0x51E
 
 
 def partition(
@@ -112,6 +178,7 @@ def partition(
     classes_per_client: int = 2,
     speakers_per_client: int = 1,
     min_partition_size: int = 10,
+    silence_label: int | None = None,
 ) -> list[np.ndarray]:
     """Assign every row to one client.
 
@@ -124,14 +191,25 @@ def partition(
         more skewed); ``speaker`` (natural ids: each client is
         ``speakers_per_client`` whole speakers, so ``num_clients`` is ignored and
         follows from the data); ``pathological`` (``classes_per_client`` labels
-        per client).
+        per client, every label on some client).
     min_partition_size
         Dirichlet only: resample until every client has at least this many rows.
+    silence_label
+        The label of speakerless silence examples, if any. Speaker scheme only:
+        their (pseudo) speaker is ignored and they are spread over the speaker
+        clients in proportion to the clients' sizes. Other schemes treat
+        silence like any class.
 
     Returns
     -------
     list of numpy.ndarray
         Sorted row positions per client; disjoint, and together every row.
+
+    Raises
+    ------
+    ValueError
+        A bad argument, or a configuration that would leave rows on no client
+        (the message says how many and why).
     """
     import datasets
     from datasets import Dataset
@@ -147,24 +225,35 @@ def partition(
     n = len(labels)
     if scheme != "speaker" and not 1 <= num_clients <= n:
         raise ValueError(f"num_clients={num_clients} must be between 1 and {n} (the examples)")
+    if scheme == "pathological":
+        return _pathological(labels, num_clients, classes_per_client, seed)
 
+    voiced = np.arange(n)
+    if scheme == "speaker" and silence_label is not None:
+        voiced = np.flatnonzero(labels != silence_label)
+        if len(voiced) == 0:
+            raise ValueError("the speaker partition needs examples with speakers, not only silence")
     datasets.disable_progress_bars()
     table = Dataset.from_dict(
         {
-            "row": np.arange(n),
-            "label": labels,
-            "speaker": _speaker_order(speakers, seed),
+            "row": voiced,
+            "label": labels[voiced],
+            "speaker": _speaker_order(speakers[voiced], seed),
         }
     )
     if scheme == "iid":
         # IidPartitioner cuts contiguous shards: shuffle first to make them random.
         table = table.shuffle(seed=seed).flatten_indices()
     part = _make_partitioner(
-        scheme, num_clients, seed, alpha, classes_per_client, speakers_per_client,
-        min_partition_size, len(np.unique(speakers)),
+        scheme, num_clients, seed, alpha, speakers_per_client, min_partition_size,
+        len(np.unique(speakers[voiced])),
     )  # fmt: skip
     part.dataset = table
-    return _load_partitions(part, labels)
+    out = _load_partitions(part, len(voiced))
+    if len(voiced) < n:
+        out = _spread(out, np.setdiff1d(np.arange(n), voiced), seed)
+    _check_every_row_kept(out, n)
+    return out
 
 
 def local_split(
