@@ -121,9 +121,9 @@ def _label(folder: Path, base: Path) -> str:
     return folder.name if _SEED_DIR.match(folder.name) else _relative(folder, base)
 
 
-_ACC = re.compile(r"(final/(val|fed)|test)/[a-z]+/acc(_mean)?")
-_DIFF = re.compile(r"(final/(val|fed)|test)/diff/[a-z]+-[a-z]+")
-_PREFIXES = {"final/val": 0, "final/fed": 1, "test": 2}
+_ACC = re.compile(r"(final/(val|fed)|test(/fedbn)?)/[a-z_]+/acc(_mean)?")
+_DIFF = re.compile(r"(final/(val|fed)|test)/diff/[a-z_]+-[a-z_]+")
+_PREFIXES = {"final/val": 0, "final/fed": 1, "test": 2, "test/fedbn": 3}
 
 
 def _columns(results: list[Result]) -> list[str]:
