@@ -231,3 +231,12 @@ def test_prepare_prints_dataset_and_partition_summary(make_cfg, tmp_path):
     assert "partition 'dirichlet'" in text and "4 clients" in text
     assert (tmp_path / "partition.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "data_summary.txt").read_text().strip() == text.strip()
+    # Each split's speakers and examples, counted independently from the cache's arrays.
+    from fedkws.recipes.common import load_data
+    from fedkws.spec import from_config
+
+    data = load_data(from_config(cfg))
+    for code, split in enumerate(("training", "validation", "testing")):
+        rows = data.splits == code
+        names = set(data.speaker_names[data.speakers[rows]].tolist()) - {"_silence_"}
+        assert f"{split} {len(names)} speakers/{int(rows.sum())} examples" in text.splitlines()

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig
 
 from fedkws import CONF_DIR
@@ -21,6 +22,20 @@ from fedkws.recipes.common import load_data
 from fedkws.spec import RunSpec, from_config
 
 log = logging.getLogger(__name__)
+
+
+def split_sizes(data) -> list[str]:
+    """``<split> N speakers/M examples`` per split, as the protocol uses them.
+
+    Examples include silence and unknown; silence slices have no speaker.
+    """
+    names = np.asarray(data.speaker_names)
+    lines = []
+    for split in ("training", "validation", "testing"):
+        rows = data.split_indices(split)
+        speakers = {str(s) for s in names[data.speakers[rows]]} - {"_silence_"}
+        lines.append(f"{split} {len(speakers)} speakers/{len(rows)} examples")
+    return lines
 
 
 def prepare_data(spec: RunSpec | DictConfig, out_dir: Path) -> str:
@@ -35,6 +50,7 @@ def prepare_data(spec: RunSpec | DictConfig, out_dir: Path) -> str:
     text = "\n".join(
         [
             data.summary(),
+            *split_sizes(data),
             f"  cache build: waveforms {data.manifest['waves_seconds']} s, features "
             + ", ".join(f"{v['seconds']} s" for v in data.manifest["features"].values()),
             "",
