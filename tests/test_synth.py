@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from omegaconf import OmegaConf
 
+from fedkws import CONF_DIR
 from fedkws.data import synth
 from fedkws.data.audio import CLIP_SAMPLES, SAMPLE_RATE
-from fedkws.data.speech_commands import BACKGROUND_NOISE_DIR, WORDS_V2, speaker_of, which_set
+from fedkws.data.speech_commands import (
+    BACKGROUND_NOISE_DIR,
+    LABELS_12,
+    SPLITS,
+    TEN_WORDS,
+    WORDS_V2,
+    build_index,
+    silence_ranges,
+    speaker_of,
+    which_set,
+)
 
 NAME_RE = re.compile(r"^[0-9a-f]{8}_nohash_\d+\.wav$")
 SPEAKERS = 6
@@ -45,7 +58,7 @@ def _clips(root: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, synth.SynthSummary]:
     root = tmp_path_factory.mktemp("synth") / "speech_commands"
-    summary = _generate(root)
+    summary = _generate(root, workers=2)
     return root, summary
 
 
@@ -158,7 +171,7 @@ def test_same_seed_is_byte_identical_other_seed_differs(dataset, tmp_path):
     root, _ = dataset
     reference = _all_files(root)
     again = tmp_path / "again"
-    _generate(again, seed=0)
+    _generate(again, seed=0, workers=1)  # the fixture used 2 worker processes
     assert _all_files(again) == reference
 
     other = tmp_path / "other"
@@ -271,7 +284,7 @@ def test_interrupted_run_is_incomplete_and_rerun_finishes(tmp_path, monkeypatch)
     # generate() calls the renderer through the module that writes the dataset
     monkeypatch.setattr(synth.dataset, "render_utterance", failing_render)
     with pytest.raises(KeyboardInterrupt):
-        _generate(root, num_speakers=3, words=words)
+        _generate(root, num_speakers=3, words=words, workers=1)
     assert synth.read_marker(root) is None
     assert not synth.is_complete(root)
     assert not list(root.rglob("*.tmp"))
@@ -293,8 +306,143 @@ def test_interrupted_run_is_incomplete_and_rerun_finishes(tmp_path, monkeypatch)
 def test_cli(tmp_path, capsys):
     root = tmp_path / "cli"
     code = synth.main_generate(
-        ["--root", str(root), "--speakers", "3", "--utterances", "1", "--noise-seconds", "0.5"]
-    )
+        ["--root", str(root), "--speakers", "3", "--utterances", "1", "--noise-seconds", "0.5",
+         "--held-out-speakers", "0", "--all-words", "--workers", "1", "--no-progress"]
+    )  # fmt: skip
     assert code == 0
     assert "105 clips" in capsys.readouterr().out
-    assert synth.is_complete(root, num_speakers=3, utterances_per_word=1, seed=0)
+    assert synth.is_complete(
+        root, num_speakers=3, utterances_per_word=1, seed=0, held_out_speakers=None,
+        unknown_words=None,
+    )  # fmt: skip
+    assert not synth.is_complete(root, unknown_words=3)
+    assert synth.is_complete(root, held_out_speakers=1)  # what the 10 % rule gives 3 speakers
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def test_default_dataset_meets_study_targets():
+    """The default embedded dataset resolves ~3-point differences, checked on its plan alone.
+
+    At least 30 speakers and 1,200 examples in each held-out split under the
+    12-class protocol, every keyword and every other word in every split, and
+    generation spent on what the protocol uses.
+    """
+    conf = OmegaConf.load(Path(CONF_DIR) / "dataset" / "synthetic.yaml")
+    generate = OmegaConf.to_container(conf.generate)
+    assert generate == synth.DEFAULT_GENERATE  # the config and the CLIs' defaults agree
+    params = synth.config_params(generate)
+    params.pop("noise_seconds")
+    plan = synth.plan_dataset(**params)
+    counts = plan.protocol_counts(conf.silence_percentage, conf.unknown_percentage)
+    words = plan.word_counts()
+    for split in ("validation", "testing"):
+        c = counts[split]
+        assert c["speakers"] >= 30, c
+        assert c["total"] >= 1200, c
+        assert c["known"] == c["speakers"] * len(TEN_WORDS) * generate["utterances"]
+        assert c["silence"] == c["unknown"] == math.ceil(c["known"] / 10)
+        # the unknown quota is filled, with some choice left, but not much more was rendered
+        assert c["unknown"] < c["unknown_pool"] <= 2 * c["unknown"]
+        assert c["min_per_keyword"] >= 100
+        assert all(words[split][w] >= 5 for w in WORDS_V2 if w not in TEN_WORDS), words[split]
+    assert counts["training"]["speakers"] >= 200
+    assert counts["training"]["unknown_pool"] >= counts["training"]["unknown"]
+    # spending: command words are 10 of 35 words but most of the clips
+    assert plan.num_clips == sum(plan.clips_per_split().values()) < 10_000
+    assert sum(words["training"][w] for w in TEN_WORDS) / plan.clips_per_split()["training"] > 0.8
+
+
+def test_plan_layout_and_rotation():
+    plan = synth.plan_dataset(30, 2, seed=1, held_out_speakers=5, unknown_words=4)
+    assert plan.speakers_per_split() == {"training": 20, "validation": 5, "testing": 5}
+    for speaker in plan.speakers:
+        assert which_set(f"{speaker.speaker_id}_nohash_0.wav") == speaker.split
+        takes = dict(speaker.takes)
+        assert all(takes[w] == 2 for w in TEN_WORDS)
+        assert sorted(c for w, c in takes.items() if w not in TEN_WORDS) == [1] * 4
+    # rotation: within a split every non-command word is said equally often, +-1
+    for split, counter in plan.word_counts().items():
+        others = [counter[w] for w in WORDS_V2 if w not in TEN_WORDS]
+        assert max(others) - min(others) <= 1, split
+    full = synth.plan_dataset(6, 1, seed=0)
+    assert full.num_clips == 6 * 35 and full.held_out_speakers == 1
+    with pytest.raises(ValueError):
+        synth.plan_dataset(10, 1, seed=0, held_out_speakers=5)  # no training speaker left
+    with pytest.raises(ValueError):
+        synth.plan_dataset(10, 1, seed=0, unknown_words=-1)
+
+
+def test_reduced_dataset_matches_plan_for_any_worker_count(tmp_path):
+    """A dataset with few unknown words: files, split lists and 12-class counts as planned."""
+    params = dict(num_speakers=12, utterances_per_word=1, seed=2, noise_seconds=4.0,
+                  held_out_speakers=2, unknown_words=2, progress=False)  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    summary = synth.generate(one, workers=1, **params)
+    synth.generate(two, workers=2, **params)
+    assert _all_files(one) == _all_files(two)
+
+    plan = synth.plan_dataset(12, 1, seed=2, held_out_speakers=2, unknown_words=2)
+    written = sorted(f"{p.parent.name}/{p.name}" for p in _clips(one))
+    assert written == sorted(plan.clips)
+    assert summary.num_clips == 12 * (10 + 2) == plan.num_clips
+    assert summary.speakers_per_split == {"training": 8, "validation": 2, "testing": 2}
+    assert synth.is_complete(one, num_speakers=12, held_out_speakers=2, unknown_words=2)
+    assert not synth.is_complete(one, num_speakers=12, held_out_speakers=None)
+    assert not synth.is_complete(one, unknown_words=None)
+
+    index = build_index(one, "12class")
+    planned = plan.protocol_counts()
+    for split, counts in index.counts().items():
+        assert counts["_silence_"] == planned[split]["silence"]
+        assert counts["_unknown_"] == planned[split]["unknown"]
+        assert sum(counts[w] for w in LABELS_12[2:]) == planned[split]["known"]
+        assert summary.examples_per_split[split] == planned[split]["total"]
+
+
+# --------------------------------------------------------------------------- silence by split
+
+
+def test_silence_ranges_rule():
+    second = CLIP_SAMPLES
+    ranges = silence_ranges(
+        {"long.wav": 120 * second, "short.wav": 2 * second, "tiny.wav": second // 2},
+        {"training": 480, "validation": 120, "testing": 120},
+    )
+    assert "tiny.wav" not in ranges  # shorter than one clip: never used
+    long = ranges["long.wav"]
+    assert long["training"] == (0, 80 * second)
+    assert long["validation"] == (80 * second, 100 * second)
+    assert long["testing"] == (100 * second, 120 * second)
+    # too short for three ranges of a clip each: shared, as in TensorFlow's train.py
+    assert set(ranges["short.wav"].values()) == {(0, 2 * second)}
+    # a split drawing no silence gets no range; a small share still gets one clip
+    few = silence_ranges({"a.wav": 10 * second}, {"training": 100, "validation": 1, "testing": 0})
+    assert few["a.wav"] == {
+        "training": (0, 9 * second),
+        "validation": (9 * second, 10 * second),
+        "testing": (10 * second, 10 * second),
+    }
+
+
+def test_silence_slices_of_different_splits_are_disjoint(tiny_root):
+    index = build_index(tiny_root, "12class", seed=0)
+    covered: dict[str, dict[str, list[tuple[int, int]]]] = collections.defaultdict(
+        lambda: collections.defaultdict(list)
+    )
+    for item in index.items:
+        if item.silence is not None:
+            name, offset, _ = item.silence
+            covered[name][item.split].append((offset, offset + CLIP_SAMPLES))
+            start, end = index.noise_ranges[name][item.split]
+            assert start <= offset and offset + CLIP_SAMPLES <= end
+    assert {s for by_split in covered.values() for s in by_split} == set(SPLITS)
+    for name, by_split in covered.items():
+        for a in SPLITS:
+            for b in SPLITS:
+                if a >= b:
+                    continue
+                for s1, e1 in by_split[a]:
+                    for s2, e2 in by_split[b]:
+                        assert e1 <= s2 or e2 <= s1, (name, a, b)

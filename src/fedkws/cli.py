@@ -54,6 +54,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument(
         "--noise-seconds", type=_at_least(1.0, float), default=synth.DEFAULT_NOISE_SECONDS
     )
+    gen.add_argument(
+        "--held-out-speakers", type=_at_least(0), default=synth.DEFAULT_HELD_OUT_SPEAKERS,
+        help="speakers in each of validation and testing (0: 10%% of --speakers)",
+    )  # fmt: skip
+    words = gen.add_mutually_exclusive_group()
+    words.add_argument(
+        "--unknown-words", type=_at_least(0), default=synth.DEFAULT_UNKNOWN_WORDS,
+        help="non-command words each speaker records once",
+    )  # fmt: skip
+    words.add_argument(
+        "--all-words", action="store_true",
+        help="every speaker says all 35 words --utterances times (for protocol=35class)",
+    )  # fmt: skip
+    gen.add_argument("--workers", type=_at_least(1), default=None, help="default: every CPU")
 
     dl = sub.add_parser("download", help="download and extract real Speech Commands")
     dl.add_argument("--root", type=Path, required=True)
@@ -69,13 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with user_errors():
         if args.command == "generate":
-            summary = synth.generate(
-                args.root,
-                num_speakers=args.speakers,
-                utterances_per_word=args.utterances,
-                seed=args.seed,
-                noise_seconds=args.noise_seconds,
-            )
+            summary = synth.generate(args.root, **synth.arguments_params(args))
             print(summary.describe())
         elif args.command == "download":
             from fedkws.data.download import download_speech_commands

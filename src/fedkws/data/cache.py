@@ -5,7 +5,8 @@ Layout of one cache entry ``<cache_dir>/<data key>/``::
     waves.npy              (N, 16000) float32, every example as 1 s of audio
     features-<key>.npy     (N, 1, bins, frames) float32, one per feature config
     meta.npz               labels, splits, speakers, paths
-    noise.npy              background recordings, concatenated (for augmentation)
+    noise.npy              background recordings, concatenated (for augmentation;
+                           under 12class only each file's training time range)
     manifest.json          what was built from what, with every file's size and
                            SHA-1; written last
 
@@ -61,7 +62,8 @@ from fedkws.progress import progress_bar
 log = logging.getLogger(__name__)
 
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
-_CACHE_FORMAT = 1
+# 2: silence and the augmentation noise bank come from per-split time ranges.
+_CACHE_FORMAT = 2
 # Manifests without this version carry no checksums: their entry is rebuilt.
 _MANIFEST_VERSION = 2
 _BASE_FILES = ("waves.npy", "meta.npz", "noise.npy")
@@ -256,7 +258,13 @@ def _build_waves(config: DataConfig, entry: Path, progress: bool) -> dict:
         skipped=report.num_skipped,
     )
     _write_meta(entry, kept, index.labels)
-    bank = np.concatenate(list(noise.values())) if noise else np.zeros((0,), np.float32)
+    # Augmentation mixes noise into training examples only: keep it to the
+    # training time range of each file, away from the held-out silence.
+    parts = [
+        wave[slice(*index.noise_ranges[name]["training"])] if name in index.noise_ranges else wave
+        for name, wave in noise.items()
+    ]
+    bank = np.concatenate(parts) if parts else np.zeros((0,), np.float32)
     save_npy(entry / "noise.npy", bank.astype(np.float32))
     if report.num_skipped or report.resampled or report.downmixed:
         log.warning("%s: %s", root, report.summary())

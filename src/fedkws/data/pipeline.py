@@ -77,12 +77,7 @@ def ensure_dataset(
     if generate is not None:
         from fedkws.data import synth
 
-        params = dict(
-            num_speakers=int(generate["speakers"]),
-            utterances_per_word=int(generate["utterances"]),
-            seed=int(generate["seed"]),
-            noise_seconds=float(generate.get("noise_seconds", 30)),
-        )
+        params = synth.config_params(generate)
         if not synth.is_complete(root, **params):
             root.parent.mkdir(parents=True, exist_ok=True)
             with file_lock(synth.lock_path(root)):

@@ -118,6 +118,9 @@ class DatasetIndex:
     items: list[Item]
     split_source: str  # "official lists" or "hash rule"
     ignored_words: dict[str, int] = field(default_factory=dict)
+    # Per background file, the [start, end) samples each split draws silence
+    # from (:func:`silence_ranges`); empty under 35class.
+    noise_ranges: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, Counter]:
         """Label histogram per split."""
@@ -329,6 +332,45 @@ def _index_35class(
     return items, ignored
 
 
+def silence_ranges(
+    noise_lengths: dict[str, int], weights: dict[str, float]
+) -> dict[str, dict[str, tuple[int, int]]]:
+    """The time range of each background file that each split draws silence from.
+
+    Each file is cut into consecutive ranges, training first, then validation,
+    then testing, in proportion to ``weights`` (the number of silence examples
+    each split draws); a split that draws any gets at least one clip's length
+    (1 s). A split's silence slices lie wholly inside its range, so held-out
+    silence never shares a sample with training silence. A file too short for
+    three such ranges (under about 3 s) is shared by every split, as in
+    TensorFlow's ``train.py``. Pure function of its arguments.
+
+    Returns
+    -------
+    dict
+        ``{file: {split: (start, end)}}`` in samples, for every file of at
+        least one clip's length.
+    """
+    total = sum(weights.get(s, 0.0) for s in SPLITS)
+    ranges: dict[str, dict[str, tuple[int, int]]] = {}
+    for name, length in sorted(noise_lengths.items()):
+        if length < CLIP_SAMPLES:
+            continue
+        sizes = {}
+        for split in SPLITS[1:]:
+            share = weights.get(split, 0.0) / total if total > 0 else 0.0
+            sizes[split] = max(CLIP_SAMPLES, round(length * share)) if share > 0 else 0
+        sizes["training"] = length - sizes["validation"] - sizes["testing"]
+        if weights.get("training", 0.0) > 0 and sizes["training"] < CLIP_SAMPLES:
+            ranges[name] = {s: (0, length) for s in SPLITS}
+            continue
+        start, ranges[name] = 0, {}
+        for split in SPLITS:
+            ranges[name][split] = (start, start + sizes[split])
+            start += sizes[split]
+    return ranges
+
+
 def _index_12class(
     root: Path,
     words: dict[str, list[str]],
@@ -337,7 +379,7 @@ def _index_12class(
     silence_percentage: float,
     unknown_percentage: float,
     noise_lengths: dict[str, int] | None,
-) -> list[Item]:
+) -> tuple[list[Item], dict[str, dict[str, tuple[int, int]]]]:
     labels = LABELS_12
     known: dict[str, list[Item]] = {s: [] for s in SPLITS}
     unknown: dict[str, list[Item]] = {s: [] for s in SPLITS}
@@ -355,24 +397,27 @@ def _index_12class(
         noise_lengths = _noise_lengths(root, noises)
     usable = [n for n in noises if noise_lengths.get(n, 0) >= CLIP_SAMPLES]
     silence_label = labels.index(SILENCE_LABEL)
+    n_silences = {s: math.ceil(len(known[s]) * silence_percentage / 100) for s in SPLITS}
+    ranges = silence_ranges({n: noise_lengths[n] for n in usable}, n_silences)
     rng = np.random.default_rng(seed)
     items: list[Item] = []
     for split in SPLITS:
         n_known = len(known[split])
         items.extend(known[split])
-        n_silence = math.ceil(n_known * silence_percentage / 100)
+        n_silence = n_silences[split]
         if n_silence and not usable:
             raise DataError(_no_silence_message(root, noises, silence_percentage))
         for _ in range(n_silence):
             name = usable[int(rng.integers(len(usable)))]
-            offset = int(rng.integers(0, noise_lengths[name] - CLIP_SAMPLES + 1))
+            start, end = ranges[name][split]
+            offset = int(rng.integers(start, end - CLIP_SAMPLES + 1))
             volume = float(rng.uniform(0.0, 1.0))
             items.append(Item(None, silence_label, "_silence_", split, (name, offset, volume)))
         pool = unknown[split]
         order = rng.permutation(len(pool))
         n_unknown = min(len(pool), math.ceil(n_known * unknown_percentage / 100))
         items.extend(pool[i] for i in sorted(order[:n_unknown]))
-    return items
+    return items, ranges
 
 
 def build_index(
@@ -392,7 +437,9 @@ def build_index(
     seeded random subset of them of size ``ceil(known * unknown_percentage / 100)``
     is kept; ``ceil(known * silence_percentage / 100)`` silence examples are added,
     each a random 1 s slice of a background recording at a random volume in
-    [0, 1]. Under ``35class`` every v0.02 word is its own class.
+    [0, 1], taken from that split's own time range of the recording
+    (:func:`silence_ranges`), so held-out silence never overlaps training
+    silence. Under ``35class`` every v0.02 word is its own class.
 
     Parameters
     ----------
@@ -419,8 +466,11 @@ def build_index(
         items, ignored = _index_35class(root, words, version, split_of)
     else:
         labels, ignored = LABELS_12, {}
-        items = _index_12class(
+        items, ranges = _index_12class(
             root, words, split_of, seed, silence_percentage, unknown_percentage, noise_lengths
         )
     check_splits(items, root, split_source, validation_percentage, testing_percentage)
-    return DatasetIndex(root, version, protocol, labels, items, split_source, ignored)
+    index = DatasetIndex(root, version, protocol, labels, items, split_source, ignored)
+    if protocol == "12class":
+        index.noise_ranges = ranges
+    return index

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import EllipsisType
 
 import numpy as np
 import soundfile as sf
@@ -16,36 +19,43 @@ import soundfile as sf
 from fedkws.data.audio import SAMPLE_RATE
 from fedkws.data.speech_commands import BACKGROUND_NOISE_DIR, WORDS_V2, which_set
 from fedkws.data.synth.noise import NOISE_FILES, make_noise
+from fedkws.data.synth.plan import SpeakerPlan, SynthPlan, check_plan_arguments, plan_dataset
 from fedkws.data.synth.render import render_utterance
 from fedkws.data.synth.speakers import (
     TESTING_PCT,
     VALIDATION_PCT,
     SpeakerProfile,
-    choose_speaker_ids,
+    held_out_count,
     make_speaker,
 )
 from fedkws.data.synth.voice import Espeak
 from fedkws.fileio import file_lock, write_text, write_with
 
-# 96 speakers x 2 utterances x 35 words = 6,720 clips (~220 MB, about half a
-# minute on 2 cores): 76 training speakers for natural-id partitions, 70 clips
-# per speaker (real Speech Commands averages ~40), ~150 training clips per
-# keyword; small enough that every preset trains in minutes on a CPU.
-DEFAULT_SPEAKERS = 96
+# The default embedded dataset (conf/dataset/synthetic.yaml), sized so that
+# held-out accuracies resolve differences of about 3 points: 60 speakers in
+# each of validation and testing (240 in training), every speaker saying each
+# command word twice and 3 of the other 25 words once. Under the 12-class
+# protocol that is 1,440 examples in each held-out split (1,200 command words,
+# 120 silence, 120 unknown) and 5,760 in training; 8,280 clips in all.
+DEFAULT_SPEAKERS = 360
+DEFAULT_HELD_OUT_SPEAKERS = 60
 DEFAULT_UTTERANCES = 2
+DEFAULT_UNKNOWN_WORDS = 3
 DEFAULT_SEED = 0
-DEFAULT_NOISE_SECONDS = 30.0
+# Long enough that each split's time range of every file (silence slices are
+# drawn per split from disjoint ranges) spans many seconds.
+DEFAULT_NOISE_SECONDS = 120.0
 
 MARKER_FILE = "fedkws_synth.json"
 README_FILE = "README.txt"
 FORMAT_NAME = "fedkws-synth"
-FORMAT_VERSION = 1
+# 2: held-out speaker count and non-command words per speaker are parameters.
+FORMAT_VERSION = 2
 
 # Marks a root that generate() owns while it is being (re)written; a root
 # that has neither this nor the marker is someone else's folder.
 _IN_PROGRESS_FILE = ".fedkws_synth_in_progress"
 _CLIP_NAME_RE = re.compile(r"^[0-9a-f]{8}_nohash_\d+\.wav$")
-_SPLITS = ("training", "validation", "testing")
 
 
 @dataclass
@@ -63,6 +73,10 @@ class SynthSummary:
     clips_per_split: dict[str, int] = field(default_factory=dict)
     bytes_on_disk: int = 0
     seconds: float = 0.0
+    unknown_words: int | None = None
+    # examples per split under the 12-class protocol (10 % silence, 10 % unknown)
+    examples_per_split: dict[str, int] = field(default_factory=dict)
+    workers: int = 1
 
     @property
     def ms_per_clip(self) -> float:
@@ -76,13 +90,29 @@ class SynthSummary:
             f"{self.clips_per_split.get(s, 0)} clips"
             for s in ("training", "validation", "testing")
         )
+        if self.unknown_words is None:
+            layout = f"{self.num_words} words x {self.utterances_per_word} utterances"
+        else:
+            layout = (
+                f"(10 command words x {self.utterances_per_word} utterances"
+                f" + {self.unknown_words} of the other words x 1)"
+            )
+        examples = ", ".join(
+            f"{s} {self.examples_per_split.get(s, 0)}"
+            for s in ("training", "validation", "testing")
+        )
         return (
             f"Synthetic Speech Commands at {self.root}\n"
-            f"  {self.num_clips} clips = {self.num_speakers} speakers x {self.num_words} words"
-            f" x {self.utterances_per_word} utterances, {self.num_noise_files} noise files\n"
+            f"  {self.num_clips} clips = {self.num_speakers} speakers x {layout},"
+            f" {self.num_noise_files} noise files\n"
             f"  {splits}\n"
+            f"  12-class examples: {examples}\n"
             f"  {self.bytes_on_disk / 1e6:.1f} MB, seed {self.seed}"
-        ) + (f", {self.seconds:.1f} s ({self.ms_per_clip:.1f} ms/clip)" if timing else "")
+        ) + (
+            f", {self.seconds:.1f} s on {self.workers} processes ({self.ms_per_clip:.1f} ms/clip)"
+            if timing
+            else ""
+        )
 
     def __str__(self) -> str:
         return self.describe()
@@ -107,10 +137,14 @@ def is_complete(
     seed: int | None = None,
     words: Sequence[str] | None = None,
     noise_seconds: float | None = None,
+    held_out_speakers: int | None | EllipsisType = ...,
+    unknown_words: int | None | EllipsisType = ...,
 ) -> bool:
     """Whether ``root`` holds a finished dataset generated with these parameters.
 
-    Parameters left as None are not compared.
+    Parameters left as None are not compared, except ``held_out_speakers`` and
+    ``unknown_words``, for which None is a value (as in :func:`generate`) and
+    ``...`` (the default) means not compared.
     """
     marker = read_marker(root)
     if marker is None or marker.get("version") != FORMAT_VERSION:
@@ -122,7 +156,39 @@ def is_complete(
         "words": list(words) if words is not None else None,
         "noise_seconds": float(noise_seconds) if noise_seconds is not None else None,
     }
-    return all(v is None or marker.get(k) == v for k, v in expected.items())
+    if not all(v is None or marker.get(k) == v for k, v in expected.items()):
+        return False
+    if unknown_words is not ... and marker.get("unknown_words", ...) != unknown_words:
+        return False
+    if held_out_speakers is not ...:
+        if held_out_speakers is None:
+            # the 10 % rule: compare the count it gives for the marker's speakers
+            held_out_speakers = held_out_count(int(marker.get("num_speakers", 0)))
+        if marker.get("held_out_speakers") != held_out_speakers:
+            return False
+    return True
+
+
+def config_params(generate: Mapping) -> dict:
+    """Arguments of :func:`generate` / :func:`is_complete` from a ``dataset.generate`` config.
+
+    Keys: ``speakers``, ``utterances``, ``seed``, ``noise_seconds`` and the
+    optional ``held_out_speakers`` and ``unknown_words`` (absent or null: the
+    10 % speaker rule and every word, as :func:`generate` defaults).
+    """
+
+    def optional_int(key: str) -> int | None:
+        value = generate.get(key)
+        return None if value is None else int(value)
+
+    return dict(
+        num_speakers=int(generate["speakers"]),
+        utterances_per_word=int(generate["utterances"]),
+        seed=int(generate["seed"]),
+        noise_seconds=float(generate.get("noise_seconds", DEFAULT_NOISE_SECONDS)),
+        held_out_speakers=optional_int("held_out_speakers"),
+        unknown_words=optional_int("unknown_words"),
+    )
 
 
 def lock_path(root: Path | str) -> Path:
@@ -165,68 +231,93 @@ def _remove_stale(root: Path, folders: Iterable[str], keep: set[str]) -> None:
                 path.unlink()
 
 
-@dataclass
-class _Tally:
-    """What the writing steps of :func:`generate` have written so far."""
-
-    written: list[str] = field(default_factory=list)
-    total_bytes: int = 0
-    speakers_per_split: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_SPLITS, 0))
-    clips_per_split: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_SPLITS, 0))
-
-
-def _check_arguments(
-    seed: int, utterances_per_word: int, noise_seconds: float, words: tuple[str, ...]
-) -> None:
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
-    if utterances_per_word < 1:
-        raise ValueError(f"utterances_per_word must be >= 1, got {utterances_per_word}")
+def _check_arguments(noise_seconds: float, workers: int | None) -> None:
     if noise_seconds <= 0:
         raise ValueError(f"noise_seconds must be positive, got {noise_seconds}")
-    if not words or len(set(words)) != len(words):
-        raise ValueError("words must be a non-empty sequence without duplicates")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1 or None, got {workers}")
 
 
-def _write_clips(
-    root: Path,
-    engine: Espeak,
-    speakers: Sequence[SpeakerProfile],
-    words: Sequence[str],
-    utterances_per_word: int,
-    seed: int,
-    advance: Callable[[int], object],
-    tally: _Tally,
-) -> None:
-    """Render and write every (speaker, word, utterance) clip."""
-    for word in words:
-        (root / word).mkdir(exist_ok=True)
+def _render_speaker(root: Path, speaker: SpeakerProfile, plan: SpeakerPlan, seed: int) -> int:
+    """Render and write one speaker's clips; return the bytes written.
+
+    Runs in a worker process (or in the caller's with one worker).
+    """
+    engine = Espeak.get()
+    total = 0
     with engine.lock:
-        for speaker in speakers:
-            split = which_set(f"{speaker.speaker_id}_nohash_0.wav")
-            tally.speakers_per_split[split] += 1
-            for word in words:
-                # A fresh synthesiser per (speaker, word): see the package docstring.
-                engine.reset()
-                for n in range(utterances_per_word):
-                    clip = render_utterance(engine, speaker, word, n, seed)
-                    rel = f"{word}/{speaker.speaker_id}_nohash_{n}.wav"
-                    tally.total_bytes += _write_wav(root / rel, clip)
-                    tally.written.append(rel)
-                    tally.clips_per_split[split] += 1
-                advance(utterances_per_word)
+        for word, count in plan.takes:
+            # A fresh synthesiser per (speaker, word): see the package docstring.
+            engine.reset()
+            for n in range(count):
+                clip = render_utterance(engine, speaker, word, n, seed)
+                total += _write_wav(root / f"{word}/{speaker.speaker_id}_nohash_{n}.wav", clip)
+    return total
 
 
-def _write_noise(
-    root: Path, noise_seconds: float, seed: int, advance: Callable[[int], object], tally: _Tally
-) -> None:
-    """Write the background-noise recordings."""
+def _render_noise(root: Path, name: str, noise_seconds: float, seed: int) -> int:
+    """Write one background-noise recording; return its size in bytes."""
+    noise = make_noise(name, noise_seconds, seed)
+    pcm = np.round(noise * 32767.0).astype(np.int16)
+    return _write_wav(root / BACKGROUND_NOISE_DIR / name, pcm)
+
+
+def _run_task(task: tuple) -> int:
+    kind, *args = task
+    return _render_noise(*args) if kind == "noise" else _render_speaker(*args)
+
+
+def default_workers() -> int:
+    """Worker processes :func:`generate` uses by default: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _start_pool(workers: int):
+    """A pool of forked worker processes, or None to render in this process.
+
+    Fork, not spawn: spawned children re-import the caller's main script, which
+    runs it again unless it has an ``if __name__ == "__main__"`` guard. The
+    workers only run NumPy, SciPy, libsndfile and espeak-ng (no OpenMP), and
+    the pool is started before the progress bar's thread.
+    """
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    return multiprocessing.get_context("fork").Pool(workers)
+
+
+def _write_all(
+    root: Path,
+    plan: SynthPlan,
+    speakers: Sequence[SpeakerProfile],
+    noise_seconds: float,
+    pool,
+    advance: Callable[[int], object],
+) -> int:
+    """Write every clip and noise file, in ``pool`` if given; return the bytes written.
+
+    Each file depends only on the seed and its own (speaker, word, utterance)
+    or noise name, never on which process wrote it or when: the output is
+    the same for any number of workers.
+    """
     (root / BACKGROUND_NOISE_DIR).mkdir(exist_ok=True)
-    for name in NOISE_FILES:
-        noise = make_noise(name, noise_seconds, seed)
-        pcm = np.round(noise * 32767.0).astype(np.int16)
-        tally.total_bytes += _write_wav(root / BACKGROUND_NOISE_DIR / name, pcm)
-        advance(1)
+    for word in {w for s in plan.speakers for w, _ in s.takes}:
+        (root / word).mkdir(exist_ok=True)
+    # Noise first: a few long tasks are best started early.
+    tasks = [("noise", root, name, noise_seconds, plan.seed) for name in NOISE_FILES]
+    tasks += [
+        ("speaker", root, profile, speaker, plan.seed)
+        for profile, speaker in zip(speakers, plan.speakers, strict=True)
+    ]
+    sizes = [1] * len(NOISE_FILES) + [sum(c for _, c in s.takes) for s in plan.speakers]
+    results = map(_run_task, tasks) if pool is None else pool.imap(_run_task, tasks)
+    total = 0
+    for nbytes, size in zip(results, sizes, strict=True):
+        total += nbytes
+        advance(size)
+    return total
 
 
 def _write_split_lists(root: Path, written: Iterable[str]) -> None:
@@ -256,7 +347,14 @@ def _readme(params: dict, summary: SynthSummary) -> str:
         "Regenerate with:\n"
         f"  python -m fedkws.data.synth --root <dir> --speakers {params['num_speakers']}"
         f" --utterances {params['utterances_per_word']} --seed {params['seed']}"
-        f" --noise-seconds {params['noise_seconds']:g}\n"
+        f" --noise-seconds {params['noise_seconds']:g}"
+        f" --held-out-speakers {params['held_out_speakers']}"
+        + (
+            " --all-words"
+            if params["unknown_words"] is None
+            else f" --unknown-words {params['unknown_words']}"
+        )
+        + "\n"
         f"{MARKER_FILE} is written last: without it the folder is incomplete.\n"
     )
 
@@ -278,6 +376,9 @@ def generate(
     words: Sequence[str] = WORDS_V2,
     noise_seconds: float = DEFAULT_NOISE_SECONDS,
     progress: bool = True,
+    held_out_speakers: int | None = None,
+    unknown_words: int | None = None,
+    workers: int | None = None,
 ) -> SynthSummary:
     """Write a synthetic Speech Commands dataset to ``root``.
 
@@ -286,6 +387,10 @@ def generate(
     bytes. To reuse a finished dataset instead, check :func:`is_complete`
     while holding the lock (as :func:`fedkws.data.pipeline.ensure_dataset` does).
 
+    The default embedded dataset is ``generate(root, **config_params(DEFAULT_GENERATE))``;
+    the defaults of ``held_out_speakers`` and ``unknown_words`` here give the
+    complete layout (10 % of the speakers per held-out split, every word).
+
     Parameters
     ----------
     root
@@ -293,10 +398,10 @@ def generate(
         empty or hold an earlier (complete or interrupted) synthetic dataset,
         whose files are replaced.
     num_speakers
-        Number of distinct speakers (at least 3); about 80/10/10 % of them go
-        to training/validation/testing.
+        Number of distinct speakers (at least 3).
     utterances_per_word
-        Recordings per speaker and word.
+        Recordings per speaker of each command word (of every word when
+        ``unknown_words`` is None).
     seed
         Non-negative seed; the same seed and sizes give byte-identical files.
     words
@@ -305,6 +410,16 @@ def generate(
         Length of each background-noise file.
     progress
         Show a progress bar.
+    held_out_speakers
+        Speakers in each of validation and testing; None: ``round(10 %)`` of
+        ``num_speakers`` (at least one).
+    unknown_words
+        How many of the non-command words each speaker records (once each,
+        in rotation, see :mod:`fedkws.data.synth.plan`); None: every word,
+        ``utterances_per_word`` times (needed for ``protocol=35class``).
+    workers
+        Processes that render; None: every CPU this process may use. The
+        files do not depend on it.
 
     Returns
     -------
@@ -319,66 +434,85 @@ def generate(
         If ``root`` is a non-empty folder that is not a synthetic dataset.
     """
     words = tuple(words)
-    _check_arguments(seed, utterances_per_word, noise_seconds, words)
+    check_plan_arguments(seed, utterances_per_word, words, unknown_words)
+    _check_arguments(noise_seconds, workers)
     start_time = time.perf_counter()
     root = Path(root)
-    speaker_ids = choose_speaker_ids(seed, num_speakers)
+    plan = plan_dataset(
+        num_speakers, utterances_per_word, seed, words, held_out_speakers, unknown_words
+    )
     engine = Espeak.get()
     accents, variants = engine.accents(), engine.variants()
-    speakers = [make_speaker(s, seed, accents, variants) for s in speaker_ids]
+    speakers = [make_speaker(s.speaker_id, seed, accents, variants) for s in plan.speakers]
+    if workers is None:
+        workers = default_workers()
+    if multiprocessing.current_process().daemon:
+        workers = 1  # a daemonic process may not start children
+    workers = max(1, min(workers, len(plan.speakers)))
     root.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(lock_path(root)):
         return _generate_locked(
-            root, engine, speakers, words, utterances_per_word, seed, noise_seconds, progress,
-            start_time,
-        )  # fmt: skip
+            root, engine, plan, speakers, noise_seconds, progress, workers, start_time
+        )
 
 
 def _generate_locked(
     root: Path,
     engine: Espeak,
+    plan: SynthPlan,
     speakers: list[SpeakerProfile],
-    words: tuple[str, ...],
-    utterances_per_word: int,
-    seed: int,
     noise_seconds: float,
     progress: bool,
+    workers: int,
     start_time: float,
 ) -> SynthSummary:
     from fedkws.progress import progress_bar
 
     _claim_root(root)
-    tally = _Tally()
-    num_clips = len(speakers) * len(words) * utterances_per_word
-    total = num_clips + len(NOISE_FILES)
-    with progress_bar("synthesising speech and noise", total, enabled=progress) as advance:
-        _write_clips(root, engine, speakers, words, utterances_per_word, seed, advance, tally)
-        _write_noise(root, noise_seconds, seed, advance, tally)
-    _remove_stale(root, sorted(set(WORDS_V2) | set(words)), set(tally.written))
-    _write_split_lists(root, tally.written)
+    clips = plan.clips
+    total = len(clips) + len(NOISE_FILES)
+    pool = _start_pool(workers)
+    try:
+        with progress_bar("synthesising speech and noise", total, enabled=progress) as advance:
+            total_bytes = _write_all(root, plan, speakers, noise_seconds, pool, advance)
+    finally:
+        if pool is not None:
+            pool.terminate()  # every result is in: nothing left to wait for
+            pool.join()
+    if pool is None:
+        workers = 1
+    _remove_stale(root, sorted(set(WORDS_V2) | set(plan.words)), set(clips))
+    _write_split_lists(root, clips)
+    counts = plan.protocol_counts()
     summary = SynthSummary(
         root=str(root),
-        seed=seed,
+        seed=plan.seed,
         num_speakers=len(speakers),
-        utterances_per_word=utterances_per_word,
-        num_words=len(words),
-        num_clips=num_clips,
+        utterances_per_word=plan.utterances_per_word,
+        num_words=len(plan.words),
+        num_clips=len(clips),
         num_noise_files=len(NOISE_FILES),
-        speakers_per_split=tally.speakers_per_split,
-        clips_per_split=tally.clips_per_split,
-        bytes_on_disk=tally.total_bytes,
+        speakers_per_split=plan.speakers_per_split(),
+        clips_per_split=plan.clips_per_split(),
+        bytes_on_disk=total_bytes,
+        unknown_words=plan.unknown_words,
+        examples_per_split={split: c["total"] for split, c in counts.items()},
+        workers=workers,
     )
     params = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "seed": seed,
+        "seed": plan.seed,
         "num_speakers": len(speakers),
-        "utterances_per_word": utterances_per_word,
-        "words": list(words),
+        "utterances_per_word": plan.utterances_per_word,
+        "words": list(plan.words),
         "noise_seconds": float(noise_seconds),
-        "num_clips": num_clips,
-        "speakers_per_split": tally.speakers_per_split,
-        "clips_per_split": tally.clips_per_split,
+        "held_out_speakers": plan.held_out_speakers,
+        "unknown_words": plan.unknown_words,
+        "num_clips": len(clips),
+        "speakers_per_split": summary.speakers_per_split,
+        "clips_per_split": summary.clips_per_split,
+        "examples_12class_per_split": summary.examples_per_split,
         "espeak_ng": engine.version,
         "reproducible": engine.reproducible,
     }
@@ -390,22 +524,66 @@ def main_generate(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: ``python -m fedkws.data.synth --root DIR ...``."""
     parser = argparse.ArgumentParser(
         prog="python -m fedkws.data.synth",
-        description="Generate the synthetic Speech Commands dataset.",
+        description="Generate the synthetic Speech Commands dataset "
+        "(defaults: the default embedded dataset, conf/dataset/synthetic.yaml).",
     )
+    add_generate_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    summary = generate(args.root, progress=not args.no_progress, **arguments_params(args))
+    print(summary.describe())
+    return 0
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sizing options of the generator (shared by ``fedkws generate``)."""
     parser.add_argument("--root", required=True, type=Path, help="output folder")
     parser.add_argument("--speakers", type=int, default=DEFAULT_SPEAKERS)
     parser.add_argument("--utterances", type=int, default=DEFAULT_UTTERANCES)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--noise-seconds", type=float, default=DEFAULT_NOISE_SECONDS)
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
-    summary = generate(
-        args.root,
+    parser.add_argument(
+        "--held-out-speakers",
+        type=int,
+        default=DEFAULT_HELD_OUT_SPEAKERS,
+        help="speakers in each of validation and testing (0: 10 %% of --speakers)",
+    )
+    words = parser.add_mutually_exclusive_group()
+    words.add_argument(
+        "--unknown-words",
+        type=int,
+        default=DEFAULT_UNKNOWN_WORDS,
+        help="non-command words each speaker records once",
+    )
+    words.add_argument(
+        "--all-words",
+        action="store_true",
+        help="every speaker says all 35 words --utterances times (for protocol=35class)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="rendering processes (default: every CPU)"
+    )
+
+
+def arguments_params(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :func:`generate` from :func:`add_generate_arguments`' options."""
+    return dict(
         num_speakers=args.speakers,
         utterances_per_word=args.utterances,
         seed=args.seed,
         noise_seconds=args.noise_seconds,
-        progress=not args.no_progress,
+        held_out_speakers=args.held_out_speakers or None,
+        unknown_words=None if args.all_words else args.unknown_words,
+        workers=args.workers,
     )
-    print(summary.describe())
-    return 0
+
+
+# The ``dataset.generate`` block of conf/dataset/synthetic.yaml.
+DEFAULT_GENERATE = {
+    "speakers": DEFAULT_SPEAKERS,
+    "utterances": DEFAULT_UTTERANCES,
+    "seed": DEFAULT_SEED,
+    "noise_seconds": DEFAULT_NOISE_SECONDS,
+    "held_out_speakers": DEFAULT_HELD_OUT_SPEAKERS,
+    "unknown_words": DEFAULT_UNKNOWN_WORDS,
+}

@@ -20,22 +20,46 @@ VALIDATION_PCT = 10.0
 TESTING_PCT = 10.0
 
 
-def choose_speaker_ids(seed: int, num_speakers: int) -> list[str]:
-    """Deterministic 8-hex speaker ids with a guaranteed ~80/10/10 split.
+def held_out_count(num_speakers: int, held_out_speakers: int | None = None) -> int:
+    """Speakers in each of the validation and testing splits.
 
-    Candidates are hashes of ``(seed, counter)``; a candidate is kept only
-    while the split :func:`which_set` assigns it to still has room. The
-    held-out splits get ``round(num_speakers / 10)`` speakers each, at least
-    one.
+    ``round(num_speakers / 10)`` (at least one) unless ``held_out_speakers``
+    asks for a number; training keeps at least one speaker.
 
     Raises
     ------
     ValueError
-        If ``num_speakers < 3`` (one per split is the minimum).
+        If ``num_speakers < 3`` or the request leaves no training speaker.
     """
     if num_speakers < 3:
         raise ValueError(f"need at least 3 speakers (one per split), got {num_speakers}")
-    held_out = max(1, round(num_speakers * VALIDATION_PCT / 100.0))
+    if held_out_speakers is None:
+        return max(1, round(num_speakers * VALIDATION_PCT / 100.0))
+    if not 1 <= held_out_speakers <= (num_speakers - 1) // 2:
+        raise ValueError(
+            f"held_out_speakers={held_out_speakers} must be between 1 and "
+            f"{(num_speakers - 1) // 2} for {num_speakers} speakers (training keeps at least one)"
+        )
+    return held_out_speakers
+
+
+def choose_speaker_ids(
+    seed: int, num_speakers: int, held_out_speakers: int | None = None
+) -> list[str]:
+    """Deterministic 8-hex speaker ids with a guaranteed number per split.
+
+    Candidates are hashes of ``(seed, counter)``; a candidate is kept only
+    while the split :func:`which_set` assigns it to still has room. The
+    held-out splits get :func:`held_out_count` speakers each (by default
+    ``round(num_speakers / 10)``, at least one), training the rest.
+
+    Raises
+    ------
+    ValueError
+        If ``num_speakers < 3`` (one per split is the minimum) or
+        ``held_out_speakers`` leaves no training speaker.
+    """
+    held_out = held_out_count(num_speakers, held_out_speakers)
     quota = {"validation": held_out, "testing": held_out}
     quota["training"] = num_speakers - 2 * held_out
     chosen: list[str] = []
@@ -167,6 +191,9 @@ def room_impulse(speaker: SpeakerProfile, seed: int) -> np.ndarray:
     return ir
 
 
-def speaker_profiles(seed: int, num_speakers: int) -> list[SpeakerProfile]:
+def speaker_profiles(
+    seed: int, num_speakers: int, held_out_speakers: int | None = None
+) -> list[SpeakerProfile]:
     """The speakers :func:`generate` would create, for inspection."""
-    return [make_speaker(s, seed) for s in choose_speaker_ids(seed, num_speakers)]
+    ids = choose_speaker_ids(seed, num_speakers, held_out_speakers)
+    return [make_speaker(s, seed) for s in ids]
