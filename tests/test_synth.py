@@ -354,6 +354,16 @@ def test_default_dataset_meets_study_targets():
     assert sum(words["training"][w] for w in TEN_WORDS) / plan.clips_per_split()["training"] > 0.8
 
 
+def test_config_params_reject_too_few_speakers_in_one_line():
+    from fedkws.data.errors import DataError
+
+    small = {**synth.DEFAULT_GENERATE, "speakers": 16}
+    with pytest.raises(DataError, match=r"held_out_speakers=60 .*\.speakers=16; allowed: 1 to 7"):
+        synth.config_params(small)
+    params = synth.config_params({**small, "held_out_speakers": None, "unknown_words": None})
+    assert params["held_out_speakers"] is None and params["unknown_words"] is None
+
+
 def test_plan_layout_and_rotation():
     plan = synth.plan_dataset(30, 2, seed=1, held_out_speakers=5, unknown_words=4)
     assert plan.speakers_per_split() == {"training": 20, "validation": 5, "testing": 5}

@@ -181,7 +181,7 @@ def config_params(generate: Mapping) -> dict:
         value = generate.get(key)
         return None if value is None else int(value)
 
-    return dict(
+    params = dict(
         num_speakers=int(generate["speakers"]),
         utterances_per_word=int(generate["utterances"]),
         seed=int(generate["seed"]),
@@ -189,6 +189,16 @@ def config_params(generate: Mapping) -> dict:
         held_out_speakers=optional_int("held_out_speakers"),
         unknown_words=optional_int("unknown_words"),
     )
+    held_out, speakers = params["held_out_speakers"], params["num_speakers"]
+    if held_out is not None and not 1 <= held_out <= (speakers - 1) // 2:
+        from fedkws.data.errors import DataError
+
+        raise DataError(
+            f"dataset.generate.held_out_speakers={held_out} leaves no training speaker with "
+            f"dataset.generate.speakers={speakers}; allowed: 1 to {max(1, (speakers - 1) // 2)}"
+            f" (at least {2 * held_out + 1} speakers for {held_out}), or null for 10 %"
+        )
+    return params
 
 
 def lock_path(root: Path | str) -> Path:
