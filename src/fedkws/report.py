@@ -213,25 +213,7 @@ def report(paths: list[Path], markdown: Path | None = None, plot: Path | None = 
             for r in lost
         ]
         missing = ", ".join(_label(r.folder, base) for r in lost) or "-"
-        if not results:
-            row = [name, "0", missing, "-", "-", "-", "-"] + ["missing"] * len(columns) + ["-"]
-            lines.append("| " + " | ".join(row) + " |")
-            continue
-        s = results[0].summary
-        row = [
-            name,
-            str(len(results)),
-            missing,
-            str(s.get("strategy", "-")),
-            str(s.get("bn_sync", "-")),
-            str(s.get("norm", "-")),
-            str(s.get("rounds_completed", "-")),
-        ]
-        for col in columns:
-            row.append(_fmt(_values(results, col), signed=bool(_DIFF.fullmatch(col))))
-        walls = [r.summary["wall_s"] for r in results if "wall_s" in r.summary]
-        row.append(f"{np.mean(walls):.0f}" if walls else "-")
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join(_row(name, results, missing, columns)) + " |")
     table = "\n".join(lines)
     table += (
         "\n\ncells: one seed: value [its run's 95 % speaker-bootstrap interval]; "
@@ -248,6 +230,20 @@ def report(paths: list[Path], markdown: Path | None = None, plot: Path | None = 
             except OSError as err:  # e.g. --markdown into a folder that does not exist
                 raise ConfigError(f"cannot write {target}: {err.strerror or err}") from err
     return table
+
+
+def _row(name: str, results: list[Result], missing: str, columns: list[str]) -> list[str]:
+    """One cell's row: its settings, then each column over its seeds."""
+    if not results:
+        return [name, "0", missing, "-", "-", "-", "-"] + ["missing"] * len(columns) + ["-"]
+    s = results[0].summary
+    row = [name, str(len(results)), missing]
+    row += [str(s.get(k, "-")) for k in ("strategy", "bn_sync", "norm", "rounds_completed")]
+    for col in columns:
+        row.append(_fmt(_values(results, col), signed=bool(_DIFF.fullmatch(col))))
+    walls = [r.summary["wall_s"] for r in results if "wall_s" in r.summary]
+    row.append(f"{np.mean(walls):.0f}" if walls else "-")
+    return row
 
 
 def _plot(cells: dict[str, list[Result]], path: Path) -> None:
