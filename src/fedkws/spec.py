@@ -16,14 +16,30 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedkws.core.aggregation import BN_SYNC_MODES, EVAL_MODES, ServerOptimizer
+from fedkws.core.aggregation import BN_SYNC_MODES, EVAL_MODES
 from fedkws.core.models import MODEL_NAMES, NORM_KINDS
 from fedkws.data.augment import AugmentConfig
 from fedkws.data.cache import DataConfig
 from fedkws.data.features import FEATURE_KINDS, FeatureConfig
 from fedkws.errors import ConfigError
 
-STRATEGIES = (*ServerOptimizer.RULES, "central")
+# strategy=<name> -> the class of flwr.serverapp.strategy it stands for; ``flower`` names any
+# class (strategy.class_name), ``central`` is the no-federation baseline. One file each in
+# conf/strategy/.
+NAMED_STRATEGIES = {
+    "fedavg": "FedAvg",
+    "fedavgm": "FedAvgM",
+    "fedprox": "FedProx",
+    "fedadam": "FedAdam",
+    "fedyogi": "FedYogi",
+    "fedadagrad": "FedAdagrad",
+    "fedmedian": "FedMedian",
+    "fedtrimmedavg": "FedTrimmedAvg",
+    "krum": "Krum",
+    "multikrum": "MultiKrum",
+    "qfedavg": "QFedAvg",
+}
+STRATEGIES = (*NAMED_STRATEGIES, "flower", "central")
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "speaker")
 PROTOCOLS = ("12class", "35class")
 LOGGER_MODES = ("offline", "online", "disabled")
@@ -94,22 +110,27 @@ class PartitionSpec:
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """The server rule (``central``: no federation) and its hyper-parameters."""
+    """The server rule: a Flower strategy class and its constructor arguments.
+
+    ``central``: no federation. Client sampling is fedkws's own
+    (``fraction_train``, ``min_train_clients``), never the strategy's.
+    """
 
     name: str = "fedavg"
+    class_name: str = "FedAvg"  # a class of flwr.serverapp.strategy
     fraction_train: float = 1.0
     min_train_clients: int = 1
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
-    beta_1: float = 0.9
-    beta_2: float = 0.99
-    tau: float = 1e-3
-    prox_mu: float = 0.0
+    kwargs: tuple[tuple[str, Any], ...] = ()  # the class's constructor arguments
 
     @property
     def central(self) -> bool:
         """Whether this is the centralised baseline."""
         return self.name == "central"
+
+    @property
+    def prox_mu(self) -> float:
+        """The clients' proximal weight: FedProx's ``proximal_mu`` (0 for other classes)."""
+        return float(dict(self.kwargs).get("proximal_mu", 0.0))
 
 
 @dataclass(frozen=True)
@@ -286,7 +307,7 @@ def from_config(cfg: Any) -> RunSpec:
         optimizer=_optimizer(raw["optimizer"], p),
         train=_typed(TrainSpec, raw["train"], p, "train"),
         partition=_typed(PartitionSpec, raw["partition"], p, "partition"),
-        strategy=_typed(StrategySpec, raw["strategy"], p, "strategy"),
+        strategy=_strategy(raw["strategy"], p),
         bn=_typed(BNSpec, raw["bn"], p, "bn"),
         federation=_federation(raw["federation"], p),
         logger=_typed(LoggerSpec, raw["logger"], p, "logger"),
@@ -328,6 +349,18 @@ def _model(raw: Mapping[str, Any], norm: Mapping[str, Any], p: _Problems) -> Mod
 def _optimizer(raw: Mapping[str, Any], p: _Problems) -> OptimizerSpec:
     kwargs = {k: v for k, v in raw.items() if not k.startswith("_")}
     return OptimizerSpec(target=str(raw.get("_target_")), kwargs=_pairs(kwargs))
+
+
+def _strategy(raw: Mapping[str, Any], p: _Problems) -> StrategySpec:
+    values = {k: v for k, v in raw.items() if k != "kwargs"}
+    spec = _typed(StrategySpec, values, p, "strategy")
+    kwargs = raw.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        p.add("strategy.kwargs", kwargs, "must be a mapping of constructor arguments")
+        kwargs = {}
+    if spec is None:
+        return StrategySpec()
+    return dataclasses.replace(spec, kwargs=_pairs(kwargs))
 
 
 def _federation(raw: Mapping[str, Any], p: _Problems) -> FederationSpec:
@@ -443,17 +476,21 @@ def _check_strategy(spec: RunSpec, p: _Problems) -> None:
     p.check(
         s.min_train_clients >= 1, "strategy.min_train_clients", s.min_train_clients, "must be >= 1"
     )
-    p.check(s.server_lr > 0, "strategy.server_lr", s.server_lr, "must be > 0")
-    p.check(
-        0 <= s.server_momentum < 1,
-        "strategy.server_momentum",
-        s.server_momentum,
-        "must be in [0, 1)",
-    )
-    for key in ("beta_1", "beta_2"):
-        p.check(0 <= getattr(s, key) < 1, f"strategy.{key}", getattr(s, key), "must be in [0, 1)")
-    p.check(s.tau > 0, "strategy.tau", s.tau, "must be > 0")
-    p.check(s.prox_mu >= 0, "strategy.prox_mu", s.prox_mu, "must be >= 0")
+    expected = NAMED_STRATEGIES.get(s.name)
+    if expected is not None and s.class_name != expected:
+        p.add(
+            "strategy.class_name",
+            s.class_name,
+            f"strategy={s.name} is {expected} (any other class: strategy=flower "
+            f"strategy.class_name={s.class_name})",
+        )
+    elif s.name in STRATEGIES and not s.central:
+        from fedkws.fl.strategy import kwargs_problems
+
+        p.lines.extend(kwargs_problems(s.class_name, dict(s.kwargs)))
+    mu = dict(s.kwargs).get("proximal_mu", 0.0)
+    ok = isinstance(mu, int | float) and not isinstance(mu, bool) and mu >= 0
+    p.check(ok, "strategy.kwargs.proximal_mu", mu, "must be a number >= 0")
     if spec.partition.scheme != "speaker" and s.min_train_clients > spec.partition.num_clients:
         p.add(
             "strategy.min_train_clients",

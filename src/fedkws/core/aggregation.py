@@ -12,15 +12,18 @@
     FedBN: no key of a BatchNorm module (affine parameters, running
     statistics, ``num_batches_tracked``) travels in either direction.
 
-Server optimisers act on floating-point *parameters* only. Running statistics
-are replaced by the example-weighted average of the clients' values (never
-pushed through momentum or Adam, which can drive ``running_var`` negative),
-and integer buffers (``num_batches_tracked``) stay integers.
+The server rule (a Flower strategy, :mod:`fedkws.fl.strategy`) acts on
+floating-point *parameters* only: :func:`aggregate` splits a model state and
+hands it ``plan.params``. Running statistics are replaced by the
+example-weighted average of the clients' values (never pushed through
+momentum, Adam or a robust aggregator, which can drive ``running_var``
+negative or pick one client's statistics), and integer buffers
+(``num_batches_tracked``) stay integers (:func:`combine_buffers`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +39,7 @@ EVAL_MODES = ("eval", "train", "recalibrated")
 class KeyPlan:
     """The state-dict keys of one model, sorted by how they are aggregated."""
 
-    params: tuple[str, ...]  # trainable floating-point parameters: server optimiser
+    params: tuple[str, ...]  # trainable floating-point parameters: the server rule
     stats: tuple[str, ...]  # floating-point buffers (running stats): weighted average
     counters: tuple[str, ...]  # integer buffers (num_batches_tracked): rounded average
     local: tuple[str, ...]  # never leave the client
@@ -90,77 +93,41 @@ def weighted_average(
     return out
 
 
-class ServerOptimizer:
-    """Server-side update rule of FedAvg, FedAvgM, FedAdam and FedYogi.
+ParamUpdate = Callable[
+    [dict[str, torch.Tensor], list[dict[str, torch.Tensor]], list[int]],
+    Mapping[str, torch.Tensor] | None,
+]
+"""The server rule on parameters: ``(global, clients, num_examples) -> new`` (None: keep)."""
 
-    All of them see the clients' averaged model as a pseudo-gradient
-    ``delta = avg - global`` on the parameters:
 
-    - ``fedavg`` / ``fedprox``: ``global += lr * delta`` (lr 1 is plain averaging)
-    - ``fedavgm``: ``m = momentum * m + delta; global += lr * m``
-    - ``fedadam``: ``m = b1 m + (1-b1) delta; v = b2 v + (1-b2) delta^2;
-      global += lr * m / (sqrt(v) + tau)``
-    - ``fedyogi``: as FedAdam with ``v -= (1-b2) delta^2 sign(v - delta^2)``
+def average_params(
+    global_params: Mapping[str, torch.Tensor],
+    client_params: list[Mapping[str, torch.Tensor]],
+    num_examples: list[int],
+) -> dict[str, torch.Tensor]:
+    """The plain FedAvg rule (example-weighted mean), for tests and as a reference."""
+    return weighted_average(client_params, [float(n) for n in num_examples], global_params)
 
-    (Reddi et al., 2021, "Adaptive Federated Optimization"; no bias correction,
-    as there.)
+
+def combine_buffers(
+    global_state: Mapping[str, torch.Tensor],
+    client_states: list[Mapping[str, torch.Tensor]],
+    num_examples: list[int],
+    plan: KeyPlan,
+) -> dict[str, torch.Tensor]:
+    """The non-parameter entries that cross the wire, combined by fedkws itself.
+
+    Running statistics (``plan.stats``): the example-weighted average, in the
+    global dtype. Integer buffers (``plan.counters``): the rounded weighted
+    average, still integers. Whatever the server rule is (a momentum, Adam, a
+    median, Krum), statistics never go through it.
     """
-
-    RULES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
-
-    def __init__(
-        self,
-        rule: str,
-        lr: float = 1.0,
-        momentum: float = 0.0,
-        beta_1: float = 0.9,
-        beta_2: float = 0.99,
-        tau: float = 1e-3,
-    ) -> None:
-        if rule not in self.RULES:
-            raise ValueError(f"Unknown server rule '{rule}'. Valid rules: {', '.join(self.RULES)}")
-        self.rule, self.lr, self.momentum = rule, lr, momentum
-        self.beta_1, self.beta_2, self.tau = beta_1, beta_2, tau
-        self.m: dict[str, torch.Tensor] = {}
-        self.v: dict[str, torch.Tensor] = {}
-
-    def step(
-        self, params: Mapping[str, torch.Tensor], averaged: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """New parameter values from the current ones and the clients' average."""
-        out = {}
-        for key, current in params.items():
-            cur = current.to(torch.float64)
-            delta = averaged[key].to(torch.float64) - cur
-            if self.rule in ("fedavg", "fedprox"):
-                update = self.lr * delta
-            elif self.rule == "fedavgm":
-                m = self.m.get(key, torch.zeros_like(delta))
-                m = self.momentum * m + delta
-                self.m[key] = m
-                update = self.lr * m
-            else:
-                m = self.m.get(key, torch.zeros_like(delta))
-                v = self.v.get(key, torch.full_like(delta, self.tau**2))
-                m = self.beta_1 * m + (1 - self.beta_1) * delta
-                d2 = delta * delta
-                if self.rule == "fedadam":
-                    v = self.beta_2 * v + (1 - self.beta_2) * d2
-                else:
-                    v = v - (1 - self.beta_2) * d2 * torch.sign(v - d2)
-                self.m[key], self.v[key] = m, v
-                update = self.lr * m / (torch.sqrt(v) + self.tau)
-            out[key] = (cur + update).to(current.dtype)
-        return out
-
-    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Optimiser moments, for checkpoints."""
-        return {"m": dict(self.m), "v": dict(self.v)}
-
-    def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Restore moments saved by :meth:`state_dict`."""
-        self.m = dict(state.get("m", {}))
-        self.v = dict(state.get("v", {}))
+    weights = [float(n) for n in num_examples]
+    avg = weighted_average(client_states, weights, plan.stats + plan.counters)
+    out = {key: avg[key].to(global_state[key].dtype) for key in plan.stats}
+    for key in plan.counters:
+        out[key] = torch.round(avg[key]).to(global_state[key].dtype)
+    return out
 
 
 def aggregate(
@@ -168,18 +135,30 @@ def aggregate(
     client_states: list[Mapping[str, torch.Tensor]],
     num_examples: list[int],
     plan: KeyPlan,
-    optimizer: ServerOptimizer,
+    update_params: ParamUpdate,
 ) -> dict[str, torch.Tensor]:
-    """New global state from client replies given in a fixed order.
+    """New global state from client replies given in a fixed (partition-id) order.
 
-    Keys outside ``plan.shared`` keep their global value.
+    ``update_params`` (the server rule, e.g. a Flower strategy) sees the
+    floating-point parameters ``plan.params`` only, copies of them; buffers are
+    combined by :func:`combine_buffers`; keys outside ``plan.shared`` keep their
+    global value. If the rule returns None (it declined the round, as Flower's
+    Bulyan does with too few replies) the whole global state is kept.
     """
-    weights = [float(n) for n in num_examples]
-    avg = weighted_average(client_states, weights, plan.shared)
     new = {k: v.clone() for k, v in global_state.items()}
-    new.update(optimizer.step({k: global_state[k] for k in plan.params}, avg))
-    for key in plan.stats:
-        new[key] = avg[key].to(global_state[key].dtype)
-    for key in plan.counters:
-        new[key] = torch.round(avg[key]).to(global_state[key].dtype)
+    params = update_params(
+        select(global_state, plan.params),
+        [select(state, plan.params) for state in client_states],
+        list(num_examples),
+    )
+    if params is None:
+        return new
+    if set(params) != set(plan.params):
+        raise ValueError(
+            f"the server rule returned keys {sorted(set(params) ^ set(plan.params))[:5]}"
+        )
+    for key in plan.params:
+        ref = global_state[key]
+        new[key] = torch.as_tensor(params[key]).reshape(ref.shape).to(ref.dtype)
+    new.update(combine_buffers(global_state, client_states, num_examples, plan))
     return new

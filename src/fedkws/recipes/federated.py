@@ -2,7 +2,9 @@
 
 Per round: sample clients (:func:`fedkws.core.sampling.sample_clients`), send
 them the global model's shared entries, aggregate their replies in
-partition-id order (:func:`fedkws.core.aggregation.aggregate`), evaluate. A
+partition-id order (:func:`fedkws.core.aggregation.aggregate`: the parameters
+through the configured Flower strategy, :mod:`fedkws.fl.strategy`; BatchNorm
+statistics by fedkws's own example-weighted average), evaluate. A
 client that fails is recorded (results.json ``failures``, console) and left
 out of that round; the run stops only when fewer than
 ``strategy.min_train_clients`` replied. A client without training examples
@@ -11,6 +13,7 @@ is never sampled.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 
 from fedkws.clients import save_clients
-from fedkws.core.aggregation import ServerOptimizer, aggregate, key_plan
+from fedkws.core.aggregation import aggregate, key_plan
 from fedkws.core.evaluation import Evaluator
 from fedkws.core.models import bn_layers, bn_state_keys
 from fedkws.core.sampling import sample_clients
@@ -42,7 +45,7 @@ class FederatedRecipe:
     # -- setup -------------------------------------------------------------------------------
 
     def setup(self, run_dir: Path) -> None:
-        """Data, clients, model, key plan, server optimiser, the clients' task, evaluator."""
+        """Data, clients, model, key plan, server rule, the clients' task, evaluator."""
         spec = self.spec
         self.parts = common.setup(spec, run_dir)
         self.model = self.parts.model
@@ -62,11 +65,11 @@ class FederatedRecipe:
                   self.parts.data.label_names, run_dir / "partition.png")  # fmt: skip
         self.keys = key_plan(self.model, spec.bn.sync)
         self.bn_keys = bn_state_keys(self.model)
-        s = spec.strategy
-        self.server_opt = ServerOptimizer(
-            s.name, lr=s.server_lr, momentum=s.server_momentum,
-            beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau,
-        )  # fmt: skip
+        from fedkws.fl.strategy import FlowerServerRule
+
+        self.server_rule = FlowerServerRule.from_spec(
+            spec.strategy.class_name, dict(spec.strategy.kwargs)
+        )
         self.task = _client_task(spec, self.parts.data, clients_file, run_dir / "client_state")
         self.evaluator = Evaluator(
             self.parts.data, list(spec.bn.eval_modes), spec.train.eval_batch_size,
@@ -80,11 +83,11 @@ class FederatedRecipe:
     def restore(self, model_state: dict, optimizer_state: dict[str, Any]) -> None:
         """Continue from a checkpoint."""
         self.model.load_state_dict(model_state)
-        self.server_opt.load_state_dict(optimizer_state)
+        self.server_rule.load_state_dict(optimizer_state)
 
     def optimizer_state(self) -> dict[str, Any]:
-        """The server optimiser's moments (checkpointed every round)."""
-        return self.server_opt.state_dict()
+        """The strategy's server state (moments, momentum; checkpointed every round)."""
+        return self.server_rule.state_dict()
 
     # -- one round ---------------------------------------------------------------------------
 
@@ -112,8 +115,17 @@ class FederatedRecipe:
         if leaked:
             raise FederationError(f"clients sent keys that must stay local: {sorted(leaked)[:5]}")
         states, counts = [r.state for r in replies], [r.num_examples for r in replies]
-        new_state = aggregate(self.model.state_dict(), states, counts, self.keys, self.server_opt)
+        update = functools.partial(
+            self.server_rule.update, round_, node_ids=[r.pid for r in replies],
+            metrics=[{k: r.metrics[k] for k in ("train_loss", "train_acc")} for r in replies],
+        )  # fmt: skip
+        new_state = aggregate(self.model.state_dict(), states, counts, self.keys, update)
         self.model.load_state_dict(new_state)
+        if round_ in self.server_rule.skipped_rounds:
+            common.console.print(
+                f"[yellow]warning:[/yellow] round {round_}: {self.spec.strategy.class_name} "
+                "returned no model (too few replies for it?): the global model is kept"
+            )
         self.completed_round = round_
         metrics = _train_metrics(replies, len(pids))
         info = self._client_info(replies)
