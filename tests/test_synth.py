@@ -456,3 +456,20 @@ def test_silence_slices_of_different_splits_are_disjoint(tiny_root):
                 for s1, e1 in by_split[a]:
                     for s2, e2 in by_split[b]:
                         assert e1 <= s2 or e2 <= s1, (name, a, b)
+
+
+def test_augmentation_noise_is_training_ranges_only(tiny_root, tmp_path):
+    """The noise mixed into training examples never contains held-out silence."""
+    from fedkws.data.audio import read_audio
+    from fedkws.data.cache import DataConfig, prepare
+    from fedkws.data.features import FeatureConfig
+
+    data = prepare(DataConfig(root=str(tiny_root)), FeatureConfig(), tmp_path, progress=False)
+    index = build_index(tiny_root, "12class", seed=0)
+    expected = np.concatenate(
+        [
+            read_audio(tiny_root / BACKGROUND_NOISE_DIR / name)[slice(*ranges["training"])]
+            for name, ranges in sorted(index.noise_ranges.items())
+        ]
+    )
+    np.testing.assert_array_equal(np.asarray(data.noise), expected)
