@@ -24,6 +24,10 @@ CONFIG_MISTAKES = [
     (["federation.client_resources.num_cpus=4"], "Ray could never place a client"),
     (["federation.client_resources.num_gpus=1"], "without CUDA"),
     (["strategy.min_train_clients=9"], "must be <= partition.num_clients"),
+    (
+        ["strategy=fedadam", "+strategy.kwargs.momentum=0.9"],
+        "strategy.kwargs.momentum=0.9: not an argument of FedAdam",
+    ),
     (["dataset.protocol=50class"], "dataset.protocol='50class'"),
     (["features.kind=wavelet"], "features: Unknown feature kind 'wavelet'"),
     (["train.local_epochs=two"], "train.local_epochs='two'"),
