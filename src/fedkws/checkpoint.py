@@ -3,7 +3,7 @@
 Written atomically after every round to ``<run_dir>/checkpoint.pt`` and read
 back with ``torch.load(weights_only=True)``: the file holds only tensors and
 plain Python values, never pickled objects. ``optimizer`` is the recipe's
-own optimiser (the server optimiser of a federated run, the training
+own optimiser (the Flower strategy's server state of a federated run, the training
 optimiser of the centralised baseline), named by ``optimizer_kind``.
 """
 
