@@ -116,6 +116,9 @@ def tiny_dataset_overrides(data_dir, tiny_root) -> list[str]:
         f"dataset.generate.speakers={TINY['speakers']}",
         f"dataset.generate.utterances={TINY['utterances']}",
         f"dataset.generate.noise_seconds={TINY['noise_seconds']}",
+        # The full 35-word layout and the 10 % held-out rule, as the tiny dataset is generated.
+        "dataset.generate.held_out_speakers=null",
+        "dataset.generate.unknown_words=null",
     ]
 
 

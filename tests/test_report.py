@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedkws import CONF_DIR
-from helpers import TINY
+from helpers import tiny_dataset_overrides
 
 BIN = Path(sys.executable).parent
 # summary key of each column the report must show (independent of report.py)
@@ -73,11 +73,7 @@ def sweep(data_dir, tiny_root, tmp_path_factory) -> Path:
                 .exclude_keys) + ["data_dir", "cache_dir", "dataset.root"]  # fmt: skip
     cmd = [
         str(BIN / "fedkws-train"), "-m", "strategy=central", "model=cnn", "train.rounds=1",
-        "seed=0,1", "optimizer.lr=0.001,0.003", f"data_dir={data_dir}",
-        f"cache_dir={data_dir / 'cache'}", f"dataset.root={tiny_root}",
-        f"dataset.generate.speakers={TINY['speakers']}",
-        f"dataset.generate.utterances={TINY['utterances']}",
-        f"dataset.generate.noise_seconds={TINY['noise_seconds']}",
+        "seed=0,1", "optimizer.lr=0.001,0.003", *tiny_dataset_overrides(data_dir, tiny_root),
         "logger=disabled", "progress=false", f"hydra.sweep.dir={sweep_dir}",
         f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]",
     ]  # fmt: skip
