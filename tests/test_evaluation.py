@@ -113,3 +113,17 @@ def test_full_run_reports_the_three_statistics_of_the_decomposition(make_cfg, tm
 def test_seeding_streams_are_named_and_distinct():
     values = {int(s) for s in seeding.Stream}
     assert len(values) == len(seeding.Stream)
+
+
+def test_fedbn_personalised_models_on_the_shared_test_split(make_cfg, tmp_path):
+    """Each client's model (global weights + own BatchNorm) is scored on the shared test split;
+    a client without local test rows is left out of the local means, not counted as 0."""
+    cfg = make_cfg([*SMALL_FEDERATION, "federation.backend=inprocess", "bn=local",
+                    "train.rounds=2", "partition.local_test_fraction=0.0"])  # fmt: skip
+    result = run(cfg, tmp_path / "run")
+    summary = result.summary
+    per_client = [summary[f"test/fedbn/eval/acc_client{pid}"] for pid in (0, 1)]
+    assert summary["test/fedbn/eval/acc_mean"] == pytest.approx(np.mean(per_client))
+    assert summary["test/fedbn/eval/acc_std"] == pytest.approx(np.std(per_client))
+    # No client has local test rows: no local-test accuracy is reported at all.
+    assert not any(k.startswith("fed/") for r in result.rounds for k in r.metrics)
