@@ -557,12 +557,25 @@ STRATEGY_RUNS = [
 ]  # fmt: skip
 
 
-def test_every_strategy_config_runs_one_round(make_cfg, tmp_path):
+# The default suite drives four representative rules (plain, adaptive, robust, any Flower
+# class by name) through a real round; `make test-slow` drives every file.
+QUICK_STRATEGIES = ("strategy=fedavg", "strategy=fedadam", "strategy=fedmedian", "strategy=flower")
+SOME_STRATEGY_RUNS = [
+    pytest.param(run_, marks=[] if run_[0] in QUICK_STRATEGIES else [pytest.mark.slow])
+    for run_ in STRATEGY_RUNS
+]
+
+
+@pytest.mark.parametrize("overrides", SOME_STRATEGY_RUNS, ids=lambda o: " ".join(o))
+def test_every_strategy_config_runs_one_round(make_cfg, tmp_path, overrides):
     # Catches: a strategy file that does not compose, is rejected by the spec, cannot be
     # built or driven by fedkws, returns no model, or breaks the checkpoint. One loop
     # (not one test each): they share the session's data cache and cost a round each.
-    for i, overrides in enumerate(STRATEGY_RUNS):
-        cfg = make_cfg([*BASE, "train.rounds=1", "train.local_epochs=1", *overrides])
+    # The small CNN (2 BatchNorm layers) keeps each round well under a second.
+    tiny = ["model=cnn", "train.rounds=1", "train.local_epochs=1", "bn.eval_modes=[eval]"]
+    base = [o for o in BASE if not o.startswith("model")]
+    for i, overrides in enumerate([overrides]):
+        cfg = make_cfg([*base, *tiny, *overrides])
         result = run(cfg, tmp_path / f"run{i}")
         assert [r.round for r in result.rounds] == [1], overrides
         assert all(math.isfinite(v) for v in result.rounds[0].metrics.values()), overrides

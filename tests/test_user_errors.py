@@ -1,6 +1,8 @@
 """Every user mistake gets one line: ``error: ...``, exit status 2, no traceback, nothing written.
 
-Driven through the real ``fedkws-train`` command, as a user meets them.
+The table of config values goes through the same reading and error printing as
+``fedkws-train`` in this process; the promises about the process (exit status,
+nothing written, Hydra's own folder handling) through the real command.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ import subprocess
 
 import pytest
 
-from helpers import cli_env, error_lines, tiny_dataset_overrides, train_command
+from fedkws.errors import user_errors
+from fedkws.spec import from_config
+from helpers import cli_env, compose_cfg, error_lines, tiny_dataset_overrides, train_command
 
 # (overrides, a fragment the one error line must contain)
 CONFIG_MISTAKES = [
@@ -35,29 +39,31 @@ CONFIG_MISTAKES = [
 
 
 @pytest.mark.parametrize(("overrides", "expected"), CONFIG_MISTAKES, ids=lambda v: str(v))
-def test_config_mistake_is_one_line(overrides, expected, tmp_path):
-    run_dir = tmp_path / "run"
-    out = subprocess.run(
-        train_command(*overrides, f"hydra.run.dir={run_dir}", f"data_dir={tmp_path / 'data'}"),
-        capture_output=True, text=True, env=cli_env(), timeout=120,
-    )  # fmt: skip
-    assert out.returncode == 2, out.stderr
-    assert len(error_lines(out.stderr)) == 1, out.stderr
-    assert expected in error_lines(out.stderr)[0]
-    assert "Traceback" not in out.stderr + out.stdout
-    # Validation comes before anything is written: no run folder, no data folder.
-    assert not run_dir.exists() and not (tmp_path / "data").exists()
+def test_config_mistake_is_one_line(overrides, expected, tmp_path, capsys):
+    cfg = compose_cfg(overrides, tmp_path / "data")
+    with pytest.raises(SystemExit) as exited, user_errors():
+        from_config(cfg)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert len(error_lines(err)) == 1 and err.count("\n") == 1, err
+    assert expected in error_lines(err)[0]
+    assert not (tmp_path / "data").exists()
 
 
 def test_all_problems_of_a_config_are_reported_together(tmp_path):
+    """Through the real command: every problem listed, exit 2, nothing written."""
+    run_dir = tmp_path / "run"
     out = subprocess.run(
         train_command("train.batch_size=0", "optimizer.lr=-1", "logger.mode=x",
-                      f"hydra.run.dir={tmp_path / 'run'}"),
+                      f"hydra.run.dir={run_dir}", f"data_dir={tmp_path / 'data'}"),
         capture_output=True, text=True, env=cli_env(), timeout=120,
     )  # fmt: skip
     keys = sorted(line.split("=")[0] for line in error_lines(out.stderr))
     assert out.returncode == 2
     assert keys == ["error: logger.mode", "error: optimizer.lr", "error: train.batch_size"]
+    assert "Traceback" not in out.stderr + out.stdout
+    # Validation comes before anything is written: no run folder, no data folder.
+    assert not run_dir.exists() and not (tmp_path / "data").exists()
 
 
 def _tiny(data_dir, tiny_root, *overrides):
