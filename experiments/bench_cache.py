@@ -1,6 +1,6 @@
 """Benchmark: one training epoch's input pipeline, three ways, side by side.
 
-    .venv/bin/python experiments/bench_cache.py [--dataset-root data/synthetic-spk96-utt2-seed0]
+    .venv/bin/python experiments/bench_cache.py [--dataset-root data/synthetic-spk360-ho60-utt2-unk3-seed0]
 
 (a) cached features from the memory map (no augmentation),
 (a') cached waveforms + feature extraction (the cost of computing features),
@@ -37,7 +37,7 @@ def _epoch(batches) -> float:
 def main() -> None:
     """Run the three pipelines over the training split and print the table."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dataset-root", default="data/synthetic-spk96-utt2-seed0")
+    parser.add_argument("--dataset-root", default="data/synthetic-spk360-ho60-utt2-unk3-seed0")
     parser.add_argument("--cache-dir", default="data/cache")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
