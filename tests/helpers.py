@@ -66,6 +66,7 @@ GOLDEN = {
     "bn_ablation_full_dirichlet": [
         "experiment=bn_ablation", "bn=full", "partition=dirichlet", "partition.alpha=0.3",
         "partition.num_clients=3", "model.width=8", "train.rounds=2",
+        "bn.recalibrate_every=1",
     ],
     "central": [
         "experiment=seed_repro", "strategy=central", "model.width=8", "train.rounds=2",

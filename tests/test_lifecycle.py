@@ -142,6 +142,11 @@ def test_resume_continues_where_it_stopped(stopped_run, data_dir, tiny_root, tmp
     assert out.returncode == 0, out.stderr
     rounds = json.loads((run_dir / "results.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
+    # Resuming a complete run again is refused, so its final evaluation is never rewritten.
+    before = _snapshot(run_dir)
+    out = _train(data_dir, tiny_root, run_dir, "resume=true")
+    assert out.returncode == 2 and "already complete" in out.stderr, out.stderr
+    assert _snapshot(run_dir) == before
 
 
 # --------------------------------------------------------------------------- Ctrl-C
@@ -221,3 +226,13 @@ def test_a_crashed_simulation_ends_the_process_quickly(data_dir, tiny_root, tmp_
     assert len(lines) == 1 and "object store memory" in lines[0], out.stderr
     assert "Traceback" not in out.stderr
     assert time.monotonic() - start < 60
+
+
+def test_a_stop_requested_for_an_earlier_run_does_not_end_the_next(make_cfg, tmp_path):
+    """A crashed simulation sets the stop flag for its own winding-down threads only."""
+    from fedkws import lifecycle
+
+    lifecycle.request_stop()
+    cfg = make_cfg(["strategy=central", "model=cnn", "train.rounds=2", "bn.eval_modes=[eval]"])
+    result = run(cfg, tmp_path / "run")
+    assert [r.round for r in result.rounds] == [1, 2] and result.summary["complete"]

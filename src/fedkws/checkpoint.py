@@ -34,6 +34,7 @@ class Checkpoint:
     records: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)  # RunSpec.comparable() of the run
     wandb_id: str = ""
+    failures: list[dict[str, Any]] = field(default_factory=list)  # clients that failed so far
 
 
 def _rng_state() -> dict[str, Any]:

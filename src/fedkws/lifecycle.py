@@ -1,10 +1,13 @@
 """Ending a run on purpose: the first Ctrl-C asks the round loop to stop cleanly.
 
 :func:`graceful_interrupts` installs a SIGINT handler for the duration of a
-run. The first Ctrl-C sets a flag that the round loop, the client polling
-and the training loops check (:func:`raise_if_stopping`), so the run stops
-at the next batch or message, keeps the checkpoint of its last complete
-round and finishes W&B. A second Ctrl-C raises ``KeyboardInterrupt`` at once.
+run. The first Ctrl-C sets a flag that the round loop, the server's polling
+for client replies and the centralised training loop check
+(:func:`raise_if_stopping`), so the run stops at the next round, message or
+centralised batch, keeps the checkpoint of its last complete round and
+finishes W&B. Data preparation (download, generation, cache) is not
+interrupted by the first Ctrl-C; a second Ctrl-C raises ``KeyboardInterrupt``
+at once (the CLI turns it into one line, exit 130).
 """
 
 from __future__ import annotations
@@ -22,15 +25,15 @@ class Interrupted(Exception):
     """The user asked the run to stop (Ctrl-C)."""
 
 
-def stopping() -> bool:
-    """Whether a stop was requested."""
-    return _STOP.is_set()
-
-
 def raise_if_stopping() -> None:
     """Raise :class:`Interrupted` if a stop was requested."""
     if _STOP.is_set():
         raise Interrupted
+
+
+def reset() -> None:
+    """Forget an earlier stop request (a new run starts)."""
+    _STOP.clear()
 
 
 def request_stop() -> None:
@@ -41,7 +44,7 @@ def request_stop() -> None:
 @contextmanager
 def graceful_interrupts() -> Iterator[None]:
     """First Ctrl-C: stop at the next check; second: ``KeyboardInterrupt``."""
-    _STOP.clear()
+    reset()
     if threading.current_thread() is not threading.main_thread():
         yield
         return

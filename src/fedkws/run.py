@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fedkws import lifecycle
 from fedkws.core.models import count_parameters
 from fedkws.recipes import common
 from fedkws.recipes.central import CentralRecipe
@@ -44,6 +45,7 @@ def run(
     """
     if not isinstance(spec, RunSpec):
         spec = from_config(spec)
+    lifecycle.reset()  # a stop requested for an earlier run does not end this one
     run_dir = Path(run_dir)
     loaded = preflight(spec, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -51,7 +53,7 @@ def run(
     recipe = CentralRecipe(spec, record) if spec.strategy.central else FederatedRecipe(spec, record)
     recipe.setup(run_dir)
     if loaded is not None:
-        recipe.restore(loaded[0].model, loaded[0].optimizer)
+        recipe.restore(loaded[0])
     record.open(loaded, recipe.parts.data.num_classes)
     ok = False
     try:

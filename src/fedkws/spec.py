@@ -269,6 +269,8 @@ def _strict_bool(value: Any) -> bool:
 
 
 def _str_tuple(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):  # a single name, not its characters
+        return (value,)
     return tuple(str(v) for v in (value or ()))
 
 
@@ -284,6 +286,22 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def _top(p: _Problems, key: str, value: Any, convert: Callable[[Any], Any], allowed: str) -> Any:
+    """A top-level value converted, or a problem recorded."""
+    try:
+        return convert(value)
+    except (TypeError, ValueError):
+        p.add(key, value, allowed)
+        return None
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def from_config(cfg: Any) -> RunSpec:
     """Read and validate a composed fedkws config (a ``DictConfig`` or a plain dict).
 
@@ -296,10 +314,10 @@ def from_config(cfg: Any) -> RunSpec:
     p = _Problems()
     spec = RunSpec(
         name=str(raw["name"]),
-        seed=int(raw["seed"]),
+        seed=_top(p, "seed", raw.get("seed", 0), int, "must be an integer"),
         cache_dir=str(raw["cache_dir"]),
-        progress=bool(raw.get("progress", True)),
-        resume=bool(raw.get("resume", False)),
+        progress=_top(p, "progress", raw.get("progress", True), _strict_bool, "true or false"),
+        resume=_top(p, "resume", raw.get("resume", False), _strict_bool, "true or false"),
         dataset=_dataset(raw["dataset"], p),
         features=_typed(FeatureConfig, raw["features"], p, "features"),
         augment=_typed(AugmentConfig, raw["augment"], p, "augment"),
@@ -429,10 +447,12 @@ def _check_model(spec: RunSpec, p: _Problems) -> None:
         p.add("optimizer._target_", spec.optimizer.target, "must name an optimiser class")
     opt = dict(spec.optimizer.kwargs)
     if "lr" in opt:
-        p.check(float(opt["lr"]) > 0, "optimizer.lr", opt["lr"], "must be > 0")
+        lr = _number(opt["lr"])
+        p.check(lr is not None and lr > 0, "optimizer.lr", opt["lr"], "must be a number > 0")
     if "weight_decay" in opt:
-        wd = opt["weight_decay"]
-        p.check(float(wd) >= 0, "optimizer.weight_decay", wd, "must be >= 0")
+        wd = _number(opt["weight_decay"])
+        ok = wd is not None and wd >= 0
+        p.check(ok, "optimizer.weight_decay", opt["weight_decay"], "must be a number >= 0")
 
 
 def _check_train(spec: RunSpec, p: _Problems) -> None:
@@ -529,7 +549,9 @@ def _check_federation(spec: RunSpec, p: _Problems) -> None:
             "must be 0 on a machine without CUDA (Ray could never place a client)",
         )
     ray_cpus = dict(fed.ray_init_args).get("num_cpus")
-    if ray_cpus is not None and fed.num_cpus > float(ray_cpus):
+    if ray_cpus is not None and _number(ray_cpus) is None:
+        p.add("federation.ray_init_args.num_cpus", ray_cpus, "must be a number")
+    elif ray_cpus is not None and fed.num_cpus > float(ray_cpus):
         p.add(
             "federation.client_resources.num_cpus",
             fed.num_cpus,

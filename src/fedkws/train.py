@@ -23,7 +23,7 @@ from fedkws.errors import print_error, user_errors
 _STARTED = time.time()
 
 
-def _hydra_context(name: str, seed: int) -> tuple[Path, tuple[str, str]]:
+def _hydra_context(name: str, seed: str) -> tuple[Path, tuple[str, str]]:
     """The run folder, and the W&B group (the sweep) and run name (the override dirname)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -87,7 +87,7 @@ def main(cfg: DictConfig) -> float | None:
     from fedkws.run import preflight, run
     from fedkws.spec import from_config
 
-    run_dir, names = _hydra_context(str(cfg.get("name")), int(cfg.get("seed", 0)))
+    run_dir = _hydra_context(str(cfg.get("name")), "0")[0]
     with user_errors():
         try:
             spec = from_config(cfg)
@@ -95,11 +95,12 @@ def main(cfg: DictConfig) -> float | None:
         except BaseException:
             _tidy_refused(run_dir)
             raise
+    names = _hydra_context(spec.name, str(spec.seed))[1]
     _keep_hydra_files(cfg, run_dir)
     with user_errors(), lifecycle.graceful_interrupts():
         try:
             result = run(spec, run_dir, names)
-        except lifecycle.Interrupted:
+        except (lifecycle.Interrupted, KeyboardInterrupt):  # first or second Ctrl-C
             print_error(RuntimeError(f"interrupted; completed rounds are kept in {run_dir}"))
             sys.exit(130)
     metrics = result.rounds[-1].metrics if result.rounds else {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import importlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,11 +63,13 @@ def train_epochs(
     augmenter: Augmenter | None = None,
     extractor: FeatureExtractor | None = None,
     prox_mu: float = 0.0,
+    should_stop: Callable[[], None] | None = None,
 ) -> TrainStats:
     """Train in place for ``epochs`` over ``rows``.
 
     With ``prox_mu > 0`` the FedProx term ``mu/2 * ||w - w_start||^2`` ties the
     parameters to their values at the start of the call (the global model).
+    ``should_stop()`` is called before every batch; it raises to end training.
     """
     start = time.perf_counter()
     anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
@@ -86,6 +88,8 @@ def train_epochs(
             extractor=extractor,
             drop_last=drop_last,
         ):
+            if should_stop is not None:
+                should_stop()
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = F.cross_entropy(logits, y)

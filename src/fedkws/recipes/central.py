@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from fedkws import lifecycle
+from fedkws.checkpoint import Checkpoint
 from fedkws.core import loops, seeding
 from fedkws.core.bn import bn_input_moments
 from fedkws.core.evaluation import Evaluator
@@ -51,11 +53,11 @@ class CentralRecipe:
             ],
         )
 
-    def restore(self, model_state: dict, optimizer_state: dict[str, Any]) -> None:
-        """Continue from a checkpoint."""
-        self.model.load_state_dict(model_state)
-        if optimizer_state:
-            self.optimizer.load_state_dict(optimizer_state)
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from a checkpoint (model and the training optimiser's state)."""
+        self.model.load_state_dict(ckpt.model)
+        if ckpt.optimizer:
+            self.optimizer.load_state_dict(ckpt.optimizer)
 
     def optimizer_state(self) -> dict[str, Any]:
         """The training optimiser's state (checkpointed every round)."""
@@ -73,12 +75,17 @@ class CentralRecipe:
             generator=seeding.central_training_generator(self.spec.seed, round_),
             augmenter=self.augmenter,
             extractor=self.extractor,
+            should_stop=lifecycle.raise_if_stopping,
         )
         return {"train/loss": stats.loss, "train/acc": stats.acc}, {}
 
     def evaluate_round(self, round_: int) -> common.Metrics:
-        """Validation in every mode."""
-        return self.evaluator.run(self.model, self.parts.val_rows, "val")[0]
+        """Validation in every mode (``recalibrated`` every ``bn.recalibrate_every`` rounds)."""
+        modes = list(self.spec.bn.eval_modes)
+        every, rounds = self.spec.bn.recalibrate_every, self.spec.train.rounds
+        if "recalibrated" in modes and round_ % every and round_ != rounds:
+            modes.remove("recalibrated")
+        return self.evaluator.run(self.model, self.parts.val_rows, "val", modes=modes)[0]
 
     def train(self) -> None:
         """Every round of this invocation."""

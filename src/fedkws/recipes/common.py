@@ -86,7 +86,23 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
             f"resume: train.rounds={spec.train.rounds} is fewer than the {ckpt.round} rounds "
             "already recorded"
         )
+    if spec.train.rounds == ckpt.round and _finished(run_dir):
+        raise RunRefused(
+            f"resume: {run_dir} is already complete ({ckpt.round} rounds and its final "
+            "evaluation); raise train.rounds to continue it"
+        )
     return loaded
+
+
+def _finished(run_dir: Path) -> bool:
+    """Whether the folder's results.json records a complete run with its final evaluation."""
+    import json
+
+    try:
+        summary = json.loads((run_dir / "results.json").read_text()).get("summary", {})
+    except (OSError, ValueError):
+        return False
+    return bool(summary.get("complete"))
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -215,6 +231,7 @@ class Run:
                 model=recipe.model.state_dict(),
                 optimizer_kind=self.label_kind,
                 optimizer=recipe.optimizer_state(),
+                failures=list(getattr(recipe, "failures", [])),
                 records=[r.__dict__ for r in self.result.rounds],
                 config=self.spec.comparable(),
                 wandb_id=self.recorder.wandb.run_id or "",

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedkws.checkpoint import Checkpoint
 from fedkws.clients import save_clients
 from fedkws.core.aggregation import aggregate, key_plan
 from fedkws.core.evaluation import Evaluator
@@ -80,10 +81,11 @@ class FederatedRecipe:
         self.completed_round = 0
         self.failures: list[dict] = []
 
-    def restore(self, model_state: dict, optimizer_state: dict[str, Any]) -> None:
-        """Continue from a checkpoint."""
-        self.model.load_state_dict(model_state)
-        self.server_rule.load_state_dict(optimizer_state)
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from a checkpoint (model, strategy state, the failures so far)."""
+        self.model.load_state_dict(ckpt.model)
+        self.server_rule.load_state_dict(ckpt.optimizer)
+        self.failures = list(ckpt.failures)
 
     def optimizer_state(self) -> dict[str, Any]:
         """The strategy's server state (moments, momentum; checkpointed every round)."""
@@ -103,8 +105,7 @@ class FederatedRecipe:
         failed_before = len(self.clients_api.failures)
         replies = self.clients_api.train(round_, pids, self._shared_state())
         failures = self.clients_api.failures[failed_before:]
-        for failure in failures:
-            common.console.print(f"[yellow]warning:[/yellow] {failure.describe()}")
+        self._report_failures(failures)
         if len(replies) < s.min_train_clients:
             raise FederationError(
                 f"round {round_}: {len(replies)} of {len(pids)} clients replied, fewer than "
@@ -131,9 +132,14 @@ class FederatedRecipe:
         info = self._client_info(replies)
         if failures:
             metrics["clients_failed"] = float(len(failures))
-            self.failures.extend(f.__dict__ for f in failures)
             info.update({str(f.pid): {"failed": 1.0} for f in failures})
         return metrics, info
+
+    def _report_failures(self, failures) -> None:
+        """Print each failed reply and keep it for results.json (``summary.failures``)."""
+        for failure in failures:
+            common.console.print(f"[yellow]warning:[/yellow] {failure.describe()}")
+            self.failures.append(dict(failure.__dict__))
 
     def _client_info(self, replies) -> common.ClientInfo:
         info = {}
@@ -176,7 +182,9 @@ class FederatedRecipe:
         Clients without local test rows are left out, never counted as 0.
         """
         modes = tuple(m for m in self.spec.bn.eval_modes if m != "recalibrated")
+        failed_before = len(self.clients_api.failures)
         replies = self.clients_api.evaluate(round_ + 1, self._shared_state(), modes, split)
+        self._report_failures(self.clients_api.failures[failed_before:])
         replies = [r for r in replies if r["num-examples"] > 0]
         prefix = "fed" if split == "local" else "test/fedbn"
         out: common.Metrics = {}
