@@ -569,19 +569,17 @@ SOME_STRATEGY_RUNS = [
 @pytest.mark.parametrize("overrides", SOME_STRATEGY_RUNS, ids=lambda o: " ".join(o))
 def test_every_strategy_config_runs_one_round(make_cfg, tmp_path, overrides):
     # Catches: a strategy file that does not compose, is rejected by the spec, cannot be
-    # built or driven by fedkws, returns no model, or breaks the checkpoint. One loop
-    # (not one test each): they share the session's data cache and cost a round each.
+    # built or driven by fedkws, returns no model, or breaks the checkpoint.
     # The small CNN (2 BatchNorm layers) keeps each round well under a second.
     tiny = ["model=cnn", "train.rounds=1", "train.local_epochs=1", "bn.eval_modes=[eval]"]
     base = [o for o in BASE if not o.startswith("model")]
-    for i, overrides in enumerate([overrides]):
-        cfg = make_cfg([*base, *tiny, *overrides])
-        result = run(cfg, tmp_path / f"run{i}")
-        assert [r.round for r in result.rounds] == [1], overrides
-        assert all(math.isfinite(v) for v in result.rounds[0].metrics.values()), overrides
-        ckpt = _checkpoint(tmp_path / f"run{i}")
-        initial = _initial_model(cfg).state_dict()
-        if cfg.strategy.name != "central":
-            assert ckpt["optimizer"]["class_name"] == cfg.strategy.class_name, overrides
-            # The strategy's update reached the model (no skipped round).
-            assert any(not torch.equal(ckpt["model"][k], initial[k]) for k in initial), overrides
+    cfg = make_cfg([*base, *tiny, *overrides])
+    result = run(cfg, tmp_path / "run")
+    assert [r.round for r in result.rounds] == [1]
+    assert all(math.isfinite(v) for v in result.rounds[0].metrics.values())
+    ckpt = _checkpoint(tmp_path / "run")
+    initial = _initial_model(cfg).state_dict()
+    if cfg.strategy.name != "central":
+        assert ckpt["optimizer"]["class_name"] == cfg.strategy.class_name
+        # The strategy's update reached the model (no skipped round).
+        assert any(not torch.equal(ckpt["model"][k], initial[k]) for k in initial)
