@@ -119,11 +119,17 @@ def test_fedbn_personalised_models_on_the_shared_test_split(make_cfg, tmp_path):
     """Each client's model (global weights + own BatchNorm) is scored on the shared test split;
     a client without local test rows is left out of the local means, not counted as 0."""
     cfg = make_cfg([*SMALL_FEDERATION, "federation.backend=inprocess", "bn=local",
-                    "train.rounds=2", "partition.local_test_fraction=0.0"])  # fmt: skip
+                    "train.rounds=2", "partition.local_test_fraction=0.0",
+                    "partition=dirichlet", "partition.alpha=0.3"])  # fmt: skip
     result = run(cfg, tmp_path / "run")
     summary = result.summary
-    per_client = [summary[f"test/fedbn/eval/acc_client{pid}"] for pid in (0, 1)]
-    assert summary["test/fedbn/eval/acc_mean"] == pytest.approx(np.mean(per_client))
-    assert summary["test/fedbn/eval/acc_std"] == pytest.approx(np.std(per_client))
+    per_client = np.array([summary[f"test/fedbn/eval/acc_client{pid}"] for pid in (0, 1)])
+    with np.load(tmp_path / "run" / "clients.npz") as npz:  # weighted by training examples
+        weights = np.array([len(npz["train_0"]), len(npz["train_1"])], float)
+    assert weights[0] != weights[1]  # unequal clients: the weighting shows
+    mean = (per_client * weights).sum() / weights.sum()
+    spread = np.sqrt(((per_client - mean) ** 2 * weights).sum() / weights.sum())
+    assert summary["test/fedbn/eval/acc_mean"] == pytest.approx(mean)
+    assert summary["test/fedbn/eval/acc_std"] == pytest.approx(spread)
     # No client has local test rows: no local-test accuracy is reported at all.
     assert not any(k.startswith("fed/") for r in result.rounds for k in r.metrics)

@@ -190,11 +190,19 @@ class FederatedRecipe:
         out: common.Metrics = {}
         if not replies:
             return out
+        # On the shared split each client's model counts by its training examples (a
+        # population-weighted personalised accuracy); local test splits count equally.
+        train_sizes = {c.pid: len(c.train) for c in self.parts.clients}
+        weights = np.array(
+            [train_sizes[int(r["pid"])] if split != "local" else 1.0 for r in replies], float
+        )
         for mode in modes:
             for what in ("acc", "loss"):
                 values = np.array([r[f"{mode}_{what}"] for r in replies])
-                out[f"{prefix}/{mode}/{what}_mean"] = float(values.mean())
-                out[f"{prefix}/{mode}/{what}_std"] = float(values.std())
+                mean = float(np.average(values, weights=weights))
+                out[f"{prefix}/{mode}/{what}_mean"] = mean
+                spread = np.average((values - mean) ** 2, weights=weights)
+                out[f"{prefix}/{mode}/{what}_std"] = float(np.sqrt(spread))
             if mode == modes[0]:
                 for r in replies:
                     out[f"{prefix}/{mode}/acc_client{int(r['pid'])}"] = r[f"{mode}_acc"]
