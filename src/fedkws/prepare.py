@@ -69,9 +69,15 @@ def main(cfg: DictConfig) -> None:
     """Entry point of ``fedkws-prepare``."""
     from hydra.core.hydra_config import HydraConfig
 
+    from fedkws.train import _tidy_refused
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     with user_errors():
-        spec = from_config(cfg)
-        print(prepare_data(spec, Path(HydraConfig.get().runtime.output_dir)))
+        try:
+            print(prepare_data(from_config(cfg), out_dir))
+        except BaseException:
+            _tidy_refused(out_dir)  # the folder Hydra made for this failed call, if still empty
+            raise
 
 
 if __name__ == "__main__":
