@@ -22,6 +22,7 @@ from fedkws.data.augment import AugmentConfig
 from fedkws.data.cache import DataConfig
 from fedkws.data.features import FEATURE_KINDS, FeatureConfig
 from fedkws.errors import ConfigError
+from fedkws.tracking import LOGGER_MODES
 
 # strategy=<name> -> the class of flwr.serverapp.strategy it stands for; ``flower`` names any
 # class (strategy.class_name), ``central`` is the no-federation baseline. One file each in
@@ -42,7 +43,6 @@ NAMED_STRATEGIES = {
 STRATEGIES = (*NAMED_STRATEGIES, "flower", "central")
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "speaker")
 PROTOCOLS = ("12class", "35class")
-LOGGER_MODES = ("offline", "online", "disabled")
 
 
 @dataclass(frozen=True)

@@ -122,8 +122,27 @@ def load_dataset(
     progress: bool = True,
 ) -> CachedDataset:
     """Generate/download if needed, then build or reuse the memory-mapped cache."""
-    ensure_dataset(dataset["root"], dataset.get("generate"), dataset.get("download"), progress)
-    return prepare(data_config(dataset), feature_config(features), cache_dir, progress=progress)
+    return open_dataset(
+        data_config(dataset),
+        feature_config(features),
+        cache_dir,
+        dataset.get("generate"),
+        dataset.get("download"),
+        progress,
+    )
+
+
+def open_dataset(
+    data: DataConfig,
+    features: FeatureConfig,
+    cache_dir: Path | str,
+    generate: Mapping[str, Any] | None = None,
+    download: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> CachedDataset:
+    """:func:`ensure_dataset` at ``data.root``, then the cache entry for ``features``."""
+    ensure_dataset(data.root, generate, download, progress)
+    return prepare(data, features, cache_dir, progress=progress)
 
 
 __all__ = [
@@ -134,4 +153,5 @@ __all__ = [
     "ensure_dataset",
     "feature_config",
     "load_dataset",
+    "open_dataset",
 ]

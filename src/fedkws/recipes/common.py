@@ -26,8 +26,8 @@ from fedkws.clients import ClientData, make_clients
 from fedkws.core.evaluation import Evaluator
 from fedkws.core.models import bn_layers, build_model, count_parameters
 from fedkws.core.seeding import seed_model_init
-from fedkws.data.cache import CachedDataset, prepare
-from fedkws.data.pipeline import ensure_dataset
+from fedkws.data.cache import CachedDataset
+from fedkws.data.pipeline import open_dataset
 from fedkws.errors import ConfigError, RunRefused
 from fedkws.fileio import torch_save, write_text
 from fedkws.plots import figure
@@ -146,8 +146,7 @@ def load_data(spec: RunSpec) -> CachedDataset:
     ds = spec.dataset
     generate = None if ds.generate is None else dict(ds.generate)
     download = None if ds.download is None else dict(ds.download)
-    ensure_dataset(ds.data.root, generate, download, spec.progress)
-    return prepare(ds.data, spec.features, spec.cache_dir, progress=spec.progress)
+    return open_dataset(ds.data, spec.features, spec.cache_dir, generate, download, spec.progress)
 
 
 def setup(spec: RunSpec, run_dir: Path) -> Setup:

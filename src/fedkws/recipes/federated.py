@@ -219,8 +219,6 @@ class FederatedRecipe:
             and self.run.result.rounds[-1].round < self.spec.train.rounds
         ):
             return
-        if self.run.start_round > self.run.last_round:
-            return
         if self.spec.bn.sync == "local":
             self.shared_test = self._federated_evaluate(self.spec.train.rounds, "testing")
         elif "recalibrated" in common.final_modes(self.spec, self.model):
