@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedkws.core.bn import bn_input_moments, pooled_statistics, recalibrate
+from fedkws.core.bn import ActivationCache, bn_input_moments, pooled_statistics, recalibrate
 from fedkws.core.models import build_model
 
 
@@ -65,7 +65,8 @@ def _union_oracle(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return ref
 
 
-def test_recalibration_equals_one_union_forward_pass(tiny_data):
+@pytest.mark.parametrize("cached", [False, True], ids=["prefix", "activation_cache"])
+def test_recalibration_equals_one_union_forward_pass(tiny_data, tmp_path, cached):
     # Catches: moments taken from the uncalibrated model instead of layer by layer,
     # moments of the BatchNorm output instead of its input, per-holder statistics
     # averaged instead of pooled, a shortcut BatchNorm skipped.
@@ -80,8 +81,10 @@ def test_recalibration_equals_one_union_forward_pass(tiny_data):
     assert any("shortcut" in n for n in names)  # projection BatchNorms are covered
     before = copy.deepcopy(model.state_dict())
 
+    cache = ActivationCache(tmp_path / "activations") if cached else None
     calibrated = recalibrate(
-        model, lambda net, layer: [bn_input_moments(net, data, h, layer, 32) for h in holders]
+        model,
+        lambda net, layer: [bn_input_moments(net, data, h, layer, 32, cache) for h in holders],
     )
     oracle = _union_oracle(model, torch.from_numpy(np.asarray(data.features[rows])))
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedkws.core.models import bn_layers
+from fedkws.core.models import KWSCNN, ResNet, bn_layers
 from fedkws.data.cache import CachedDataset
 from fedkws.data.loader import iterate_batches
 
@@ -22,42 +26,184 @@ class _StopForward(Exception):
     pass
 
 
+def _segments(model: nn.Module) -> list[nn.Module] | None:
+    """The model's trunk as modules applied one after the other, or None if unknown.
+
+    Every BatchNorm lies in exactly one segment, and running the segments in
+    order runs exactly the operations of ``model.forward`` up to the head, so a
+    segment's input can be cached and the forward resumed from it.
+    """
+    if isinstance(model, ResNet):
+        return [model.stem, *(block for stage in model.stages for block in stage)]
+    if isinstance(model, KWSCNN):
+        layers = list(model.features)
+        return [nn.Sequential(*layers[:4]), nn.Sequential(*layers[4:])]
+    return None
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            h.update(part.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(part, np.ndarray):
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()[:20]
+
+
+class ActivationCache:
+    """Segment inputs kept between the layer-by-layer moment queries of one holder.
+
+    Layer-by-layer recalibration asks for the input moments of every BatchNorm
+    in turn, each with the layers before it already recalibrated. Without a
+    cache every query reruns the forward pass from the input: the cost grows
+    with the square of the depth. With one, a query resumes from the input of
+    the segment (stem, residual block, ...) that holds its layer; that input
+    is written once, when the first layer of the segment is queried, so the
+    whole recalibration costs about one forward pass plus one pass per
+    segment per layer inside it. The result is bitwise the same.
+
+    Entries are keyed by the holder's rows and a digest of every tensor that
+    the cached input depends on, so a stale entry is never used. ``folder``
+    keeps them as ``.npy`` files (any process of the same holder can resume,
+    as Ray actors do); ``None`` keeps them in memory. Only the newest entry
+    per holder is kept. Inputs larger than ``max_bytes`` are not cached (the
+    query then reruns the forward pass from the nearest cached segment).
+    """
+
+    def __init__(self, folder: Path | str | None = None, max_bytes: int = 4 << 30) -> None:
+        self.folder = None if folder is None else Path(folder)
+        self.max_bytes = max_bytes
+        self._memory: dict[str, tuple[str, np.ndarray]] = {}
+
+    def get(self, holder: str, key: str) -> np.ndarray | None:
+        """The cached array for ``holder`` under ``key``, if that is the one kept."""
+        if self.folder is None:
+            kept = self._memory.get(holder)
+            return kept[1] if kept is not None and kept[0] == key else None
+        path = self.folder / holder / f"{key}.npy"
+        return np.load(path, mmap_mode="r") if path.is_file() else None
+
+    def writer(self, holder: str, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        """An array to fill for ``holder``/``key``; call :meth:`commit` when it is full."""
+        if int(np.prod(shape)) * 4 > self.max_bytes:
+            return None
+        if self.folder is None:
+            return np.empty(shape, dtype=np.float32)
+        folder = self.folder / holder
+        folder.mkdir(parents=True, exist_ok=True)
+        scratch = folder / f".{key}.{os.getpid()}.npy"
+        return np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=shape)
+
+    def commit(self, holder: str, key: str, array: np.ndarray) -> None:
+        """Keep ``array`` as the holder's entry; older entries of the holder are dropped."""
+        if self.folder is None:
+            self._memory[holder] = (key, array)
+            return
+        array.flush()
+        folder = self.folder / holder
+        os.replace(folder / f".{key}.{os.getpid()}.npy", folder / f"{key}.npy")
+        for old in folder.glob("*.npy"):
+            if old.name != f"{key}.npy":
+                old.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self._memory.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _accumulate(acc: dict[str, Any], x: torch.Tensor) -> None:
+    # Per-channel count, sum and sum of squares in float64.
+    flat = x.transpose(0, 1).reshape(x.shape[1], -1).to(torch.float64)
+    acc["n"] += float(flat.shape[1])
+    s, ss = flat.sum(1), torch.linalg.vector_norm(flat, dim=1).square()
+    acc["s"] = s if acc["s"] is None else acc["s"] + s
+    acc["ss"] = ss if acc["ss"] is None else acc["ss"] + ss
+
+
 @torch.no_grad()
 def bn_input_moments(
-    model: nn.Module, data: CachedDataset, rows: np.ndarray, layer: int, batch_size: int
+    model: nn.Module,
+    data: CachedDataset,
+    rows: np.ndarray,
+    layer: int,
+    batch_size: int,
+    cache: ActivationCache | None = None,
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Per-channel count, sum and sum of squares of the input of BatchNorm ``layer``.
 
     The model runs in eval mode, so the BatchNorm layers before ``layer``
     normalise with whatever running statistics they hold (the pooled ones, in
-    layer-by-layer recalibration). The forward pass stops at ``layer``.
+    layer-by-layer recalibration). The forward pass stops at ``layer``. With a
+    ``cache`` it resumes from the newest valid cached segment input and caches
+    the input of ``layer``'s segment (see :class:`ActivationCache`).
     """
     name, bn = bn_layers(model)[layer]
     acc: dict[str, Any] = {"n": 0.0, "s": None, "ss": None}
 
     def grab(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].to(torch.float64)
-        dims = [d for d in range(x.dim()) if d != 1]
-        acc["n"] += float(x.numel() // x.shape[1])
-        s, ss = x.sum(dims), (x * x).sum(dims)
-        acc["s"] = s if acc["s"] is None else acc["s"] + s
-        acc["ss"] = ss if acc["ss"] is None else acc["ss"] + ss
+        _accumulate(acc, inputs[0])
         raise _StopForward
 
     model.eval()
+    rows = np.sort(rows)
+    segments = _segments(model) if cache is not None else None
     handle = bn.register_forward_pre_hook(grab)
     try:
-        for x, _ in iterate_batches(data, np.sort(rows), batch_size):
-            try:
-                model(x)
-            except _StopForward:
-                pass
+        if segments is None:
+            for x, _ in iterate_batches(data, rows, batch_size):
+                try:
+                    model(x)
+                except _StopForward:
+                    pass
+        else:
+            _segment_pass(segments, bn, data, rows, batch_size, cache)
     finally:
         handle.remove()
     if acc["s"] is None:
         zeros = torch.zeros(bn.num_features, dtype=torch.float64)
         return 0.0, zeros, zeros.clone()
     return acc["n"], acc["s"], acc["ss"]
+
+
+def _segment_pass(
+    segments: list[nn.Module],
+    bn: nn.Module,
+    data: CachedDataset,
+    rows: np.ndarray,
+    batch_size: int,
+    cache: ActivationCache,
+) -> None:
+    """Run the segments up to ``bn`` (whose hook stops the pass), resuming from the cache."""
+    target = next(k for k, seg in enumerate(segments) if any(m is bn for m in seg.modules()))
+    holder = _digest(str(data.path), data.feature_key, rows)
+    keys = [_digest(k, *(t for seg in segments[:k] for t in seg.state_dict().values()))
+            for k in range(target + 1)]  # fmt: skip
+    start = next((k for k in range(target, 0, -1) if cache.get(holder, keys[k]) is not None), 0)
+    source = cache.get(holder, keys[start]) if start else None
+    out: np.ndarray | None = None
+    for lo in range(0, len(rows), batch_size):
+        if source is not None:
+            x = torch.from_numpy(np.array(source[lo : lo + batch_size]))
+        else:
+            x, _ = next(iterate_batches(data, rows[lo : lo + batch_size], batch_size))
+        for seg in segments[start:target]:
+            x = seg(x)
+        if start < target:
+            if out is None and lo == 0:
+                out = cache.writer(holder, keys[target], (len(rows), *x.shape[1:]))
+            if out is not None:
+                out[lo : lo + len(x)] = x.numpy()
+        try:
+            segments[target](x)
+        except _StopForward:
+            pass
+    if out is not None:
+        cache.commit(holder, keys[target], out)
 
 
 def pooled_statistics(

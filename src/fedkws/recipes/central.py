@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedkws import lifecycle
 from fedkws.checkpoint import Checkpoint
 from fedkws.core import loops, seeding
-from fedkws.core.bn import bn_input_moments
+from fedkws.core.bn import ActivationCache, bn_input_moments
 from fedkws.core.evaluation import Evaluator
+from fedkws.core.models import bn_layers
 from fedkws.recipes import common
 from fedkws.spec import RunSpec
 from fedkws.tracking import Result
@@ -34,7 +36,7 @@ class CentralRecipe:
         spec = self.spec
         self.parts = common.setup(spec, run_dir)
         self.model = self.parts.model
-        data = self.parts.data
+        self.data = data = self.parts.data
         self.train_rows = np.sort(np.concatenate([c.train for c in self.parts.clients]))
         self.optimizer = loops.make_optimizer(
             self.model.parameters(), spec.optimizer.target, dict(spec.optimizer.kwargs)
@@ -48,10 +50,18 @@ class CentralRecipe:
             list(spec.bn.eval_modes),
             batch,
             order_seed=spec.seed,
-            moments_of=lambda net, layer: [
-                bn_input_moments(net, data, self.train_rows, layer, batch)
-            ],
+            moments_of=self._moments,
         )
+        self.activations = ActivationCache()  # segment inputs between the layer queries
+
+    def _moments(self, net: torch.nn.Module, layer: int) -> list:
+        moments = bn_input_moments(
+            net, self.data, self.train_rows, layer, self.spec.train.eval_batch_size,
+            self.activations,
+        )  # fmt: skip
+        if layer == len(bn_layers(net)) - 1:
+            self.activations.clear()
+        return [moments]
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from a checkpoint (model and the training optimiser's state)."""
