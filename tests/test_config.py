@@ -196,7 +196,7 @@ def test_wrong_choice_lists_valid_options(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert "Could not find 'norm/bacth'" in result.stderr
-    for valid in ("batch", "group", "layer", "instance", "none"):
+    for valid in ("batch", "group", "layer", "instance", "none", "ws"):
         assert valid in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -191,7 +191,7 @@ STRATEGY_FILES = sorted(
 
 
 @pytest.mark.parametrize("option", STRATEGY_FILES)
-@pytest.mark.parametrize("sync", ["full", "params_only", "local"])
+@pytest.mark.parametrize("sync", ["full", "params_only", "local", "silo"])
 def test_batchnorm_statistics_never_reach_any_configured_strategy(option, sync, tmp_path):
     # Catches: running statistics or counters handed to a strategy (a median, Krum or Adam
     # would pick or push them), statistics not the example-weighted mean under full,

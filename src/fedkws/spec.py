@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedkws.core.aggregation import BN_SYNC_MODES, EVAL_MODES
+from fedkws.core.aggregation import BN_SYNC_MODES, EVAL_MODES, keeps_client_state
 from fedkws.core.models import MODEL_NAMES, NORM_KINDS
 from fedkws.data.augment import AugmentConfig
 from fedkws.data.cache import DataConfig
@@ -526,11 +526,12 @@ def _check_bn(spec: RunSpec, p: _Problems) -> None:
     for mode in bn.eval_modes:
         _one_of(p, "bn.eval_modes", mode, EVAL_MODES)
     p.check(bn.recalibrate_every >= 1, "bn.recalibrate_every", bn.recalibrate_every, "must be >= 1")
-    if bn.sync == "local" and not spec.strategy.central and spec.model.norm != "batch":
+    if keeps_client_state(bn.sync) and not spec.strategy.central and spec.model.norm != "batch":
+        method = {"local": "FedBN", "silo": "SiloBN"}.get(bn.sync, f"bn.sync={bn.sync}")
         p.add(
             "bn.sync",
-            "local",
-            f"FedBN needs a model with BatchNorm (norm=batch, not {spec.model.norm})",
+            bn.sync,
+            f"{method} needs a model with BatchNorm (norm=batch, not {spec.model.norm})",
         )
 
 

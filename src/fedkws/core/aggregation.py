@@ -11,6 +11,14 @@
 ``local``
     FedBN: no key of a BatchNorm module (affine parameters, running
     statistics, ``num_batches_tracked``) travels in either direction.
+``silo``
+    SiloBN (Andreux et al., 2020, arXiv 2008.07424): BatchNorm's affine
+    parameters travel and are aggregated like every other parameter; its
+    buffers (running statistics, ``num_batches_tracked``) never leave the
+    client.
+
+Under ``local`` and ``silo`` each client keeps its own BatchNorm state across
+rounds (:func:`keeps_client_state`).
 
 The server rule (a Flower strategy, :mod:`fedkws.fl.strategy`) acts on
 floating-point *parameters* only: :func:`aggregate` splits a model state and
@@ -31,7 +39,7 @@ from torch import nn
 
 from fedkws.core.models import bn_state_keys
 
-BN_SYNC_MODES = ("full", "params_only", "local")
+BN_SYNC_MODES = ("full", "params_only", "local", "silo")
 EVAL_MODES = ("eval", "train", "recalibrated")
 
 
@@ -50,16 +58,35 @@ class KeyPlan:
         return self.params + self.stats + self.counters
 
 
+def keeps_client_state(bn_sync: str) -> bool:
+    """Whether each client keeps BatchNorm state of its own across rounds (FedBN, SiloBN).
+
+    Such a model is evaluated per client (its local test split, and at the end
+    each client's personalised model on the shared test split), never with
+    the server's BatchNorm buffers.
+    """
+    return bn_sync in ("local", "silo")
+
+
+def _client_bn_keys(model: nn.Module, bn_sync: str, param_names: set[str]) -> set[str]:
+    """The BatchNorm keys each client keeps for itself under ``bn_sync``."""
+    if bn_sync == "local":
+        return bn_state_keys(model)
+    if bn_sync == "silo":
+        return bn_state_keys(model) - param_names
+    return set()
+
+
 def key_plan(model: nn.Module, bn_sync: str) -> KeyPlan:
     """Classify ``model``'s state-dict keys for ``bn_sync``."""
     if bn_sync not in BN_SYNC_MODES:
         raise ValueError(f"Unknown bn_sync '{bn_sync}'. Valid modes: {', '.join(BN_SYNC_MODES)}")
     state = model.state_dict()
     param_names = {name for name, _ in model.named_parameters()}
-    bn_keys = bn_state_keys(model)
+    own = _client_bn_keys(model, bn_sync, param_names)
     params, stats, counters, local = [], [], [], []
     for key, value in state.items():
-        if bn_sync == "local" and key in bn_keys:
+        if key in own:
             local.append(key)
         elif key in param_names:
             params.append(key)

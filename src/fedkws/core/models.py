@@ -24,6 +24,13 @@ batch-independent alternatives:
     other GroupNorm variants.
 ``"none"``
     :class:`torch.nn.Identity`.
+``"ws"``
+    Normalisation-free with weight-standardised convolutions (FedWon, Zhuang &
+    Lyu, ICLR 2024, arXiv 2306.05879): no norm layer (:class:`torch.nn.Identity`)
+    and every convolution is a :class:`WSConv2d`, whose weight is standardised
+    per output channel at every forward pass. Unlike ``"none"``, the
+    standardisation keeps the signal's scale fixed through depth without any
+    statistics of the data.
 
 Every norm with parameters is affine, including the BatchNorm in ``res8`` and
 ``res15`` where Tang & Lin (2018) used BatchNorm without affine params: FedBN
@@ -32,6 +39,7 @@ and similar methods keep the norm's affine params local, so they must exist.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -42,6 +50,7 @@ __all__ = [
     "MODEL_NAMES",
     "NORM_KINDS",
     "KWSCNN",
+    "WSConv2d",
     "ResKWS",
     "ResNet",
     "BasicBlock",
@@ -49,6 +58,7 @@ __all__ = [
     "bn_layers",
     "bn_state_keys",
     "build_model",
+    "conv_type",
     "count_parameters",
     "group_count",
     "is_bn_key",
@@ -57,7 +67,7 @@ __all__ = [
     "res15",
 ]
 
-NORM_KINDS: tuple[str, ...] = ("batch", "group", "layer", "instance", "none")
+NORM_KINDS: tuple[str, ...] = ("batch", "group", "layer", "instance", "none", "ws")
 
 RESNET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     10: ("basic", (1, 1, 1, 1)),
@@ -75,6 +85,7 @@ MODEL_NAMES: tuple[str, ...] = (
 )
 
 NormFactory = Callable[[int], nn.Module]
+ConvType = type[nn.Conv2d]
 
 
 # --------------------------------------------------------------------------- norms
@@ -117,7 +128,8 @@ def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
     ----------
     kind : str
         One of :data:`NORM_KINDS`: ``"batch"``, ``"group"``, ``"layer"``,
-        ``"instance"`` or ``"none"``.
+        ``"instance"``, ``"none"`` or ``"ws"`` (no norm layer: the convolutions
+        are standardised instead, see :func:`conv_type`).
     channels : int
         Number of channels of the feature map being normalised.
     groups : int, optional
@@ -142,7 +154,7 @@ def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
         return nn.GroupNorm(1, channels, affine=True)
     if kind == "instance":
         return nn.GroupNorm(channels, channels, affine=True)
-    if kind == "none":
+    if kind in ("none", "ws"):
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}; valid kinds: {', '.join(NORM_KINDS)}")
 
@@ -156,7 +168,64 @@ def _norm_factory(kind: str, groups: int) -> NormFactory:
 def _conv_bias(norm: str) -> bool:
     # A bias directly before a mean-subtracting norm is cancelled by it; without
     # a norm the conv needs its own bias.
-    return norm == "none"
+    return norm in ("none", "ws")
+
+
+# The gain that gives ReLU(z), z ~ N(0, 1), unit variance: sqrt(2 / (1 - 1/pi)).
+RELU_GAIN = (2.0 / (1.0 - 1.0 / math.pi)) ** 0.5
+
+
+class WSConv2d(nn.Conv2d):
+    """A convolution with a scaled, weight-standardised kernel (FedWon's reparameterisation).
+
+    At every forward pass each output channel's kernel is standardised over its
+    fan-in ``N = in_channels / groups * kh * kw`` (zero mean, unit variance, the
+    biased variance plus ``eps``) and then scaled::
+
+        W_hat[i] = gain[i] * gamma / sqrt(N) * (W[i] - mean(W[i])) / sqrt(var(W[i]) + eps)
+
+    so the pre-activation keeps the variance of the input, whatever the weights
+    and the data (the scaled weight standardisation of Brock et al., 2021,
+    arXiv 2101.08692, that FedWon, arXiv 2306.05879, uses in place of every norm
+    layer). ``gain`` is a learnable per-channel scale (initialised to 1);
+    ``gamma`` is fixed, :data:`RELU_GAIN` by default, because every convolution
+    here is followed by a ReLU. The stored ``weight`` is left as it is; only the
+    kernel used by the forward pass is standardised. Nothing depends on the
+    batch, so train and eval mode give the same output.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        As for :class:`torch.nn.Conv2d`.
+    eps : float, optional
+        Added to each channel's variance.
+    gamma : float, optional
+        Fixed gain on top of the ``1 / sqrt(N)`` scale.
+    """
+
+    def __init__(self, *args, eps: float = 1e-5, gamma: float = RELU_GAIN, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps, self.gamma = eps, gamma
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The kernel the forward pass uses."""
+        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        fan_in = self.weight[0].numel()
+        scale = self.gain * (self.gamma / math.sqrt(fan_in)) * torch.rsqrt(var + self.eps)
+        return (self.weight - mean) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve ``x`` with the standardised kernel."""
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+def conv_type(norm: str) -> ConvType:
+    """The convolution class of every conv of a model with norm ``norm``.
+
+    :class:`WSConv2d` for ``"ws"``, :class:`torch.nn.Conv2d` otherwise.
+    """
+    return WSConv2d if norm == "ws" else nn.Conv2d
 
 
 # --------------------------------------------------------------------------- cnn
@@ -206,14 +275,14 @@ class KWSCNN(nn.Module):
     ) -> None:
         super().__init__()
         make = _norm_factory(norm, groups)
-        bias = _conv_bias(norm)
+        bias, conv = _conv_bias(norm), conv_type(norm)
         c1, c2 = channels
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, kernel_size=(8, 20), padding=(4, 10), bias=bias),
+            conv(in_channels, c1, kernel_size=(8, 20), padding=(4, 10), bias=bias),
             make(c1),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(c1, c2, kernel_size=(4, 10), padding=(2, 5), bias=bias),
+            conv(c1, c2, kernel_size=(4, 10), padding=(2, 5), bias=bias),
             make(c2),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2, ceil_mode=True),
@@ -282,14 +351,14 @@ class ResKWS(nn.Module):
         make = _norm_factory(norm, groups)
         # The paper's convs are bias-free even though the paper's BN has no
         # shift; with norm="none" a bias is the only offset left.
-        bias = _conv_bias(norm)
-        self.stem = nn.Conv2d(in_channels, maps, 3, padding=1, bias=bias)
+        bias, conv = _conv_bias(norm), conv_type(norm)
+        self.stem = conv(in_channels, maps, 3, padding=1, bias=bias)
         self.pool = nn.AvgPool2d(pool) if pool is not None else nn.Identity()
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
         for i in range(layers):
             d = 2 ** (i // 3) if dilated else 1
-            self.convs.append(nn.Conv2d(maps, maps, 3, padding=d, dilation=d, bias=bias))
+            self.convs.append(conv(maps, maps, 3, padding=d, dilation=d, bias=bias))
             self.norms.append(make(maps))
         self.classifier = nn.Linear(maps, num_classes)
 
@@ -373,6 +442,8 @@ class BasicBlock(nn.Module):
         Maps a channel count to a norm module.
     bias : bool
         Whether convs have a bias.
+    conv : type, optional
+        The convolution class (:func:`conv_type`).
     """
 
     expansion = 1
@@ -384,14 +455,15 @@ class BasicBlock(nn.Module):
         stride: int,
         make_norm_layer: NormFactory,
         bias: bool,
+        conv: ConvType = nn.Conv2d,
     ) -> None:
         super().__init__()
         out_channels = planes * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride=stride, padding=1, bias=bias)
+        self.conv1 = conv(in_channels, planes, 3, stride=stride, padding=1, bias=bias)
         self.norm1 = make_norm_layer(planes)
-        self.conv2 = nn.Conv2d(planes, out_channels, 3, padding=1, bias=bias)
+        self.conv2 = conv(planes, out_channels, 3, padding=1, bias=bias)
         self.norm2 = make_norm_layer(out_channels)
-        self.shortcut = _projection(in_channels, out_channels, stride, make_norm_layer, bias)
+        self.shortcut = _projection(in_channels, out_channels, stride, make_norm_layer, bias, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the block."""
@@ -418,6 +490,8 @@ class Bottleneck(nn.Module):
         Maps a channel count to a norm module.
     bias : bool
         Whether convs have a bias.
+    conv : type, optional
+        The convolution class (:func:`conv_type`).
     """
 
     expansion = 4
@@ -429,16 +503,17 @@ class Bottleneck(nn.Module):
         stride: int,
         make_norm_layer: NormFactory,
         bias: bool,
+        conv: ConvType = nn.Conv2d,
     ) -> None:
         super().__init__()
         out_channels = planes * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=bias)
+        self.conv1 = conv(in_channels, planes, 1, bias=bias)
         self.norm1 = make_norm_layer(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=bias)
+        self.conv2 = conv(planes, planes, 3, stride=stride, padding=1, bias=bias)
         self.norm2 = make_norm_layer(planes)
-        self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=bias)
+        self.conv3 = conv(planes, out_channels, 1, bias=bias)
         self.norm3 = make_norm_layer(out_channels)
-        self.shortcut = _projection(in_channels, out_channels, stride, make_norm_layer, bias)
+        self.shortcut = _projection(in_channels, out_channels, stride, make_norm_layer, bias, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the block."""
@@ -449,12 +524,17 @@ class Bottleneck(nn.Module):
 
 
 def _projection(
-    in_channels: int, out_channels: int, stride: int, make_norm_layer: NormFactory, bias: bool
+    in_channels: int,
+    out_channels: int,
+    stride: int,
+    make_norm_layer: NormFactory,
+    bias: bool,
+    conv: ConvType = nn.Conv2d,
 ) -> nn.Module:
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=bias),
+        conv(in_channels, out_channels, 1, stride=stride, bias=bias),
         make_norm_layer(out_channels),
     )
 
@@ -506,21 +586,21 @@ class ResNet(nn.Module):
         if width < 1:
             raise ValueError(f"width must be positive, got {width}")
         make = _norm_factory(norm, groups)
-        bias = _conv_bias(norm)
+        bias, conv = _conv_bias(norm), conv_type(norm)
         kind, counts = RESNET_DEPTHS[depth]
         block: type[BasicBlock] | type[Bottleneck] = BasicBlock if kind == "basic" else Bottleneck
         self.depth = depth
 
         if stem == "standard":
             self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=bias),
+                conv(in_channels, width, 7, stride=2, padding=3, bias=bias),
                 make(width),
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
         elif stem == "light":
             self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, width, 3, padding=1, bias=bias),
+                conv(in_channels, width, 3, padding=1, bias=bias),
                 make(width),
                 nn.ReLU(inplace=True),
             )
@@ -534,7 +614,7 @@ class ResNet(nn.Module):
             blocks = []
             for j in range(n):
                 stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(block(channels, planes, stride, make, bias))
+                blocks.append(block(channels, planes, stride, make, bias, conv))
                 channels = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)

@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedkws.core import loops, seeding
-from fedkws.core.aggregation import key_plan
+from fedkws.core.aggregation import keeps_client_state, key_plan
 from fedkws.core.bn import bn_input_moments
 from fedkws.core.models import bn_state_keys, build_model
 from fedkws.data.cache import CachedDataset, open_cache
@@ -72,7 +72,10 @@ def _fedbn_file(task: ClientTask, pid: int, round_: int) -> Path:
 
 
 def _fedbn_state(task: ClientTask, pid: int, context: Context) -> dict[str, torch.Tensor]:
-    """The client's own BatchNorm entries from its last round (none before its first)."""
+    """The client's own BatchNorm entries from its last round (none before its first).
+
+    All of BatchNorm's keys under FedBN, its buffers only under SiloBN.
+    """
     if FEDBN_STATE in context.state:
         return context.state[FEDBN_STATE].to_torch_state_dict()
     # A resumed run starts with empty node state: read what this client saved last.
@@ -85,12 +88,12 @@ def _fedbn_state(task: ClientTask, pid: int, context: Context) -> dict[str, torc
 
 
 def _model(task: ClientTask, message: Message, context: Context) -> torch.nn.Module:
-    """The global model, with this client's own BatchNorm state under FedBN."""
+    """The global model, with this client's own BatchNorm state under FedBN or SiloBN."""
     torch.set_num_threads(task.threads)
     model = build_model(**task.model)
     state = model.state_dict()
     state.update(message.content["model"].to_torch_state_dict())
-    if task.bn_sync == "local":
+    if keeps_client_state(task.bn_sync):
         state.update(_fedbn_state(task, _pid(context), context))
     model.load_state_dict(state)
     return model
@@ -136,7 +139,7 @@ def train(message: Message, context: Context) -> Message:
         prox_mu=task.prox_mu,
     )
     state = model.state_dict()
-    if task.bn_sync == "local":
+    if keeps_client_state(task.bn_sync):
         _keep_fedbn(task, pid, context, {k: state[k] for k in plan.local})
     metrics = MetricRecord(
         {
@@ -155,7 +158,7 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """The global model (with this client's BN under FedBN) on its local or the shared test split.
+    """The global model (with this client's BN under FedBN/SiloBN) on its local or the test split.
 
     A client without local test rows replies ``num-examples`` 0 and no accuracy.
     """

@@ -23,6 +23,7 @@ from torch import nn
 
 from fedkws import checkpoint, lifecycle
 from fedkws.clients import ClientData, make_clients
+from fedkws.core.aggregation import keeps_client_state
 from fedkws.core.evaluation import Evaluator
 from fedkws.core.models import bn_layers, build_model, count_parameters
 from fedkws.core.seeding import seed_model_init
@@ -330,7 +331,7 @@ def final_modes(spec: RunSpec, model: nn.Module) -> list[str]:
     ``fresh_average``, see :class:`~fedkws.core.evaluation.Evaluator`).
     """
     modes = list(spec.bn.eval_modes)
-    if not bn_layers(model) or (spec.bn.sync == "local" and not spec.strategy.central):
+    if not bn_layers(model) or (keeps_client_state(spec.bn.sync) and not spec.strategy.central):
         return [m for m in modes if m != "recalibrated"]
     if "recalibrated" not in modes:
         modes.append("recalibrated")

@@ -23,7 +23,7 @@ import torch
 
 from fedkws.checkpoint import Checkpoint
 from fedkws.clients import save_clients
-from fedkws.core.aggregation import aggregate, key_plan
+from fedkws.core.aggregation import aggregate, keeps_client_state, key_plan
 from fedkws.core.evaluation import Evaluator
 from fedkws.core.models import bn_layers, bn_state_keys
 from fedkws.core.sampling import sample_clients
@@ -50,10 +50,15 @@ class FederatedRecipe:
         spec = self.spec
         self.parts = common.setup(spec, run_dir)
         self.model = self.parts.model
-        if spec.bn.sync == "local" and not bn_layers(self.model):
-            raise ConfigError(f"bn.sync='local': model {spec.model.name} has no BatchNorm layer")
-        if spec.bn.sync == "local" and "recalibrated" in spec.bn.eval_modes:
-            log.warning("bn.eval_modes 'recalibrated' does not apply to bn.sync=local: skipped")
+        own_bn = keeps_client_state(spec.bn.sync)
+        if own_bn and not bn_layers(self.model):
+            raise ConfigError(
+                f"bn.sync='{spec.bn.sync}': model {spec.model.name} has no BatchNorm layer"
+            )
+        if own_bn and "recalibrated" in spec.bn.eval_modes:
+            log.warning(
+                f"bn.eval_modes 'recalibrated' does not apply to bn.sync={spec.bn.sync}: skipped"
+            )
         clients = self.parts.clients
         self.eligible = [c.pid for c in clients if len(c.train) > 0]
         if len(self.eligible) < spec.strategy.min_train_clients:
@@ -77,7 +82,7 @@ class FederatedRecipe:
             order_seed=spec.seed, moments_of=self._moments,
         )  # fmt: skip
         self.recalibrated_round = 0  # the round whose model the last recalibration is of
-        self.shared_test: common.Metrics = {}  # FedBN: personalised models on the test split
+        self.shared_test: common.Metrics = {}  # FedBN/SiloBN: personalised models on the test split
         self.completed_round = 0
         self.failures: list[dict] = []
 
@@ -157,7 +162,7 @@ class FederatedRecipe:
     def evaluate_round(self, round_: int) -> common.Metrics:
         """Server-side validation in every mode, plus federated evaluation when asked."""
         metrics: common.Metrics = {}
-        local = self.spec.bn.sync == "local"
+        local = keeps_client_state(self.spec.bn.sync)
         if not local:
             modes = list(self.spec.bn.eval_modes)
             recal = None
@@ -211,15 +216,15 @@ class FederatedRecipe:
     def _while_clients_are_up(self) -> None:
         """What the final evaluation needs from the clients, before they go.
 
-        The final model's exact statistics, or (FedBN) each client's model on the
-        shared test split.
+        The final model's exact statistics, or (FedBN, SiloBN) each client's model
+        on the shared test split.
         """
         if (
             self.run.result.rounds[-1:]
             and self.run.result.rounds[-1].round < self.spec.train.rounds
         ):
             return
-        if self.spec.bn.sync == "local":
+        if keeps_client_state(self.spec.bn.sync):
             self.shared_test = self._federated_evaluate(self.spec.train.rounds, "testing")
         elif "recalibrated" in common.final_modes(self.spec, self.model):
             if self.recalibrated_round != self.spec.train.rounds:
@@ -262,7 +267,7 @@ class FederatedRecipe:
         )
         summary = common.summary(self.run, self.parts, title, spec.bn.sync)
         summary["failures"] = self.failures
-        if summary["complete"] and spec.bn.sync != "local":
+        if summary["complete"] and not keeps_client_state(spec.bn.sync):
             modes = common.final_modes(spec, self.model)
             if self.recalibrated_round != spec.train.rounds:
                 self.evaluator.last_recalibrated = None  # not of the final model: skip
