@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fedkws.fl.ray_head import LocalRayHead
 from fedkws.run import run
 from helpers import GOLDEN, golden_view
 
@@ -27,11 +28,26 @@ ACC_TOL = 1.01 / 48  # one example of the tiny dataset's 48-example validation s
 BACKEND = {"seed_repro": "inprocess", "bn_ablation_full_dirichlet": "ray", "central": "inprocess"}
 
 
+def _run(name, make_cfg, run_dir):
+    overrides = [*GOLDEN[name], f"federation.backend={BACKEND[name]}"]
+    if BACKEND[name] != "ray":
+        return golden_view(run(make_cfg(overrides), run_dir))
+    # The Ray cell attaches to a running head, as a sweep's jobs do (federation.sweep_ray).
+    head = LocalRayHead(num_cpus=2)
+    try:
+        address = head.start()
+        process = head._process
+        got = golden_view(run(make_cfg([*overrides, f"federation.ray_address={address}"]), run_dir))
+    finally:
+        head.stop()
+    assert process.poll() is not None  # the head this test started has ended
+    return got
+
+
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden_run(name, make_cfg, tmp_path):
     expected = json.loads(GOLDEN_FILE.read_text())[name]
-    overrides = [*GOLDEN[name], f"federation.backend={BACKEND[name]}"]
-    got = golden_view(run(make_cfg(overrides), tmp_path / name))
+    got = _run(name, make_cfg, tmp_path / name)
     assert [r["round"] for r in got["rounds"]] == [r["round"] for r in expected["rounds"]]
     for exp, new in zip(expected["rounds"], got["rounds"], strict=True):
         assert new["clients"] == exp["clients"], exp["round"]  # sampling and the wire: exact

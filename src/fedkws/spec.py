@@ -151,6 +151,8 @@ class FederationSpec:
     num_gpus: float = 0.0
     federated_eval: bool = False
     ray_init_args: tuple[tuple[str, Any], ...] = ()
+    ray_address: str | None = None  # attach to this running Ray instance instead of starting one
+    sweep_ray: bool = True  # a multirun starts one local Ray head for all its jobs
 
 
 @dataclass(frozen=True)
@@ -388,6 +390,8 @@ def _federation(raw: Mapping[str, Any], p: _Problems) -> FederationSpec:
         "num_gpus": resources.get("num_gpus", 0.0),
         "federated_eval": raw.get("federated_eval", False),
         "backend": raw.get("backend", "ray"),
+        "ray_address": str(raw["ray_address"]) if raw.get("ray_address") else None,
+        "sweep_ray": raw.get("sweep_ray", True),
     }
     spec = _typed(FederationSpec, values, p, "federation")
     if spec is None:

@@ -9,6 +9,7 @@ leaves the folder exactly as it was.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,41 @@ class FolderGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
         self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
+class SweepRay(Callback):
+    """A multirun's jobs share one local Ray head (``federation.sweep_ray``), ended afterwards.
+
+    Started only for sweeps whose base config uses the Ray backend and names no
+    ``federation.ray_address`` of its own; jobs attach through ``RAY_ADDRESS``.
+    """
+
+    def __init__(self) -> None:
+        self.head = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
+        from fedkws.fl.ray_head import LocalRayHead
+
+        fed = config.get("federation") or {}
+        if fed.get("backend", "ray") != "ray" or not fed.get("sweep_ray", True):
+            return
+        swept = any(str(o).startswith("strategy=") for o in config.hydra.overrides.task)
+        if config.get("strategy", {}).get("name") == "central" and not swept:
+            return  # only centralised jobs: nothing to simulate
+        with user_errors():
+            if fed.get("ray_address"):
+                return
+            cpus = (fed.get("ray_init_args") or {}).get("num_cpus")
+            self.head = LocalRayHead(num_cpus=cpus)
+            address = self.head.start()
+        os.environ["RAY_ADDRESS"] = address
+        print(f"Ray head for this sweep at {address} (federation.sweep_ray=false: one per job)")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
+        if self.head is not None:
+            self.head.stop()
+            os.environ.pop("RAY_ADDRESS", None)
+            self.head = None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

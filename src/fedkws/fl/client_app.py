@@ -28,8 +28,8 @@ from flwr.clientapp import ClientApp
 
 from fedkws.core import loops, seeding
 from fedkws.core.aggregation import keeps_client_state, key_plan
-from fedkws.core.bn import bn_input_moments
-from fedkws.core.models import bn_state_keys, build_model
+from fedkws.core.bn import ActivationCache, bn_input_moments
+from fedkws.core.models import bn_layers, bn_state_keys, build_model
 from fedkws.data.cache import CachedDataset, open_cache
 from fedkws.fileio import torch_save
 from fedkws.fl.messages import ClientTask
@@ -190,9 +190,15 @@ def bn_moments(message: Message, context: Context) -> Message:
     task = ClientTask.from_record(message.content["config"])
     pid = _pid(context)
     model = _model(task, message, context)
+    # Segment inputs are kept between this client's layer queries (in the run folder, so
+    # whichever worker process gets the next query resumes from them); the last layer
+    # drops them.
+    cache = ActivationCache(Path(task.state_dir) / "activations" / f"client{pid}")
     n, s, ss = bn_input_moments(
-        model, _data(task), _rows(task, pid, "train"), task.layer, task.eval_batch_size
+        model, _data(task), _rows(task, pid, "train"), task.layer, task.eval_batch_size, cache
     )
+    if task.layer == len(bn_layers(model)) - 1:
+        cache.clear()
     count = torch.tensor([n], dtype=torch.float64)
     arrays = ArrayRecord(torch_state_dict={"count": count, "sum": s, "sumsq": ss})
     reply = RecordDict({"moments": arrays, "metrics": MetricRecord({"pid": pid})})

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 
 from fedkws import lifecycle
 from fedkws.errors import FederationError
+from fedkws.fl.ray_head import attach_args
 
 BACKENDS = ("ray", "inprocess")
 
@@ -47,10 +48,13 @@ def simulate(
     backend: str = "ray",
     client_resources: Mapping[str, Any] | None = None,
     ray_init_args: Mapping[str, Any] | None = None,
+    ray_address: str | None = None,
 ) -> None:
     """Run ``main(grid)`` against ``num_clients`` SuperNodes of fedkws's ClientApp.
 
     Each SuperNode gets ``node_config["partition-id"]`` in ``0..num_clients-1``.
+    With ``ray_address`` the simulation attaches to that running Ray instance
+    (see :mod:`fedkws.fl.ray_head`) instead of starting its own.
     Whatever ``main`` raises is raised here, after the backend has shut down.
     """
     from fedkws.fl.client_app import app as client_app
@@ -68,7 +72,13 @@ def simulate(
         except BaseException as err:  # handed back to the caller below
             raised.append(err)
 
-    _run_ray(guarded, client_app, num_clients, client_resources or {}, ray_init_args or {})
+    init_args = dict(ray_init_args or {})
+    # Without an address, always a new local instance: a plain ray.init() would attach to
+    # whatever `ray start` last recorded on this machine, even a head that has since ended.
+    init_args = (
+        attach_args(init_args, ray_address) if ray_address else {"address": "local", **init_args}
+    )
+    _run_ray(guarded, client_app, num_clients, client_resources or {}, init_args)
     if raised:
         raise raised[0]
 

@@ -256,6 +256,7 @@ class FederatedRecipe:
             backend=fed.backend,
             client_resources={"num_cpus": fed.num_cpus, "num_gpus": fed.num_gpus},
             ray_init_args=dict(fed.ray_init_args),
+            ray_address=fed.ray_address,
         )
 
     def finish(self, run_dir: Path) -> Result:

@@ -1,0 +1,117 @@
+"""A local Ray head that many simulations attach to, so a sweep pays Ray's start-up once.
+
+Flower's Ray backend starts Ray inside every simulation and shuts it down at the
+end (about 10 s per run here). Attached to a running Ray instance instead
+(``federation.ray_address``, or ``RAY_ADDRESS``), ``ray.shutdown()`` only
+disconnects the driver and the next run attaches in a fraction of a second.
+:class:`LocalRayHead` starts such an instance on 127.0.0.1 with ``ray start
+--head --block`` and ends exactly the process it started (whose exit ends the
+Ray processes it launched).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fedkws.errors import FederationError
+
+# ray.init() arguments that only mean something when starting Ray: Ray refuses most of them
+# when it attaches to a running instance, and ignores the dashboard ones.
+HEAD_ONLY_ARGS = (
+    "num_cpus", "num_gpus", "resources", "labels", "object_store_memory", "_system_config",
+    "include_dashboard", "dashboard_host", "dashboard_port",
+)  # fmt: skip
+
+
+def attach_args(init_args: dict, address: str) -> dict:
+    """``init_args`` for attaching to the Ray instance at ``address`` (head-only keys dropped)."""
+    kept = {k: v for k, v in init_args.items() if k not in HEAD_ONLY_ARGS}
+    kept["address"] = address
+    return kept
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _ray_command() -> str:
+    found = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    if found is None:
+        raise FederationError("the `ray` command is not installed next to this Python")
+    return found
+
+
+class LocalRayHead:
+    """One Ray head process on 127.0.0.1, started by :meth:`start`, ended by :meth:`stop`."""
+
+    def __init__(self, num_cpus: float | None = None, num_gpus: float | None = None) -> None:
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.address: str | None = None
+        self._process: subprocess.Popen | None = None
+        self._log = None
+        self._temp_dir: str | None = None
+
+    def start(self, timeout: float = 120.0) -> str:
+        """Start the head and return its address (``127.0.0.1:<port>``)."""
+        port = _free_port()
+        # Its own temp dir: `ray start` records its address there, and one in Ray's default
+        # dir would be picked up (and outlive the head) by every later plain ray.init().
+        self._temp_dir = tempfile.mkdtemp(prefix="fedkws-ray-")
+        command = [_ray_command(), "start", "--head", "--block", f"--port={port}",
+                   "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                   "--disable-usage-stats", f"--temp-dir={self._temp_dir}"]  # fmt: skip
+        if self.num_cpus is not None:
+            command.append(f"--num-cpus={int(self.num_cpus)}")
+        if self.num_gpus is not None:
+            command.append(f"--num-gpus={int(self.num_gpus)}")
+        self._log = tempfile.TemporaryFile(mode="w+")
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        env.pop("RAY_ADDRESS", None)
+        self._process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        atexit.register(self.stop)
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in self._output():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                reason = self._output().strip().splitlines()[-1:] or ["no output"]
+                self.stop()
+                raise FederationError(f"could not start a local Ray head: {reason[0][:300]}")
+            time.sleep(0.2)
+        self.address = f"127.0.0.1:{port}"
+        return self.address
+
+    def _output(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read()
+
+    def stop(self) -> None:
+        """End the head process this object started (and, through it, its Ray processes)."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
+        self.address = None
