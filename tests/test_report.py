@@ -1,15 +1,23 @@
-"""The sweep report: a real (tiny, centralised) multirun read back by ``fedkws report``."""
+"""The sweep report: a real (tiny, centralised) multirun read back by ``fedkws report``.
+
+The later tests build sweeps from fedkws's own ``Recorder`` with numbers chosen
+so that every value (means, t intervals, paired differences, rounds to 90 %)
+is computed here independently.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -35,6 +43,16 @@ def _table(text: str) -> dict[str, dict[str, str]]:
     lines = [line for line in text.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True))
+            for ln in lines[2:]]  # fmt: skip
+    return {row["run"]: row for row in rows}
+
+
+def _comparison(text: str) -> dict[str, dict[str, str]]:
+    """Rows of the second table (cells against the centralised reference), keyed by ``run``."""
+    block = text.split("against the centralised reference:\n\n", 1)[1].split("\n\n", 1)[0]
+    lines = block.splitlines()
+    header = [c.strip() for c in lines[0].split("|")]
+    rows = [dict(zip(header, (c.strip() for c in ln.split("|")), strict=True))
             for ln in lines[2:]]  # fmt: skip
     return {row["run"]: row for row in rows}
 
@@ -108,6 +126,12 @@ def test_report_values_equal_the_runs_results(sweep):
     # The Hydra callback wrote the same table into the sweep folder at the end.
     assert _table((sweep / "report.md").read_text()) == rows
     assert (sweep / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert (sweep / "report_bars.png").read_bytes()[:4] == b"\x89PNG"
+    csv_rows = _csv_rows(sweep / "report.csv")  # and the CSV beside it, unrounded
+    assert set(csv_rows) == set(cells)
+    for name, runs in cells.items():
+        for column, key in COLUMNS.items():
+            _check_csv_stat(csv_rows[name], column, [run[key] for run in runs], 0.0)
 
 
 def test_report_marks_missing_runs(sweep, tmp_path):
@@ -134,3 +158,312 @@ def test_report_marks_missing_runs(sweep, tmp_path):
     listed = out.stdout.split("missing (", 1)[1]
     assert f"{partial}/seed=1 (no results.json)" in listed
     assert "optimizer.lr=0.1/seed=0 (no results.json)" in listed
+
+
+# --------------------------------------------------------------------------- a sweep of
+# fedkws's own results.json files (Recorder), numbers chosen so each can be checked by hand
+
+CENTRAL_VAL = {0: 0.80, 1: 0.90, 2: 0.70}  # final/val/eval/acc of the centralised seeds
+FED_CURVES = {  # val/<mode>/acc per round of the federated cell, per seed
+    0: {
+        "eval": [0.30, 0.60, 0.72, 0.80],
+        "train": [0.75, 0.8, 0.8, 0.8],
+        "recalibrated": [0.1] * 4,
+    },
+    1: {
+        "eval": [0.50, 0.82, 0.85, 0.86],
+        "train": [0.85, 0.9, 0.9, 0.9],
+        "recalibrated": [0.2] * 4,
+    },
+    2: {
+        "eval": [0.10, 0.20, 0.30, 0.40],
+        "train": [0.65, 0.7, 0.7, 0.7],
+        "recalibrated": [0.3] * 4,
+    },
+}
+# first round with val/<mode>/acc >= 0.9 x the same seed's centralised val/eval accuracy
+# (0.72, 0.81, 0.63): eval 3 (0.72 exactly), 2, never; train 1, 1, 1; recalibrated never
+ROUNDS_TO_90 = {"eval": "2.5 (2/3 seeds)", "train": "1.0", "recalibrated": "never"}
+CENTRAL, FED, LOCAL = "strategy=central", "bn=full,strategy=fedavg", "bn=local,strategy=fedavg"
+
+
+def _write_run(folder: Path, seed: int, strategy: str, curves: dict, test: dict) -> None:
+    from fedkws.tracking import Recorder, Result, RoundRecord, WandbLogger
+
+    folder.mkdir(parents=True)
+    config = {"seed": seed, "partition": {"scheme": "dirichlet", "alpha": 0.1}}
+    recorder = Recorder(folder, Result(config=config), WandbLogger("disabled", "x", {}, folder))
+    rounds = len(next(iter(curves.values())))
+    for r in range(rounds):
+        metrics = {f"val/{mode}/acc": ys[r] for mode, ys in curves.items()}
+        recorder.log_round(RoundRecord(r + 1, metrics, 1.0))
+    summary = {"strategy": strategy, "bn_sync": "full", "norm": "batch", "wall_s": 10.0 + seed,
+               "rounds_completed": rounds, "complete": True}  # fmt: skip
+    summary |= {f"final/val/{mode}/acc": ys[-1] for mode, ys in curves.items()}
+    summary |= {f"test/{mode}/acc": acc for mode, acc in test.items()}
+    recorder.finish(summary)
+
+
+@pytest.fixture
+def fake_sweep(tmp_path) -> Path:
+    """Central x 3 seeds, FedAvg x 3 seeds (3 modes), FedBN-like x 2 seeds + one lost run."""
+    sweep = tmp_path / "sweep"
+    for seed, acc in CENTRAL_VAL.items():
+        curves = {"eval": [acc - 0.2, acc], "train": [acc - 0.1, acc]}
+        _write_run(sweep / CENTRAL / f"seed={seed}", seed, "central", curves,
+                   {"eval": acc - 0.05, "train": acc - 0.04})  # fmt: skip
+    for seed, curves in FED_CURVES.items():
+        test = {
+            "eval": 0.5 + 0.1 * seed,
+            "train": 0.6 + 0.05 * seed,
+            "recalibrated": 0.2 + seed / 10,
+        }
+        _write_run(sweep / FED / f"seed={seed}", seed, "fedavg", curves, test)
+    for seed in (0, 1):
+        curves = {"eval": [0.4, 0.5 + seed / 10], "train": [0.5, 0.6]}
+        _write_run(sweep / LOCAL / f"seed={seed}", seed, "fedavg", curves,
+                   {"eval": 0.55 + seed / 20, "train": 0.5})  # fmt: skip
+    hydra = sweep / LOCAL / "seed=2" / ".hydra"  # Hydra made the folder, the job died
+    hydra.mkdir(parents=True)
+    (hydra / "config.yaml").write_text("seed: 2\n")
+    return sweep
+
+
+def _seed_summaries(sweep: Path, cell: str) -> dict[int, dict]:
+    out = {}
+    for path in sorted((sweep / cell).glob("seed=*/results.json")):
+        out[int(path.parent.name.removeprefix("seed="))] = json.loads(path.read_text())["summary"]
+    return out
+
+
+def _t_stats(xs: list[float], lo_clip: float) -> tuple[float, float, float, float]:
+    """mean, sd and the 95 % t interval of the mean (clipped to [lo_clip, 1])."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    x = np.asarray(xs, dtype=np.float64)
+    mean, sd = float(x.mean()), float(x.std(ddof=1))
+    half = float(scipy_stats.t.ppf(0.975, len(x) - 1)) * sd / np.sqrt(len(x))
+    return mean, sd, max(mean - half, lo_clip), min(mean + half, 1.0)
+
+
+def _csv_rows(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="") as f:
+        return {row["cell"]: row for row in csv.DictReader(f)}
+
+
+def _check_csv_stat(row: dict[str, str], column: str, xs: list[float], lo_clip: float) -> None:
+    mean, sd, lo, hi = _t_stats(xs, lo_clip)
+    got = [float(row[f"{column}_{p}"]) for p in ("mean", "sd", "ci_lo", "ci_hi")]
+    assert got == pytest.approx([mean, sd, lo, hi], abs=1e-9), column
+    assert int(row[f"{column}_n"]) == len(xs)
+
+
+def test_csv_holds_the_means_and_intervals_over_seeds(fake_sweep):
+    # Catches: CSV values that differ from the seeds' numbers (wrong sd, z for t, no clipping).
+    from fedkws.report import report
+
+    report([fake_sweep], markdown=fake_sweep / "report.md")
+    rows = _csv_rows(fake_sweep / "report.csv")
+    assert list(rows) == [CENTRAL, FED, LOCAL]  # the centralised reference first
+    for cell, modes in ((CENTRAL, ("eval", "train")), (FED, ("eval", "train", "recalibrated"))):
+        runs = _seed_summaries(fake_sweep, cell)
+        assert rows[cell]["seeds"] == "3" and rows[cell]["missing"] == ""
+        for mode in modes:
+            for column, key in ((f"val/{mode}/acc", f"final/val/{mode}/acc"),
+                                (f"test/{mode}/acc", f"test/{mode}/acc")):  # fmt: skip
+                _check_csv_stat(rows[cell], column, [r[key] for r in runs.values()], 0.0)
+        walls = [r["wall_s"] for r in runs.values()]
+        assert float(rows[cell]["wall_s"]) == pytest.approx(np.mean(walls))
+    fed = rows[FED]
+    assert (fed["strategy"], fed["bn_sync"], fed["norm"]) == ("fedavg", "full", "batch")
+    assert fed["partition"] == "dirichlet alpha=0.1" and fed["reference"] == CENTRAL
+
+
+def test_paired_difference_to_the_centralised_run_of_each_seed(fake_sweep):
+    # Catches: differences of means instead of per-seed pairs, seeds paired wrongly, a
+    # z interval, the reference row compared with itself.
+    from fedkws.report import report
+
+    text = report([fake_sweep], markdown=fake_sweep / "report.md")
+    rows, md = _csv_rows(fake_sweep / "report.csv"), _comparison(text)
+    assert CENTRAL not in md  # the reference is not compared with itself
+    central, fed = _seed_summaries(fake_sweep, CENTRAL), _seed_summaries(fake_sweep, FED)
+    for split, key in (("val", "final/val/{}/acc"), ("test", "test/{}/acc")):
+        for mode in ("eval", "train"):
+            k = key.format(mode)
+            diffs = [fed[s][k] - central[s][k] for s in sorted(fed)]
+            column = f"{split}/{mode}/acc_vs_central"
+            _check_csv_stat(rows[FED], column, diffs, -1.0)
+            mean, sd, lo, hi = _t_stats(diffs, -1.0)
+            expected = f"{mean:+.3f} ± {sd:.3f} [{lo:+.3f}, {hi:+.3f}]"
+            assert md[FED][f"{split}/{mode}/acc vs central"] == expected
+        # the centralised run has no recalibrated mode: nothing to pair
+        assert md[FED][f"{split}/recalibrated/acc vs central"] == "-"
+        assert rows[FED][f"{split}/recalibrated/acc_vs_central_mean"] == ""
+        assert rows[CENTRAL][f"{split}/eval/acc_vs_central_mean"] == ""
+    # two seeds of the FedBN-like cell pair with central seeds 0 and 1
+    local = _seed_summaries(fake_sweep, LOCAL)
+    diffs = [local[s]["test/eval/acc"] - central[s]["test/eval/acc"] for s in (0, 1)]
+    _check_csv_stat(rows[LOCAL], "test/eval/acc_vs_central", diffs, -1.0)
+
+
+def test_rounds_to_ninety_percent_of_central(fake_sweep):
+    from fedkws.report import report
+
+    md = _comparison(report([fake_sweep], markdown=fake_sweep / "report.md"))
+    rows = _csv_rows(fake_sweep / "report.csv")
+    for mode, expected in ROUNDS_TO_90.items():
+        assert md[FED][f"rounds to 90% ({mode})"] == expected, mode
+        assert rows[CENTRAL][f"rounds_to_90/{mode}"] == ""
+    assert (rows[FED]["rounds_to_90/eval"], rows[FED]["rounds_to_90/eval_reached"],
+            rows[FED]["rounds_to_90/eval_n"]) == ("2.5", "2", "3")  # fmt: skip
+    assert rows[FED]["rounds_to_90/recalibrated"] == ""  # never
+    assert rows[FED]["rounds_to_90/recalibrated_reached"] == "0"
+    # FedBN-like: seed 0 reaches 0.72 never (0.5), seed 1 reaches 0.81 never (0.6)
+    assert md[LOCAL]["rounds to 90% (eval)"] == "never"
+
+
+def test_without_a_centralised_run_the_columns_say_dash(fake_sweep):
+    from fedkws.report import report
+
+    shutil.rmtree(fake_sweep / CENTRAL)
+    md = _comparison(report([fake_sweep], markdown=fake_sweep / "report.md"))
+    assert md[FED]["reference"] == "-" and md[FED]["test/eval/acc vs central"] == "-"
+    assert md[FED]["rounds to 90% (eval)"] == "-"
+    assert _csv_rows(fake_sweep / "report.csv")[FED]["test/eval/acc_vs_central_mean"] == ""
+
+
+def test_missing_run_is_marked_in_markdown_and_csv(fake_sweep):
+    from fedkws.report import report
+
+    # a fourth cell whose only run stopped early (results.json, not complete)
+    _write_run(fake_sweep / "bn=silo,strategy=fedavg" / "seed=0", 0, "fedavg",
+               {"eval": [0.3]}, {"eval": 0.3})  # fmt: skip
+    path = fake_sweep / "bn=silo,strategy=fedavg" / "seed=0" / "results.json"
+    raw = json.loads(path.read_text())
+    raw["summary"]["complete"] = False
+    path.write_text(json.dumps(raw))
+    text = report([fake_sweep], markdown=fake_sweep / "report.md")
+    md, rows = _table(text), _csv_rows(fake_sweep / "report.csv")
+    assert (md[LOCAL]["seeds"], md[LOCAL]["missing"]) == ("2", "seed=2")
+    assert (rows[LOCAL]["seeds"], rows[LOCAL]["missing"]) == ("2", "seed=2")
+    silo = "bn=silo,strategy=fedavg"
+    marked = (md[silo]["seeds"], md[silo]["missing"], md[silo]["test/eval/acc"])
+    assert marked == ("0", "seed=0", "missing")
+    assert _comparison(text)[silo]["test/eval/acc vs central"] == "missing"
+    marked = (rows[silo]["seeds"], rows[silo]["missing"], rows[silo]["test/eval/acc_mean"])
+    assert marked == ("0", "seed=0", "")
+    listed = text.split("missing (", 1)[1]
+    assert f"{LOCAL}/seed=2 (no results.json)" in listed
+    assert f"{silo}/seed=0 (unfinished results.json)" in listed
+    assert (fake_sweep / "report.md").read_text() == text + "\n"
+
+
+def test_plots_are_written_and_the_bar_chart_has_a_group_per_cell(fake_sweep):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.container import BarContainer
+
+    from fedkws.report import SweepTable, draw_bars, draw_cell_curves, report
+
+    report([fake_sweep], plot=fake_sweep / "report.png")
+    for name in ("report.png", "report_bars.png"):
+        data = (fake_sweep / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
+    table = SweepTable.build([fake_sweep])
+    fig, ax = plt.subplots()
+    try:
+        draw_bars(ax, table)
+        bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+        modes = ["eval", "train", "recalibrated"]  # test/<mode>/acc of the sweep
+        assert len(bars) == len(modes)  # one bar per mode in each group ...
+        assert all(len(b) == len(table.cells) for b in bars)  # ... one group per cell
+        assert sum(len(b) for b in bars) == len(table.cells) * len(modes)
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == modes
+        assert [t.get_text() for t in ax.get_xticklabels()] == [CENTRAL, FED, LOCAL]
+        heights = [b.get_height() for b in bars[0]]  # eval: the mean over seeds
+        fed = _seed_summaries(fake_sweep, FED)
+        assert heights[1] == pytest.approx(np.mean([r["test/eval/acc"] for r in fed.values()]))
+        ax.clear()
+        draw_cell_curves(ax, table.cells[1])  # FedAvg: mean line, min-max band per mode
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == ["val/eval/acc", "val/train/acc", "val/recalibrated/acc"]
+        assert len(ax.collections) == 3
+        assert list(ax.get_lines()[0].get_ydata()) == pytest.approx(
+            np.mean([FED_CURVES[s]["eval"] for s in FED_CURVES], axis=0)
+        )
+    finally:
+        plt.close(fig)
+
+
+def test_legends_show_labels_starting_with_an_underscore(tmp_path, monkeypatch):
+    # Catches: matplotlib dropping `_silence_`/`_unknown_` from a legend it collects itself.
+    import fedkws.plots as plots
+    from fedkws.data import partition
+
+    with plots.figure(tmp_path / "a.png") as (_fig, ax):
+        ax.plot([0, 1], [0, 1], label="_silence_")
+        ax.bar([0, 1], [1, 2], label="_unknown_")
+        ax.plot([0, 1], [1, 0])  # unlabelled: stays out
+        ax.fill_between([0, 1], [0, 0], [1, 1])
+        assert [t.get_text() for t in ax.legend().get_texts()] == ["_silence_", "_unknown_"]
+    drawn = []
+    original = plots.figure
+
+    @contextmanager
+    def spy(*args, **kwargs):
+        with original(*args, **kwargs) as (fig, ax):
+            drawn.append(ax)
+            yield fig, ax
+
+    monkeypatch.setattr(plots, "figure", spy)
+    names = ("_silence_", "_unknown_", "yes", "no")
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    partition.plot([np.arange(4), np.arange(4, 8)], labels, names, tmp_path / "partition.png")
+    assert [t.get_text() for t in drawn[0].get_legend().get_texts()] == list(names)
+
+
+def _sweep_config(sweep: Path, mode: str):
+    return OmegaConf.create({
+        "name": "bn_study", "hydra": {"sweep": {"dir": str(sweep)}},
+        "logger": {"mode": mode, "project": "fedkws-test", "entity": None, "tags": [],
+                   "init_timeout": 30},
+    })  # fmt: skip
+
+
+def test_sweep_callback_logs_the_table_to_wandb_in_the_sweep_group(fake_sweep, monkeypatch):
+    # Catches: no W&B summary run, a run outside the sweep's group, a table that differs
+    # from report.md.
+    from fedkws.report import SweepReport
+    from test_tracking import offline_run
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    SweepReport().on_multirun_end(_sweep_config(fake_sweep, "offline"))
+    for name in ("report.md", "report.csv", "report.png", "report_bars.png"):
+        assert (fake_sweep / name).is_file(), name
+    run = offline_run(fake_sweep)
+    assert (run["group"], run["name"]) == (f"bn_study/{fake_sweep.name}", "report")
+    tables = fake_sweep.glob("wandb/offline-run-*/files/media/table/*.table.json")
+    files = {p.name.rsplit("_", 2)[0]: p for p in tables}  # <key>_<step>_<hash>.table.json
+    logged = json.loads(files["report"].read_text())
+    text = (fake_sweep / "report.md").read_text()
+    md, vs = _table(text), _comparison(text)  # one W&B table: both, side by side
+    assert logged["columns"] == list(md[FED]) + list(vs[FED])[1:]
+    assert [row[0] for row in logged["data"]] == [CENTRAL, FED, LOCAL]
+    assert logged["data"][1] == list(md[FED].values()) + list(vs[FED].values())[1:]
+    values = json.loads(files["report_values"].read_text())
+    assert values["columns"][:3] == ["cell", "seeds", "missing"]
+    assert [row[:3] for row in values["data"]] == [
+        [CENTRAL, 3, ""],
+        [FED, 3, ""],
+        [LOCAL, 2, "seed=2"],
+    ]
+
+
+def test_sweep_callback_with_wandb_disabled_logs_nothing(fake_sweep):
+    from fedkws.report import SweepReport
+
+    SweepReport().on_multirun_end(_sweep_config(fake_sweep, "disabled"))
+    assert (fake_sweep / "report.csv").is_file()
+    assert not (fake_sweep / "wandb").exists()

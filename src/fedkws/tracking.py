@@ -180,6 +180,13 @@ class WandbLogger:
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     self.run.summary[key] = value
 
+    def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Log ``rows`` under ``columns`` as one ``wandb.Table`` (e.g. a sweep's report)."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (call from ``finally``)."""
         if self.run is not None:
