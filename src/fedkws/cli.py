@@ -3,6 +3,7 @@
 fedkws generate --root data/synthetic        # embedded synthetic dataset
 fedkws download --root data/speech_commands_v0.02 --version v0.02
 fedkws report outputs/bn_ablation/multirun/<date>/<time>
+fedkws caveat outputs/train_mode_caveat/<date>/<time>   # train mode vs evaluation batch
 """
 
 from __future__ import annotations
@@ -80,23 +81,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     rep.add_argument("--plot", type=Path, default=None, help="also draw the curves to this PNG")
 
+    cav = sub.add_parser("caveat", help="train-mode accuracy of a run vs evaluation batch")
+    cav.add_argument("run", type=Path, help="a finished run folder")
+    cav.add_argument(
+        "--batch-sizes", type=_sizes, default=(1, 8, 64, 512), help="comma-separated, e.g. 1,8,64"
+    )
     args = parser.parse_args(argv)
     with user_errors():
-        if args.command == "generate":
-            summary = synth.generate(args.root, **synth.arguments_params(args))
-            print(summary.describe())
-        elif args.command == "download":
-            from fedkws.data.download import download_speech_commands
-
-            root = download_speech_commands(
-                args.root, version=args.version, url=args.url, sha256=args.sha256
-            )
-            print(f"Speech Commands {args.version} ready at {root}")
-        else:
-            from fedkws.report import report
-
-            print(report(args.paths, markdown=args.markdown, plot=args.plot))
+        _dispatch(args, synth)
     return 0
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    sizes = tuple(_at_least(1)(part) for part in text.split(","))
+    if not sizes:
+        raise argparse.ArgumentTypeError("no batch size given")
+    return sizes
+
+
+def _dispatch(args: argparse.Namespace, synth) -> None:
+    if args.command == "generate":
+        print(synth.generate(args.root, **synth.arguments_params(args)).describe())
+    elif args.command == "download":
+        from fedkws.data.download import download_speech_commands
+
+        root = download_speech_commands(
+            args.root, version=args.version, url=args.url, sha256=args.sha256
+        )
+        print(f"Speech Commands {args.version} ready at {root}")
+    elif args.command == "caveat":
+        from fedkws.caveat import caveat
+
+        print(caveat(args.run, args.batch_sizes), end="")
+    else:
+        from fedkws.report import report
+
+        print(report(args.paths, markdown=args.markdown, plot=args.plot))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""How much the 2020 workaround (train-mode evaluation) depends on the evaluation batch.
+
+``fedkws caveat <run folder>`` loads a finished run's final global model and
+evaluates its validation split in ``train`` mode (every BatchNorm normalises
+with the statistics of the evaluation batch itself) for several batch sizes,
+once in a seeded shuffled order (batches that mix the classes) and once in
+class-sorted order (batches of one or two classes, as an unshuffled test
+loader over class folders gives). Eval mode with the model's running
+statistics is the reference row. Writes ``caveat.md``, ``caveat.csv`` and
+``caveat.png`` into the run folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedkws.errors import ConfigError
+from fedkws.fileio import write_text
+from fedkws.plots import figure
+
+BATCH_SIZES = (1, 8, 64, 512)
+
+
+def _class_sorted(data, rows: np.ndarray) -> np.ndarray:
+    # Stable sort by label: within a class, the stored order.
+    rows = np.sort(rows)
+    return rows[np.argsort(data.labels[rows], kind="stable")]
+
+
+def _accuracy(model, data, rows: np.ndarray, batch: int, mode: str, order: str, seed: int) -> float:
+    from fedkws.core import loops
+
+    if order == "shuffled":
+        return loops.evaluate(model, data, rows, batch, mode, order_seed=seed).acc
+    # evaluate() orders the rows itself; class-sorted order is given by batching here.
+    ordered, correct = _class_sorted(data, rows), 0
+    for start in range(0, len(ordered), batch):
+        chunk = ordered[start : start + batch]
+        correct += loops.evaluate(model, data, chunk, batch, mode, order_seed=None).acc * len(chunk)
+    return correct / len(ordered)
+
+
+def _load(run_dir: Path):
+    from fedkws import checkpoint
+    from fedkws.core.models import build_model
+    from fedkws.recipes.common import load_data
+    from fedkws.spec import from_config
+    from fedkws.tracking import Result
+
+    results = run_dir / "results.json"
+    loaded = checkpoint.load(run_dir) if results.is_file() else None
+    if loaded is None:
+        raise ConfigError(f"{run_dir}: not a finished fedkws run (results.json, checkpoint.pt)")
+    ckpt, _ = loaded
+    config = dict(Result.load(results).config)
+    config.pop("num_classes", None)
+    spec = from_config(config)
+    data = load_data(spec)
+    model = build_model(**spec.model.build_args(data.num_classes))
+    model.load_state_dict(ckpt.model)
+    return spec, data, model.eval()
+
+
+def caveat(run_dir: Path, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> str:
+    """Evaluate, write the files, return the Markdown table."""
+    run_dir = Path(run_dir)
+    spec, data, model = _load(run_dir)
+    rows = data.split_indices("validation")
+    arms = {"eval (running statistics)": ("eval", "shuffled"),
+            "train mode, shuffled": ("train", "shuffled"),
+            "train mode, class-sorted": ("train", "class-sorted")}  # fmt: skip
+    table = {
+        name: {b: _accuracy(model, data, rows, b, mode, order, spec.seed) for b in batch_sizes}
+        for name, (mode, order) in arms.items()
+    }
+    header = "| validation accuracy | " + " | ".join(f"batch {b}" for b in batch_sizes) + " |"
+    lines = [f"{run_dir} (bn_sync={spec.bn.sync}, {len(rows)} examples)", "", header,
+             "|---|" + "---|" * len(batch_sizes)]  # fmt: skip
+    for name, values in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{values[b]:.3f}" for b in batch_sizes) + " |")
+    text = "\n".join(lines) + "\n"
+    write_text(run_dir / "caveat.md", text)
+    csv = ["mode,order,batch_size,accuracy"]
+    csv += [f"{arms[name][0]},{arms[name][1]},{b},{v:.6f}"
+            for name, values in table.items() for b, v in values.items()]  # fmt: skip
+    write_text(run_dir / "caveat.csv", "\n".join(csv) + "\n")
+    with figure(run_dir / "caveat.png", figsize=(6, 4)) as (_, ax):
+        for name, values in table.items():
+            ax.plot(list(batch_sizes), [values[b] for b in batch_sizes], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("evaluation batch size")
+        ax.set_ylabel("validation accuracy")
+        ax.axhline(1 / data.num_classes, color="grey", linestyle=":", label="chance")
+        ax.legend()
+    return text

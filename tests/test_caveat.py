@@ -1,0 +1,74 @@
+"""fedkws caveat: train-mode accuracy of one trained model against the evaluation batch."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedkws.caveat import caveat
+from fedkws.run import run
+from helpers import SMALL_FEDERATION, cli_env, error_lines
+
+BASE = [*SMALL_FEDERATION, "federation.backend=inprocess", "train.rounds=1",
+        "train.local_epochs=1", "bn=params_only", "logger=disabled"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir, tiny_root):
+    from helpers import compose_cfg
+
+    run_dir = tmp_path_factory.mktemp("caveat") / "run"
+    run(compose_cfg(BASE, data_dir, tiny_root), run_dir)
+    return run_dir
+
+
+def _one_batch_train_mode(run_dir) -> float:
+    # Independent of fedkws's loops: the whole split as ONE batch through BatchNorm
+    # layers in training mode (a copy, so nothing is updated).
+    from fedkws.caveat import _load
+
+    _, data, model = _load(run_dir)
+    rows = data.split_indices("validation")
+    net = copy.deepcopy(model).eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+    with torch.no_grad():
+        logits = net(torch.from_numpy(np.asarray(data.features[np.sort(rows)])))
+    return float((logits.argmax(1).numpy() == data.labels[np.sort(rows)]).mean())
+
+
+def test_caveat_table_and_files(trained):
+    text = caveat(trained, (1, 4, 4096))
+    for name in ("caveat.md", "caveat.csv", "caveat.png"):
+        assert (trained / name).stat().st_size > 0
+    rows = {}
+    for line in (trained / "caveat.csv").read_text().splitlines()[1:]:
+        mode, order, batch, acc = line.split(",")
+        rows[(mode, order, int(batch))] = float(acc)
+    # Eval mode does not depend on the batch.
+    evals = {rows[("eval", "shuffled", b)] for b in (1, 4, 4096)}
+    assert len(evals) == 1
+    # One batch holding every example: the order cannot matter, and it equals the
+    # independent one-batch train-mode pass.
+    want = _one_batch_train_mode(trained)
+    assert rows[("train", "shuffled", 4096)] == pytest.approx(want, abs=1e-6)
+    assert rows[("train", "class-sorted", 4096)] == pytest.approx(want, abs=1e-6)
+    # Batches of one normalise every example with its own statistics: not the same.
+    assert ("train", "class-sorted", 1) in rows
+    assert "batch 4096" in text
+
+
+def test_caveat_on_a_folder_that_is_not_a_run(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "fedkws.cli", "caveat", str(tmp_path)],
+        capture_output=True, text=True, env=cli_env(),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert len(error_lines(done.stderr)) == 1 and "not a finished fedkws run" in done.stderr
