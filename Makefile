@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
 export FLWR_TELEMETRY_ENABLED ?= 0
 
-.PHONY: install run test test-slow lint clean
+.PHONY: install run test test-slow lint bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+# The benchmark suite: every ratio with its target; rewrites benchmarks/RESULTS.md.
+# One benchmark: $(BIN)/python benchmarks/run.py --only NAME (--list names them).
+bench: install
+	$(BIN)/python benchmarks/run.py
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -1,0 +1,301 @@
+"""Feature pipeline: the cached batches a training epoch reads vs per-clip librosa.
+
+Both sides turn the same clips of the default embedded dataset into augmented
+log-mel features (time shift up to 100 ms, background noise on 80 % of clips at
+volume up to 0.1: ``augment=default``; 40 mel bands, n_fft 512, 30 ms window,
+10 ms hop: ``features=logmel``):
+
+- cached: :func:`fedkws.data.loader.iterate_batches` over the memory-mapped
+  waveform cache with the :class:`~fedkws.data.augment.Augmenter` and feature
+  extractor of :func:`fedkws.core.loops.training_augmentation`, in batches of
+  ``train.batch_size``, shuffled: exactly what a client's epoch reads;
+- librosa: per clip, read the WAV with soundfile, the same augmentation in
+  NumPy, ``librosa.feature.melspectrogram`` with the same parameters, log.
+
+Single thread for both (``torch.set_num_threads(1)`` and BLAS/OpenMP pools
+limited to one thread), best of ``--pipeline-repeats`` passes each, the passes
+interleaved so both sides see the same machine load.
+"""
+
+from __future__ import annotations
+
+import time
+
+import common
+from common import Ratio
+
+TITLE = "feature pipeline, clips/s: cached augmented batches vs per-clip librosa"
+TARGET = 10.0
+NOTES = ""  # filled by run(): the stage-by-stage breakdown
+
+
+def add_arguments(group) -> None:
+    """``--pipeline-clips``, ``--pipeline-repeats``."""
+    group.add_argument("--pipeline-clips", type=int, default=1000, help="clips per pass")
+    group.add_argument("--pipeline-repeats", type=int, default=3, help="timed passes per side")
+
+
+def _setup(clips: int):
+    import numpy as np
+
+    from fedkws.core.loops import training_augmentation
+    from fedkws.recipes.common import load_data
+
+    spec = common.run_spec(["augment=default", "logger=disabled", "progress=false"])
+    common.progress("pipeline", "opening the default dataset (generated on first use)")
+    data = load_data(spec)
+    rows = data.split_indices("training")
+    rows = rows[data.paths[rows] != ""]  # clips with a WAV file (not silence slices)
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(rows, size=min(clips, len(rows)), replace=False))
+    augmenter, extractor = training_augmentation(spec.augment, spec.features, data)
+    return spec, data, rows, augmenter, extractor
+
+
+def _cached_pass(spec, data, rows, augmenter, extractor, seed: int) -> tuple[float, int]:
+    import torch
+
+    from fedkws.data.loader import iterate_batches
+
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    seen = 0
+    for feats, _ in iterate_batches(
+        data,
+        rows,
+        spec.train.batch_size,
+        gen,
+        shuffle=True,
+        augmenter=augmenter,
+        extractor=extractor,
+    ):
+        seen += len(feats)
+    return time.perf_counter() - start, seen
+
+
+class LibrosaPipeline:
+    """Per clip: decode, time shift, noise mix, mel spectrogram, log (NumPy/librosa)."""
+
+    def __init__(self, spec, data) -> None:
+        import numpy as np
+
+        from fedkws.data.audio import CLIP_SAMPLES, SAMPLE_RATE
+
+        self.root = data.manifest["root"]
+        self.noise = np.asarray(data.noise, dtype=np.float32)  # loaded once, as any pipeline
+        self.features = spec.features
+        self.augment = spec.augment
+        self.length, self.rate = CLIP_SAMPLES, SAMPLE_RATE
+
+    def read(self, rel_path: str):
+        """Decode one WAV file, padded or cut to one second."""
+        import numpy as np
+        import soundfile as sf
+
+        y, _ = sf.read(f"{self.root}/{rel_path}", dtype="float32")
+        return np.pad(y[: self.length], (0, max(0, self.length - len(y))))
+
+    def shift_and_noise(self, y, rng):
+        """Random time shift (zero-filled), then background noise on ``noise_prob`` of clips."""
+        import numpy as np
+
+        a = self.augment
+        limit = round(self.rate * a.time_shift_ms / 1000)
+        shift = int(rng.integers(-limit, limit + 1))
+        shifted = np.zeros_like(y)
+        if shift >= 0:
+            shifted[shift:] = y[: self.length - shift]
+        else:
+            shifted[:shift] = y[-shift:]
+        if rng.random() >= a.noise_prob:
+            return shifted
+        start = int(rng.integers(0, len(self.noise) - self.length + 1))
+        volume = rng.uniform(*a.noise_volume)
+        return np.clip(shifted + volume * self.noise[start : start + self.length], -1.0, 1.0)
+
+    def melspectrogram(self, y):
+        """``librosa.feature.melspectrogram`` with the parameters of ``features=logmel``."""
+        import librosa
+
+        f = self.features
+        return librosa.feature.melspectrogram(
+            y=y,
+            sr=self.rate,
+            n_fft=f.n_fft,
+            hop_length=f.hop_length,
+            win_length=f.win_length,
+            window="hann",
+            center=True,
+            pad_mode="reflect",
+            power=2.0,
+            n_mels=f.n_mels,
+            fmin=f.f_min,
+            fmax=f.f_max,
+            htk=False,
+            norm="slaney",
+        )
+
+    def log(self, mel):
+        """Natural log with the feature config's offset."""
+        import numpy as np
+
+        return np.log(mel + self.features.log_offset)
+
+    def clip(self, rel_path: str, rng, augment: bool = True):
+        """Log-mel features ``(bins, frames)`` of one clip."""
+        y = self.read(rel_path)
+        if augment:
+            y = self.shift_and_noise(y, rng)
+        return self.log(self.melspectrogram(y))
+
+    def run(self, paths, seed: int) -> tuple[float, int]:
+        """Seconds and clips of one pass over ``paths``."""
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        start = time.perf_counter()
+        for path in paths:
+            self.clip(path, rng)
+        return time.perf_counter() - start, len(paths)
+
+
+def _agreement(data, rows, extractor, pipe: LibrosaPipeline) -> float:
+    """Largest |difference| of un-augmented log-mels between the two front ends."""
+    import numpy as np
+    import torch
+
+    idx = rows[:8]
+    ours = extractor(torch.from_numpy(np.array(data.waves[idx])))[:, 0].numpy()
+    theirs = np.stack([pipe.clip(p, None, augment=False) for p in data.paths[idx]])
+    return float(np.abs(ours - theirs).max())
+
+
+def _cached_stages(spec, data, rows, augmenter, extractor) -> dict[str, float]:
+    """Seconds per stage of one cached pass, stage by stage as the loader runs them."""
+    import torch
+
+    from fedkws.data import augment as A
+    from fedkws.data.loader import _rows
+
+    a, mel, gen = spec.augment, extractor.mel, torch.Generator().manual_seed(7)
+    shift = round(mel.sample_rate * a.time_shift_ms / 1000)
+    window = mel.spectrogram.window
+    stages = {
+        "gather rows (memory map)": lambda idx, _: _rows(data.waves, idx),
+        "time shift": lambda _, w: A.time_shift(w, shift, gen),
+        "noise mix": lambda _, w: A.mix_noise(
+            w, augmenter.noise_bank, a.noise_prob, a.noise_volume, a.noise_snr_db, gen
+        ),
+        "STFT (torch.stft)": lambda _, w: (
+            w,
+            torch.stft(
+                w,
+                mel.n_fft,
+                mel.hop_length,
+                mel.win_length,
+                window,
+                center=True,
+                pad_mode="reflect",
+                return_complex=True,
+            ),
+        ),
+        "power spectrum (abs().pow(2))": lambda _, ws: (ws[0], ws[1].abs().pow(2.0)),
+        "mel filterbank + log": lambda _, ws: torch.log(
+            mel.mel_scale(ws[1]) + spec.features.log_offset
+        ),
+    }
+    return _timed_stages(
+        stages,
+        [rows[i : i + spec.train.batch_size] for i in range(0, len(rows), spec.train.batch_size)],
+    )
+
+
+def _librosa_stages(pipe: LibrosaPipeline, paths) -> dict[str, float]:
+    """Seconds per stage of one librosa pass (the steps of :meth:`LibrosaPipeline.clip`)."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    stages = {
+        "read WAV (soundfile)": lambda path, _: pipe.read(path),
+        "shift + noise (NumPy)": lambda _, y: pipe.shift_and_noise(y, rng),
+        "melspectrogram (librosa)": lambda _, y: pipe.melspectrogram(y),
+        "log": lambda _, mel: pipe.log(mel),
+    }
+    return _timed_stages(stages, paths)
+
+
+def _timed_stages(stages: dict, items) -> dict[str, float]:
+    """Run ``stages`` in order on each item (each gets the item and the previous output)."""
+    totals = dict.fromkeys(stages, 0.0)
+    for item in items:
+        out = None
+        for name, stage in stages.items():
+            start = time.perf_counter()
+            out = stage(item, out)
+            totals[name] += time.perf_counter() - start
+    return totals
+
+
+def _notes(n: int, cached: dict[str, float], librosa_: dict[str, float]) -> str:
+    """Markdown: where each pipeline's time goes (ms per 1,000 clips)."""
+    lines = [
+        f"Where the time goes (one extra pass each, stage by stage, ms per 1,000 clips; "
+        f"{n} clips):",
+        "",
+        "| pipeline | stage | ms / 1,000 clips | share |",
+        "|---|---|---|---|",
+    ]
+    for label, stages in (("cached", cached), ("librosa", librosa_)):
+        total = sum(stages.values())
+        for name, seconds in [*stages.items(), ("total", total)]:
+            lines.append(
+                f"| {label} | {name} | {1000 * seconds * 1000 / n:.0f} "
+                f"| {100 * seconds / total:.0f} % |"
+            )
+    return "\n".join(lines)
+
+
+def run(args) -> list[Ratio]:
+    """Measure both pipelines on the same clips, interleaved; the ratio of their rates."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        spec, data, rows, augmenter, extractor = _setup(args.pipeline_clips)
+        pipe = LibrosaPipeline(spec, data)
+        paths = [str(p) for p in data.paths[rows]]
+        diff = _agreement(data, rows, extractor, pipe)
+        _cached_pass(spec, data, rows[:64], augmenter, extractor, seed=99)  # warm-up
+        pipe.run(paths[:16], seed=99)
+        cached, librosa_ = [], []
+        for rep in range(args.pipeline_repeats):
+            cached.append(_cached_pass(spec, data, rows, augmenter, extractor, seed=rep))
+            common.progress("pipeline", f"pass {rep + 1}: cached {cached[-1][0]:.2f} s")
+            librosa_.append(pipe.run(paths, seed=rep))
+            common.progress("pipeline", f"pass {rep + 1}: librosa {librosa_[-1][0]:.2f} s")
+        common.progress("pipeline", "one more pass each, timed stage by stage")
+        global NOTES
+        NOTES = _notes(
+            len(rows),
+            _cached_stages(spec, data, rows, augmenter, extractor),
+            _librosa_stages(pipe, paths),
+        )
+    n = len(rows)
+    assert all(c == n for _, c in cached + librosa_)
+    fast, slow = n / min(t for t, _ in cached), n / min(t for t, _ in librosa_)
+    ratio = fast / slow
+    details = (
+        f"{n} training clips of the default dataset, augment=default, features=logmel; "
+        f"cached {fast:,.0f} clips/s (iterate_batches, batch {spec.train.batch_size}) vs "
+        f"librosa {slow:,.0f} clips/s (soundfile + NumPy augmentation + "
+        f"librosa.feature.melspectrogram); best of {args.pipeline_repeats} interleaved passes "
+        f"each, one thread for both; un-augmented log-mels of the two agree within {diff:.1e}"
+    )
+    return [
+        Ratio("cached_vs_librosa_clips_per_s", ratio, f">= {TARGET:g}x", ratio >= TARGET, details)
+    ]
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.main_for(__file__))
