@@ -29,7 +29,10 @@ def preflight(spec: RunSpec, run_dir: Path):
 
 
 def run(
-    spec: RunSpec | Any, run_dir: Path | str, wandb_names: tuple[str, str] | None = None
+    spec: RunSpec | Any,
+    run_dir: Path | str,
+    wandb_names: tuple[str, str] | None = None,
+    grid: Any = None,
 ) -> Result:
     """Train one configuration; write results.json, plots, checkpoints; return the Result.
 
@@ -42,6 +45,9 @@ def run(
         Where the run's files go.
     wandb_names
         W&B group and run name; default: the experiment name and the folder name.
+    grid
+        A Flower ``Grid`` whose SuperNodes are the clients (a ServerApp under
+        ``flwr run``); default: the federated recipe starts its own simulation.
     """
     if not isinstance(spec, RunSpec):
         spec = from_config(spec)
@@ -50,7 +56,11 @@ def run(
     loaded = preflight(spec, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = common.Run(spec, run_dir, wandb_names or (spec.name, run_dir.name))
-    recipe = CentralRecipe(spec, record) if spec.strategy.central else FederatedRecipe(spec, record)
+    recipe = (
+        CentralRecipe(spec, record)
+        if spec.strategy.central
+        else FederatedRecipe(spec, record, grid)
+    )
     recipe.setup(run_dir)
     if loaded is not None:
         recipe.restore(loaded[0])

@@ -92,19 +92,51 @@ class FlowerClients:
                 good.append((pid, reply))
         return [reply for _, reply in sorted(good, key=lambda pr: pr[0])]
 
+    def _wrong_count(self, found: int) -> FederationError:
+        n = self.num_clients
+        return FederationError(
+            f"{found} SuperNodes connected, but this configuration has {n} clients: start "
+            f"one SuperNode per client, node-config partition-id=0..{n - 1} num-partitions={n} "
+            f"(the simulation runtime: --federation-config 'num-supernodes={n}')"
+        )
+
+    def _wait_for_nodes(self) -> list[int]:
+        """Exactly ``num_clients`` node ids; an error, never a hang, if that cannot be.
+
+        More nodes than clients fail at once. Flower's simulation runtime
+        registers all its nodes together, so a settled count below
+        ``num_clients`` fails after a second; elsewhere nodes may still be
+        starting, so fewer fail after ``node_wait_s``.
+        """
+        deadline = time.monotonic() + self.node_wait_s
+        simulated = type(self.grid).__name__ == "InMemoryGrid"
+        seen, since = -1, time.monotonic()
+        while len(node_ids := list(self.grid.get_node_ids())) != self.num_clients:
+            lifecycle.raise_if_stopping()
+            now = time.monotonic()
+            if len(node_ids) != seen:
+                seen, since = len(node_ids), now
+            if len(node_ids) > self.num_clients or now > deadline:
+                raise self._wrong_count(len(node_ids))
+            if simulated and node_ids and now - since > 1.0:
+                raise self._wrong_count(len(node_ids))
+            time.sleep(0.1)
+        return node_ids
+
     def discover(self) -> None:
         """Map partition ids to node ids (waits for the nodes to come up)."""
-        deadline = time.monotonic() + self.node_wait_s
-        while len(node_ids := list(self.grid.get_node_ids())) < self.num_clients:
-            lifecycle.raise_if_stopping()
-            if time.monotonic() > deadline:
-                raise FederationError(f"only {len(node_ids)} of {self.num_clients} clients came up")
-            time.sleep(0.1)
+        node_ids = self._wait_for_nodes()
         messages = [Message(content(None, None), node, "query.hello") for node in node_ids]
         for reply in self._exchange(messages):
             if reply.has_error():
                 raise FederationError(f"a client failed to start: {reply.error.reason}")
-            self.nodes[int(reply.content["metrics"]["pid"])] = reply.metadata.src_node_id
+            pid = int(reply.content["metrics"]["pid"])
+            if pid in self.nodes or not 0 <= pid < self.num_clients:
+                raise FederationError(
+                    f"a SuperNode holds partition-id={pid}: each of 0..{self.num_clients - 1} "
+                    "must be held by exactly one node"
+                )
+            self.nodes[pid] = reply.metadata.src_node_id
         missing = sorted(set(range(self.num_clients)) - set(self.nodes))
         if missing:
             raise FederationError(f"no node answered for partitions {missing}")

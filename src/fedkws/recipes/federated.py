@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 class FederatedRecipe:
     """setup / train / finish of a federated run."""
 
-    def __init__(self, spec: RunSpec, run: common.Run) -> None:
+    def __init__(self, spec: RunSpec, run: common.Run, grid: Any = None) -> None:
         self.spec, self.run = spec, run
+        self.grid = grid  # a Flower Grid to serve (under `flwr run`) instead of simulating
         self.clients_api = None  # FlowerClients while the simulation runs
 
     # -- setup -------------------------------------------------------------------------------
@@ -249,6 +250,9 @@ class FederatedRecipe:
             finally:
                 self.clients_api = None
 
+        if self.grid is not None:
+            serve(self.grid)
+            return
         fed = self.spec.federation
         simulate(
             serve,
