@@ -21,7 +21,8 @@ from fedkws.errors import ConfigError
 from fedkws.spec import from_config
 from helpers import compose_cfg
 
-GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
+# conf/hydra/ holds Hydra's own settings (launchers), not an axis of the study.
+GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
 
 

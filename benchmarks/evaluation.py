@@ -1,0 +1,107 @@
+"""Evaluation cost: a round's evaluation (exact recalibration every round) vs its training.
+
+The federated run is the ``bn_ablation`` cell ``bn=full partition=iid`` (ResNet-10
+width 32, 4 clients, one local epoch) with ``bn.recalibrate_every=1``: every
+round evaluates the validation split in eval, train and recalibrated mode, the
+last after the layer-by-layer exact recalibration through the clients. The
+ratio is the median over rounds of ``time/eval_s`` over ``time/train_s``, both
+measured by the round loop.
+
+Before/after, side by side: the same exact recalibration computed in one process
+(single thread) over the 4 clients' training rows, with every layer query
+rerunning the forward pass from the input (before) and resuming from cached
+segment inputs (after, :class:`fedkws.core.bn.ActivationCache`); the moments of
+both must be bitwise equal.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import fedrun
+from common import Ratio
+
+TITLE = "evaluation: a round's evaluation with exact recalibration vs its training"
+NAME = "evaluation"
+NOTES = ""
+TARGET = 0.25
+
+
+def add_arguments(group) -> None:
+    """``--evaluation-rounds``."""
+    group.add_argument("--evaluation-rounds", type=int, default=3, help="federated rounds")
+
+
+def overrides(rounds: int) -> list[str]:
+    """The federated run's configuration."""
+    return ["experiment=bn_ablation", "bn=full", "partition=iid", "bn.recalibrate_every=1",
+            f"train.rounds={rounds}", "federation.federated_eval=false", "logger=disabled",
+            "progress=false"]  # fmt: skip
+
+
+def _recalibration_speedup(spec, run_dir: Path) -> tuple[float, float, bool]:
+    import numpy as np
+    import torch
+
+    from fedkws.core.bn import ActivationCache, bn_input_moments, recalibrate
+    from fedkws.core.models import build_model
+    from fedkws.recipes.common import load_data
+
+    torch.set_num_threads(1)
+    data = load_data(spec)
+    with np.load(run_dir / "clients.npz") as npz:
+        holders = [npz[k] for k in sorted(npz.files) if k.startswith("train_")]
+    model = build_model(**spec.model.build_args(data.num_classes))
+    model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"])
+    batch = spec.train.eval_batch_size
+    seconds, records = [], []
+    with tempfile.TemporaryDirectory(prefix="fedkws-act-") as tmp:
+        for cache in (None, ActivationCache(tmp)):
+            record: list = []
+            start = time.perf_counter()
+
+            def moments(net, layer, c=cache):
+                return [bn_input_moments(net, data, h, layer, batch, c) for h in holders]
+
+            recalibrate(model, moments, record=record)
+            seconds.append(time.perf_counter() - start)
+            records.append(record)
+            common.progress(NAME, f"recalibration {'with' if cache else 'without'} cache: "
+                                  f"{seconds[-1]:.1f} s")  # fmt: skip
+    same = all(
+        a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+        for la, lb in zip(*records, strict=True) for a, b in zip(la, lb, strict=True)
+    )  # fmt: skip
+    return seconds[0], seconds[1], same
+
+
+def run(args) -> list[Ratio]:
+    """The run's ratio, then the before/after of the recalibration."""
+    global NOTES
+    with tempfile.TemporaryDirectory(prefix="fedkws-bench-") as tmp:
+        fed = fedrun.single(overrides(args.evaluation_rounds), Path(tmp) / "run", 3600, NAME)
+        ratios = [e / t for e, t in zip(fed.eval_s, fed.train_s, strict=True)]
+        ratio = statistics.median(ratios)
+        before, after, same = _recalibration_speedup(
+            common.run_spec(overrides(args.evaluation_rounds)), fed.run_dir
+        )
+    NOTES = (
+        "per round (training s / evaluation s): "
+        + ", ".join(f"{t:.1f}/{e:.1f}" for t, e in zip(fed.train_s, fed.eval_s, strict=True))
+        + f". Recalibration in one process, one thread: {before:.1f} s rerunning the forward "
+        f"pass per layer, {after:.1f} s with cached segment inputs; moments bitwise equal: {same}."
+    )
+    return [
+        Ratio("round evaluation / round training", ratio, f"<= {TARGET:.2f}x", ratio <= TARGET,
+              f"median over {len(ratios)} rounds, recalibrated every round"),
+        Ratio("recalibration speed-up from cached segment inputs", before / after,
+              "(before/after; bitwise equal)", same, f"{before:.1f} s -> {after:.1f} s"),
+    ]  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.main_for(__file__))

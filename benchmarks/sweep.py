@@ -1,0 +1,72 @@
+"""Sweep overhead: a 6-job multirun vs 6 x one job's time in its rounds.
+
+Six seeds of one small federated job (ResNet-10 width 16, 4 IID clients, 3
+rounds, one local epoch, eval mode) as one ``fedkws-train -m`` multirun. The
+ratio is the multirun's wall time over the sum of the jobs' time inside their
+rounds (training, evaluation, recording: ``seconds`` in results.json), so
+everything else a sweep pays (imports, data, Ray, actors, final evaluation,
+the report) is the overhead. Start-up per job is that overhead divided by six.
+Run twice, side by side: jobs attached to one shared Ray head (the default,
+``federation.sweep_ray=true``) and each job starting its own Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import common
+import fedrun
+from common import Ratio
+
+TITLE = "sweep: a 6-job multirun vs 6 x one job's time in rounds"
+NAME = "sweep"
+NOTES = ""
+JOBS = 6
+
+
+def overrides() -> list[str]:
+    """One job's configuration (the sweep adds the seeds)."""
+    return ["model=resnet", "model.depth=10", "model.width=16", "partition=iid",
+            "partition.num_clients=4", "bn=full", "bn.eval_modes=[eval]", "train.rounds=3",
+            "train.local_epochs=1", "logger=disabled", "progress=false"]  # fmt: skip
+
+
+def _sweep(shared: bool, folder: Path) -> tuple[float, float]:
+    seeds = ",".join(str(s) for s in range(JOBS))
+    wall = fedrun.train(
+        [*overrides(), f"seed={seeds}", f"federation.sweep_ray={str(shared).lower()}",
+         f"hydra.sweep.dir={folder}"], 3600, NAME, multirun=True,
+    )  # fmt: skip
+    runs = sorted(folder.rglob("results.json"))
+    if len(runs) != JOBS:
+        raise RuntimeError(f"expected {JOBS} runs in {folder}, found {len(runs)}")
+    in_rounds = sum(r["seconds"] for f in runs for r in json.loads(f.read_text())["rounds"])
+    return wall, in_rounds
+
+
+def run(args) -> list[Ratio]:
+    """Both sweeps, side by side."""
+    global NOTES
+    with tempfile.TemporaryDirectory(prefix="fedkws-bench-") as tmp:
+        shared_wall, shared_rounds = _sweep(True, Path(tmp) / "shared")
+        own_wall, own_rounds = _sweep(False, Path(tmp) / "own")
+    ratio = shared_wall / shared_rounds
+    startup = (shared_wall - shared_rounds) / JOBS
+    own_startup = (own_wall - own_rounds) / JOBS
+    NOTES = (
+        f"shared Ray head: {shared_wall:.1f} s wall, {shared_rounds:.1f} s in rounds; "
+        f"one Ray per job: {own_wall:.1f} s wall, {own_rounds:.1f} s in rounds "
+        f"({own_wall / own_rounds:.2f}x, {own_startup:.1f} s per job outside its rounds)."
+    )
+    return [
+        Ratio("multirun wall / jobs' time in rounds", ratio, "<= 1.2x", ratio <= 1.2,
+              f"{JOBS} jobs, shared Ray head"),
+        Ratio("start-up + finish per job in a sweep", startup, "<= 3 s", startup <= 3.0,
+              f"one Ray per job: {own_startup:.1f} s", unit="s"),
+    ]  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.main_for(__file__))
