@@ -5,6 +5,10 @@ back with ``torch.load(weights_only=True)``: the file holds only tensors and
 plain Python values, never pickled objects. ``optimizer`` is the recipe's
 own optimiser (the Flower strategy's server state of a federated run, the training
 optimiser of the centralised baseline), named by ``optimizer_kind``.
+
+Every tensor is saved on the CPU and loaded onto the CPU, whatever device the
+run used: a run can be resumed on another device (the recipes copy the
+loaded state into their model and optimiser, wherever those are).
 """
 
 from __future__ import annotations
@@ -37,6 +41,17 @@ class Checkpoint:
     failures: list[dict[str, Any]] = field(default_factory=list)  # clients that failed so far
 
 
+def to_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (nested in dicts, lists, tuples) detached on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
@@ -56,8 +71,9 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save(run_dir: Path, ckpt: Checkpoint) -> Path:
-    """Write the checkpoint atomically."""
+    """Write the checkpoint atomically (model and optimiser state as CPU tensors)."""
     payload = {**ckpt.__dict__, "rng": _rng_state()}
+    payload["model"], payload["optimizer"] = to_cpu(ckpt.model), to_cpu(ckpt.optimizer)
     return torch_save(Path(run_dir) / FILENAME, payload)
 
 
@@ -73,7 +89,7 @@ def load(run_dir: Path) -> tuple[Checkpoint, dict[str, Any]] | None:
     if not path.is_file():
         return None
     try:
-        raw = torch.load(path, weights_only=True)
+        raw = torch.load(path, weights_only=True, map_location="cpu")
         rng = raw.pop("rng")
         return Checkpoint(**raw), rng
     except Exception as err:  # any unreadable or foreign file: refuse, never guess

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedkws import lifecycle
+from fedkws.core import loops
 from fedkws.core.models import count_parameters
 from fedkws.recipes import common
 from fedkws.recipes.central import CentralRecipe
@@ -55,6 +56,8 @@ def run(
     run_dir = Path(run_dir)
     loaded = preflight(spec, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    determinism = loops.set_determinism(spec.train.deterministic)  # before any CUDA operation
+    common.console.print(common.describe_devices(spec))
     record = common.Run(spec, run_dir, wandb_names or (spec.name, run_dir.name))
     recipe = (
         CentralRecipe(spec, record)
@@ -76,6 +79,7 @@ def run(
         ok = True
     finally:
         record.close(ok)
+        loops.set_determinism(determinism)
     return result
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,15 @@ NAMED_STRATEGIES = {
 STRATEGIES = (*NAMED_STRATEGIES, "flower", "central")
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "speaker")
 PROTOCOLS = ("12class", "35class")
+AMP_MODES = ("none", "bf16", "fp16")
+DEVICE_FORMS = "must be auto, cpu, cuda or cuda:N"
+# Modules whose CUDA backward has no deterministic implementation in PyTorch: with
+# torch.use_deterministic_algorithms(True) they raise at the first backward pass.
+NONDETERMINISTIC_CUDA_BACKWARD = (
+    "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool2d", "AvgPool3d", "MaxPool3d",
+    "FractionalMaxPool2d", "FractionalMaxPool3d", "ReflectionPad1d", "ReflectionPad2d",
+    "ReflectionPad3d",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,8 @@ class TrainSpec:
     batch_size: int = 32
     eval_batch_size: int = 256
     stop_after_round: int | None = None
+    amp: str = "none"  # mixed precision of the training forward pass: none | bf16 | fp16
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True), cuDNN benchmark off
 
 
 @dataclass(frozen=True)
@@ -186,11 +198,34 @@ class RunSpec:
     bn: BNSpec
     federation: FederationSpec
     logger: LoggerSpec
+    device: str = "cpu"  # `device` resolved: "cpu" or "cuda:N" (the driver's)
     resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for results.json
 
+    @property
+    def client_device(self) -> str:
+        """Where the federated clients run.
+
+        In process: the driver's device. Under Ray: ``cuda`` (index 0 of the
+        ``CUDA_VISIBLE_DEVICES`` Ray gives the actor, i.e. the GPU it assigned)
+        when clients reserve GPUs (``federation.client_resources.num_gpus``),
+        else the CPU: a client that reserved no GPU never uses one.
+        """
+        if self.device == "cpu" or self.federation.backend == "inprocess":
+            return self.device
+        return "cuda" if self.federation.num_gpus > 0 else "cpu"
+
+    @property
+    def training_device(self) -> str:
+        """Where training runs: the driver's device (centralised) or the clients'."""
+        return self.device if self.strategy.central else self.client_device
+
     def comparable(self) -> dict[str, Any]:
-        """The resolved config minus what may change between a run and its resume."""
-        out = {k: v for k, v in self.resolved.items() if k not in ("resume", "progress")}
+        """The resolved config minus what may change between a run and its resume.
+
+        The device may change: checkpoints hold CPU tensors, so a run resumes on any device.
+        """
+        skip = ("resume", "progress", "device")
+        out = {k: v for k, v in self.resolved.items() if k not in skip}
         train = dict(out.get("train", {}))
         for key in ("rounds", "stop_after_round"):
             train.pop(key, None)
@@ -331,12 +366,38 @@ def from_config(cfg: Any) -> RunSpec:
         bn=_typed(BNSpec, raw["bn"], p, "bn"),
         federation=_federation(raw["federation"], p),
         logger=_typed(LoggerSpec, raw["logger"], p, "logger"),
+        device=resolve_device(raw.get("device", "auto"), p),
         resolved=raw,
     )
     p.raise_if_any()  # the checks below need every group read
     validate(spec, p)
     p.raise_if_any()
     return spec
+
+
+def resolve_device(value: Any, p: _Problems) -> str:
+    """``device`` (auto, cpu, cuda, cuda:N) as ``cpu`` or ``cuda:N``; a problem if it cannot be.
+
+    ``auto`` is ``cuda:0`` when CUDA is available, else ``cpu``. Initialises no CUDA context.
+    """
+    text = value.strip().lower() if isinstance(value, str) else ""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        p.add("device", value, DEVICE_FORMS)
+        return "cpu"
+    import torch
+
+    available = torch.cuda.is_available()
+    if text == "cpu" or (text == "auto" and not available):
+        return "cpu"
+    if not available:
+        p.add("device", value, "CUDA is not available on this machine (device=auto or cpu)")
+        return "cpu"
+    index, count = int(text.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        p.add(
+            "device", value, f"this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+        )
+    return f"cuda:{index}"
 
 
 def _dataset(raw: Mapping[str, Any], p: _Problems) -> DatasetSpec:
@@ -406,7 +467,7 @@ def validate(spec: RunSpec, p: _Problems) -> None:
     """Every cross-field and range check; problems are added to ``p``."""
     for check in (_check_data, _check_model, _check_train, _check_partition):
         check(spec, p)
-    for check in (_check_strategy, _check_bn, _check_federation, _check_logger):
+    for check in (_check_strategy, _check_bn, _check_federation, _check_logger, _check_device):
         check(spec, p)
 
 
@@ -553,6 +614,12 @@ def _check_federation(spec: RunSpec, p: _Problems) -> None:
             fed.num_gpus,
             "must be 0 on a machine without CUDA (Ray could never place a client)",
         )
+        p.check(
+            not torch.cuda.is_available() or spec.device != "cpu",
+            "federation.client_resources.num_gpus",
+            fed.num_gpus,
+            "must be 0 with device=cpu (clients would reserve GPUs and not use them)",
+        )
     ray_cpus = dict(fed.ray_init_args).get("num_cpus")
     if ray_cpus is not None and _number(ray_cpus) is None:
         p.add("federation.ray_init_args.num_cpus", ray_cpus, "must be a number")
@@ -567,3 +634,37 @@ def _check_federation(spec: RunSpec, p: _Problems) -> None:
 
 def _check_logger(spec: RunSpec, p: _Problems) -> None:
     _one_of(p, "logger.mode", spec.logger.mode, LOGGER_MODES)
+
+
+def _check_device(spec: RunSpec, p: _Problems) -> None:
+    """Mixed precision and determinism against the devices the run uses."""
+    t = spec.train
+    _one_of(p, "train.amp", t.amp, AMP_MODES)
+    training = spec.training_device
+    if t.amp == "fp16" and not training.startswith("cuda"):
+        why = (
+            "" if spec.device == "cpu" else " (clients reserve no GPU: client_resources.num_gpus=0)"
+        )
+        p.add(
+            "train.amp",
+            t.amp,
+            f"float16 autocast with loss scaling is for CUDA training, and training runs on "
+            f"the CPU{why}; use train.amp=bf16 or none",
+        )
+    if t.deterministic and training.startswith("cuda") and spec.model.name in MODEL_NAMES:
+        from fedkws.core.models import build_model
+
+        try:
+            model = build_model(**spec.model.build_args(2))
+        except (TypeError, ValueError):
+            return  # reported by _check_model
+        kinds = sorted(
+            {type(m).__name__ for m in model.modules()} & set(NONDETERMINISTIC_CUDA_BACKWARD)
+        )
+        if kinds:
+            p.add(
+                "train.deterministic",
+                t.deterministic,
+                f"model={spec.model.name} uses {', '.join(kinds)}, whose CUDA backward has no "
+                "deterministic implementation in PyTorch (use another model, or device=cpu)",
+            )

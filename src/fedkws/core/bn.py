@@ -16,7 +16,7 @@ from torch import nn
 
 from fedkws.core.models import KWSCNN, ResNet, bn_layers
 from fedkws.data.cache import CachedDataset
-from fedkws.data.loader import iterate_batches
+from fedkws.data.loader import iterate_batches, to_device
 
 # (count, per-channel sum, per-channel sum of squares) of one layer's input on one holder
 Moments = tuple[float, torch.Tensor, torch.Tensor]
@@ -117,7 +117,7 @@ class ActivationCache:
 
 
 def _accumulate(acc: dict[str, Any], x: torch.Tensor) -> None:
-    # Per-channel count, sum and sum of squares in float64.
+    # Per-channel count, sum and sum of squares in float64, on x's device.
     flat = x.transpose(0, 1).reshape(x.shape[1], -1).to(torch.float64)
     acc["n"] += float(flat.shape[1])
     s, ss = flat.sum(1), torch.linalg.vector_norm(flat, dim=1).square()
@@ -133,6 +133,7 @@ def bn_input_moments(
     layer: int,
     batch_size: int,
     cache: ActivationCache | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Per-channel count, sum and sum of squares of the input of BatchNorm ``layer``.
 
@@ -141,6 +142,9 @@ def bn_input_moments(
     layer-by-layer recalibration). The forward pass stops at ``layer``. With a
     ``cache`` it resumes from the newest valid cached segment input and caches
     the input of ``layer``'s segment (see :class:`ActivationCache`).
+
+    Runs on ``device`` (where ``model`` is); the sums are accumulated there in
+    float64 and returned as float64 CPU tensors, whatever the device.
     """
     name, bn = bn_layers(model)[layer]
     acc: dict[str, Any] = {"n": 0.0, "s": None, "ss": None}
@@ -155,19 +159,19 @@ def bn_input_moments(
     handle = bn.register_forward_pre_hook(grab)
     try:
         if segments is None:
-            for x, _ in iterate_batches(data, rows, batch_size):
+            for x, _ in iterate_batches(data, rows, batch_size, device=device):
                 try:
                     model(x)
                 except _StopForward:
                     pass
         else:
-            _segment_pass(segments, bn, data, rows, batch_size, cache)
+            _segment_pass(segments, bn, data, rows, batch_size, cache, device)
     finally:
         handle.remove()
     if acc["s"] is None:
         zeros = torch.zeros(bn.num_features, dtype=torch.float64)
         return 0.0, zeros, zeros.clone()
-    return acc["n"], acc["s"], acc["ss"]
+    return acc["n"], acc["s"].cpu(), acc["ss"].cpu()
 
 
 def _segment_pass(
@@ -177,8 +181,13 @@ def _segment_pass(
     rows: np.ndarray,
     batch_size: int,
     cache: ActivationCache,
+    device: torch.device | str = "cpu",
 ) -> None:
-    """Run the segments up to ``bn`` (whose hook stops the pass), resuming from the cache."""
+    """Run the segments up to ``bn`` (whose hook stops the pass), resuming from the cache.
+
+    Cached inputs are float32 arrays on the host (memory or ``.npy``), moved to
+    ``device`` one batch at a time.
+    """
     target = next(k for k, seg in enumerate(segments) if any(m is bn for m in seg.modules()))
     holder = _digest(str(data.path), data.feature_key, rows)
     keys = [_digest(k, *(t for seg in segments[:k] for t in seg.state_dict().values()))
@@ -188,16 +197,18 @@ def _segment_pass(
     out: np.ndarray | None = None
     for lo in range(0, len(rows), batch_size):
         if source is not None:
-            x = torch.from_numpy(np.array(source[lo : lo + batch_size]))
+            x = to_device(torch.from_numpy(np.array(source[lo : lo + batch_size])), device)
         else:
-            x, _ = next(iterate_batches(data, rows[lo : lo + batch_size], batch_size))
+            x, _ = next(
+                iterate_batches(data, rows[lo : lo + batch_size], batch_size, device=device)
+            )
         for seg in segments[start:target]:
             x = seg(x)
         if start < target:
             if out is None and lo == 0:
                 out = cache.writer(holder, keys[target], (len(rows), *x.shape[1:]))
             if out is not None:
-                out[lo : lo + len(x)] = x.numpy()
+                out[lo : lo + len(x)] = x.cpu().numpy()
         try:
             segments[target](x)
         except _StopForward:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
 from torch import nn
 
 from fedkws.core import loops
@@ -33,7 +34,7 @@ class Evaluator:
     ``fresh_average`` vs ``recalibrated`` the spread between holders.
 
     Every evaluation uses the order of :func:`fedkws.core.loops.evaluation_order`
-    for ``order_seed``.
+    for ``order_seed``, and runs on ``device`` (where the evaluated models are).
     """
 
     def __init__(
@@ -43,8 +44,10 @@ class Evaluator:
         batch_size: int,
         order_seed: int,
         moments_of: MomentsFn | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.data, self.modes, self.batch_size = data, list(modes), batch_size
+        self.device = device
         self.order_seed, self.moments_of = order_seed, moments_of
         # The most recent recalibration (pooled, and the holders' average), reused for the
         # test split after the last round.
@@ -86,8 +89,9 @@ class Evaluator:
             else:
                 net = model
             result = loops.evaluate(
-                net, self.data, rows, self.batch_size, norm_mode, order_seed=self.order_seed
-            )
+                net, self.data, rows, self.batch_size, norm_mode,
+                order_seed=self.order_seed, device=self.device,
+            )  # fmt: skip
             stats[mode] = result
             metrics[f"{prefix}/{mode}/acc"] = result.acc
             metrics[f"{prefix}/{mode}/loss"] = result.loss

@@ -2,12 +2,17 @@
 
 The centralised baseline, the federated clients and the server's evaluation
 all call these functions, so the three differ only in who holds which data.
+Each takes the ``device`` it runs on as an argument; the model must already be
+there. Batches come from the cache on the CPU (the same on every device) and
+are moved per batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,6 +29,37 @@ from fedkws.data.augment import AugmentConfig, Augmenter
 from fedkws.data.cache import CachedDataset
 from fedkws.data.features import FeatureConfig, FeatureExtractor
 from fedkws.data.loader import iterate_batches
+
+
+def device_name(device: torch.device | str) -> str:
+    """The device's name: the CUDA card's (e.g. ``NVIDIA H100 80GB HBM3``) or ``cpu``."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def set_determinism(on: bool) -> bool:
+    """Deterministic algorithms on or off for this process; returns the previous setting.
+
+    On: ``torch.use_deterministic_algorithms(True)`` (an operation without a
+    deterministic implementation raises), cuDNN autotuning off, and cuBLAS told
+    to use a fixed workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which it reads
+    when it starts: call this before the first CUDA operation of the process).
+    """
+    before = torch.are_deterministic_algorithms_enabled()
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = on
+    torch.use_deterministic_algorithms(on)
+    return before
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """The training forward's mixed precision (``none``: no autocast at all)."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def make_optimizer(params: Any, target: str, kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -64,17 +100,30 @@ def train_epochs(
     extractor: FeatureExtractor | None = None,
     prox_mu: float = 0.0,
     should_stop: Callable[[], None] | None = None,
+    device: torch.device | str = "cpu",
+    amp: str = "none",
 ) -> TrainStats:
-    """Train in place for ``epochs`` over ``rows``.
+    """Train in place for ``epochs`` over ``rows``, on ``device`` (where ``model`` is).
 
     With ``prox_mu > 0`` the FedProx term ``mu/2 * ||w - w_start||^2`` ties the
     parameters to their values at the start of the call (the global model).
     ``should_stop()`` is called before every batch; it raises to end training.
+
+    ``amp`` (``none``, ``bf16``, ``fp16``) runs the forward pass under autocast;
+    the loss, the FedProx term and the optimiser step stay float32, and
+    ``fp16`` scales the loss (a ``GradScaler`` per call). BatchNorm is not on
+    autocast's lower-precision list: its parameters and running statistics stay
+    float32 and are updated in float32.
     """
     start = time.perf_counter()
+    device = torch.device(device)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    # Sums kept on the device (no synchronisation per batch); float64 as Python floats were.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
     # A batch of one breaks BatchNorm in train mode; drop a last batch that small.
     drop_last = len(rows) % batch_size == 1 and len(rows) > 1
     for _ in range(epochs):
@@ -87,26 +136,33 @@ def train_epochs(
             augmenter=augmenter,
             extractor=extractor,
             drop_last=drop_last,
+            device=device,
         ):
             if should_stop is not None:
                 should_stop()
             optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            with _autocast(device, amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
             objective = loss
             if anchor is not None:
                 prox = sum(
                     (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
                 )
                 objective = loss + 0.5 * prox_mu * prox
-            objective.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            if scaler is None:
+                objective.backward()
+                optimizer.step()
+            else:
+                scaler.scale(objective).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
     return TrainStats(
-        loss=loss_sum / max(seen, 1),
-        acc=correct / max(seen, 1),
+        loss=float(loss_sum) / max(seen, 1),
+        acc=int(correct) / max(seen, 1),
         num_examples=len(rows),
         seconds=time.perf_counter() - start,
     )
@@ -172,8 +228,11 @@ def evaluate(
     mode: str = "eval",
     *,
     order_seed: int | None,
+    device: torch.device | str = "cpu",
 ) -> EvalStats:
     """Evaluate on ``rows`` in :func:`evaluation_order` (train mode depends on the batches).
+
+    On ``device``, where ``model`` is; predictions come back to the host once, at the end.
 
     Raises
     ------
@@ -186,14 +245,16 @@ def evaluate(
     ordered = evaluation_order(rows, order_seed)
     k = data.num_classes
     confusion = np.zeros((k, k), dtype=np.int64)
-    loss_sum, correct = 0.0, []
-    for x, y in iterate_batches(data, ordered, batch_size):
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    predictions = []
+    for x, y in iterate_batches(data, ordered, batch_size, device=device):
         logits = net(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        predicted = logits.argmax(1).numpy()
-        np.add.at(confusion, (y.numpy(), predicted), 1)
-        correct.append(predicted == y.numpy())
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        predictions.append(logits.argmax(1))
+    predicted = torch.cat(predictions).cpu().numpy()
+    labels = np.asarray(data.labels)[ordered]
+    np.add.at(confusion, (labels, predicted), 1)
     n = int(confusion.sum())
     model.eval()
     acc = float(np.trace(confusion)) / n
-    return EvalStats(loss_sum / n, acc, n, confusion, ordered, np.concatenate(correct))
+    return EvalStats(float(loss_sum) / n, acc, n, confusion, ordered, predicted == labels)

@@ -5,7 +5,8 @@ Every message carries a :class:`~fedkws.fl.messages.ClientTask` in
 shared entries in ``content["model"]``. The app object captures nothing:
 Flower sends it to the Ray actor with every message, so the data (the
 memory-mapped cache and the client index file) is opened from paths named in
-the task, once per worker process.
+the task, once per worker process. The model runs on the task's ``device``;
+what goes into a message or a file is always CPU tensors.
 
 Message types:
 
@@ -39,13 +40,18 @@ app = ClientApp()
 FEDBN_STATE = "fedbn"
 
 
+def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as CPU tensors: what crosses the wire and what is saved, whatever the device."""
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
 def content(task: ClientTask | None, state: dict[str, torch.Tensor] | None) -> RecordDict:
-    """Message content: the task and, optionally, model entries."""
+    """Message content: the task and, optionally, model entries (as CPU tensors)."""
     records: dict = {}
     if task is not None:
         records["config"] = task.to_record()
     if state is not None:
-        records["model"] = ArrayRecord(torch_state_dict=state)
+        records["model"] = ArrayRecord(torch_state_dict=cpu_state(state))
     return RecordDict(records)
 
 
@@ -83,20 +89,21 @@ def _fedbn_state(task: ClientTask, pid: int, context: Context) -> dict[str, torc
     for round_ in range(task.round - 1, 0, -1):
         path = _fedbn_file(task, pid, round_)
         if path.is_file():
-            return torch.load(path, weights_only=True)
+            return torch.load(path, weights_only=True, map_location="cpu")
     return {}
 
 
 def _model(task: ClientTask, message: Message, context: Context) -> torch.nn.Module:
-    """The global model, with this client's own BatchNorm state under FedBN or SiloBN."""
+    """The global model (with this client's own BatchNorm under FedBN/SiloBN) on its device."""
     torch.set_num_threads(task.threads)
+    loops.set_determinism(task.deterministic)  # before this process's first CUDA operation
     model = build_model(**task.model)
     state = model.state_dict()
     state.update(message.content["model"].to_torch_state_dict())
     if keeps_client_state(task.bn_sync):
         state.update(_fedbn_state(task, _pid(context), context))
     model.load_state_dict(state)
-    return model
+    return model.to(task.device)
 
 
 def _digest(state: dict[str, torch.Tensor]) -> float:
@@ -137,8 +144,10 @@ def train(message: Message, context: Context) -> Message:
         augmenter=augmenter,
         extractor=extractor,
         prox_mu=task.prox_mu,
+        device=task.device,
+        amp=task.amp,
     )
-    state = model.state_dict()
+    state = cpu_state(model.state_dict())
     if keeps_client_state(task.bn_sync):
         _keep_fedbn(task, pid, context, {k: state[k] for k in plan.local})
     metrics = MetricRecord(
@@ -171,7 +180,9 @@ def evaluate(message: Message, context: Context) -> Message:
         rows = data.split_indices(task.eval_split)
     values: dict[str, float | int] = {"num-examples": len(rows), "pid": pid}
     for mode in task.eval_modes if len(rows) else ():
-        stats = loops.evaluate(model, data, rows, task.eval_batch_size, mode, order_seed=task.seed)
+        stats = loops.evaluate(
+            model, data, rows, task.eval_batch_size, mode, order_seed=task.seed, device=task.device
+        )
         values[f"{mode}_acc"] = stats.acc
         values[f"{mode}_loss"] = stats.loss
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=message)
@@ -195,11 +206,12 @@ def bn_moments(message: Message, context: Context) -> Message:
     # drops them.
     cache = ActivationCache(Path(task.state_dir) / "activations" / f"client{pid}")
     n, s, ss = bn_input_moments(
-        model, _data(task), _rows(task, pid, "train"), task.layer, task.eval_batch_size, cache
-    )
+        model, _data(task), _rows(task, pid, "train"), task.layer, task.eval_batch_size, cache,
+        device=task.device,
+    )  # fmt: skip
     if task.layer == len(bn_layers(model)) - 1:
         cache.clear()
     count = torch.tensor([n], dtype=torch.float64)
-    arrays = ArrayRecord(torch_state_dict={"count": count, "sum": s, "sumsq": ss})
+    arrays = ArrayRecord(torch_state_dict=cpu_state({"count": count, "sum": s, "sumsq": ss}))
     reply = RecordDict({"moments": arrays, "metrics": MetricRecord({"pid": pid})})
     return Message(reply, reply_to=message)

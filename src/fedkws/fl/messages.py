@@ -19,7 +19,10 @@ class ClientTask:
     """What every client needs to train, evaluate or report BatchNorm moments.
 
     The data is named by path (the memory-mapped cache entry and the client
-    index file), never sent: every worker process opens it once.
+    index file), never sent: every worker process opens it once. ``device`` is
+    where the client computes: ``cpu``, ``cuda`` (under Ray: the GPU Ray
+    assigned to the actor, index 0 of its ``CUDA_VISIBLE_DEVICES``) or, in
+    process, the driver's ``cuda:N``.
     """
 
     cache_entry: str
@@ -42,6 +45,9 @@ class ClientTask:
     round: int = 0
     layer: int = -1  # BatchNorm layer of a moments query
     eval_split: str = "local"  # evaluate on: "local" (the client's own test rows) or "testing"
+    device: str = "cpu"  # where the client computes (RunSpec.client_device)
+    amp: str = "none"  # mixed precision of local training (train.amp)
+    deterministic: bool = False  # deterministic algorithms (train.deterministic)
 
     def at(
         self,

@@ -87,7 +87,10 @@ def _run_ray(main, client_app, num_clients, client_resources, ray_init_args) -> 
     # Telemetry stays off unless the user explicitly turned it on.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # CPU-only clients: keep Ray from touching accelerator variables (and warning about it).
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # With GPUs requested (fractional num_gpus), Ray sets each actor's CUDA_VISIBLE_DEVICES
+    # to the GPU it assigned; fedkws never sets that variable itself.
+    if not float(client_resources.get("num_gpus") or 0.0) > 0:
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
     from fedkws.fl.server_app import make_server_app

@@ -4,6 +4,7 @@ The training rows are the union of the clients' local training rows, so the
 baseline sees exactly the examples the federation sees. One "round" is
 ``train.local_epochs`` epochs, so its curve lines up with the federated ones.
 Its own optimiser (not a server optimiser) is what the checkpoint keeps.
+Everything runs on the run's ``device``.
 """
 
 from __future__ import annotations
@@ -51,20 +52,24 @@ class CentralRecipe:
             batch,
             order_seed=spec.seed,
             moments_of=self._moments,
+            device=spec.device,
         )
         self.activations = ActivationCache()  # segment inputs between the layer queries
 
     def _moments(self, net: torch.nn.Module, layer: int) -> list:
         moments = bn_input_moments(
             net, self.data, self.train_rows, layer, self.spec.train.eval_batch_size,
-            self.activations,
+            self.activations, device=self.spec.device,
         )  # fmt: skip
         if layer == len(bn_layers(net)) - 1:
             self.activations.clear()
         return [moments]
 
     def restore(self, ckpt: Checkpoint) -> None:
-        """Continue from a checkpoint (model and the training optimiser's state)."""
+        """Continue from a checkpoint (model and the training optimiser's state).
+
+        The checkpoint's CPU tensors are copied to the model's and the optimiser's device.
+        """
         self.model.load_state_dict(ckpt.model)
         if ckpt.optimizer:
             self.optimizer.load_state_dict(ckpt.optimizer)
@@ -86,6 +91,8 @@ class CentralRecipe:
             augmenter=self.augmenter,
             extractor=self.extractor,
             should_stop=lifecycle.raise_if_stopping,
+            device=self.spec.device,
+            amp=self.spec.train.amp,
         )
         return {"train/loss": stats.loss, "train/acc": stats.acc}, {}
 

@@ -25,6 +25,7 @@ from fedkws import checkpoint, lifecycle
 from fedkws.clients import ClientData, make_clients
 from fedkws.core.aggregation import keeps_client_state
 from fedkws.core.evaluation import Evaluator
+from fedkws.core.loops import device_name
 from fedkws.core.models import bn_layers, build_model, count_parameters
 from fedkws.core.seeding import seed_model_init
 from fedkws.data.cache import CachedDataset
@@ -133,7 +134,7 @@ def check_writable(path: Path, what: str) -> None:
 
 @dataclass
 class Setup:
-    """Data, clients and the initial model: what both recipes start from."""
+    """Data, clients and the initial model (on the run's device): what both recipes start from."""
 
     data: CachedDataset
     clients: list[ClientData]
@@ -159,7 +160,7 @@ def setup(spec: RunSpec, run_dir: Path) -> Setup:
             raise ConfigError(f"the {split} split of {data.manifest['root']} has no examples")
     clients = make_clients(data, spec.partition, seed=spec.seed)
     seed_model_init(spec.seed)
-    model = build_model(**spec.model.build_args(data.num_classes))
+    model = build_model(**spec.model.build_args(data.num_classes)).to(spec.device)
     write_text(run_dir / "data_summary.txt", data.summary() + "\n")
     train = sum(len(c.train) for c in clients)
     console.print(
@@ -171,6 +172,27 @@ def setup(spec: RunSpec, run_dir: Path) -> Setup:
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def devices(spec: RunSpec) -> dict[str, str]:
+    """Where the run computes: the driver's device and its name, and the clients' device."""
+    out = {"device": spec.device, "name": device_name(spec.device)}
+    if not spec.strategy.central:
+        out["clients"] = spec.client_device
+    return out
+
+
+def describe_devices(spec: RunSpec) -> str:
+    """The console line that says where the run computes."""
+    d = devices(spec)
+    line = f"device: {d['device']} ({d['name']})"
+    if "clients" in d:
+        line += f"; clients: {d['clients']}"
+        if spec.federation.backend == "ray" and d["clients"] != "cpu":
+            line += f" (Ray, {spec.federation.num_gpus:g} GPU each)"
+    if spec.train.amp != "none" or spec.train.deterministic:
+        line += f"; amp={spec.train.amp}, deterministic={spec.train.deterministic}"
+    return line
 
 
 class Run:
@@ -187,6 +209,7 @@ class Run:
     def open(self, loaded: tuple[checkpoint.Checkpoint, dict] | None, num_classes: int) -> None:
         """Start recording (restoring a checkpoint's records and RNG states if resuming)."""
         self.result.config["num_classes"] = num_classes
+        self.result.config["device_resolved"] = devices(self.spec)
         wandb_id = None
         if loaded is not None:
             self.resumed, rng = loaded
@@ -312,6 +335,8 @@ def summary(run: Run, setup_: Setup, title: str, bn_sync: str) -> dict[str, Any]
         "num_classes": setup_.data.num_classes,
         "label_names": list(setup_.data.label_names),
         "eval_batch_size": spec.train.eval_batch_size,
+        "device": spec.device,
+        "device_name": device_name(spec.device),
         "rounds_completed": last_round,
         "complete": last_round >= spec.train.rounds,
         "wall_s": time.perf_counter() - run.started,
@@ -368,7 +393,7 @@ def final_evaluation(
         out[f"test/{mode}/confusion"] = st.confusion.tolist()
         plot_confusion(st.confusion, names, mode, run_dir / f"confusion_{mode}.png")
     if recal is not None and recal is not model:
-        stats_only = {k: v for k, v in recal.state_dict().items() if "running_" in k}
+        stats_only = {k: v.cpu() for k, v in recal.state_dict().items() if "running_" in k}
         torch_save(run_dir / "recalibrated_bn.pt", stats_only)
     return out
 

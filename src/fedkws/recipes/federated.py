@@ -80,7 +80,7 @@ class FederatedRecipe:
         self.task = _client_task(spec, self.parts.data, clients_file, run_dir / "client_state")
         self.evaluator = Evaluator(
             self.parts.data, list(spec.bn.eval_modes), spec.train.eval_batch_size,
-            order_seed=spec.seed, moments_of=self._moments,
+            order_seed=spec.seed, moments_of=self._moments, device=spec.device,
         )  # fmt: skip
         self.recalibrated_round = 0  # the round whose model the last recalibration is of
         self.shared_test: common.Metrics = {}  # FedBN/SiloBN: personalised models on the test split
@@ -100,8 +100,8 @@ class FederatedRecipe:
     # -- one round ---------------------------------------------------------------------------
 
     def _shared_state(self) -> dict[str, torch.Tensor]:
-        state = self.model.state_dict()
-        return {k: state[k] for k in self.keys.shared}
+        state = self.model.state_dict()  # on the driver's device; CPU tensors cross the wire
+        return {k: state[k].detach().cpu() for k in self.keys.shared}
 
     def train_round(self, round_: int) -> tuple[common.Metrics, common.ClientInfo]:
         """Train the sampled clients and aggregate what came back."""
@@ -126,7 +126,9 @@ class FederatedRecipe:
             self.server_rule.update, round_, node_ids=[r.pid for r in replies],
             metrics=[{k: r.metrics[k] for k in ("train_loss", "train_acc")} for r in replies],
         )  # fmt: skip
-        new_state = aggregate(self.model.state_dict(), states, counts, self.keys, update)
+        # Aggregated on the CPU, where the replies are; loading copies to the model's device.
+        current = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        new_state = aggregate(current, states, counts, self.keys, update)
         self.model.load_state_dict(new_state)
         if round_ in self.server_rule.skipped_rounds:
             common.console.print(
@@ -318,4 +320,7 @@ def _client_task(spec: RunSpec, data, clients_file: Path, state_dir: Path):
         prox_mu=spec.strategy.prox_mu,
         seed=spec.seed,
         threads=max(1, int(spec.federation.num_cpus)),
+        device=spec.client_device,
+        amp=spec.train.amp,
+        deterministic=spec.train.deterministic,
     )
