@@ -118,6 +118,7 @@ class PartitionSpec:
     min_partition_size: int = 10
     local_test_fraction: float = 0.2
     names: tuple[str, ...] = ()
+    channels: int = 0  # feature shift: K recording channels, client k hears channel k mod K
 
 
 @dataclass(frozen=True)
@@ -537,6 +538,7 @@ def _check_partition(spec: RunSpec, p: _Problems) -> None:
     p.check(0 <= frac < 1, "partition.local_test_fraction", frac, "must be in [0, 1)")
     for key in ("classes_per_client", "speakers_per_client"):
         p.check(getattr(part, key) >= 1, f"partition.{key}", getattr(part, key), "must be >= 1")
+    p.check(part.channels >= 0, "partition.channels", part.channels, "must be >= 0 (0: no shift)")
     p.check(
         part.min_partition_size >= 0,
         "partition.min_partition_size",

@@ -521,6 +521,11 @@ def prepare(
     return opened
 
 
+def _waves_file(feature_key: str) -> str:
+    _, sep, variant = feature_key.partition("@")
+    return f"waves@{variant}.npy" if sep else "waves.npy"
+
+
 @lru_cache(maxsize=4)
 def open_cache(entry: str, feature_key: str) -> CachedDataset:
     """Open a built cache entry read-only; cached per process so workers open it once."""
@@ -529,7 +534,8 @@ def open_cache(entry: str, feature_key: str) -> CachedDataset:
     meta = np.load(path / "meta.npz")
     return CachedDataset(
         path=path,
-        waves=np.load(path / "waves.npy", mmap_mode="r"),
+        # A feature-shift variant (fedkws.data.channel) has its own waveforms.
+        waves=np.load(path / _waves_file(feature_key), mmap_mode="r"),
         features=np.load(path / f"features-{feature_key}.npy", mmap_mode="r"),
         noise=np.load(path / "noise.npy", mmap_mode="r"),
         labels=meta["labels"],

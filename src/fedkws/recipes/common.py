@@ -159,6 +159,8 @@ def setup(spec: RunSpec, run_dir: Path) -> Setup:
         if len(rows) == 0:
             raise ConfigError(f"the {split} split of {data.manifest['root']} has no examples")
     clients = make_clients(data, spec.partition, seed=spec.seed)
+    if spec.partition.channels:
+        data = channel_variant(data, clients, spec)
     seed_model_init(spec.seed)
     model = build_model(**spec.model.build_args(data.num_classes)).to(spec.device)
     write_text(run_dir / "data_summary.txt", data.summary() + "\n")
@@ -169,6 +171,20 @@ def setup(spec: RunSpec, run_dir: Path) -> Setup:
         f"{len(clients)} clients ({train} local training rows); {data.manifest['audio_report']}"
     )
     return Setup(data, clients, val_rows, test_rows, model)
+
+
+def channel_variant(data: CachedDataset, clients: list, spec: RunSpec) -> CachedDataset:
+    """The dataset as the feature-shift clients hear it (see :mod:`fedkws.data.channel`)."""
+    from fedkws.data import channel
+    from fedkws.data.cache import open_cache
+    from fedkws.progress import progress_bar
+
+    held = [np.concatenate([c.train, c.test]) for c in clients]
+    assigned = channel.assignment(len(data.labels), data.speakers, held, spec.partition.channels)
+    with progress_bar("recording channels", len(data.labels), spec.progress) as advance:
+        fkey = channel.build_variant(data.path, spec.features, assigned, advance)
+    console.print(f"feature shift: {spec.partition.channels} recording channels ({fkey})")
+    return open_cache(str(data.path), fkey)
 
 
 # --------------------------------------------------------------------------- the run
