@@ -29,7 +29,7 @@ OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((Path(CONF_DIR) / g).glob
 def test_config_groups_are_the_study_axes():
     assert GROUPS == sorted(
         ["dataset", "features", "augment", "model", "norm", "optimizer", "partition",
-         "strategy", "bn", "logger", "experiment"]
+         "strategy", "bn", "logger", "arm", "experiment"]
     )  # fmt: skip
 
 
@@ -63,6 +63,9 @@ def _spec_value(spec, group: str):
     return obj
 
 
+# Option files that are a variant of another rule rather than a rule of their own:
+# partition=channels is IID labels with feature-shift clients.
+VARIANTS = {("partition", "channels"): "iid"}
 SELECTED = [(g, o) for g, o in OPTIONS if g in SELECTORS]
 
 
@@ -70,7 +73,9 @@ SELECTED = [(g, o) for g, o in OPTIONS if g in SELECTORS]
 def test_each_option_file_selects_the_rule_it_is_named_after(group, option, tmp_path):
     # Catches: a strategy (or bn sync, norm, partition) file the code rejects or renames.
     spec = from_config(compose_cfg([f"{group}={option}"], tmp_path))
-    assert _spec_value(spec, group) == option
+    assert _spec_value(spec, group) == VARIANTS.get((group, option), option)
+    if (group, option) == ("partition", "channels"):
+        assert spec.partition.channels > 0
     if group == "strategy":
         assert spec.strategy.central == (option == "central")
 
@@ -83,7 +88,7 @@ def test_code_accepts_exactly_the_option_files(group, tmp_path):
         from_config(compose_cfg([f"{key}=no_such_rule"], tmp_path))
     line = next(ln for ln in str(err.value).splitlines() if ln.startswith(f"{key}="))
     allowed = set(re.findall(r"[A-Za-z0-9_]+", line.split("must be one of", 1)[1]))
-    assert allowed == {o for g, o in OPTIONS if g == group}
+    assert allowed == {o for g, o in OPTIONS if g == group and (g, o) not in VARIANTS}
 
 
 # Small but architecturally identical variants of every model family.
@@ -181,7 +186,7 @@ def test_every_sweep_cell_composes_and_validates(preset, tmp_path):
         for item in cell:
             key, value = item.split("=", 1)
             if key in SELECTORS:
-                assert str(_spec_value(spec, key)) == value
+                assert str(_spec_value(spec, key)) == VARIANTS.get((key, value), value)
 
 
 def test_every_yaml_opens_with_the_command_that_runs_it():

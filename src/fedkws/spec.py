@@ -153,6 +153,7 @@ class BNSpec:
     sync: str = "full"
     eval_modes: tuple[str, ...] = ("eval", "train")
     recalibrate_every: int = 1
+    freeze_after: int = 2  # FixBN: rounds of ordinary federated BatchNorm before the freeze
 
 
 @dataclass(frozen=True)
@@ -593,6 +594,9 @@ def _check_bn(spec: RunSpec, p: _Problems) -> None:
     for mode in bn.eval_modes:
         _one_of(p, "bn.eval_modes", mode, EVAL_MODES)
     p.check(bn.recalibrate_every >= 1, "bn.recalibrate_every", bn.recalibrate_every, "must be >= 1")
+    p.check(bn.freeze_after >= 1, "bn.freeze_after", bn.freeze_after, "must be >= 1 (warm-up)")
+    if bn.sync == "fixbn" and (spec.strategy.central or spec.model.norm != "batch"):
+        p.add("bn.sync", bn.sync, "FixBN needs a federated model with BatchNorm (norm=batch)")
     if keeps_client_state(bn.sync) and not spec.strategy.central and spec.model.norm != "batch":
         method = {"local": "FedBN", "silo": "SiloBN"}.get(bn.sync, f"bn.sync={bn.sync}")
         p.add(

@@ -39,7 +39,7 @@ from torch import nn
 
 from fedkws.core.models import bn_state_keys
 
-BN_SYNC_MODES = ("full", "params_only", "local", "silo")
+BN_SYNC_MODES = ("full", "params_only", "local", "silo", "fixbn")
 EVAL_MODES = ("eval", "train", "recalibrated")
 
 

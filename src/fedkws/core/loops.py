@@ -102,12 +102,15 @@ def train_epochs(
     should_stop: Callable[[], None] | None = None,
     device: torch.device | str = "cpu",
     amp: str = "none",
+    frozen_bn: bool = False,
 ) -> TrainStats:
     """Train in place for ``epochs`` over ``rows``, on ``device`` (where ``model`` is).
 
     With ``prox_mu > 0`` the FedProx term ``mu/2 * ||w - w_start||^2`` ties the
     parameters to their values at the start of the call (the global model).
     ``should_stop()`` is called before every batch; it raises to end training.
+    With ``frozen_bn`` every BatchNorm normalises with its running statistics and
+    leaves them alone (FixBN after its warm-up); the affine parameters still learn.
 
     ``amp`` (``none``, ``bf16``, ``fp16``) runs the forward pass under autocast;
     the loss, the FedProx term and the optimiser step stay float32, and
@@ -120,6 +123,10 @@ def train_epochs(
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
     model.train()
+    if frozen_bn:
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                module.eval()
     # Sums kept on the device (no synchronisation per batch); float64 as Python floats were.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)

@@ -144,6 +144,7 @@ def train(message: Message, context: Context) -> Message:
         augmenter=augmenter,
         extractor=extractor,
         prox_mu=task.prox_mu,
+        frozen_bn=task.bn_frozen,
         device=task.device,
         amp=task.amp,
     )

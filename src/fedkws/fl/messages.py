@@ -44,6 +44,7 @@ class ClientTask:
     threads: int
     round: int = 0
     layer: int = -1  # BatchNorm layer of a moments query
+    bn_frozen: bool = False  # FixBN after the warm-up: train with the global statistics, frozen
     eval_split: str = "local"  # evaluate on: "local" (the client's own test rows) or "testing"
     device: str = "cpu"  # where the client computes (RunSpec.client_device)
     amp: str = "none"  # mixed precision of local training (train.amp)

@@ -13,6 +13,7 @@ is never sampled.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -109,6 +110,8 @@ class FederatedRecipe:
         pids = sample_clients(self.spec.seed, round_, self.eligible, s.fraction_train,
                               s.min_train_clients)  # fmt: skip
         failed_before = len(self.clients_api.failures)
+        frozen = self.spec.bn.sync == "fixbn" and round_ > self.spec.bn.freeze_after
+        self.clients_api.task = dataclasses.replace(self.clients_api.task, bn_frozen=frozen)
         replies = self.clients_api.train(round_, pids, self._shared_state())
         failures = self.clients_api.failures[failed_before:]
         self._report_failures(failures)
@@ -129,7 +132,11 @@ class FederatedRecipe:
         # Aggregated on the CPU, where the replies are; loading copies to the model's device.
         current = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         new_state = aggregate(current, states, counts, self.keys, update)
+        if frozen:  # FixBN: the frozen statistics stay exactly as they were
+            new_state.update({k: current[k] for k in (*self.keys.stats, *self.keys.counters)})
         self.model.load_state_dict(new_state)
+        if self.spec.bn.sync == "fixbn" and round_ == self.spec.bn.freeze_after:
+            self._freeze_statistics(round_)
         if round_ in self.server_rule.skipped_rounds:
             common.console.print(
                 f"[yellow]warning:[/yellow] round {round_}: {self.spec.strategy.class_name} "
@@ -142,6 +149,15 @@ class FederatedRecipe:
             metrics["clients_failed"] = float(len(failures))
             info.update({str(f.pid): {"failed": 1.0} for f in failures})
         return metrics, info
+
+    def _freeze_statistics(self, round_: int) -> None:
+        """FixBN: the exact pooled statistics of the clients' data, installed in the model."""
+        pooled = self.evaluator.recalibrated(self.model)
+        self.recalibrated_round = round_
+        state = self.model.state_dict()
+        state.update({k: v for k, v in pooled.state_dict().items() if k in self.keys.stats})
+        self.model.load_state_dict(state)
+        common.console.print(f"FixBN: BatchNorm statistics frozen after round {round_}")
 
     def _report_failures(self, failures) -> None:
         """Print each failed reply and keep it for results.json (``summary.failures``)."""
@@ -171,7 +187,9 @@ class FederatedRecipe:
             recal = None
             if "recalibrated" in modes:
                 every = self.spec.bn.recalibrate_every
-                if round_ % every == 0 or round_ == self.spec.train.rounds:
+                if self.recalibrated_round == round_:  # FixBN's freeze just computed it
+                    recal = self.evaluator.last_recalibrated
+                elif round_ % every == 0 or round_ == self.spec.train.rounds:
                     recal = self.evaluator.recalibrated(self.model)
                     self.recalibrated_round = round_
                 else:

@@ -1,0 +1,83 @@
+"""FixBN: ordinary federated BatchNorm for T rounds, then exact pooled statistics, frozen."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from fedkws.core import loops
+from fedkws.core.bn import bn_input_moments, recalibrate
+from fedkws.core.models import build_model
+from fedkws.recipes.common import load_data
+from fedkws.run import run
+from fedkws.spec import from_config
+from helpers import SMALL_FEDERATION
+
+BASE = [*SMALL_FEDERATION, "federation.backend=inprocess", "train.local_epochs=1",
+        "bn=fixbn", "bn.freeze_after=1", "train.rounds=3", "logger=disabled"]  # fmt: skip
+
+
+def _stats(state):
+    return {k: v.clone() for k, v in state.items() if "running_" in k}
+
+
+def test_frozen_training_keeps_statistics_and_learns(tiny_data_rows):
+    data, rows = tiny_data_rows
+    torch.manual_seed(0)
+    model = build_model("resnet", 12, depth=10, width=8)
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loops.train_epochs(model, data, rows, 1, 16, opt, torch.Generator().manual_seed(0),
+                       frozen_bn=True)  # fmt: skip
+    after = model.state_dict()
+    for key in before:
+        if "running_" in key or "num_batches" in key:
+            assert torch.equal(after[key], before[key]), key
+    bn_weights = [k for k in before if k.endswith("norm1.weight")]
+    assert any(not torch.equal(after[k], before[k]) for k in bn_weights)  # affine still learns
+
+
+@pytest.fixture(scope="module")
+def tiny_data_rows(data_dir, tiny_root):
+    from fedkws.data.cache import DataConfig, prepare
+    from fedkws.data.features import FeatureConfig
+
+    data = prepare(DataConfig(root=str(tiny_root)), FeatureConfig(), data_dir / "cache", False)
+    return data, np.sort(data.split_indices("training"))[:64]
+
+
+def test_statistics_are_pooled_after_warmup_then_frozen(make_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = make_cfg([*BASE, "train.stop_after_round=1"])
+    run(cfg, run_dir)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    frozen = _stats(ckpt["model"])
+    # Independently of the run: the pooled statistics of the union of the clients'
+    # training rows for the round-1 global model (its parameters).
+    spec = from_config(cfg)
+    data = load_data(spec)
+    model = build_model(**spec.model.build_args(data.num_classes))
+    model.load_state_dict(ckpt["model"])
+    with np.load(run_dir / "clients.npz") as npz:
+        union = np.sort(np.concatenate([npz[k] for k in npz.files if k.startswith("train_")]))
+    want = _stats(recalibrate(model, lambda net, layer: [
+        bn_input_moments(net, data, union, layer, 64)]).state_dict())  # fmt: skip
+    for key, value in want.items():
+        assert torch.allclose(frozen[key], value, rtol=1e-4, atol=1e-5), key
+    # Resume to the end: the statistics never move again, the weights do.
+    run(make_cfg([*BASE, "resume=true"]), run_dir)
+    final = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+    for key, value in frozen.items():
+        assert torch.equal(final[key], value), key
+    weights = [k for k in final if k.endswith("conv1.weight")]
+    assert any(not torch.equal(final[k], ckpt["model"][k]) for k in weights)
+
+
+def test_fixbn_needs_batchnorm(make_cfg):
+    from fedkws.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="FixBN"):
+        from_config(make_cfg([*BASE, "norm=group"]))
