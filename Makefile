@@ -21,10 +21,11 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-# The seed_repro preset (the 2020 collapse) and its centralised baseline, as one
+# The main job (conf/experiment/main.yaml): the 2020 collapse and its fixes side by side
+# (centralised, params_only in eval / train / recalibrated mode, FedBN, GroupNorm), one
 # sweep; the table at the end compares them.
 run: install
-	$(BIN)/fedkws-train -m experiment=seed_repro strategy=fedavg,central
+	$(BIN)/fedkws-train -m experiment=main
 
 test: install
 	$(BIN)/python -m pytest

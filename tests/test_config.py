@@ -187,6 +187,26 @@ def test_every_sweep_cell_composes_and_validates(preset, tmp_path):
             key, value = item.split("=", 1)
             if key in SELECTORS:
                 assert str(_spec_value(spec, key)) == VARIANTS.get((key, value), value)
+            if key == "arm":  # the arm's choices win over the preset's
+                text = (Path(CONF_DIR) / "arm" / f"{value}.yaml").read_text()
+                for group, attr in (("norm", "model.norm"), ("bn", "bn.sync")):
+                    chosen = re.search(rf"override /{group}: (\w+)", text).group(1)
+                    want = chosen if group == "norm" else _bn_sync(chosen)
+                    assert _spec_value_at(spec, attr) == want, (cell, group)
+                assert spec.strategy.central == ("override /strategy: central" in text)
+
+
+def _spec_value_at(spec, path: str):
+    obj = spec
+    for attr in path.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
+def _bn_sync(option: str) -> str:
+    # A bn option file sets bn.sync to its own name, except FedBN's file `local`.
+    return re.search(r"^sync: (\w+)", (Path(CONF_DIR) / "bn" / f"{option}.yaml").read_text(),
+                     re.MULTILINE).group(1)  # fmt: skip
 
 
 def test_every_yaml_opens_with_the_command_that_runs_it():
