@@ -21,6 +21,13 @@ TINY_RUN = [
     "model.width=8",
     "partition.min_partition_size=2",
 ]
+# Presets on the small CNN shrink its channels instead of a ResNet's depth and width.
+TINY_CNN = ["train.rounds=1", "train.batch_size=32", "model.channels=[4,4]",
+            "partition.min_partition_size=2"]  # fmt: skip
+
+
+def _tiny(preset: str, make_cfg) -> list[str]:
+    return TINY_CNN if make_cfg([f"experiment={preset}"]).model.name == "cnn" else TINY_RUN
 
 
 def test_presets_exist():
@@ -33,7 +40,9 @@ BACKENDS = ["inprocess", pytest.param("ray", marks=pytest.mark.slow)]
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_smoke_runs_tiny(preset, backend, make_cfg, tmp_path):
-    cfg = make_cfg([f"experiment={preset}", *TINY_RUN, f"federation.backend={backend}"])
+    cfg = make_cfg(
+        [f"experiment={preset}", *_tiny(preset, make_cfg), f"federation.backend={backend}"]
+    )
     result = run(cfg, tmp_path / preset)
     assert [r.round for r in result.rounds] == [1]
     assert result.summary["complete"]
