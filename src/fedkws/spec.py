@@ -26,7 +26,8 @@ from fedkws.errors import ConfigError
 from fedkws.tracking import LOGGER_MODES
 
 # strategy=<name> -> the class of flwr.serverapp.strategy it stands for; ``flower`` names any
-# class (strategy.class_name), ``central`` is the no-federation baseline. One file each in
+# class (strategy.class_name), ``central`` is the no-federation baseline, ``cyclic`` has no
+# server rule (the model visits the clients in turn, no averaging). One file each in
 # conf/strategy/.
 NAMED_STRATEGIES = {
     "fedavg": "FedAvg",
@@ -41,7 +42,8 @@ NAMED_STRATEGIES = {
     "multikrum": "MultiKrum",
     "qfedavg": "QFedAvg",
 }
-STRATEGIES = (*NAMED_STRATEGIES, "flower", "central")
+STRATEGIES = (*NAMED_STRATEGIES, "flower", "central", "cyclic")
+CYCLIC_VISITS = ("epoch", "batch")
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "speaker")
 PROTOCOLS = ("12class", "35class")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -125,8 +127,12 @@ class PartitionSpec:
 class StrategySpec:
     """The server rule: a Flower strategy class and its constructor arguments.
 
-    ``central``: no federation. Client sampling is fedkws's own
-    (``fraction_train``, ``min_train_clients``), never the strategy's.
+    ``central``: no federation. ``cyclic``: no server rule; within a round the
+    model visits the sampled clients in partition-id order, each trains it and
+    hands it on (``visit``: ``epoch``, its local epochs; ``batch``, one batch, the
+    clients taking turns until each has gone through its epochs). Client
+    sampling is fedkws's own (``fraction_train``, ``min_train_clients``), never
+    the strategy's.
     """
 
     name: str = "fedavg"
@@ -134,11 +140,17 @@ class StrategySpec:
     fraction_train: float = 1.0
     min_train_clients: int = 1
     kwargs: tuple[tuple[str, Any], ...] = ()  # the class's constructor arguments
+    visit: str = "epoch"  # cyclic: what one visit of a client is (epoch | batch)
 
     @property
     def central(self) -> bool:
         """Whether this is the centralised baseline."""
         return self.name == "central"
+
+    @property
+    def cyclic(self) -> bool:
+        """Whether the model visits the clients in turn instead of being averaged."""
+        return self.name == "cyclic"
 
     @property
     def prox_mu(self) -> float:
@@ -558,6 +570,7 @@ def _check_partition(spec: RunSpec, p: _Problems) -> None:
 def _check_strategy(spec: RunSpec, p: _Problems) -> None:
     s = spec.strategy
     _one_of(p, "strategy.name", s.name, STRATEGIES)
+    _one_of(p, "strategy.visit", s.visit, CYCLIC_VISITS)
     p.check(
         0 < s.fraction_train <= 1, "strategy.fraction_train", s.fraction_train, "must be in (0, 1]"
     )

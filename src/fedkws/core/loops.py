@@ -14,7 +14,7 @@ import copy
 import importlib
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,91 @@ class TrainStats:
     acc: float
     num_examples: int
     seconds: float
+    seen: int = 0  # examples trained on in this call (epochs x rows, or a visit's batches)
+    batches: int = 0  # optimiser steps taken in this call
+
+
+class EpochCursor:
+    """A client's place in its shuffled local epochs, kept between visits (``strategy=cyclic``).
+
+    It draws from ``generator`` exactly what :func:`train_epochs` draws (each epoch's
+    permutation of ``rows``, then each batch's augmentation), so a client visited one
+    batch at a time goes through the batches one call of :func:`train_epochs` would
+    give it, each of its rows once per epoch. :meth:`state_dict` (tensors only) lets
+    the position survive between messages and processes.
+    """
+
+    def __init__(self, rows: np.ndarray, batch_size: int, epochs: int, generator: torch.Generator):
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.batch_size, self.epochs, self.generator = batch_size, epochs, generator
+        self.epoch, self.position, self.order = 0, 0, self.rows
+        # As train_epochs: a last batch of one would break BatchNorm in train mode.
+        drop_last = len(rows) % batch_size == 1 and len(rows) > 1
+        self.stop = len(rows) - (len(rows) % batch_size if drop_last else 0)
+
+    @property
+    def done(self) -> bool:
+        """Whether every epoch has been gone through."""
+        return self.epoch >= self.epochs or self.stop == 0
+
+    @property
+    def batches_left(self) -> int:
+        """Batches still to come before :attr:`done`."""
+        per_epoch = -(-self.stop // self.batch_size)
+        return max(0, (self.epochs - self.epoch) * per_epoch - self.position // self.batch_size)
+
+    def batches(
+        self, data: CachedDataset, count: int | None, augmenter=None, extractor=None, device=None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The next ``count`` batches (``None``: all that are left), across epoch boundaries."""
+        taken = 0
+        while not self.done and (count is None or taken < count):
+            if self.position == 0:  # a new epoch: its order, drawn as iterate_batches does
+                perm = torch.randperm(len(self.rows), generator=self.generator).numpy()
+                self.order = self.rows[perm]
+            end = min(self.position + self.batch_size, self.stop)
+            idx = self.order[self.position : end]
+            yield from iterate_batches(
+                data, idx, self.batch_size, self.generator,
+                augmenter=augmenter, extractor=extractor, device=device,
+            )  # fmt: skip
+            taken += 1
+            self.position = end
+            if self.position >= self.stop:
+                self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The position (epoch, row, this epoch's order) and the generator's state."""
+        return {
+            "epoch": torch.tensor(self.epoch),
+            "position": torch.tensor(self.position),
+            "order": torch.from_numpy(self.order.copy()),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Continue from what :meth:`state_dict` returned."""
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.order = state["order"].numpy().astype(np.int64)
+        self.generator.set_state(state["generator"].to(torch.uint8))
+
+
+def _epoch_batches(data, rows, epochs, batch_size, generator, augmenter, extractor, device):
+    """``epochs`` shuffled passes over ``rows``."""
+    # A batch of one breaks BatchNorm in train mode; drop a last batch that small.
+    drop_last = len(rows) % batch_size == 1 and len(rows) > 1
+    for _ in range(epochs):
+        yield from iterate_batches(
+            data,
+            rows,
+            batch_size,
+            generator,
+            shuffle=True,
+            augmenter=augmenter,
+            extractor=extractor,
+            drop_last=drop_last,
+            device=device,
+        )
 
 
 def train_epochs(
@@ -103,8 +188,13 @@ def train_epochs(
     device: torch.device | str = "cpu",
     amp: str = "none",
     frozen_bn: bool = False,
+    cursor: EpochCursor | None = None,
+    max_batches: int | None = None,
 ) -> TrainStats:
     """Train in place for ``epochs`` over ``rows``, on ``device`` (where ``model`` is).
+
+    With a ``cursor`` (``strategy=cyclic``): the cursor's next ``max_batches`` batches
+    instead (all it has left: ``None``); ``epochs`` and ``generator`` are the cursor's.
 
     With ``prox_mu > 0`` the FedProx term ``mu/2 * ||w - w_start||^2`` ties the
     parameters to their values at the start of the call (the global model).
@@ -130,48 +220,43 @@ def train_epochs(
     # Sums kept on the device (no synchronisation per batch); float64 as Python floats were.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
-    # A batch of one breaks BatchNorm in train mode; drop a last batch that small.
-    drop_last = len(rows) % batch_size == 1 and len(rows) > 1
-    for _ in range(epochs):
-        for x, y in iterate_batches(
-            data,
-            rows,
-            batch_size,
-            generator,
-            shuffle=True,
-            augmenter=augmenter,
-            extractor=extractor,
-            drop_last=drop_last,
-            device=device,
-        ):
-            if should_stop is not None:
-                should_stop()
-            optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, amp):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            objective = loss
-            if anchor is not None:
-                prox = sum(
-                    (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
-                )
-                objective = loss + 0.5 * prox_mu * prox
-            if scaler is None:
-                objective.backward()
-                optimizer.step()
-            else:
-                scaler.scale(objective).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            loss_sum += loss.detach().double() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
+    seen = steps = 0
+    if cursor is None:
+        batches = _epoch_batches(data, rows, epochs, batch_size, generator, augmenter,
+                                 extractor, device)  # fmt: skip
+    else:
+        batches = cursor.batches(data, max_batches, augmenter, extractor, device)
+    for x, y in batches:
+        if should_stop is not None:
+            should_stop()
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, amp):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        objective = loss
+        if anchor is not None:
+            prox = sum(
+                (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+            )
+            objective = loss + 0.5 * prox_mu * prox
+        if scaler is None:
+            objective.backward()
+            optimizer.step()
+        else:
+            scaler.scale(objective).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        steps += 1
     return TrainStats(
         loss=float(loss_sum) / max(seen, 1),
         acc=int(correct) / max(seen, 1),
         num_examples=len(rows),
         seconds=time.perf_counter() - start,
+        seen=seen,
+        batches=steps,
     )
 
 

@@ -11,6 +11,8 @@ what goes into a message or a file is always CPU tensors.
 Message types:
 
 ``train``             local epochs from the global model; replies the shared keys.
+                      Under ``strategy=cyclic``: one visit (its local epochs, or one
+                      batch), continuing the client's own optimiser and epoch cursor.
 ``evaluate``          the global model on the client's local test split.
 ``query.hello``       the client's partition id (the server orders clients by it).
 ``query.bn_moments``  per-channel (count, sum, sum of squares) of one BatchNorm
@@ -38,6 +40,7 @@ from fedkws.fl.messages import ClientTask
 app = ClientApp()
 
 FEDBN_STATE = "fedbn"
+CYCLIC_STATE = "cyclic"  # strategy=cyclic: own keys, optimiser state, epoch cursor
 
 
 def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -73,21 +76,24 @@ def _pid(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def _fedbn_file(task: ClientTask, pid: int, round_: int) -> Path:
-    return Path(task.state_dir) / f"client{pid}" / f"fedbn_round{round_}.pt"
+def _fedbn_file(task: ClientTask, pid: int, round_: int, name: str = FEDBN_STATE) -> Path:
+    return Path(task.state_dir) / f"client{pid}" / f"{name}_round{round_}.pt"
 
 
-def _fedbn_state(task: ClientTask, pid: int, context: Context) -> dict[str, torch.Tensor]:
-    """The client's own BatchNorm entries from its last round (none before its first).
+def _fedbn_state(
+    task: ClientTask, pid: int, context: Context, name: str = FEDBN_STATE
+) -> dict[str, torch.Tensor]:
+    """The client's own entries ``name`` from its last round (none before its first).
 
-    All of BatchNorm's keys under FedBN, its buffers only under SiloBN.
+    ``fedbn``: all of BatchNorm's keys under FedBN, its buffers only under SiloBN.
+    ``cyclic``: what :func:`_keep_cyclic` keeps.
     """
-    if FEDBN_STATE in context.state:
-        return context.state[FEDBN_STATE].to_torch_state_dict()
+    if name in context.state:
+        return context.state[name].to_torch_state_dict()
     # A resumed run starts with empty node state: read what this client saved last.
     # A client never sampled so far still has its initial BatchNorm.
     for round_ in range(task.round - 1, 0, -1):
-        path = _fedbn_file(task, pid, round_)
+        path = _fedbn_file(task, pid, round_, name)
         if path.is_file():
             return torch.load(path, weights_only=True, map_location="cpu")
     return {}
@@ -114,11 +120,75 @@ def _digest(state: dict[str, torch.Tensor]) -> float:
     return total
 
 
-def _keep_fedbn(task: ClientTask, pid: int, context: Context, own: dict) -> None:
-    context.state[FEDBN_STATE] = ArrayRecord(torch_state_dict=own)
-    path = _fedbn_file(task, pid, task.round)
+def _keep_fedbn(
+    task: ClientTask, pid: int, context: Context, own: dict, name: str = FEDBN_STATE
+) -> None:
+    context.state[name] = ArrayRecord(torch_state_dict=own)
+    path = _fedbn_file(task, pid, task.round, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch_save(path, own)
+
+
+def _cyclic_start(
+    task: ClientTask,
+    pid: int,
+    context: Context,
+    model: torch.nn.Module,
+    optimizer,
+    rows,
+    generator: torch.Generator,
+) -> loops.EpochCursor:
+    """strategy=cyclic: this client's own keys, optimiser state and epoch cursor, installed.
+
+    The keys that do not travel (``key_plan(...).local``: BatchNorm's buffers under
+    ``params_only``, its every key under FedBN) are the client's own: as it ended its
+    last visit, or the model's initial ones before its first. A round starts a new
+    cursor on ``generator`` (seeded as any client's local training,
+    ``client_training_generator``); a later visit of the round sets it where the
+    last one left it.
+    """
+    saved = _fedbn_state(task, pid, context, CYCLIC_STATE)
+    state = model.state_dict()
+    state.update({k.removeprefix("model/"): v for k, v in saved.items() if k.startswith("model/")})
+    model.load_state_dict(state)
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in saved.items():
+        if key.startswith("optim/"):
+            _, index, name = key.split("/", 2)
+            moments.setdefault(int(index), {})[name] = value
+    if moments:
+        full = optimizer.state_dict()
+        optimizer.load_state_dict({**full, "state": moments})
+    cursor = loops.EpochCursor(rows, task.batch_size, task.local_epochs, generator)
+    if int(saved.get("cursor/round", -1)) == task.round:  # the same round: carry on
+        cursor.load_state_dict({k.removeprefix("cursor/"): v for k, v in saved.items()
+                                if k.startswith("cursor/")})  # fmt: skip
+    return cursor
+
+
+def _keep_cyclic(task, pid, context, own: dict, optimizer, cursor: loops.EpochCursor) -> None:
+    """What a client carries from one visit to its next: own keys, optimiser, cursor.
+
+    In ``Context.state`` after every visit; mirrored to ``client_state/`` once the
+    client is through its round (a resumed run restarts at a round's start). Only
+    the two newest files are kept: the newest may be of a round the server never
+    checkpointed.
+    """
+    saved = {f"model/{k}": v for k, v in own.items()}
+    for index, values in optimizer.state_dict()["state"].items():
+        saved.update({f"optim/{index}/{name}": v.detach().cpu()
+                      for name, v in values.items() if torch.is_tensor(v)})  # fmt: skip
+    saved.update({f"cursor/{k}": v for k, v in cursor.state_dict().items()})
+    saved["cursor/round"] = torch.tensor(task.round)
+    if not cursor.done:
+        context.state[CYCLIC_STATE] = ArrayRecord(torch_state_dict=saved)
+        return
+    _keep_fedbn(task, pid, context, saved, CYCLIC_STATE)
+    folder = _fedbn_file(task, pid, task.round, CYCLIC_STATE).parent
+    files = sorted(folder.glob(f"{CYCLIC_STATE}_round*.pt"),
+                   key=lambda f: int(f.stem.rsplit("round", 1)[1]))  # fmt: skip
+    for old in files[:-2]:
+        old.unlink()
 
 
 @app.train()
@@ -128,29 +198,38 @@ def train(message: Message, context: Context) -> Message:
     pid, data = _pid(context), _data(task)
     model = _model(task, message, context)
     plan = key_plan(model, task.bn_sync)
+    rows = _rows(task, pid, "train")
+    optimizer = loops.make_optimizer(model.parameters(), task.optimizer_target,
+                                     task.optimizer_kwargs)  # fmt: skip
+    cursor = None
+    generator = seeding.client_training_generator(task.seed, task.round, pid)
+    if task.visit:  # strategy=cyclic: the cursor's generator, wherever it is in the round
+        cursor = _cyclic_start(task, pid, context, model, optimizer, rows, generator)
     bn_keys = sorted(bn_state_keys(model))
     digest_in = _digest({k: model.state_dict()[k] for k in bn_keys})
     augmenter, extractor = loops.training_augmentation(task.augment, task.features, data)
     stats = loops.train_epochs(
         model,
         data,
-        _rows(task, pid, "train"),
+        rows,
         epochs=task.local_epochs,
         batch_size=task.batch_size,
-        optimizer=loops.make_optimizer(
-            model.parameters(), task.optimizer_target, task.optimizer_kwargs
-        ),
-        generator=seeding.client_training_generator(task.seed, task.round, pid),
+        optimizer=optimizer,
+        generator=generator,
         augmenter=augmenter,
         extractor=extractor,
         prox_mu=task.prox_mu,
         frozen_bn=task.bn_frozen,
         device=task.device,
         amp=task.amp,
+        cursor=cursor,
+        max_batches=1 if task.visit == "batch" else None,
     )
     state = cpu_state(model.state_dict())
     if keeps_client_state(task.bn_sync):
         _keep_fedbn(task, pid, context, {k: state[k] for k in plan.local})
+    if cursor is not None:
+        _keep_cyclic(task, pid, context, {k: state[k] for k in plan.local}, optimizer, cursor)
     metrics = MetricRecord(
         {
             "num-examples": stats.num_examples,
@@ -160,6 +239,9 @@ def train(message: Message, context: Context) -> Message:
             "seconds": stats.seconds,
             "bn_digest_in": digest_in,
             "bn_digest_out": _digest({k: state[k] for k in bn_keys}),
+            "seen": stats.seen,  # examples trained on by this call (cyclic: this visit)
+            "batches": stats.batches,
+            "batches_left": 0 if cursor is None else cursor.batches_left,
         }
     )
     shared = ArrayRecord(torch_state_dict={k: state[k] for k in plan.shared})

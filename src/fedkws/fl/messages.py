@@ -49,6 +49,7 @@ class ClientTask:
     device: str = "cpu"  # where the client computes (RunSpec.client_device)
     amp: str = "none"  # mixed precision of local training (train.amp)
     deterministic: bool = False  # deterministic algorithms (train.deterministic)
+    visit: str = ""  # strategy=cyclic: one visit is "epoch" (local epochs) or "batch"; "" otherwise
 
     def at(
         self,

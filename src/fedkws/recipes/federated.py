@@ -9,6 +9,10 @@ client that fails is recorded (results.json ``failures``, console) and left
 out of that round; the run stops only when fewer than
 ``strategy.min_train_clients`` replied. A client without training examples
 is never sampled.
+
+``strategy=cyclic`` replaces the aggregation: the model visits the sampled
+clients in turn and the round's model is what the last visit handed on
+(:meth:`FederatedRecipe._train_round_cyclic`).
 """
 
 from __future__ import annotations
@@ -112,7 +116,10 @@ class FederatedRecipe:
         failed_before = len(self.clients_api.failures)
         frozen = self.spec.bn.sync == "fixbn" and round_ > self.spec.bn.freeze_after
         self.clients_api.task = dataclasses.replace(self.clients_api.task, bn_frozen=frozen)
-        replies = self.clients_api.train(round_, pids, self._shared_state())
+        if s.cyclic:
+            replies, handed_on = self._train_round_cyclic(round_, pids)
+        else:
+            replies = self.clients_api.train(round_, pids, self._shared_state())
         failures = self.clients_api.failures[failed_before:]
         self._report_failures(failures)
         if len(replies) < s.min_train_clients:
@@ -131,7 +138,10 @@ class FederatedRecipe:
         )  # fmt: skip
         # Aggregated on the CPU, where the replies are; loading copies to the model's device.
         current = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        new_state = aggregate(current, states, counts, self.keys, update)
+        if s.cyclic:  # no averaging: the shared keys the last visit handed on
+            new_state = {**current, **handed_on}
+        else:
+            new_state = aggregate(current, states, counts, self.keys, update)
         if frozen:  # FixBN: the frozen statistics stay exactly as they were
             new_state.update({k: current[k] for k in (*self.keys.stats, *self.keys.counters)})
         self.model.load_state_dict(new_state)
@@ -149,6 +159,29 @@ class FederatedRecipe:
             metrics["clients_failed"] = float(len(failures))
             info.update({str(f.pid): {"failed": 1.0} for f in failures})
         return metrics, info
+
+    def _train_round_cyclic(self, round_: int, pids: list[int]) -> tuple[list, dict]:
+        """strategy=cyclic: the model visits ``pids`` in turn; each trains it and hands it on.
+
+        ``visit=epoch``: one visit is a client's local epochs. ``visit=batch``: one
+        batch; the clients take turns (in partition-id order) until each has gone
+        through its epochs, a client that has finished being skipped. Only the
+        shared keys travel (``bn.sync``); the ones a client keeps are its own. Returns
+        one reply per client that trained (its visits summed) and the shared keys the
+        last visit handed on. A client that fails is left out for the rest of the round.
+        """
+        handed_on = self._shared_state()
+        visits: dict[int, list] = {}
+        active = list(pids)
+        while active:
+            for pid in list(active):
+                replies = self.clients_api.train(round_, [pid], handed_on)
+                if not replies or replies[0].metrics["batches_left"] == 0:
+                    active.remove(pid)
+                if replies:
+                    handed_on = replies[0].state
+                    visits.setdefault(pid, []).append(replies[0])
+        return [_merge_visits(v) for _, v in sorted(visits.items())], handed_on
 
     def _freeze_statistics(self, round_: int) -> None:
         """FixBN: the exact pooled statistics of the clients' data, installed in the model."""
@@ -317,6 +350,23 @@ def _train_metrics(replies, sampled: int) -> common.Metrics:
     }
 
 
+def _merge_visits(visits: list) -> Any:
+    """One client's visits of a cyclic round as one reply: sums, and means over examples seen."""
+    seen = [v.metrics["seen"] for v in visits]
+    total = max(sum(seen), 1.0)
+    metrics = dict(visits[-1].metrics)
+    for key in ("train_loss", "train_acc"):
+        metrics[key] = sum(v.metrics[key] * n for v, n in zip(visits, seen, strict=True)) / total
+    for key in ("seen", "batches", "seconds"):
+        metrics[key] = float(sum(v.metrics[key] for v in visits))
+    metrics["visits"] = float(len(visits))
+    metrics["bn_digest_in"] = visits[0].metrics["bn_digest_in"]
+    state: dict[str, torch.Tensor] = {}
+    for visit in visits:  # every key it sent (checked for leaks), as its last visit left them
+        state.update(visit.state)
+    return dataclasses.replace(visits[-1], metrics=metrics, state=state)
+
+
 def _client_task(spec: RunSpec, data, clients_file: Path, state_dir: Path):
     from fedkws.fl.messages import ClientTask
 
@@ -341,4 +391,5 @@ def _client_task(spec: RunSpec, data, clients_file: Path, state_dir: Path):
         device=spec.client_device,
         amp=spec.train.amp,
         deterministic=spec.train.deterministic,
+        visit=spec.strategy.visit if spec.strategy.cyclic else "",
     )
