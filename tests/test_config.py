@@ -170,7 +170,12 @@ SWEEPS = [
 ]
 
 
-@pytest.mark.parametrize("preset", SWEEPS)
+# literature and augment_ablation reuse bn_study's arms and partitions: slow only.
+@pytest.mark.parametrize(
+    "preset",
+    [pytest.param(p, marks=pytest.mark.slow) if p in ("literature", "augment_ablation") else p
+     for p in SWEEPS],
+)  # fmt: skip
 def test_every_sweep_cell_composes_and_validates(preset, tmp_path):
     # Catches: a sweep value the config or the code rejects, and a cell count that differs
     # from the one the preset documents ("6 jobs").
