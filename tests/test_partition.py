@@ -163,5 +163,28 @@ def test_summary_and_plot(tmp_path):
     text = summary(parts, LABELS, names)
     assert text.splitlines()[0].startswith("4 clients")
     assert len(text.splitlines()) == 2 + 4
-    png = plot(parts, LABELS, names, tmp_path / "p.png")
+    png = plot(parts, LABELS, names, tmp_path / "p.png", client_names=["alice", "bob", "c", "d"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_partition_plot_names_the_clients_on_its_axis(tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    import fedkws.plots as plots
+
+    drawn = []
+    original = plots.figure
+
+    @contextmanager
+    def spy(*args, **kwargs):
+        with original(*args, **kwargs) as (fig, ax):
+            drawn.append(ax)
+            yield fig, ax
+
+    monkeypatch.setattr(plots, "figure", spy)
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    parts = [np.arange(4), np.arange(4, 8)]
+    plot(parts, labels, ("a", "b", "c", "d"), tmp_path / "p.png", client_names=["alice", "bob"])
+    assert [t.get_text() for t in drawn[0].get_xticklabels()] == ["alice", "bob"]
+    plot(parts, labels, ("a", "b", "c", "d"), tmp_path / "q.png")
+    assert [t.get_text() for t in drawn[1].get_xticklabels()] == ["client 0", "client 1"]

@@ -45,8 +45,9 @@ def prepare_data(spec: RunSpec | DictConfig, out_dir: Path) -> str:
     data = load_data(spec)
     clients = make_clients(data, spec.partition, seed=spec.seed)
     png = part.plot(
-        [c.train for c in clients], data.labels, data.label_names, out_dir / "partition.png"
-    )
+        [c.train for c in clients], data.labels, data.label_names, out_dir / "partition.png",
+        client_names=[c.name for c in clients],
+    )  # fmt: skip
     text = "\n".join(
         [
             data.summary(),

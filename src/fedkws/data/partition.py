@@ -322,9 +322,17 @@ _MAX_BARS = 100  # clients drawn as bars in plot(); more are drawn as step curve
 
 
 def plot(
-    parts: list[np.ndarray], labels: np.ndarray, label_names: tuple[str, ...], path: Path | str
+    parts: list[np.ndarray],
+    labels: np.ndarray,
+    label_names: tuple[str, ...],
+    path: Path | str,
+    client_names: list[str] | None = None,
 ) -> Path:
-    """Stacked bar chart of the label distribution per client, saved as PNG."""
+    """Stacked bar chart of the label distribution per client, saved as PNG.
+
+    Up to ``_MAX_BARS`` clients the x axis names each client (``client_names``,
+    default ``client 0``, ``client 1``, ...).
+    """
     from matplotlib import colormaps
 
     from fedkws.plots import figure
@@ -349,6 +357,9 @@ def plot(
                        label=name)  # fmt: skip
             bottom += hist[:, k]
         ax.set_xlabel("client")
+        if not many:
+            names = client_names or [f"client {k}" for k in range(len(parts))]
+            ax.set_xticks(np.arange(len(parts)), names, rotation=90 if len(parts) > 8 else 0)
         ax.set_ylabel("training examples")
         skewness = skew(parts, labels, len(label_names))
         ax.set_title(f"label distribution per client (skew {skewness:.2f})")

@@ -74,7 +74,8 @@ class FederatedRecipe:
             )
         clients_file = save_clients(clients, run_dir / "clients.npz")
         part.plot([c.train for c in clients], self.parts.data.labels,
-                  self.parts.data.label_names, run_dir / "partition.png")  # fmt: skip
+                  self.parts.data.label_names, run_dir / "partition.png",
+                  client_names=[c.name for c in clients])  # fmt: skip
         self.keys = key_plan(self.model, spec.bn.sync)
         self.bn_keys = bn_state_keys(self.model)
         from fedkws.fl.strategy import FlowerServerRule
