@@ -140,3 +140,22 @@ def train_command(*overrides: str) -> list[str]:
 def error_lines(stderr: str) -> list[str]:
     """The ``error:`` lines of a command's stderr."""
     return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def spy_on_figures(monkeypatch) -> list:
+    """Record the axes of every figure drawn through :func:`fedkws.plots.figure` (still saved)."""
+    from contextlib import contextmanager
+
+    import fedkws.plots as plots
+
+    drawn: list = []
+    original = plots.figure
+
+    @contextmanager
+    def spy(*args, **kwargs):
+        with original(*args, **kwargs) as (fig, ax):
+            drawn.append(ax)
+            yield fig, ax
+
+    monkeypatch.setattr(plots, "figure", spy)
+    return drawn

@@ -168,20 +168,9 @@ def test_summary_and_plot(tmp_path):
 
 
 def test_partition_plot_names_the_clients_on_its_axis(tmp_path, monkeypatch):
-    from contextlib import contextmanager
+    from helpers import spy_on_figures
 
-    import fedkws.plots as plots
-
-    drawn = []
-    original = plots.figure
-
-    @contextmanager
-    def spy(*args, **kwargs):
-        with original(*args, **kwargs) as (fig, ax):
-            drawn.append(ax)
-            yield fig, ax
-
-    monkeypatch.setattr(plots, "figure", spy)
+    drawn = spy_on_figures(monkeypatch)
     labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
     parts = [np.arange(4), np.arange(4, 8)]
     plot(parts, labels, ("a", "b", "c", "d"), tmp_path / "p.png", client_names=["alice", "bob"])

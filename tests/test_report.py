@@ -14,7 +14,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedkws import CONF_DIR
-from helpers import tiny_dataset_overrides
+from helpers import spy_on_figures, tiny_dataset_overrides
 
 BIN = Path(sys.executable).parent
 # summary key of each column the report must show (independent of report.py)
@@ -408,16 +407,7 @@ def test_legends_show_labels_starting_with_an_underscore(tmp_path, monkeypatch):
         ax.plot([0, 1], [1, 0])  # unlabelled: stays out
         ax.fill_between([0, 1], [0, 0], [1, 1])
         assert [t.get_text() for t in ax.legend().get_texts()] == ["_silence_", "_unknown_"]
-    drawn = []
-    original = plots.figure
-
-    @contextmanager
-    def spy(*args, **kwargs):
-        with original(*args, **kwargs) as (fig, ax):
-            drawn.append(ax)
-            yield fig, ax
-
-    monkeypatch.setattr(plots, "figure", spy)
+    drawn = spy_on_figures(monkeypatch)
     names = ("_silence_", "_unknown_", "yes", "no")
     labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
     partition.plot([np.arange(4), np.arange(4, 8)], labels, names, tmp_path / "partition.png")
