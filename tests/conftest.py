@@ -16,6 +16,12 @@ from helpers import TINY, compose_cfg
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per pytest-xdist worker: the workers already fill the cores.
+    import torch
+
+    torch.set_num_threads(1)
+
 # Real Speech Commands files, kept beside the checkout (../shared/reference).
 REFERENCE = Path(
     os.environ.get(

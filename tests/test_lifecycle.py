@@ -152,9 +152,9 @@ def test_resume_continues_where_it_stopped(stopped_run, data_dir, tiny_root, tmp
 # --------------------------------------------------------------------------- Ctrl-C
 
 
-def _interrupt_after_round(command: list[str], run_dir: Path, round_: int = 1):
+def _interrupt_after_round(command: list[str], run_dir: Path, round_: int = 1, env=None):
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env())  # fmt: skip
+                            env=env or cli_env())  # fmt: skip
     results = run_dir / "results.json"
     deadline = time.monotonic() + 240
     try:
@@ -193,22 +193,31 @@ def test_ctrl_c_stops_a_central_run_cleanly(data_dir, tiny_root, tmp_path):
     _check_clean_stop(code, err, seconds, run_dir)
 
 
-def _raylets() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True)
+def _raylets(ray_tmp: str) -> set[int]:
+    """The raylets of the Ray instances under ``ray_tmp`` (not another test worker's)."""
+    out = subprocess.run(["pgrep", "-f", f"raylet.*{ray_tmp}"], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_a_ray_simulation_cleanly(data_dir, tiny_root, tmp_path):
-    before = _raylets()
+    import shutil
+    import tempfile
+
+    # A short temp root of the run's own (Ray's socket paths are limited to 107 bytes).
+    ray_tmp = tempfile.mkdtemp(prefix="fedkws-ray-")
     run_dir = tmp_path / "run"
     command = train_command(
         *tiny_dataset_overrides(data_dir, tiny_root), "model=cnn", "train.rounds=100",
         "federation.backend=ray", f"hydra.run.dir={run_dir}",
     )  # fmt: skip
-    code, _, err, seconds = _interrupt_after_round(command, run_dir)
-    _check_clean_stop(code, err, seconds, run_dir)
-    assert _raylets() <= before  # no Ray process left behind
+    try:
+        env = {**cli_env(), "RAY_TMPDIR": ray_tmp}
+        code, _, err, seconds = _interrupt_after_round(command, run_dir, env=env)
+        _check_clean_stop(code, err, seconds, run_dir)
+        assert not _raylets(ray_tmp)  # no Ray process left behind
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow
