@@ -457,3 +457,29 @@ def test_sweep_callback_with_wandb_disabled_logs_nothing(fake_sweep):
     SweepReport().on_multirun_end(_sweep_config(fake_sweep, "disabled"))
     assert (fake_sweep / "report.csv").is_file()
     assert not (fake_sweep / "wandb").exists()
+
+
+def test_columns_keep_the_matching_values_with_their_vs_central_twin(fake_sweep, capsys):
+    # Catches: a pattern that keeps other columns or drops the settings, a 'vs central'
+    # column lost with its value column, and a pattern matching nothing read as "all".
+    from fedkws import cli
+    from fedkws.report import report
+
+    report([fake_sweep], markdown=fake_sweep / "full.md")
+    markdown = fake_sweep / "test.md"
+    assert cli.main(["report", str(fake_sweep), "--columns", "test/*/acc",
+                     "--markdown", str(markdown)]) == 0  # fmt: skip
+    rows, full = _csv_rows(markdown.with_suffix(".csv")), _csv_rows(fake_sweep / "full.csv")
+    stats = {c.removesuffix("_mean") for c in rows[FED] if c.endswith("_mean")}
+    modes = ("eval", "train", "recalibrated")
+    assert stats == {f"test/{m}/acc" for m in modes} | {f"test/{m}/acc_vs_central" for m in modes}
+    assert rows[FED]["strategy"] == "fedavg" and rows[FED]["seeds"] == "3"
+    for column in ("test/eval/acc_mean", "test/eval/acc_vs_central_mean"):
+        assert rows[FED][column] == full[FED][column]  # the same numbers as the whole report
+    header = markdown.read_text().splitlines()[0]
+    assert "test/eval/acc" in header and "val/eval/acc" not in header
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["report", str(fake_sweep), "--columns", "nothing/*"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "val/eval/acc" in err
+    assert err.startswith("error: --columns nothing/* matches no column")

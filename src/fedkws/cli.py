@@ -80,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("paths", type=Path, nargs="+", help="run or sweep folders")
     rep.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     rep.add_argument("--plot", type=Path, default=None, help="also draw the curves to this PNG")
+    rep.add_argument(
+        "--columns", type=_patterns, default=None,
+        help="only these value columns: comma-separated shell patterns, e.g. 'test/*/acc'",
+    )  # fmt: skip
 
     cav = sub.add_parser("caveat", help="train-mode accuracy of a run vs evaluation batch")
     cav.add_argument("run", type=Path, help="a finished run folder")
@@ -99,6 +103,13 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _patterns(text: str) -> list[str]:
+    patterns = [part.strip() for part in text.split(",") if part.strip()]
+    if not patterns:
+        raise argparse.ArgumentTypeError("no column pattern given")
+    return patterns
+
+
 def _dispatch(args: argparse.Namespace, synth) -> None:
     if args.command == "generate":
         print(synth.generate(args.root, **synth.arguments_params(args)).describe())
@@ -116,7 +127,7 @@ def _dispatch(args: argparse.Namespace, synth) -> None:
     else:
         from fedkws.report import report
 
-        print(report(args.paths, markdown=args.markdown, plot=args.plot))
+        print(report(args.paths, markdown=args.markdown, plot=args.plot, columns=args.columns))
 
 
 if __name__ == "__main__":

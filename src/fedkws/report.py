@@ -77,6 +77,7 @@ shaded; ``report_bars.png``: final test accuracy per cell (groups) and mode
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import math
 import re
@@ -395,8 +396,12 @@ class SweepTable:
     modes: list[str]  # modes with a ``val/<mode>/acc`` curve: the rounds-to-90 % columns
 
     @classmethod
-    def build(cls, paths: list[Path]) -> SweepTable:
-        """Every run under ``paths``, grouped into cells."""
+    def build(cls, paths: list[Path], columns: list[str] | None = None) -> SweepTable:
+        """Every run under ``paths``, grouped into cells.
+
+        ``columns``: keep only the value columns whose name matches one of these
+        shell patterns (``test/*/acc`` keeps ``test/eval/acc`` and its ``vs central``).
+        """
         runs = find_runs([Path(p) for p in paths])
         base = Path(paths[0]) if Path(paths[0]).is_dir() else Path(paths[0]).parent
         groups: dict[str, list[Run]] = defaultdict(list)
@@ -411,6 +416,8 @@ class SweepTable:
         results = [r for c in cells for r in c.results]
         keys = _columns(results)
         stats = [_Stat(k) for k in keys] + [_Stat(k, True) for k in keys if _CENTRAL.fullmatch(k)]
+        if columns:
+            stats = _select(stats, columns)
         found = (_VAL_CURVE.fullmatch(k) for r in results for rec in r.rounds for k in rec.metrics)
         modes = sorted({m.group(1) for m in found if m}, key=_mode_key)
         return cls(base, cells, stats, modes)
@@ -539,6 +546,21 @@ class SweepTable:
         return buf.getvalue()
 
 
+def _select(stats: list[_Stat], patterns: list[str]) -> list[_Stat]:
+    """The columns matching a pattern (a column's ``vs central`` twin follows it)."""
+    kept = [s for s in stats if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+    kept += [
+        s for s in stats
+        if s.vs_central and s not in kept and any(t.key == s.key for t in kept)
+    ]  # fmt: skip
+    if not kept:
+        available = ", ".join(s.name for s in stats if not s.vs_central) or "none"
+        raise ConfigError(
+            f"--columns {','.join(patterns)} matches no column of this sweep; columns: {available}"
+        )
+    return [s for s in stats if s in kept]
+
+
 def _mean_wall(cell: Cell) -> float | None:
     walls = [w for r in cell.results if (w := _number(r.summary.get("wall_s"))) is not None]
     return float(np.mean(walls)) if walls else None
@@ -564,6 +586,7 @@ def report(
     csv_file: Path | None = None,
     bars: Path | None = None,
     log_table: Callable[[SweepTable], None] | None = None,
+    columns: list[str] | None = None,
 ) -> str:
     """A Markdown table of every run under ``paths`` (seeds of one cell merged).
 
@@ -571,8 +594,9 @@ def report(
     default: the same name ending in ``.csv``); ``plot`` draws the curves there,
     with the bar chart beside it (``bars``, default: ``<plot stem>_bars.png``).
     ``log_table`` is handed the table once everything is written (e.g. to W&B).
+    ``columns``: only the value columns matching these patterns (:meth:`SweepTable.build`).
     """
-    table = SweepTable.build([Path(p) for p in paths])
+    table = SweepTable.build([Path(p) for p in paths], columns)
     text = table.markdown()
     if markdown is not None and csv_file is None:
         csv_file = Path(markdown).with_suffix(".csv")
