@@ -1,0 +1,107 @@
+"""Size and expected run time of a preset on the real Speech Commands, from what is here.
+
+    .venv/bin/python experiments/real_speech_commands.py outputs/bn_study/multirun/<date>/<time>
+
+The real archives cannot be downloaded on the development machine, so the sizes are
+derived from the one real split list kept beside the checkout (v0.02's
+``testing_list.txt``, ``FEDKWS_REFERENCE_DIR``) and the published clip counts, and
+the times from finished sweeps on the embedded dataset:
+
+- 12-class testing split of v0.02: the ten command words counted in the real list,
+  plus ``_silence_`` and ``_unknown_`` at 10 % of that count each (the protocol).
+- 12-class training split: 8 x the testing split, because the hash rule sends 80 % of
+  the speakers to training and 10 % to testing (an estimate: speakers differ in how
+  many clips they recorded).
+- v0.01: the v0.02 estimate scaled by the clip counts (64,727 / 105,829); a rough
+  estimate only (v0.01 has 30 words, v0.02 35).
+- Time of a job: its measured wall time on the embedded dataset scaled by the ratio of
+  training rows (per-round training, evaluation and recalibration grow with the data;
+  the one-off feature cache build on first use is not included).
+
+After a real download, ``fedkws-prepare dataset=speech_commands_v2`` prints the exact
+split sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+from fedkws.data.speech_commands import TEN_WORDS
+
+CLIPS = {"v0.01": 64_727, "v0.02": 105_829}  # published clip counts of the two archives
+EXTRA = 0.10 + 0.10  # _silence_ and _unknown_, each 10 % of the known-word count
+TRAIN_PER_TEST = 80 / 10  # the hash rule's training and testing shares
+REFERENCE = Path(
+    os.environ.get(
+        "FEDKWS_REFERENCE_DIR",
+        Path(__file__).resolve().parents[2] / "shared" / "reference" / "speech_commands_v0.02",
+    )
+)
+
+
+def split_sizes(testing_list: Path) -> dict[str, dict[str, int]]:
+    """Estimated 12-class training and testing rows of v0.02 and v0.01."""
+    words = [line.split("/", 1)[0] for line in testing_list.read_text().split()]
+    known = sum(word in TEN_WORDS for word in words)
+    test = known + 2 * math.ceil(known * EXTRA / 2)
+    v2 = {"testing": test, "training": round(test * TRAIN_PER_TEST)}
+    scale = CLIPS["v0.01"] / CLIPS["v0.02"]
+    return {"v0.02": v2, "v0.01": {k: round(v * scale) for k, v in v2.items()}}
+
+
+def _embedded_rows(run: Path) -> int | None:
+    """Training rows of a run, from the ``total`` line of its data summary."""
+    summary = run / "data_summary.txt"
+    if not summary.is_file():
+        return None
+    match = re.search(r"^\s*total\s+(\d+)", summary.read_text(), re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def sweep_times(sweep: Path) -> tuple[int, float, int]:
+    """Jobs, summed wall seconds and the training rows of one of its runs."""
+    walls, rows = [], None
+    for path in sorted(sweep.rglob("results.json")):
+        summary = json.loads(path.read_text()).get("summary", {})
+        if isinstance(summary.get("wall_s"), (int, float)):
+            walls.append(float(summary["wall_s"]))
+            rows = rows or _embedded_rows(path.parent)
+    if not walls or rows is None:
+        raise SystemExit(f"error: no finished run with a data summary under {sweep}")
+    return len(walls), sum(walls), rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the size table, then each sweep's time scaled to the real archives."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweeps", type=Path, nargs="*", help="finished sweep folders")
+    parser.add_argument("--testing-list", type=Path, default=REFERENCE / "testing_list.txt")
+    args = parser.parse_args(argv)
+    if not args.testing_list.is_file():
+        print(f"error: no testing list at {args.testing_list} (set FEDKWS_REFERENCE_DIR)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    sizes = split_sizes(args.testing_list)
+    print("| dataset | 12-class training rows (est.) | 12-class testing rows (est.) |")
+    print("|---|---|---|")
+    for version, size in sizes.items():
+        print(f"| {version} | {size['training']:,} | {size['testing']:,} |")
+    for sweep in args.sweeps:
+        jobs, wall, rows = sweep_times(sweep)
+        print(f"\n{sweep}: {jobs} jobs, {wall / 60:.0f} min of job wall time on "
+              f"{rows:,} embedded training rows")  # fmt: skip
+        for version, size in sizes.items():
+            factor = size["training"] / rows
+            print(f"  {version}: x{factor:.1f} -> about {wall * factor / 3600:.1f} h "
+                  f"({wall / jobs * factor / 60:.0f} min a job)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
