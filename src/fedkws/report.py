@@ -90,6 +90,7 @@ from typing import Any
 import numpy as np
 from hydra.experimental.callback import Callback
 
+from fedkws import claims
 from fedkws.core.stats import t_interval
 from fedkws.errors import ConfigError
 from fedkws.fileio import write_text
@@ -598,6 +599,8 @@ def report(
     """
     table = SweepTable.build([Path(p) for p in paths], columns)
     text = table.markdown()
+    if found := claims.verdicts(table.cells):
+        text += "\n\n" + claims.markdown(found)
     if markdown is not None and csv_file is None:
         csv_file = Path(markdown).with_suffix(".csv")
     if plot is not None and bars is None:

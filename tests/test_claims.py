@@ -1,0 +1,84 @@
+"""Published claims read off a sweep: paired per-seed differences and their verdicts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedkws import claims
+from fedkws.report import SweepTable, report
+
+T_975 = {1: 12.706204736, 2: 4.302652730}  # Student t quantiles (printed tables), df 1 and 2
+EVAL, TRAIN, FED = "test/eval/acc", "test/train/acc", "final/fed/eval/acc_mean"
+SWEEP = {  # cell -> {summary key: value per seed}
+    "arm=group,partition=dirichlet": {EVAL: [0.50, 0.55, 0.60]},
+    "arm=batch_full,partition=dirichlet": {EVAL: [0.40, 0.50, 0.45]},
+    "arm=batch_params_only,partition=iid": {EVAL: [0.08, 0.09, 0.085], TRAIN: [0.6, 0.62, 0.64]},
+    "arm=batch_full,partition=iid": {EVAL: [0.05, 0.06, 0.07]},
+    "arm=batch_fedbn,partition=channels": {FED: [0.7, 0.8]},
+    "arm=batch_full,partition=channels": {FED: [0.6, 0.65, 0.9], EVAL: [0.5, 0.5, 0.5]},
+}
+
+
+def _write(folder: Path, seed: int, summary: dict) -> None:
+    from fedkws.tracking import Recorder, Result, RoundRecord, WandbLogger
+
+    folder.mkdir(parents=True)
+    recorder = Recorder(
+        folder, Result(config={"seed": seed}), WandbLogger("disabled", "x", {}, folder)
+    )
+    recorder.log_round(RoundRecord(1, {"val/eval/acc": 0.5}, 1.0))
+    recorder.finish({"strategy": "fedavg", "complete": True, "rounds_completed": 1, **summary})
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    for cell, keys in SWEEP.items():
+        for seed in range(len(next(iter(keys.values())))):
+            _write(tmp_path / cell / f"seed={seed}", seed, {k: v[seed] for k, v in keys.items()})
+    return tmp_path
+
+
+def _expected(diffs: list[float]) -> tuple[float, float, float]:
+    """mean and t interval, computed here from the quantile table."""
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = T_975[n - 1] * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def test_verdicts_pair_seeds_and_read_the_interval(sweep):
+    # Catches: unpaired means, the wrong direction, a z interval, claims without cells listed.
+    found = {v.claim.text: v for v in claims.verdicts(SweepTable.build([sweep]).cells)}
+    by_source = {v.claim.source: v for v in found.values()}
+    assert set(by_source) == {"the 2020 tutorial", "the 2020 tutorial's fix",
+                              "Hsieh et al. 2020", "Li et al. 2021"}  # fmt: skip
+    cases = {  # source -> (better - worse per seed, verdict)
+        "the 2020 tutorial": ([0.6 - 0.08, 0.62 - 0.09, 0.64 - 0.085], "reproduced"),
+        "the 2020 tutorial's fix": ([0.05 - 0.08, 0.06 - 0.09, 0.07 - 0.085], "contradicted"),
+        "Hsieh et al. 2020": ([0.10, 0.05, 0.15], "not resolved"),  # mean 0.10, [-0.024, 0.224]
+        "Li et al. 2021": ([0.7 - 0.6, 0.8 - 0.65], "not resolved"),  # two seeds paired
+    }
+    for source, (diffs, verdict) in cases.items():
+        got = by_source[source]
+        assert got.diffs == pytest.approx(diffs) and got.verdict == verdict, source
+        mean, lo, hi = _expected(diffs)
+        assert got.interval == pytest.approx((lo, hi), abs=1e-6)
+        assert got.difference().startswith(f"{mean:+.3f} ± {np.std(diffs, ddof=1):.3f}")
+
+
+def test_the_report_lists_the_claims_below_its_tables(sweep):
+    text = report([sweep])
+    section = text.split("published claims", 1)[1]
+    rows = [line for line in section.splitlines() if " | " in line][1:]
+    assert len(rows) == 4 and not any(line.startswith("|") for line in rows)
+    assert any("Hsieh et al. 2020 | dirichlet |" in r and r.endswith("| 3 | not resolved")
+               for r in rows)  # fmt: skip
+
+
+def test_a_sweep_without_the_arms_has_no_claims(tmp_path):
+    _write(tmp_path / "optimizer.lr=0.1" / "seed=0", 0, {EVAL: 0.5})
+    assert "published claims" not in report([tmp_path])
