@@ -64,17 +64,24 @@ def _embedded_rows(run: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def sweep_times(sweep: Path) -> tuple[int, float, int]:
-    """Jobs, summed wall seconds and the training rows of one of its runs."""
-    walls, rows = [], None
+def sweep_times(sweep: Path) -> tuple[int, float, int, float]:
+    """Jobs, summed wall seconds, the training rows of one run, and the sweep's elapsed time.
+
+    Elapsed: from the first job's ``.hydra`` folder (made when a job starts) to the last
+    ``results.json`` written, by modification time.
+    """
+    walls, rows, started, ended = [], None, [], []
     for path in sorted(sweep.rglob("results.json")):
         summary = json.loads(path.read_text()).get("summary", {})
         if isinstance(summary.get("wall_s"), (int, float)):
             walls.append(float(summary["wall_s"]))
             rows = rows or _embedded_rows(path.parent)
+            ended.append(path.stat().st_mtime)
+            hydra = path.parent / ".hydra"
+            started.append(hydra.stat().st_mtime if hydra.is_dir() else ended[-1])
     if not walls or rows is None:
         raise SystemExit(f"error: no finished run with a data summary under {sweep}")
-    return len(walls), sum(walls), rows
+    return len(walls), sum(walls), rows, max(ended) - min(started)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     for version, size in sizes.items():
         print(f"| {version} | {size['training']:,} | {size['testing']:,} |")
     for sweep in args.sweeps:
-        jobs, wall, rows = sweep_times(sweep)
-        print(f"\n{sweep}: {jobs} jobs, {wall / 60:.0f} min of job wall time on "
-              f"{rows:,} embedded training rows")  # fmt: skip
+        jobs, wall, rows, elapsed = sweep_times(sweep)
+        print(f"\n{sweep}: {jobs} jobs in {elapsed / 60:.0f} min ({wall / 60:.0f} min inside "
+              f"the jobs' runs) on {rows:,} embedded training rows")  # fmt: skip
         for version, size in sizes.items():
             factor = size["training"] / rows
             print(f"  {version}: x{factor:.1f} -> about {wall * factor / 3600:.1f} h "
