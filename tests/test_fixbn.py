@@ -49,7 +49,26 @@ def tiny_data_rows(data_dir, tiny_root):
     return data, np.sort(data.split_indices("training"))[:64]
 
 
-def test_statistics_are_pooled_after_warmup_then_frozen(make_cfg, tmp_path):
+def _record_frozen_flags(monkeypatch) -> list[tuple[int, bool]]:
+    """(round, bn_frozen) of every training message the in-process grid carries."""
+    from fedkws.fl.inprocess import InProcessGrid
+    from fedkws.fl.messages import ClientTask
+
+    seen: list[tuple[int, bool]] = []
+    handle = InProcessGrid._handle
+
+    def recording(self, message):
+        if message.metadata.message_type == "train":
+            task = ClientTask.from_record(message.content["config"])
+            seen.append((task.round, task.bn_frozen))
+        return handle(self, message)
+
+    monkeypatch.setattr(InProcessGrid, "_handle", recording)
+    return seen
+
+
+def test_statistics_are_pooled_after_warmup_then_frozen(make_cfg, tmp_path, monkeypatch):
+    flags = _record_frozen_flags(monkeypatch)
     run_dir = tmp_path / "run"
     cfg = make_cfg([*BASE, "train.stop_after_round=1"])
     run(cfg, run_dir)
@@ -74,6 +93,8 @@ def test_statistics_are_pooled_after_warmup_then_frozen(make_cfg, tmp_path):
         assert torch.equal(final[key], value), key
     weights = [k for k in final if k.endswith("conv1.weight")]
     assert any(not torch.equal(final[k], ckpt["model"][k]) for k in weights)
+    # Catches: clients never told to train with the frozen statistics (nor told too early).
+    assert sorted(set(flags)) == [(1, False), (2, True), (3, True)]
 
 
 def test_fixbn_needs_batchnorm(make_cfg):

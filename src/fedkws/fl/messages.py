@@ -57,10 +57,14 @@ class ClientTask:
         layer: int = -1,
         eval_modes: tuple[str, ...] | None = None,
         eval_split: str = "local",
+        bn_frozen: bool = False,
     ) -> ClientTask:
-        """The same task for one round (and one BatchNorm layer, set of modes, split)."""
+        """The same task for one round (and one BatchNorm layer, set of modes, split, FixBN)."""
         modes = self.eval_modes if eval_modes is None else tuple(eval_modes)
-        return replace(self, round=round_, layer=layer, eval_modes=modes, eval_split=eval_split)
+        return replace(
+            self, round=round_, layer=layer, eval_modes=modes, eval_split=eval_split,
+            bn_frozen=bn_frozen,
+        )  # fmt: skip
 
     def to_record(self) -> ConfigRecord:
         """Encode as a Flower ``ConfigRecord`` (one JSON string)."""

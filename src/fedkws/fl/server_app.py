@@ -141,9 +141,14 @@ class FlowerClients:
         if missing:
             raise FederationError(f"no node answered for partitions {missing}")
 
-    def train(self, round_: int, pids: list[int], state: dict) -> list[TrainReply]:
-        """Local training on ``pids`` from ``state``; the replies that arrived."""
-        replies = self._send("train", pids, self.task.at(round_), state)
+    def train(
+        self, round_: int, pids: list[int], state: dict, bn_frozen: bool = False
+    ) -> list[TrainReply]:
+        """Local training on ``pids`` from ``state``; the replies that arrived.
+
+        ``bn_frozen``: FixBN after its warm-up (train with the global statistics, frozen).
+        """
+        replies = self._send("train", pids, self.task.at(round_, bn_frozen=bn_frozen), state)
         out = []
         for reply in replies:
             metrics = {k: float(v) for k, v in reply.content["metrics"].items()}

@@ -116,11 +116,10 @@ class FederatedRecipe:
                               s.min_train_clients)  # fmt: skip
         failed_before = len(self.clients_api.failures)
         frozen = self.spec.bn.sync == "fixbn" and round_ > self.spec.bn.freeze_after
-        self.clients_api.task = dataclasses.replace(self.clients_api.task, bn_frozen=frozen)
         if s.cyclic:
-            replies, handed_on = self._train_round_cyclic(round_, pids)
+            replies, handed_on = self._train_round_cyclic(round_, pids, frozen)
         else:
-            replies = self.clients_api.train(round_, pids, self._shared_state())
+            replies = self.clients_api.train(round_, pids, self._shared_state(), frozen)
         failures = self.clients_api.failures[failed_before:]
         self._report_failures(failures)
         if len(replies) < s.min_train_clients:
@@ -161,7 +160,9 @@ class FederatedRecipe:
             info.update({str(f.pid): {"failed": 1.0} for f in failures})
         return metrics, info
 
-    def _train_round_cyclic(self, round_: int, pids: list[int]) -> tuple[list, dict]:
+    def _train_round_cyclic(
+        self, round_: int, pids: list[int], bn_frozen: bool
+    ) -> tuple[list, dict]:
         """strategy=cyclic: the model visits ``pids`` in turn; each trains it and hands it on.
 
         ``visit=epoch``: one visit is a client's local epochs. ``visit=batch``: one
@@ -176,7 +177,7 @@ class FederatedRecipe:
         active = list(pids)
         while active:
             for pid in list(active):
-                replies = self.clients_api.train(round_, [pid], handed_on)
+                replies = self.clients_api.train(round_, [pid], handed_on, bn_frozen)
                 if not replies or replies[0].metrics["batches_left"] == 0:
                     active.remove(pid)
                 if replies:
