@@ -28,20 +28,25 @@ def trained(tmp_path_factory, data_dir, tiny_root):
     return run_dir
 
 
-def _one_batch_train_mode(run_dir) -> float:
-    # Independent of fedkws's loops: the whole split as ONE batch through BatchNorm
-    # layers in training mode (a copy, so nothing is updated).
+def _train_mode_class_sorted(run_dir, batch: int) -> float:
+    # Independent of fedkws's loops: the split sorted by (label, row), cut into batches of
+    # ``batch``, each through BatchNorm layers in training mode (a copy: nothing updated).
     from fedkws.caveat import _load
 
     _, data, model = _load(run_dir)
-    rows = data.split_indices("validation")
+    rows = np.asarray(data.split_indices("validation"))
+    rows = rows[np.lexsort((rows, data.labels[rows]))]
     net = copy.deepcopy(model).eval()
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.train()
+    correct = 0
     with torch.no_grad():
-        logits = net(torch.from_numpy(np.asarray(data.features[np.sort(rows)])))
-    return float((logits.argmax(1).numpy() == data.labels[np.sort(rows)]).mean())
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            logits = net(torch.from_numpy(np.asarray(data.features[chunk])))
+            correct += int((logits.argmax(1).numpy() == data.labels[chunk]).sum())
+    return correct / len(rows)
 
 
 def test_caveat_table_and_files(trained):
@@ -57,11 +62,12 @@ def test_caveat_table_and_files(trained):
     assert len(evals) == 1
     # One batch holding every example: the order cannot matter, and it equals the
     # independent one-batch train-mode pass.
-    want = _one_batch_train_mode(trained)
+    want = _train_mode_class_sorted(trained, 4096)
     assert rows[("train", "shuffled", 4096)] == pytest.approx(want, abs=1e-6)
     assert rows[("train", "class-sorted", 4096)] == pytest.approx(want, abs=1e-6)
-    # Batches of one normalise every example with its own statistics: not the same.
-    assert ("train", "class-sorted", 1) in rows
+    # Batches of 4 drawn from one class at a time (catches batches that mix the classes).
+    want = _train_mode_class_sorted(trained, 4)
+    assert rows[("train", "class-sorted", 4)] == pytest.approx(want, abs=1e-6)
     assert "batch 4096" in text
 
 

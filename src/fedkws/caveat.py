@@ -34,12 +34,8 @@ def _accuracy(model, data, rows: np.ndarray, batch: int, mode: str, order: str, 
 
     if order == "shuffled":
         return loops.evaluate(model, data, rows, batch, mode, order_seed=seed).acc
-    # evaluate() orders the rows itself; class-sorted order is given by batching here.
-    ordered, correct = _class_sorted(data, rows), 0
-    for start in range(0, len(ordered), batch):
-        chunk = ordered[start : start + batch]
-        correct += loops.evaluate(model, data, chunk, batch, mode, order_seed=None).acc * len(chunk)
-    return correct / len(ordered)
+    ordered = _class_sorted(data, rows)
+    return loops.evaluate(model, data, ordered, batch, mode, order_seed=None, keep_order=True).acc
 
 
 def _load(run_dir: Path):

@@ -321,10 +321,12 @@ def evaluate(
     *,
     order_seed: int | None,
     device: torch.device | str = "cpu",
+    keep_order: bool = False,
 ) -> EvalStats:
     """Evaluate on ``rows`` in :func:`evaluation_order` (train mode depends on the batches).
 
     On ``device``, where ``model`` is; predictions come back to the host once, at the end.
+    ``keep_order``: evaluate ``rows`` in the order given instead (``order_seed`` unused).
 
     Raises
     ------
@@ -334,7 +336,7 @@ def evaluate(
     if len(rows) == 0:
         raise ValueError("no examples to evaluate")
     net = norm_mode_model(model, mode)
-    ordered = evaluation_order(rows, order_seed)
+    ordered = np.asarray(rows) if keep_order else evaluation_order(rows, order_seed)
     k = data.num_classes
     confusion = np.zeros((k, k), dtype=np.int64)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
