@@ -82,3 +82,28 @@ def test_the_report_lists_the_claims_below_its_tables(sweep):
 def test_a_sweep_without_the_arms_has_no_claims(tmp_path):
     _write(tmp_path / "optimizer.lr=0.1" / "seed=0", 0, {EVAL: 0.5})
     assert "published claims" not in report([tmp_path])
+
+
+def test_the_grid_draws_each_cells_mean_in_its_row_and_column(sweep, tmp_path, monkeypatch):
+    # Catches: a cell drawn in another row or column, sd shown as the interval, a panel
+    # for a metric no cell has.
+    from helpers import spy_on_figures
+
+    drawn = spy_on_figures(monkeypatch)
+    report([sweep], plot=tmp_path / "r.png")
+    assert (tmp_path / "r_grid.png").stat().st_size > 0
+    panels = [ax for axes in drawn if hasattr(axes, "shape") and axes.shape == (1, 2)
+              for ax in axes[0]]  # fmt: skip
+    assert [ax.get_title() for ax in panels] == [
+        "global model, eval mode (test)",
+        "per client, own test split (mean)",
+    ]
+    eval_panel = panels[0]
+    rows = [t.get_text() for t in eval_panel.get_yticklabels()]
+    cols = [t.get_text() for t in eval_panel.get_xticklabels()]
+    texts = {(int(round(t.get_position()[1])), int(round(t.get_position()[0]))): t.get_text()
+             for t in eval_panel.texts}  # fmt: skip
+    group = texts[(rows.index("group"), cols.index("dirichlet"))]
+    mean, lo, hi = _expected([0.50, 0.55, 0.60])  # the cell's values, as an interval
+    assert group == f"{mean:.2f}\n±{(hi - lo) / 2:.2f}"
+    assert (rows.index("batch_fedbn"), cols.index("channels")) not in texts  # no global model

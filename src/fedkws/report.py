@@ -71,7 +71,9 @@ table has ``-``); ``rounds_to_90/<mode>``
 ``report.png``, one panel per cell: ``val/<mode>/acc`` per round (else
 ``fed/<mode>/acc_mean``), the mean over seeds with their range (min to max)
 shaded; ``report_bars.png``: final test accuracy per cell (groups) and mode
-(bars) with the table's 95 % interval. With W&B on, :func:`log_to_wandb`.
+(bars) with the table's 95 % interval; for a sweep over two axes (``arm`` x
+``partition``), ``report_grid.png`` (:mod:`fedkws.grid`). With W&B on,
+:func:`log_to_wandb`.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ from fedkws import claims
 from fedkws.core.stats import t_interval
 from fedkws.errors import ConfigError
 from fedkws.fileio import write_text
+from fedkws.grid import draw_grid
 from fedkws.plots import figure
 from fedkws.tracking import Result, WandbLogger
 
@@ -593,7 +596,8 @@ def report(
 
     ``markdown`` also writes it there, with the CSV beside it (``csv_file``,
     default: the same name ending in ``.csv``); ``plot`` draws the curves there,
-    with the bar chart beside it (``bars``, default: ``<plot stem>_bars.png``).
+    with the bar chart beside it (``bars``, default: ``<plot stem>_bars.png``) and, for a
+    sweep over two axes, the grid of means (``<plot stem>_grid.png``, :mod:`fedkws.grid`).
     ``log_table`` is handed the table once everything is written (e.g. to W&B).
     ``columns``: only the value columns matching these patterns (:meth:`SweepTable.build`).
     """
@@ -605,11 +609,13 @@ def report(
         csv_file = Path(markdown).with_suffix(".csv")
     if plot is not None and bars is None:
         bars = Path(plot).with_name(f"{Path(plot).stem}_bars.png")
+    grid = None if plot is None else Path(plot).with_name(f"{Path(plot).stem}_grid.png")
     outputs = [
         (markdown, lambda p: write_text(p, text + "\n")),
         (csv_file, lambda p: write_text(p, table.csv())),
         (plot, lambda p: _curves(table, p)),
         (bars, lambda p: _bars(table, p)),
+        (grid, lambda p: draw_grid(table, p)),  # two-axis sweeps only
     ]
     for target, write in outputs:
         if target is not None:
@@ -759,9 +765,9 @@ class SweepReport(Callback):
     """Hydra callback: at the end of a multirun, print and save the sweep's report.
 
     Writes ``report.md``, ``report.csv``, ``report.png`` (accuracy per round,
-    one panel per cell) and ``report_bars.png`` (final test accuracy per cell and
-    mode) into the sweep folder, and logs the table to W&B unless
-    ``logger.mode=disabled`` (:func:`log_to_wandb`).
+    one panel per cell), ``report_bars.png`` (final test accuracy per cell and
+    mode) and, over two axes, ``report_grid.png`` into the sweep folder, and logs the
+    table to W&B unless ``logger.mode=disabled`` (:func:`log_to_wandb`).
     """
 
     def on_multirun_end(self, config, **kwargs) -> None:  # noqa: ANN001
@@ -779,5 +785,6 @@ class SweepReport(Callback):
             return
         print(f"\nSweep {sweep}\n{table}")
         print(
-            f"(in {sweep}: table report.md and report.csv, curves report.png, bars report_bars.png)"
+            f"(in {sweep}: table report.md and report.csv, curves report.png, bars "
+            "report_bars.png, and report_grid.png for a sweep over two axes)"
         )

@@ -1,0 +1,102 @@
+"""A sweep over two axes as a grid: one coloured square per cell, its mean over seeds.
+
+The study presets sweep ``arm`` (norm and BatchNorm handling) against
+``partition`` (kind of clients) with several seeds: the report's grid draws the
+first axis as rows and the second as columns, one panel per metric:
+
+* ``test/eval/acc``: the global model on the shared test split, eval mode;
+* ``test/recalibrated/acc``: the same model with exact pooled statistics;
+* ``final/fed/eval/acc_mean``: each client's model (its own BatchNorm under
+  FedBN and SiloBN) on its local test split, the mean over clients.
+
+Each square's colour is the mean (0 to 1, viridis); its text the mean and,
+below it, ``± h``: the half-width of the 95 % t interval over seeds (one seed:
+no ``±``). A cell without the metric (FedBN has no global model; a centralised
+run has no clients) is left blank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedkws import plots
+
+PANELS = (
+    ("test/eval/acc", "global model, eval mode (test)"),
+    ("test/recalibrated/acc", "global model, exact statistics (test)"),
+    ("final/fed/eval/acc_mean", "per client, own test split (mean)"),
+)
+
+
+def _axes(names: list[str]) -> tuple[str, str] | None:
+    """The two override keys every cell name is made of, in the names' order."""
+    keys = None
+    for name in names:
+        parts = [p.split("=", 1)[0] for p in name.split(",") if "=" in p]
+        if len(parts) != 2 or (keys is not None and parts != keys):
+            return None
+        keys = parts
+    return (keys[0], keys[1]) if keys else None
+
+
+def _value(name: str, key: str) -> str:
+    return dict(p.split("=", 1) for p in name.split(","))[key]
+
+
+def grid_data(table: Any) -> tuple[tuple[str, str], list[str], list[str]] | None:
+    """``(axes, row labels, column labels)`` of a two-axis sweep, else None."""
+    cells = [c for c in table.cells if c.results]
+    axes = _axes([c.name for c in cells])
+    if axes is None:
+        return None
+    rows = list(dict.fromkeys(_value(c.name, axes[0]) for c in cells))
+    cols = list(dict.fromkeys(_value(c.name, axes[1]) for c in cells))
+    return axes, rows, cols
+
+
+def _cell_stats(cell: Any, key: str) -> tuple[float, float | None] | None:
+    """Mean and 95 % half-width over the cell's seeds of ``key`` (None: no value)."""
+    from fedkws.report import _number, _stats
+
+    values = [(v, None) for r in cell.results if (v := _number(r.summary.get(key))) is not None]
+    st = _stats(values)
+    if st is None:
+        return None
+    mean, sd, interval = st
+    return mean, None if sd is None or interval is None else (interval[1] - interval[0]) / 2
+
+
+def draw_grid(table: Any, path: Path) -> bool:
+    """Write the grid PNG; False (nothing written) when the sweep is not two-axis."""
+    found = grid_data(table)
+    if found is None:
+        return False
+    (row_key, col_key), rows, cols = found
+    panels = [p for p in PANELS if any(_cell_stats(c, p[0]) for c in table.cells)]
+    if not panels:
+        return False
+    by_name = {c.name: c for c in table.cells}
+    size = (1.2 + 1.35 * len(cols) * len(panels), 0.9 + 0.55 * len(rows))
+    with plots.figure(path, figsize=size, ncols=len(panels), squeeze=False) as (_fig, axes):
+        for ax, (key, title) in zip(axes[0], panels, strict=True):
+            grid = np.full((len(rows), len(cols)), np.nan)
+            for i, r in enumerate(rows):
+                for j, c in enumerate(cols):
+                    cell = by_name.get(f"{row_key}={r},{col_key}={c}")
+                    st = _cell_stats(cell, key) if cell else None
+                    if st is None:
+                        continue
+                    grid[i, j] = st[0]
+                    text = f"{st[0]:.2f}" + ("" if st[1] is None else f"\n±{st[1]:.2f}")
+                    colour = "white" if st[0] < 0.6 else "black"  # readable on viridis
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour)
+            ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_xticks(range(len(cols)), cols, fontsize=7)
+            ax.set_yticks(range(len(rows)), rows, fontsize=7)
+            ax.set_xlabel(col_key)
+            ax.set_title(title, fontsize=8)
+        axes[0][0].set_ylabel(row_key)
+    return True
