@@ -1,0 +1,61 @@
+"""The README's result tables are the report files they came from, character for character.
+
+README.md embeds each table between ``<!-- report: PATH -->`` (or ``<!-- report: PATH
+claims -->`` for the claims table) and ``<!-- /report -->``;
+PATH is a file that ``fedkws report ... --markdown PATH`` wrote from the run folders (the
+command stands beside it in the README). A compact table (``--columns``), named
+``<report>.<columns>.md``, must agree with the full report ``<report>.md`` beside it in
+every column they share.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+BLOCK = re.compile(r"<!-- report: (\S+)(?: \w+)? -->\n(.*?)<!-- /report -->", re.S)
+IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _tables(text: str) -> dict[str, dict[str, str]]:
+    """The main table of a report: cell name -> {column: value}."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split(" | ")]
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[1:]]
+    return {cells[0]: dict(zip(header, cells, strict=True)) for cells in rows}
+
+
+def test_readme_embeds_report_tables_verbatim():
+    # Catches: a number typed or edited by hand, a table left stale after a rerun.
+    blocks = BLOCK.findall(README)
+    assert blocks, "README.md has no <!-- report: ... --> block"
+    for path, block in blocks:
+        source = (ROOT / path).read_text()
+        assert block.strip() in source, f"README block differs from {path}"
+        assert block.count("\n") >= 3, path  # a table, not an empty block
+
+
+COMPACT = sorted({p for p, _ in BLOCK.findall(README) if "." in Path(p).stem})
+
+
+@pytest.mark.parametrize("path", COMPACT)
+def test_a_compact_table_agrees_with_its_full_report(path):
+    # Catches: a compact table made from another sweep than the full report beside it.
+    compact = ROOT / path
+    full = compact.with_name(compact.name.split(".")[0] + ".md")
+    small, big = _tables(compact.read_text()), _tables(full.read_text())
+    assert small.keys() == big.keys()
+    for cell, row in small.items():
+        for column, value in row.items():
+            if column in big[cell]:
+                assert big[cell][column] == value, (cell, column)
+
+
+def test_readme_images_exist():
+    for image in IMAGE.findall(README):
+        if not image.startswith("http"):
+            assert (ROOT / image).is_file(), image
