@@ -84,6 +84,16 @@ def test_a_sweep_without_the_arms_has_no_claims(tmp_path):
     assert "published claims" not in report([tmp_path])
 
 
+def test_cells_split_by_a_third_axis_are_not_compared(tmp_path):
+    # Catches: a claim read off whichever of several matching cells comes first.
+    for augment in ("none", "shift"):
+        for arm in ("group", "batch_full"):
+            for seed in (0, 1):
+                cell = f"arm={arm},augment={augment},partition=dirichlet"
+                _write(tmp_path / cell / f"seed={seed}", seed, {EVAL: 0.1 * (seed + 1)})
+    assert claims.verdicts(SweepTable.build([tmp_path]).cells) == []
+
+
 def test_the_grid_draws_each_cells_mean_in_its_row_and_column(sweep, tmp_path, monkeypatch):
     # Catches: a cell drawn in another row or column, sd shown as the interval, a panel
     # for a metric no cell has.

@@ -11,7 +11,8 @@ claimed worse*; over the seeds its mean, sd and 95 % t interval
 * ``contradicted``: wholly below 0;
 * ``not resolved``: it contains 0, or fewer than two seeds are paired.
 
-Claims whose two cells are not both in the sweep are left out. Every verdict
+Claims whose two cells are not both in the sweep, or are ambiguous (a sweep over a
+third axis has several cells with the same arm and partition), are left out. Every verdict
 holds for this sweep's model, data and rounds only: a claim not reproduced on
 a small model trained for a few rounds is not refuted.
 """
@@ -103,15 +104,18 @@ class Verdict:
 
 
 def _cell_values(cells, arm: str, partition: str, metric: str) -> dict[object, float] | None:
-    """Per seed, ``metric`` of the cell with ``arm`` and ``partition`` (None: no such cell)."""
+    """Per seed, ``metric`` of the one cell with ``arm`` and ``partition``.
+
+    None when no cell, or several (a sweep over a third axis), has both.
+    """
     from fedkws.report import _number, _seed, _tokens
 
     want = {f"arm={arm}", f"partition={partition}"}
-    for cell in cells:
-        if want <= _tokens(cell.name):
-            values = {_seed(r): _number(r.summary.get(metric)) for r in cell.results}
-            return {seed: v for seed, v in values.items() if v is not None}
-    return None
+    found = [cell for cell in cells if want <= _tokens(cell.name)]
+    if len(found) != 1:
+        return None
+    values = {_seed(r): _number(r.summary.get(metric)) for r in found[0].results}
+    return {seed: v for seed, v in values.items() if v is not None}
 
 
 def verdicts(cells) -> list[Verdict]:
