@@ -17,10 +17,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One torch thread per pytest-xdist worker: the workers already fill the cores.
+    # pytest-xdist workers share the cores: each gets its share of torch threads.
     import torch
 
-    torch.set_num_threads(1)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 # Real Speech Commands files, kept beside the checkout (../shared/reference).
 REFERENCE = Path(
