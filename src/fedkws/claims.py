@@ -5,7 +5,7 @@ The sweep's cells are found by their overrides (``arm=<arm>`` and
 ``partition=<partition>``, as the ``bn_study`` and ``literature`` presets name
 them). Per seed that both cells finished, the difference *claimed better minus
 claimed worse*; over the seeds its mean, sd and 95 % t interval
-(:func:`fedkws.core.stats.t_interval`). The verdict:
+(as the report's cells: :func:`fedkws.report._stats`). The verdict:
 
 * ``reproduced``: the interval lies wholly above 0;
 * ``contradicted``: wholly below 0;
@@ -20,10 +20,6 @@ a small model trained for a few rounds is not refuted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
-
-from fedkws.core.stats import t_interval
 
 
 @dataclass(frozen=True)
@@ -82,7 +78,10 @@ class Verdict:
     @property
     def interval(self) -> tuple[float, float] | None:
         """The 95 % t interval of the mean difference (None under two seeds)."""
-        return t_interval(list(self.diffs)) if len(self.diffs) >= 2 else None
+        from fedkws.report import _stats
+
+        found = _stats([(d, None) for d in self.diffs], signed=True)
+        return None if found is None else found[2]
 
     @property
     def verdict(self) -> str:
@@ -93,14 +92,10 @@ class Verdict:
         return "reproduced" if interval[0] > 0 else "contradicted"
 
     def difference(self) -> str:
-        """``mean ± sd [lo, hi]`` of the differences, signed."""
-        if not self.diffs:
-            return "-"
-        mean = float(np.mean(self.diffs))
-        if self.interval is None:
-            return f"{mean:+.3f}"
-        lo, hi = self.interval
-        return f"{mean:+.3f} ± {float(np.std(self.diffs, ddof=1)):.3f} [{lo:+.3f}, {hi:+.3f}]"
+        """``mean ± sd [lo, hi]`` of the differences, signed, as the report writes a cell."""
+        from fedkws.report import _fmt
+
+        return _fmt([(d, None) for d in self.diffs], signed=True)
 
 
 def _cell_values(cells, arm: str, partition: str, metric: str) -> dict[object, float] | None:
