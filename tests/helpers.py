@@ -159,3 +159,12 @@ def spy_on_figures(monkeypatch) -> list:
 
     monkeypatch.setattr(plots, "figure", spy)
     return drawn
+
+
+def markdown_table(text: str) -> dict[str, dict[str, str]]:
+    """Rows of the first Markdown table (lines starting with ``|``) in ``text``, keyed by
+    their first column."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+    return {cells[0]: dict(zip(header, cells, strict=True)) for cells in rows}

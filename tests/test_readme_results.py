@@ -15,18 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 BLOCK = re.compile(r"<!-- report: (\S+)(?: \w+)? -->\n(.*?)<!-- /report -->", re.S)
 IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
-
-
-def _tables(text: str) -> dict[str, dict[str, str]]:
-    """The main table of a report: cell name -> {column: value}."""
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
-    header = [c.strip() for c in lines[0].strip("|").split(" | ")]
-    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[1:]]
-    return {cells[0]: dict(zip(header, cells, strict=True)) for cells in rows}
 
 
 def test_readme_embeds_report_tables_verbatim():
@@ -47,7 +41,7 @@ def test_a_compact_table_agrees_with_its_full_report(path):
     # Catches: a compact table made from another sweep than the full report beside it.
     compact = ROOT / path
     full = compact.with_name(compact.name.split(".")[0] + ".md")
-    small, big = _tables(compact.read_text()), _tables(full.read_text())
+    small, big = markdown_table(compact.read_text()), markdown_table(full.read_text())
     assert small.keys() == big.keys()
     for cell, row in small.items():
         for column, value in row.items():

@@ -21,7 +21,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedkws import CONF_DIR
-from helpers import spy_on_figures, tiny_dataset_overrides
+from helpers import markdown_table, spy_on_figures, tiny_dataset_overrides
 
 BIN = Path(sys.executable).parent
 # summary key of each column the report must show (independent of report.py)
@@ -35,15 +35,6 @@ COLUMNS = {
 
 def _env() -> dict[str, str]:
     return {**os.environ, "WANDB_MODE": "disabled", "FLWR_TELEMETRY_ENABLED": "0"}
-
-
-def _table(text: str) -> dict[str, dict[str, str]]:
-    """Rows of the first Markdown table in ``text``, keyed by the ``run`` column."""
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True))
-            for ln in lines[2:]]  # fmt: skip
-    return {row["run"]: row for row in rows}
 
 
 def _comparison(text: str) -> dict[str, dict[str, str]]:
@@ -114,7 +105,7 @@ def test_report_values_equal_the_runs_results(sweep):
     assert len(cells) == 2 and all(len(runs) == 2 for runs in cells.values())
     out = _report(sweep)
     assert out.returncode == 0, out.stderr
-    rows = _table(out.stdout)
+    rows = markdown_table(out.stdout)
     assert set(rows) == set(cells)  # one row per cell, seeds merged
     for name, runs in cells.items():
         row = rows[name]
@@ -123,7 +114,7 @@ def test_report_values_equal_the_runs_results(sweep):
         for column, key in COLUMNS.items():
             assert row[column] == _mean_sd([run[key] for run in runs]), (name, column)
     # The Hydra callback wrote the same table into the sweep folder at the end.
-    assert _table((sweep / "report.md").read_text()) == rows
+    assert markdown_table((sweep / "report.md").read_text()) == rows
     assert (sweep / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert (sweep / "report_bars.png").read_bytes()[:4] == b"\x89PNG"
     csv_rows = _csv_rows(sweep / "report.csv")  # and the CSV beside it, unrounded
@@ -145,7 +136,7 @@ def test_report_marks_missing_runs(sweep, tmp_path):
     shutil.copytree(copy / full / "seed=0" / ".hydra", crashed / ".hydra")
     out = _report(copy)
     assert out.returncode == 0, out.stderr
-    rows = _table(out.stdout)
+    rows = markdown_table(out.stdout)
     assert set(rows) == {partial, full, "optimizer.lr=0.1"}
     assert (rows[partial]["seeds"], rows[partial]["missing"]) == ("1", "seed=1")
     for column, key in COLUMNS.items():
@@ -342,7 +333,7 @@ def test_missing_run_is_marked_in_markdown_and_csv(fake_sweep):
     raw["summary"]["complete"] = False
     path.write_text(json.dumps(raw))
     text = report([fake_sweep], markdown=fake_sweep / "report.md")
-    md, rows = _table(text), _csv_rows(fake_sweep / "report.csv")
+    md, rows = markdown_table(text), _csv_rows(fake_sweep / "report.csv")
     assert (md[LOCAL]["seeds"], md[LOCAL]["missing"]) == ("2", "seed=2")
     assert (rows[LOCAL]["seeds"], rows[LOCAL]["missing"]) == ("2", "seed=2")
     silo = "bn=silo,strategy=fedavg"
@@ -438,7 +429,7 @@ def test_sweep_callback_logs_the_table_to_wandb_in_the_sweep_group(fake_sweep, m
     files = {p.name.rsplit("_", 2)[0]: p for p in tables}  # <key>_<step>_<hash>.table.json
     logged = json.loads(files["report"].read_text())
     text = (fake_sweep / "report.md").read_text()
-    md, vs = _table(text), _comparison(text)  # one W&B table: both, side by side
+    md, vs = markdown_table(text), _comparison(text)  # one W&B table: both, side by side
     assert logged["columns"] == list(md[FED]) + list(vs[FED])[1:]
     assert [row[0] for row in logged["data"]] == [CENTRAL, FED, LOCAL]
     assert logged["data"][1] == list(md[FED].values()) + list(vs[FED].values())[1:]
