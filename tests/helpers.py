@@ -31,13 +31,15 @@ def compose_cfg(overrides: list[str], data_dir: Path, tiny_root: Path | None = N
     """A fresh copy of ``conf/config.yaml`` with ``overrides``, shrunk for tests.
 
     Composition is cached; every call returns its own deep copy, so no test can
-    change another test's config.
+    change another test's config. No plots unless ``plots=true`` is among the overrides
+    (drawing them is a third of a tiny run's time).
     """
     cfg = copy.deepcopy(_composed(tuple(overrides)))
     with open_dict(cfg):
         cfg.data_dir = str(data_dir)
         cfg.cache_dir = str(data_dir / "cache")
         cfg.progress = False
+        cfg.plots = "plots=true" in overrides
         if tiny_root is not None and cfg.dataset.get("generate") is not None:
             cfg.dataset.root = str(tiny_root)
             cfg.dataset.generate = dict(TINY)
@@ -117,6 +119,7 @@ def tiny_dataset_overrides(data_dir, tiny_root) -> list[str]:
         f"dataset.generate.speakers={TINY['speakers']}",
         f"dataset.generate.utterances={TINY['utterances']}",
         f"dataset.generate.noise_seconds={TINY['noise_seconds']}",
+        "plots=false",  # a third of a tiny run's time; the tests that check plots say plots=true
         # The full 35-word layout and the 10 % held-out rule, as the tiny dataset is generated.
         "dataset.generate.held_out_speakers=null",
         "dataset.generate.unknown_words=null",

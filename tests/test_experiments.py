@@ -47,12 +47,14 @@ def test_preset_smoke_runs_tiny(preset, backend, make_cfg, tmp_path):
     assert [r.round for r in result.rounds] == [1]
     assert result.summary["complete"]
     assert (tmp_path / preset / "results.json").is_file()
-    assert (tmp_path / preset / "accuracy.png").is_file()
+    assert not list((tmp_path / preset).glob("*.png"))  # plots=false (the tests' default)
 
 
 def test_seed_repro_centralised_baseline_smoke(make_cfg, tmp_path):
-    cfg = make_cfg(["experiment=seed_repro", "strategy=central", *TINY_RUN])
+    cfg = make_cfg(["experiment=seed_repro", "strategy=central", *TINY_RUN, "plots=true"])
     result = run(cfg, tmp_path / "central")
     assert result.summary["bn_sync"] == "central"
     assert "test/eval/acc" in result.summary and "test/train/acc" in result.summary
-    assert (tmp_path / "central" / "confusion_eval.png").is_file()
+    modes = {k.split("/")[1] for k in result.summary if k.startswith("test/") and k.endswith("acc")}
+    pngs = {p.name for p in (tmp_path / "central").glob("*.png")}
+    assert "train" in modes and pngs == {"accuracy.png"} | {f"confusion_{m}.png" for m in modes}

@@ -201,6 +201,7 @@ class RunSpec:
     cache_dir: str
     progress: bool
     resume: bool
+    plots: bool
     dataset: DatasetSpec
     features: FeatureConfig
     augment: AugmentConfig
@@ -238,7 +239,7 @@ class RunSpec:
 
         The device may change: checkpoints hold CPU tensors, so a run resumes on any device.
         """
-        skip = ("resume", "progress", "device")
+        skip = ("resume", "progress", "plots", "device")
         out = {k: v for k, v in self.resolved.items() if k not in skip}
         train = dict(out.get("train", {}))
         for key in ("rounds", "stop_after_round"):
@@ -369,6 +370,7 @@ def from_config(cfg: Any) -> RunSpec:
         cache_dir=str(raw["cache_dir"]),
         progress=_top(p, "progress", raw.get("progress", True), _strict_bool, "true or false"),
         resume=_top(p, "resume", raw.get("resume", False), _strict_bool, "true or false"),
+        plots=_top(p, "plots", raw.get("plots", True), _strict_bool, "true or false"),
         dataset=_dataset(raw["dataset"], p),
         features=_typed(FeatureConfig, raw["features"], p, "features"),
         augment=_typed(AugmentConfig, raw["augment"], p, "augment"),

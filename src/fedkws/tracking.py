@@ -197,10 +197,13 @@ class WandbLogger:
 class Recorder:
     """Collects round records; writes ``results.json`` and mirrors to W&B."""
 
-    def __init__(self, run_dir: Path, result: Result, wandb_logger: WandbLogger) -> None:
+    def __init__(
+        self, run_dir: Path, result: Result, wandb_logger: WandbLogger, plots: bool = True
+    ) -> None:
         self.run_dir = run_dir
         self.result = result
         self.wandb = wandb_logger
+        self.plots = plots
 
     @property
     def path(self) -> Path:
@@ -215,10 +218,12 @@ class Recorder:
         self.wandb.log({**record.metrics, "time/round_s": record.seconds}, step=record.round)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """Write the final summary and the plots."""
+        """Write the final summary and (unless switched off) the accuracy plot."""
         self.result.summary = summary
         write_json(self.path, self.result.to_json())
         self.wandb.summary(summary)
+        if not self.plots:
+            return
         try:
             plot_accuracy(self.result, self.run_dir / "accuracy.png")
         except Exception as err:  # a plot must never cost the results

@@ -117,7 +117,9 @@ class CentralRecipe:
             if "recalibrated" in modes and self.evaluator.last_recalibrated is None:
                 self.evaluator.recalibrated(self.model)
             summary.update(
-                common.final_evaluation(self.evaluator, self.model, self.parts, run_dir, modes)
+                common.final_evaluation(
+                    self.evaluator, self.model, self.parts, run_dir, modes, self.spec.plots
+                )
             )
         assert self.run.recorder is not None
         self.run.recorder.finish(summary)

@@ -246,7 +246,7 @@ class Run:
             run_id=wandb_id,
             init_timeout=log.init_timeout,
         )
-        self.recorder = Recorder(self.run_dir, self.result, wandb)
+        self.recorder = Recorder(self.run_dir, self.result, wandb, plots=self.spec.plots)
 
     @property
     def start_round(self) -> int:
@@ -382,11 +382,16 @@ def final_modes(spec: RunSpec, model: nn.Module) -> list[str]:
 
 
 def final_evaluation(
-    evaluator: Evaluator, model: nn.Module, setup_: Setup, run_dir: Path, modes: list[str]
+    evaluator: Evaluator,
+    model: nn.Module,
+    setup_: Setup,
+    run_dir: Path,
+    modes: list[str],
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Validation and test in every final mode, with speaker-clustered 95 % intervals.
 
-    Also the test split's per-class accuracy and confusion matrices (with plots).
+    Also the test split's per-class accuracy and confusion matrices (plotted if ``plots``).
 
     The recalibrated modes use the evaluator's last recalibration (of the final
     model); without one they are skipped.
@@ -407,7 +412,8 @@ def final_evaluation(
             for name, a in zip(names, st.per_class_acc(), strict=True)
         }
         out[f"test/{mode}/confusion"] = st.confusion.tolist()
-        plot_confusion(st.confusion, names, mode, run_dir / f"confusion_{mode}.png")
+        if plots:
+            plot_confusion(st.confusion, names, mode, run_dir / f"confusion_{mode}.png")
     if recal is not None and recal is not model:
         stats_only = {k: v.cpu() for k, v in recal.state_dict().items() if "running_" in k}
         torch_save(run_dir / "recalibrated_bn.pt", stats_only)

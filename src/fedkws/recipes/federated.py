@@ -73,9 +73,10 @@ class FederatedRecipe:
                 f"{len(self.eligible)} clients have training examples"
             )
         clients_file = save_clients(clients, run_dir / "clients.npz")
-        part.plot([c.train for c in clients], self.parts.data.labels,
-                  self.parts.data.label_names, run_dir / "partition.png",
-                  client_names=[c.name for c in clients])  # fmt: skip
+        if spec.plots:
+            part.plot([c.train for c in clients], self.parts.data.labels,
+                      self.parts.data.label_names, run_dir / "partition.png",
+                      client_names=[c.name for c in clients])  # fmt: skip
         self.keys = key_plan(self.model, spec.bn.sync)
         self.bn_keys = bn_state_keys(self.model)
         from fedkws.fl.strategy import FlowerServerRule
@@ -332,7 +333,9 @@ class FederatedRecipe:
             if self.recalibrated_round != spec.train.rounds:
                 self.evaluator.last_recalibrated = None  # not of the final model: skip
             summary.update(
-                common.final_evaluation(self.evaluator, self.model, self.parts, run_dir, modes)
+                common.final_evaluation(
+                    self.evaluator, self.model, self.parts, run_dir, modes, spec.plots
+                )
             )
         summary.update(self.shared_test)
         assert self.run.recorder is not None
