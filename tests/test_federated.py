@@ -1,10 +1,10 @@
 """End-to-end federated runs on the tiny synthetic dataset, asserted exactly where possible.
 
-Every test but the first runs the real ClientApp in process (no Ray); the first
-proves the same through Flower's Ray simulation. What crossed the wire is read
-from the messages themselves (a wrapper around the in-process grid), the
-BatchNorm layers are counted from the model's modules, and aggregates are
-recomputed from the clients' replies.
+Every test runs the real ClientApp in process (no Ray); the golden test's Ray
+cell proves the same ClientApp gives the same numbers through Flower's Ray
+simulation. What crossed the wire is read from the messages themselves (a
+wrapper around the in-process grid), the BatchNorm layers are counted from the
+model's modules, and aggregates are recomputed from the clients' replies.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def test_params_only_reproduces_the_eval_mode_collapse(make_cfg, tmp_path):
     result, run_dir, cfg = _run(
         make_cfg, tmp_path,
         ["bn=params_only", "bn.eval_modes=[eval,train]", "federation.federated_eval=true",
-         "train.rounds=3", "train.local_epochs=3", "federation.backend=ray"],
+         "train.rounds=3", "train.local_epochs=3", "plots=true"],
     )  # fmt: skip
     model = _model(cfg)
     names = _bn_names(model)
@@ -128,7 +128,11 @@ def test_params_only_reproduces_the_eval_mode_collapse(make_cfg, tmp_path):
         for pid, info in rec.clients.items():
             assert info["bn_keys_received"] == 2 * len(names), (rec.round, pid)
             assert info["keys_received"] == n_params, (rec.round, pid)
-    assert result.summary["complete"] and (run_dir / "accuracy.png").is_file()
+    assert result.summary["complete"]
+    modes = {k.split("/")[1] for k in result.summary if k.startswith("test/") and k.endswith("acc")}
+    pngs = {p.name for p in run_dir.glob("*.png")}
+    assert "eval" in modes and "train" in modes  # plots=true: every plot of the run
+    assert pngs == {"accuracy.png", "partition.png"} | {f"confusion_{m}.png" for m in modes}
 
 
 def test_params_only_sends_exactly_the_parameters_both_ways(make_cfg, tmp_path, wire):
