@@ -45,25 +45,25 @@ def reference() -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    """One data folder (datasets + caches) shared by the whole session."""
+    """One data folder (datasets + caches) shared by the whole session.
+
+    Under pytest-xdist the workers share it too (their temp folders have one
+    parent): the dataset and the feature caches are built once, under the
+    lock files fedkws itself takes when several processes want the same data.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "data"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("data")
 
 
 @pytest.fixture(scope="session")
 def tiny_root(data_dir) -> Path:
-    """The tiny synthetic dataset, generated once per session."""
-    from fedkws.data.synth import generate
+    """The tiny synthetic dataset, generated once per session (once for all workers)."""
+    from fedkws.data.pipeline import ensure_dataset
 
-    root = data_dir / "tiny"
-    generate(
-        root,
-        num_speakers=TINY["speakers"],
-        utterances_per_word=TINY["utterances"],
-        seed=TINY["seed"],
-        noise_seconds=TINY["noise_seconds"],
-        progress=False,
-    )
-    return root
+    return ensure_dataset(data_dir / "tiny", generate=dict(TINY), progress=False)
 
 
 @pytest.fixture
