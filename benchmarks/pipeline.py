@@ -177,32 +177,17 @@ def _cached_stages(spec, data, rows, augmenter, extractor) -> dict[str, float]:
     from fedkws.data import augment as A
     from fedkws.data.loader import _rows
 
-    a, mel, gen = spec.augment, extractor.mel, torch.Generator().manual_seed(7)
-    shift = round(mel.sample_rate * a.time_shift_ms / 1000)
-    window = mel.spectrogram.window
+    a, gen = spec.augment, torch.Generator().manual_seed(7)
+    shift = round(extractor.config.sample_rate * a.time_shift_ms / 1000)
     stages = {
         "gather rows (memory map)": lambda idx, _: _rows(data.waves, idx),
         "time shift": lambda _, w: A.time_shift(w, shift, gen),
         "noise mix": lambda _, w: A.mix_noise(
             w, augmenter.noise_bank, a.noise_prob, a.noise_volume, a.noise_snr_db, gen
         ),
-        "STFT (torch.stft)": lambda _, w: (
-            w,
-            torch.stft(
-                w,
-                mel.n_fft,
-                mel.hop_length,
-                mel.win_length,
-                window,
-                center=True,
-                pad_mode="reflect",
-                return_complex=True,
-            ),
-        ),
-        "power spectrum (abs().pow(2))": lambda _, ws: (ws[0], ws[1].abs().pow(2.0)),
-        "mel filterbank + log": lambda _, ws: torch.log(
-            mel.mel_scale(ws[1]) + spec.features.log_offset
-        ),
+        "STFT (torch.stft)": lambda _, w: extractor.stft(w),
+        "power spectrum (hypot(re, im)²)": lambda _, spec_: extractor.power(spec_),
+        "mel filterbank + log": lambda _, power: extractor.log_mel(power),
     }
     return _timed_stages(
         stages,

@@ -28,6 +28,18 @@ def test_time_shift_moves_content_and_zero_fills():
     assert torch.equal(time_shift(waves, 0, _gen()), waves)
 
 
+def test_time_shift_equals_an_index_computation_for_every_shift():
+    # Catches an off-by-one at either edge and shifts of a whole clip or more (silence).
+    waves = torch.randn(64, 1000)
+    for max_samples in (1, 999, 1000, 3000):
+        out = time_shift(waves, max_samples, _gen(5))
+        shifts = torch.randint(-max_samples, max_samples + 1, (64,), generator=_gen(5))
+        pos = torch.arange(1000)[None] - shifts[:, None]  # output sample t reads t - shift
+        inside = (pos >= 0) & (pos < 1000)
+        expected = torch.where(inside, waves.gather(1, pos.clamp(0, 999)), 0.0)
+        assert torch.equal(out, expected), max_samples
+
+
 def test_speed_perturbation_changes_length_of_content():
     waves = torch.zeros(4, 16000)
     waves[:, :8000] = 1.0

@@ -44,6 +44,26 @@ def test_logmel_matches_librosa():
     assert np.abs(ours - ref).max() < 1e-2
 
 
+@pytest.mark.parametrize("kind", ["logmel", "mfcc"])
+def test_features_equal_torchaudios_transforms(kind):
+    # An independent computation: torchaudio's own MelSpectrogram / MFCC modules.
+    import torchaudio.transforms as T
+
+    cfg = FeatureConfig(kind=kind)
+    waves = 0.1 * torch.randn(4, audio.CLIP_SAMPLES, generator=torch.Generator().manual_seed(0))
+    mel_kwargs = dict(
+        n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop_length, f_min=cfg.f_min,
+        f_max=cfg.f_max, n_mels=cfg.n_mels, window_fn=torch.hann_window, power=2.0,
+        center=True, pad_mode="reflect", norm="slaney", mel_scale="slaney",
+    )  # fmt: skip
+    log_mel = torch.log(T.MelSpectrogram(cfg.sample_rate, **mel_kwargs)(waves) + cfg.log_offset)
+    if kind == "mfcc":
+        dct = T.MFCC(cfg.sample_rate, cfg.n_mfcc, log_mels=True, melkwargs=mel_kwargs).dct_mat
+        log_mel = torch.matmul(log_mel.transpose(-1, -2), dct).transpose(-1, -2)
+    ours = FeatureExtractor(cfg)(waves)[:, 0]
+    assert torch.equal(ours, log_mel)  # bitwise: cached features of older runs stay valid
+
+
 def test_feature_key_changes_with_any_field():
     base = FeatureConfig()
     assert base.key() == FeatureConfig().key()

