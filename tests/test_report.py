@@ -312,13 +312,14 @@ def test_rounds_to_ninety_percent_of_central(fake_sweep):
     assert md[LOCAL]["rounds to 90% (eval)"] == "never"
 
 
-def test_without_a_centralised_run_the_columns_say_dash(fake_sweep):
+def test_without_a_centralised_run_there_is_no_comparison_table(fake_sweep):
     from fedkws.report import report
 
     shutil.rmtree(fake_sweep / CENTRAL)
-    md = _comparison(report([fake_sweep], markdown=fake_sweep / "report.md"))
-    assert md[FED]["reference"] == "-" and md[FED]["test/eval/acc vs central"] == "-"
-    assert md[FED]["rounds to 90% (eval)"] == "-"
+    text = report([fake_sweep], markdown=fake_sweep / "report.md")
+    # No table of dashes: one line says there is nothing to compare with.
+    assert "against the centralised reference" not in text
+    assert "no centralised cell in this sweep" in text
     assert _csv_rows(fake_sweep / "report.csv")[FED]["test/eval/acc_vs_central_mean"] == ""
 
 

@@ -41,9 +41,9 @@ A second table, below the first, reads each other cell against one
 centralised cell (column ``reference``): the one whose folder name shares the
 most overrides with the cell's (``strategy=...`` left out), then the one with
 the cell's ``norm``, then the first by name. A sweep without a centralised
-cell has ``-`` in these columns. The table is written without the outer pipes
-(valid GFM), so that whatever reads the report's ``|``-lines reads only the
-main table.
+cell has no such table (one line says so; the CSV's columns stay empty). The
+table is written without the outer pipes (valid GFM), so that whatever reads
+the report's ``|``-lines reads only the main table.
 
 * ``<split>/<mode>/acc vs central`` (``val`` and ``test``): per seed, the
   cell's accuracy minus the reference's in the same mode and split, for the
@@ -493,7 +493,9 @@ class SweepTable:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
         text = "\n".join(lines) + "\n\n" + _LEGEND
-        if comparison := self.comparison_rows():
+        if not any(c.reference for c in self.cells):
+            text += "\n\nno centralised cell in this sweep: no comparison with a reference."
+        elif comparison := self.comparison_rows():
             # without the outer pipes (valid GFM): the report's '|'-lines stay the main table
             header = self.comparison_header()
             lines = [" | ".join(header), "|".join(["---"] * len(header))]
