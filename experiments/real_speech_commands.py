@@ -20,6 +20,14 @@ the times from finished sweeps on the embedded dataset:
 
 After a real download, ``fedkws-prepare dataset=speech_commands_v2`` prints the exact
 split sizes.
+
+``--preset NAME`` times another preset from a sweep that holds all its jobs (e.g.
+``literature``, whose cells are cells of ``bn_study``): only the jobs whose overrides
+take, for every key the preset sweeps, one of the preset's values are counted, and
+the elapsed time is their wall time plus the sweep's mean gap between jobs.
+
+    .venv/bin/python experiments/real_speech_commands.py --preset literature \
+        outputs/bn_study/multirun/<date>/<time>
 """
 
 from __future__ import annotations
@@ -64,24 +72,60 @@ def _embedded_rows(run: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def sweep_times(sweep: Path) -> tuple[int, float, int, float]:
+def preset_sweep(name: str) -> dict[str, set[str]]:
+    """The values each key of preset ``name`` sweeps (``hydra.sweeper.params``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fedkws import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params or {}
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    return {o.key_or_group: set(o.sweep_string_iterator()) for o in parsed}
+
+
+def _selected(run: Path, sweep: dict[str, set[str]] | None) -> bool:
+    """Whether the job in ``run`` is one of the preset's jobs (every swept key matches)."""
+    if sweep is None:
+        return True
+    overrides = run / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        return False
+    import yaml
+
+    given = dict(str(o).split("=", 1) for o in yaml.safe_load(overrides.read_text()) or [])
+    return all(given.get(key) in values for key, values in sweep.items())
+
+
+def sweep_times(
+    sweep: Path, preset: dict[str, set[str]] | None = None
+) -> tuple[int, float, int, float]:
     """Jobs, summed wall seconds, the training rows of one run, and the sweep's elapsed time.
 
     Elapsed: from the first job's ``.hydra`` folder (made when a job starts) to the last
-    ``results.json`` written, by modification time.
+    ``results.json`` written, by modification time. With ``preset`` (:func:`preset_sweep`),
+    only its jobs, and elapsed = their wall time + the sweep's mean gap per job x their number.
     """
-    walls, rows, started, ended = [], None, [], []
+    walls, rows, started, ended, chosen = [], None, [], [], []
     for path in sorted(sweep.rglob("results.json")):
         summary = json.loads(path.read_text()).get("summary", {})
         if isinstance(summary.get("wall_s"), (int, float)):
+            chosen.append(_selected(path.parent, preset))
             walls.append(float(summary["wall_s"]))
             rows = rows or _embedded_rows(path.parent)
             ended.append(path.stat().st_mtime)
             hydra = path.parent / ".hydra"
             started.append(hydra.stat().st_mtime if hydra.is_dir() else ended[-1])
-    if not walls or rows is None:
-        raise SystemExit(f"error: no finished run with a data summary under {sweep}")
-    return len(walls), sum(walls), rows, max(ended) - min(started)
+    if not any(chosen) or rows is None:
+        raise SystemExit(f"error: no finished run of that preset with a data summary under {sweep}")
+    elapsed = max(ended) - min(started)
+    if preset is None:
+        return len(walls), sum(walls), rows, elapsed
+    gap = (elapsed - sum(walls)) / len(walls)
+    mine = [w for w, c in zip(walls, chosen, strict=True) if c]
+    return len(mine), sum(mine), rows, sum(mine) + gap * len(mine)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,20 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweeps", type=Path, nargs="*", help="finished sweep folders")
     parser.add_argument("--testing-list", type=Path, default=REFERENCE / "testing_list.txt")
+    parser.add_argument("--preset", help="time only this preset's jobs (see the docstring)")
     args = parser.parse_args(argv)
     if not args.testing_list.is_file():
         print(f"error: no testing list at {args.testing_list} (set FEDKWS_REFERENCE_DIR)",
               file=sys.stderr)  # fmt: skip
         return 2
+    preset = None
+    if args.preset:
+        try:
+            preset = preset_sweep(args.preset)
+        except Exception as err:  # an unknown preset: Hydra's message, on one line
+            print(f"error: --preset {args.preset}: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 2
     sizes = split_sizes(args.testing_list)
     print("| dataset | 12-class training rows (est.) | 12-class testing rows (est.) |")
     print("|---|---|---|")
     for version, size in sizes.items():
         print(f"| {version} | {size['training']:,} | {size['testing']:,} |")
     for sweep in args.sweeps:
-        jobs, wall, rows, elapsed = sweep_times(sweep)
-        print(f"\n{sweep}: {jobs} jobs in {elapsed / 60:.0f} min ({wall / 60:.0f} min inside "
-              f"the jobs' runs) on {rows:,} embedded training rows")  # fmt: skip
+        jobs, wall, rows, elapsed = sweep_times(sweep, preset)
+        what = f" ({args.preset}'s jobs, gaps at the sweep's mean)" if preset else ""
+        print(f"\n{sweep}{what}: {jobs} jobs in {elapsed / 60:.0f} min ({wall / 60:.0f} min "
+              f"inside the jobs' runs) on {rows:,} embedded training rows")  # fmt: skip
         for version, size in sizes.items():
             factor = size["training"] / rows
             print(f"  {version}: x{factor:.1f} -> about {wall * factor / 3600:.1f} h "

@@ -46,3 +46,34 @@ def test_times_scale_the_measured_jobs_by_training_rows(estimate, tmp_path, caps
     assert "v0.02: x1.0 -> about 2.1 h (64 min a job)" in out
     assert "v0.01: x0.6 -> about 1.3 h (39 min a job)" in out
     assert estimate.main([str(tmp_path / "sweep"), "--testing-list", str(tmp_path / "no")]) == 2
+
+
+def test_a_preset_is_timed_from_its_jobs_in_a_larger_sweep(estimate, tmp_path, capsys):
+    # Catches: jobs outside the preset counted, or the gaps between jobs left out.
+    import os
+
+    sweep = tmp_path / "sweep"
+    jobs = {("group", "iid"): 100.0, ("group", "speaker"): 200.0, ("layer", "iid"): 400.0}
+    for i, ((arm, partition), wall) in enumerate(jobs.items()):
+        run = sweep / f"arm={arm},partition={partition}" / "seed=0"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(
+            f"- experiment=bn_study\n- arm={arm}\n- partition={partition}\n- seed=0\n"
+        )
+        (run / "results.json").write_text(json.dumps({"summary": {"wall_s": wall}}))
+        (run / "data_summary.txt").write_text("  total  1000  200  200\n")
+        os.utime(run / ".hydra", (i * 1000.0, i * 1000.0))  # starts at 0, 1000, 2000 s
+        os.utime(run / "results.json", (i * 1000.0 + 800, i * 1000.0 + 800))
+    listing = tmp_path / "testing_list.txt"
+    listing.write_text("\n".join(f"no/{i:08x}_nohash_0.wav" for i in range(100)) + "\n")
+    preset = estimate.preset_sweep("literature")
+    assert preset["arm"] >= {"group", "batch_full"} and "layer" not in preset["arm"]
+    assert preset["partition"] == {"iid", "dirichlet", "channels"}
+    # Elapsed 2,800 s for 700 s of runs: (2800 - 700) / 3 = 700 s of gap a job. The
+    # literature preset has group/iid only: 100 s + 700 s.
+    assert estimate.sweep_times(sweep, preset) == (1, 100.0, 1000, 800.0)
+    given = [str(sweep), "--testing-list", str(listing)]
+    assert estimate.main(["--preset", "literature", *given]) == 0
+    assert "1 jobs in 13 min (2 min inside the jobs' runs)" in capsys.readouterr().out
+    assert estimate.main(["--preset", "nosuch", *given]) == 2
+    assert capsys.readouterr().err.startswith("error: --preset nosuch:")
