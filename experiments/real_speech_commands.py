@@ -72,8 +72,19 @@ def _embedded_rows(run: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _values(override) -> set[str]:
+    """The values one parsed override stands for (a sweep's, or its single value)."""
+    if override.is_sweep_override():
+        return set(override.sweep_string_iterator())
+    return {override.get_value_element_as_str()}
+
+
 def preset_sweep(name: str) -> dict[str, set[str]]:
-    """The values each key of preset ``name`` sweeps (``hydra.sweeper.params``)."""
+    """The values each key of preset ``name`` sweeps (``hydra.sweeper.params``).
+
+    ``experiment`` is added: the preset itself and the presets its file builds on
+    (``literature`` on ``bn_study``), so that another preset's sweep is not read as this one.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -82,8 +93,16 @@ def preset_sweep(name: str) -> dict[str, set[str]]:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params or {}
+    if not params:
+        raise ValueError(f"experiment={name} sweeps nothing (no hydra.sweeper.params)")
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    return {o.key_or_group: set(o.sweep_string_iterator()) for o in parsed}
+    out = {o.key_or_group: _values(o) for o in parsed}
+    import yaml
+
+    preset_file = Path(CONF_DIR) / "experiment" / f"{name}.yaml"
+    bases = yaml.safe_load(preset_file.read_text()).get("defaults") or []
+    out["experiment"] = {name} | {b for b in bases if isinstance(b, str) and b != "_self_"}
+    return out
 
 
 def _selected(run: Path, sweep: dict[str, set[str]] | None) -> bool:
@@ -94,9 +113,12 @@ def _selected(run: Path, sweep: dict[str, set[str]] | None) -> bool:
     if not overrides.is_file():
         return False
     import yaml
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    given = dict(str(o).split("=", 1) for o in yaml.safe_load(overrides.read_text()) or [])
-    return all(given.get(key) in values for key, values in sweep.items())
+    listed = [str(o) for o in yaml.safe_load(overrides.read_text()) or []]
+    parsed = OverridesParser.create().parse_overrides(listed)
+    given = {o.key_or_group: _values(o) for o in parsed if not o.is_delete()}
+    return all(given.get(key, set()) <= values and key in given for key, values in sweep.items())
 
 
 def sweep_times(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import librosa
 import numpy as np
@@ -73,7 +74,24 @@ def test_feature_key_changes_with_any_field():
         FeatureConfig(kind="spectrogram")
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({"f_min": 8000.0, "f_max": 7600.0}, "f_min < f_max"),
+     ({"f_max": 9000.0}, "f_max <= 8000 Hz"),
+     ({"kind": "mfcc", "n_mfcc": 41}, "n_mfcc=41 is more than n_mels=40")],
+)  # fmt: skip
+def test_impossible_filterbanks_are_refused(fields, message):
+    # torchaudio's functional filterbank and DCT would build all-zero filters silently.
+    with pytest.raises(ValueError, match=message):
+        FeatureConfig(**fields)
+
+
 def test_cache_built_once_reused_and_invalidated(tiny_root, tmp_path, monkeypatch):
+    import shutil
+
+    # A copy of its own: the test touches a file, and tiny_root is shared by the xdist workers.
+    tiny_root = Path(shutil.copytree(tiny_root, tmp_path / "tiny"))
+    tmp_path = tmp_path / "cache"
     calls = {"clips": 0}
     real = audio.read_clip
 
@@ -111,11 +129,8 @@ def test_cache_built_once_reused_and_invalidated(tiny_root, tmp_path, monkeypatc
     import os
 
     os.utime(wav, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    try:
-        changed = prepare(config, FeatureConfig(), tmp_path, progress=False)
-        assert changed.path != first.path
-    finally:
-        os.utime(wav, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = prepare(config, FeatureConfig(), tmp_path, progress=False)
+    assert changed.path != first.path
 
 
 def test_cached_features_equal_fresh_computation(tiny_root, tmp_path):

@@ -53,12 +53,15 @@ def test_a_preset_is_timed_from_its_jobs_in_a_larger_sweep(estimate, tmp_path, c
     import os
 
     sweep = tmp_path / "sweep"
-    jobs = {("group", "iid"): 100.0, ("group", "speaker"): 200.0, ("layer", "iid"): 400.0}
+    jobs = {("group", "iid"): 100.0, ("group", "speaker"): 200.0, ("layer", "iid"): 400.0,
+            ("group", "dirichlet"): 300.0}  # fmt: skip
     for i, ((arm, partition), wall) in enumerate(jobs.items()):
         run = sweep / f"arm={arm},partition={partition}" / "seed=0"
         (run / ".hydra").mkdir(parents=True)
+        # the last job is another preset's, with arm and partition of this one
+        experiment = "augment_ablation" if partition == "dirichlet" else "bn_study"
         (run / ".hydra" / "overrides.yaml").write_text(
-            f"- experiment=bn_study\n- arm={arm}\n- partition={partition}\n- seed=0\n"
+            f"- experiment={experiment}\n- arm={arm}\n- partition={partition}\n- seed=0\n"
         )
         (run / "results.json").write_text(json.dumps({"summary": {"wall_s": wall}}))
         (run / "data_summary.txt").write_text("  total  1000  200  200\n")
@@ -69,11 +72,13 @@ def test_a_preset_is_timed_from_its_jobs_in_a_larger_sweep(estimate, tmp_path, c
     preset = estimate.preset_sweep("literature")
     assert preset["arm"] >= {"group", "batch_full"} and "layer" not in preset["arm"]
     assert preset["partition"] == {"iid", "dirichlet", "channels"}
-    # Elapsed 2,800 s for 700 s of runs: (2800 - 700) / 3 = 700 s of gap a job. The
-    # literature preset has group/iid only: 100 s + 700 s.
+    # Elapsed 3,800 s for 1,000 s of runs: (3800 - 1000) / 4 = 700 s of gap a job. Of the
+    # literature preset's jobs the sweep has group/iid only: 100 s + 700 s.
     assert estimate.sweep_times(sweep, preset) == (1, 100.0, 1000, 800.0)
     given = [str(sweep), "--testing-list", str(listing)]
     assert estimate.main(["--preset", "literature", *given]) == 0
     assert "1 jobs in 13 min (2 min inside the jobs' runs)" in capsys.readouterr().out
     assert estimate.main(["--preset", "nosuch", *given]) == 2
     assert capsys.readouterr().err.startswith("error: --preset nosuch:")
+    assert estimate.main(["--preset", "seed_repro", *given]) == 2  # a single run: no sweep
+    assert "sweeps nothing" in capsys.readouterr().err

@@ -323,6 +323,16 @@ def test_without_a_centralised_run_there_is_no_comparison_table(fake_sweep):
     assert _csv_rows(fake_sweep / "report.csv")[FED]["test/eval/acc_vs_central_mean"] == ""
 
 
+def test_a_sweep_of_centralised_runs_only_has_no_comparison(fake_sweep):
+    # Catches: "no centralised cell" said of a sweep that is nothing but centralised cells.
+    from fedkws.report import report
+
+    shutil.rmtree(fake_sweep / FED)
+    shutil.rmtree(fake_sweep / LOCAL)
+    text = report([fake_sweep], markdown=fake_sweep / "report.md")
+    assert "no centralised cell" not in text and "against the centralised" not in text
+
+
 def test_missing_run_is_marked_in_markdown_and_csv(fake_sweep):
     from fedkws.report import report
 

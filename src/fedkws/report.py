@@ -493,7 +493,7 @@ class SweepTable:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
         text = "\n".join(lines) + "\n\n" + _LEGEND
-        if not any(c.reference for c in self.cells):
+        if not any(c.central for c in self.cells):
             text += "\n\nno centralised cell in this sweep: no comparison with a reference."
         elif comparison := self.comparison_rows():
             # without the outer pipes (valid GFM): the report's '|'-lines stay the main table

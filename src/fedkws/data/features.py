@@ -44,6 +44,13 @@ class FeatureConfig:
                 f"win_ms={self.win_ms} gives {self.win_length} samples, "
                 f"more than n_fft={self.n_fft}"
             )
+        if not 0 <= self.f_min < self.f_max <= self.sample_rate / 2:
+            raise ValueError(
+                f"need 0 <= f_min < f_max <= {self.sample_rate / 2:g} Hz (half the sample "
+                f"rate); got f_min={self.f_min}, f_max={self.f_max}"
+            )
+        if self.kind == "mfcc" and self.n_mfcc > self.n_mels:
+            raise ValueError(f"n_mfcc={self.n_mfcc} is more than n_mels={self.n_mels}")
 
     @property
     def win_length(self) -> int:
