@@ -55,7 +55,7 @@ def test_config_mistake_is_one_line(overrides, expected, tmp_path, capsys):
 
 def test_all_problems_of_a_config_are_reported_together(tmp_path):
     """Through the real command: every problem listed, exit 2, nothing written."""
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "outputs" / "2026-01-01" / "run"  # Hydra makes all three folders
     out = subprocess.run(
         train_command("train.batch_size=0", "optimizer.lr=-1", "logger.mode=x",
                       f"hydra.run.dir={run_dir}", f"data_dir={tmp_path / 'data'}"),
@@ -65,8 +65,9 @@ def test_all_problems_of_a_config_are_reported_together(tmp_path):
     assert out.returncode == 2
     assert keys == ["error: logger.mode", "error: optimizer.lr", "error: train.batch_size"]
     assert "Traceback" not in out.stderr + out.stdout
-    # Validation comes before anything is written: no run folder, no data folder.
-    assert not run_dir.exists() and not (tmp_path / "data").exists()
+    # Validation comes before anything is written: no run folder (nor the folders above it
+    # that Hydra made for it), no data folder.
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "data").exists()
 
 
 def _tiny(data_dir, tiny_root, *overrides):

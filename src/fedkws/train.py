@@ -51,12 +51,41 @@ def _keep_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
     write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
 
 
+# The highest folder of hydra.run.dir that did not exist before Hydra made the run folder,
+# recorded by FolderGuard. In the environment, not a module global: under `python -m
+# fedkws.train` Hydra's callback lives in a second copy of this module.
+_NEW_FOLDERS_ENV = "FEDKWS_NEW_FOLDERS_FROM"
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The highest ancestor of ``folder`` (or itself) that does not exist yet."""
+    missing = None
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
 def _tidy_refused(run_dir: Path) -> None:
-    """Remove the folder Hydra created for this refused run, if it is empty and new."""
+    """Remove the folders Hydra created for this refused run, if they are empty and new.
+
+    The run folder itself, and each folder above it up to the first one that did not
+    exist before (``outputs/<name>/<date>`` of a first refused run).
+    """
     try:
         if run_dir.is_dir() and not any(run_dir.iterdir()):
             if run_dir.stat().st_ctime >= _STARTED - 1:
                 run_dir.rmdir()
+        top = Path(os.environ[_NEW_FOLDERS_ENV]) if os.environ.get(_NEW_FOLDERS_ENV) else None
+        folder = run_dir.resolve().parent
+        while top is not None and top in (folder, *folder.parents) and folder.is_dir():
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+            if folder == top:
+                break
+            folder = folder.parent
     except OSError:
         pass
 
@@ -75,6 +104,8 @@ class FolderGuard(Callback):
                 raise ConfigError(str(err)) from None
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102 - Hydra hook
+        missing = _first_missing(Path(str(config.hydra.run.dir)).resolve())
+        os.environ[_NEW_FOLDERS_ENV] = "" if missing is None else str(missing)
         self._check(str(config.hydra.run.dir), "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
