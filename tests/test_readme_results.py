@@ -53,3 +53,16 @@ def test_readme_images_exist():
     for image in IMAGE.findall(README):
         if not image.startswith("http"):
             assert (ROOT / image).is_file(), image
+
+
+def test_literature_claims_are_bn_studys_rows():
+    # Catches: a claim that reads differently in two sweeps of the same cells and seeds
+    # (a nondeterministic run, or a report file regenerated from another sweep).
+    def claims(name: str) -> list[str]:
+        text = (ROOT / "experiments" / "results" / f"{name}.md").read_text()
+        table = text.split("published claims", 1)[1].split("\n\n")[1]
+        return table.splitlines()[2:]
+
+    literature, study = claims("literature"), claims("bn_study")
+    assert len(literature) >= 4
+    assert set(literature) <= set(study)
