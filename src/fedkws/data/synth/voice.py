@@ -46,6 +46,17 @@ _SYNTH_CALLBACK = ctypes.CFUNCTYPE(
 )
 
 
+def _libc_srand():
+    """The C library's ``srand`` (None where it cannot be opened this way)."""
+    try:
+        srand = ctypes.CDLL(None).srand
+    except (OSError, AttributeError):
+        return None
+    srand.argtypes = [ctypes.c_uint]
+    srand.restype = None
+    return srand
+
+
 class Espeak:
     """A minimal ctypes binding to libespeak-ng in synchronous mode.
 
@@ -133,6 +144,9 @@ class Espeak:
         self._set_seed = getattr(lib, "espeak_ng_SetRandSeed", None)
         if self._set_seed is not None:
             self._set_seed.argtypes = [ctypes.c_long]
+        # Some voice variants (Klatt ones such as +caleb and +Reed) also draw from libc's
+        # rand(), whose state a reload does not reset: it is seeded before every synthesis.
+        self._srand = _libc_srand()
         self._lib = lib
         self.sample_rate = rate
         self.version = (lib.espeak_Info(None) or b"").decode()
@@ -212,6 +226,8 @@ class Espeak:
         lib.espeak_SetParameter(self._PARAM_RANGE, int(np.clip(pitch_range, 0, 100)), 0)
         if self._set_seed is not None:
             self._set_seed(int(noise_seed))
+        if self._srand is not None:
+            self._srand(int(noise_seed) & 0xFFFFFFFF)
         self._chunks = []
         data = text.encode("utf-8") + b"\0"
         status = lib.espeak_Synth(
