@@ -203,8 +203,8 @@ def test_clip_does_not_depend_on_what_was_synthesised_before():
 
 
 @pytest.mark.parametrize("voice", ["gmw/en-US+caleb", "gmw/en-029+Reed"])
-def test_klatt_variants_do_not_depend_on_libc_rand(voice):
-    # Catches: the Klatt variants drawing from libc's rand(), which a reload does not reset
+def test_variants_do_not_depend_on_libc_rand(voice):
+    # Catches: variants drawing from libc's rand(), which a reload does not reset
     # (13 of the 360 embedded speakers came out different in every generation).
     import ctypes
 

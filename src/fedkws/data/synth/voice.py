@@ -144,7 +144,7 @@ class Espeak:
         self._set_seed = getattr(lib, "espeak_ng_SetRandSeed", None)
         if self._set_seed is not None:
             self._set_seed.argtypes = [ctypes.c_long]
-        # Some voice variants (Klatt ones such as +caleb and +Reed) also draw from libc's
+        # Some voice variants (+caleb and +Reed among them) also draw from libc's
         # rand(), whose state a reload does not reset: it is seeded before every synthesis.
         self._srand = _libc_srand()
         self._lib = lib
