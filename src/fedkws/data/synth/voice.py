@@ -50,7 +50,7 @@ def _libc_srand():
     """The C library's ``srand`` (None where it cannot be opened this way)."""
     try:
         srand = ctypes.CDLL(None).srand
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: no CDLL(None) on Windows
         return None
     srand.argtypes = [ctypes.c_uint]
     srand.restype = None
