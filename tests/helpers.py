@@ -77,6 +77,11 @@ GOLDEN = {
 }  # fmt: skip
 
 
+def evaluated_modes(summary: dict) -> set[str]:
+    """The eval modes a run's final evaluation recorded on the test split (``test/<mode>/*acc``)."""
+    return {k.split("/")[1] for k in summary if k.startswith("test/") and k.endswith("acc")}
+
+
 def golden_view(result) -> dict:
     """What the golden test pins of a run: per-round accuracies, sampling, what crossed the wire."""
     rounds = []

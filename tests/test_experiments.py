@@ -12,6 +12,7 @@ import pytest
 
 from fedkws import CONF_DIR
 from fedkws.run import run
+from helpers import evaluated_modes
 
 PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 TINY_RUN = [
@@ -55,6 +56,6 @@ def test_seed_repro_centralised_baseline_smoke(make_cfg, tmp_path):
     result = run(cfg, tmp_path / "central")
     assert result.summary["bn_sync"] == "central"
     assert "test/eval/acc" in result.summary and "test/train/acc" in result.summary
-    modes = {k.split("/")[1] for k in result.summary if k.startswith("test/") and k.endswith("acc")}
+    modes = evaluated_modes(result.summary)
     pngs = {p.name for p in (tmp_path / "central").glob("*.png")}
     assert "train" in modes and pngs == {"accuracy.png"} | {f"confusion_{m}.png" for m in modes}

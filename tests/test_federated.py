@@ -26,7 +26,7 @@ from fedkws.data.cache import open_cache
 from fedkws.run import run
 from fedkws.spec import from_config
 from fedkws.tracking import Result
-from helpers import CHANCE, SMALL_FEDERATION
+from helpers import CHANCE, SMALL_FEDERATION, evaluated_modes
 
 BASE = [*SMALL_FEDERATION, "federation.backend=inprocess"]
 # Two rounds of one local epoch: enough for every claim below that is not about learning.
@@ -129,7 +129,7 @@ def test_params_only_reproduces_the_eval_mode_collapse(make_cfg, tmp_path):
             assert info["bn_keys_received"] == 2 * len(names), (rec.round, pid)
             assert info["keys_received"] == n_params, (rec.round, pid)
     assert result.summary["complete"]
-    modes = {k.split("/")[1] for k in result.summary if k.startswith("test/") and k.endswith("acc")}
+    modes = evaluated_modes(result.summary)
     pngs = {p.name for p in run_dir.glob("*.png")}
     assert "eval" in modes and "train" in modes  # plots=true: every plot of the run
     assert pngs == {"accuracy.png", "partition.png"} | {f"confusion_{m}.png" for m in modes}
