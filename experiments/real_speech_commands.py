@@ -118,7 +118,7 @@ def _selected(run: Path, sweep: dict[str, set[str]] | None) -> bool:
     listed = [str(o) for o in yaml.safe_load(overrides.read_text()) or []]
     parsed = OverridesParser.create().parse_overrides(listed)
     given = {o.key_or_group: _values(o) for o in parsed if not o.is_delete()}
-    return all(given.get(key, set()) <= values and key in given for key, values in sweep.items())
+    return all(key in given and given[key] <= values for key, values in sweep.items())
 
 
 def sweep_times(
@@ -141,7 +141,8 @@ def sweep_times(
             hydra = path.parent / ".hydra"
             started.append(hydra.stat().st_mtime if hydra.is_dir() else ended[-1])
     if not any(chosen) or rows is None:
-        raise SystemExit(f"error: no finished run of that preset with a data summary under {sweep}")
+        which = " of that preset" if preset else ""
+        raise SystemExit(f"error: no finished run{which} with a data summary under {sweep}")
     elapsed = max(ended) - min(started)
     if preset is None:
         return len(walls), sum(walls), rows, elapsed
