@@ -412,3 +412,17 @@ def test_split_emptied_by_unreadable_files_is_an_error(small_root, tmp_path):
     message = _one_line(info)
     assert message.startswith(f"the testing split of dataset.root='{root}' has no example after")
     assert "unreadable files were skipped" in message
+
+
+def test_a_generated_dataset_opens_without_the_generators_imports(tiny_root):
+    # Catches scipy.signal (a second of every run's start-up) imported at module level
+    # by the synthesiser again: ensure_dataset on a finished dataset only checks it.
+    code = (
+        "import sys; from fedkws.data.pipeline import ensure_dataset; "
+        f"from helpers import TINY; ensure_dataset({str(tiny_root)!r}, generate=dict(TINY)); "
+        "print(sorted(m for m in sys.modules if m.startswith('scipy')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import signal
 
 from fedkws.data.audio import SAMPLE_RATE
 from fedkws.data.synth.common import coloured_noise, keyed_rng
+
+# scipy.signal (1 s to import) is imported inside the functions that use it, so a run
+# on a dataset that is already generated never loads it.
 
 NOISE_FILES = (
     "doing_the_dishes.wav",
@@ -26,6 +28,8 @@ def _normalise(wave: np.ndarray, rms_db: float) -> np.ndarray:
 
 
 def _bandpass(wave: np.ndarray, low_hz: float, high_hz: float, order: int = 2) -> np.ndarray:
+    from scipy import signal
+
     sos = signal.butter(order, [low_hz, high_hz], "bandpass", fs=SAMPLE_RATE, output="sos")
     return signal.sosfilt(sos, wave)
 
@@ -103,6 +107,8 @@ def _noise_dishes(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _noise_miaow(rng: np.random.Generator, n: int) -> np.ndarray:
+    from scipy import signal
+
     room = coloured_noise(rng, n, 1.5) * 0.02
     out = room.copy()
     start = int(rng.uniform(0.2, 1.0) * SAMPLE_RATE)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from scipy import signal
 
 from fedkws.data.audio import CLIP_SAMPLES, SAMPLE_RATE
 from fedkws.data.synth.common import coloured_noise, keyed_rng
 from fedkws.data.synth.speakers import SpeakerProfile, channel_sos, room_impulse
 from fedkws.data.synth.voice import Espeak
+
+# scipy.signal (1 s to import) is imported inside the functions that use it, so a run
+# on a dataset that is already generated never loads it.
 
 # Clause endings change espeak's intonation contour (statement, question,
 # exclamation, continuation), the way a keyword is said differently each time.
@@ -37,11 +39,15 @@ def _trim_silence(wave: np.ndarray, threshold_db: float = -40.0) -> np.ndarray:
 @lru_cache(maxsize=4)
 def _resampling_filter(up: int, down: int) -> np.ndarray:
     # resample_poly's own default design, computed once instead of per call
+    from scipy import signal
+
     max_rate = max(up, down)
     return signal.firwin(20 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0))
 
 
 def _to_16k(samples: np.ndarray, native_rate: int) -> np.ndarray:
+    from scipy import signal
+
     wave = samples.astype(np.float64) / 32768.0
     if native_rate == SAMPLE_RATE:
         return wave
@@ -108,6 +114,8 @@ def render_utterance(
     seed
         Dataset seed.
     """
+    from scipy import signal
+
     rng = keyed_rng(seed, int(speaker.speaker_id, 16), word, index)
     speech = _speak_word(engine, speaker, word, rng)
     dry_len = speech.size

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from scipy import signal
 
 from fedkws.data.audio import SAMPLE_RATE
 from fedkws.data.speech_commands import which_set
 from fedkws.data.synth.common import keyed_rng
 from fedkws.data.synth.voice import Espeak
+
+# scipy.signal (1 s to import) is imported inside the functions that use it, so a run
+# on a dataset that is already generated never loads it.
 
 # Held-out split sizes, in percent, of the speaker-hash rule (as in the real dataset).
 VALIDATION_PCT = 10.0
@@ -170,6 +172,8 @@ def _peaking_sos(freq_hz: float, gain_db: float, q: float) -> np.ndarray:
 @lru_cache(maxsize=4096)
 def channel_sos(speaker: SpeakerProfile) -> np.ndarray:
     """The microphone/line response: high-pass, low-pass and a peaking EQ, as SOS."""
+    from scipy import signal
+
     high = signal.butter(2, speaker.highpass_hz, "highpass", fs=SAMPLE_RATE, output="sos")
     low = signal.butter(4, speaker.lowpass_hz, "lowpass", fs=SAMPLE_RATE, output="sos")
     peak = _peaking_sos(speaker.eq_hz, speaker.eq_gain_db, speaker.eq_q)
