@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from omegaconf import OmegaConf
 
 from fedkws.fl.ray_head import attach_args
-from fedkws.train import SweepRay
+from fedkws.train import SweepRay, _only_centralised_jobs
 
 
 def test_attaching_drops_what_only_a_new_ray_instance_takes():
@@ -19,12 +20,12 @@ def test_attaching_drops_what_only_a_new_ray_instance_takes():
     assert args["num_cpus"] == 2  # the caller's dict is left alone
 
 
-def _sweep_config(**federation):
+def _sweep_config(strategy="fedavg", task=(), params=None, **federation):
+    """What Hydra hands ``on_multirun_start``: the base config (swept choices not applied)."""
     fed = {"backend": "ray", "sweep_ray": True, "ray_address": None,
            "ray_init_args": {"num_cpus": 1}, **federation}  # fmt: skip
-    return OmegaConf.create(
-        {"federation": fed, "strategy": {"name": "fedavg"}, "hydra": {"overrides": {"task": []}}}
-    )
+    hydra = {"overrides": {"task": list(task)}, "sweeper": {"params": params}}
+    return OmegaConf.create({"federation": fed, "strategy": {"name": strategy}, "hydra": hydra})
 
 
 def test_a_sweep_starts_one_head_and_ends_it(monkeypatch):
@@ -48,7 +49,24 @@ def test_no_head_when_the_sweep_does_not_need_one(monkeypatch):
         _sweep_config(backend="inprocess"),
         _sweep_config(sweep_ray=False),
         _sweep_config(ray_address="127.0.0.1:1"),  # the user's own Ray instance
+        _sweep_config("central", ["strategy=central", "seed=0,1"]),  # centralised jobs only
     ):
         callback = SweepRay()
         callback.on_multirun_start(cfg)
         assert callback.head is None and "RAY_ADDRESS" not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("base", "task", "params", "centralised"),
+    [
+        ("central", ["strategy=central", "optimizer.lr=0.1,0.2"], None, True),
+        ("central", ["arm=central"], {"seed": "0,1,2"}, True),
+        ("fedavg", ["seed=0,1"], None, False),
+        ("fedavg", ["strategy=central,fedbn"], None, False),  # swept: the base is not used
+        ("fedavg", ["strategy=central,central"], None, True),
+        ("fedavg", ["experiment=main"], {"arm": "central,batch_params_only"}, False),
+        ("central", ["strategy=glob(*)"], None, False),  # a choice it cannot list
+    ],
+)  # fmt: skip
+def test_a_sweep_of_centralised_jobs_needs_no_ray(base, task, params, centralised):
+    assert _only_centralised_jobs(_sweep_config(base, task, params)) is centralised

@@ -112,6 +112,34 @@ class FolderGuard(Callback):
         self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")
 
 
+def _only_centralised_jobs(config: DictConfig) -> bool:
+    """Whether every job of a multirun is centralised (and so never needs Ray).
+
+    Reads the choices that can set a job's strategy, ``strategy`` and ``arm``, from
+    the command line and the preset's ``hydra.sweeper.params`` with Hydra's own
+    parser. An arm other than ``central``, or a choice it cannot list (a ``glob``),
+    counts as federated.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    params = config.hydra.get("sweeper", {}).get("params") or {}
+    texts = [str(o) for o in config.hydra.overrides.task]
+    texts += [f"{key}={value}" for key, value in params.items()]
+    chosen: dict[str, set[str]] = {"strategy": set(), "arm": set()}
+    for override in OverridesParser.create().parse_overrides(texts):
+        key = override.key_or_group.lstrip("+~")
+        if key not in chosen:
+            continue
+        try:
+            values = override.sweep_string_iterator() if override.is_sweep_override() else None
+            chosen[key].update(values or [str(override.value())])
+        except HydraException:
+            return False
+    strategies = chosen["strategy"] or {str(config.get("strategy", {}).get("name"))}
+    return strategies == {"central"} and chosen["arm"] <= {"central"}
+
+
 class SweepRay(Callback):
     """A multirun's jobs share one local Ray head (``federation.sweep_ray``), ended afterwards.
 
@@ -128,9 +156,8 @@ class SweepRay(Callback):
         fed = config.get("federation") or {}
         if fed.get("backend", "ray") != "ray" or not fed.get("sweep_ray", True):
             return
-        swept = any(str(o).startswith("strategy=") for o in config.hydra.overrides.task)
-        if config.get("strategy", {}).get("name") == "central" and not swept:
-            return  # only centralised jobs: nothing to simulate
+        if _only_centralised_jobs(config):
+            return  # nothing to simulate
         with user_errors():
             if fed.get("ray_address"):
                 return
