@@ -12,13 +12,16 @@ commit of its own that says why.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from fedkws.fl.ray_head import LocalRayHead
 from fedkws.run import run
+from fedkws.spec import from_config
+from fedkws.train import SweepRay
 from helpers import GOLDEN, golden_view
 
 GOLDEN_FILE = Path(__file__).with_name("golden.json")
@@ -43,20 +46,30 @@ def _run(name, make_cfg, run_dir):
             return golden_view(run(make_cfg(overrides), run_dir))
         finally:
             torch.set_num_threads(threads)
-    # The Ray cell attaches to a running head, as a sweep's jobs do (federation.sweep_ray).
-    head = LocalRayHead(num_cpus=2)
+    # The Ray cell runs as a sweep's job does: the sweep callback (federation.sweep_ray) starts
+    # one head, the job attaches to it through RAY_ADDRESS, and the callback ends it.
+    cfg = make_cfg(overrides)
+    sweep_cfg = OmegaConf.create({"federation": cfg.federation, "strategy": cfg.strategy,
+                                  "hydra": {"overrides": {"task": overrides}}})  # fmt: skip
+    sweep = SweepRay()
+    sweep.on_multirun_start(sweep_cfg)
     try:
-        address = head.start()
-        process = head._process
-        got = golden_view(run(make_cfg([*overrides, f"federation.ray_address={address}"]), run_dir))
+        process = sweep.head._process
+        assert process.poll() is None
+        assert os.environ["RAY_ADDRESS"] == sweep.head.address
+        assert sweep.head.address.startswith("127.0.0.1:")
+        assert from_config(cfg).federation.ray_address == sweep.head.address  # attaches to it
+        got = golden_view(run(cfg, run_dir))
     finally:
-        head.stop()
-    assert process.poll() is not None  # the head this test started has ended
+        sweep.on_multirun_end(sweep_cfg)
+    assert process.poll() is not None  # exactly the head the callback started has ended
+    assert "RAY_ADDRESS" not in os.environ
     return got
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
-def test_golden_run(name, make_cfg, tmp_path):
+def test_golden_run(name, make_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     expected = json.loads(GOLDEN_FILE.read_text())[name]
     got = _run(name, make_cfg, tmp_path / name)
     assert [r["round"] for r in got["rounds"]] == [r["round"] for r in expected["rounds"]]
