@@ -426,3 +426,34 @@ def test_a_generated_dataset_opens_without_the_generators_imports(tiny_root):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_process_hashes_each_cache_file_once_until_it_changes(small_root, tmp_path, monkeypatch):
+    from fedkws.data import cache as cache_module
+
+    first = _prepare(small_root, tmp_path / "cache")
+    entry = first.path
+    del first
+    files = sorted(p.name for p in entry.iterdir() if p.name != "manifest.json")
+    old = time.time_ns() - 60 * 10**9
+    for name in files:  # written a minute ago: settled (a fresh file is hashed every time)
+        os.utime(entry / name, ns=(old, old))
+    time.sleep(2.1)  # the ctime utime just set has settled too
+    hashed: list[str] = []
+    real = cache_module._file_record
+    monkeypatch.setattr(cache_module, "_file_record", lambda p: hashed.append(p.name) or real(p))
+
+    _prepare(small_root, tmp_path / "cache")
+    assert sorted(hashed) == files  # the first use in this process hashes every file
+    hashed.clear()
+    _prepare(small_root, tmp_path / "cache")
+    assert hashed == []  # a job after it in the same process: sizes and time stamps only
+
+    # Catches a remembered hash trusted after the file changed (same size, same mtime).
+    (features,) = entry.glob("features-*.npy")
+    reference = np.array(np.load(features))
+    _alter_features(entry)
+    os.utime(features, ns=(old, old))
+    again = _prepare(small_root, tmp_path / "cache")
+    assert features.name in hashed  # hashed again, found altered and rebuilt
+    np.testing.assert_array_equal(np.asarray(again.features), reference)

@@ -19,9 +19,10 @@ system's page cache instead of holding a copy.
 Building is serialised by a lock file ``<cache_dir>/.<data key>.lock``, so
 processes that share a cache folder build each entry once. Before an entry
 is used, :func:`prepare` checks every file against the size and SHA-1 the
-manifest recorded (about 0.1 s per 200 MB): a truncated, altered or missing
-file, or a manifest that does not parse, makes it rebuild that part instead
-of using it.
+manifest recorded: a truncated, altered or missing file, or a manifest that
+does not parse, makes it rebuild that part instead of using it. Hashing reads
+the whole file, so a process hashes each file once and checks only its size
+and time stamps on later uses (the jobs of a multirun share one process).
 """
 
 from __future__ import annotations
@@ -358,6 +359,27 @@ def _file_record(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha1": digest.hexdigest()}
 
 
+# SHA-1s this process has already computed, by (path, size, mtime, ctime, inode): the jobs
+# of a multirun share a process and the same cache entry, and hashing it reads every byte
+# (seconds for the real dataset). Any write gives the file a new ctime, so it is hashed again.
+_CHECKED: dict[tuple[str, int, int, int, int], str] = {}
+# File times are coarse: a file written within this many ns of its check may change again
+# without a new time stamp, so its hash is not remembered.
+_SETTLED_NS = 2_000_000_000
+
+
+def _sha1(path: Path) -> str:
+    """The file's SHA-1, computed once per process while the file stays unchanged."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key not in _CHECKED:
+        digest = _file_record(path)["sha1"]
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _SETTLED_NS:
+            return digest
+        _CHECKED[key] = digest
+    return _CHECKED[key]
+
+
 def _file_problem(path: Path, record: object) -> str | None:
     """Why ``path`` does not match its manifest record, or None if it does."""
     if not isinstance(record, dict) or not {"size", "sha1"} <= record.keys():
@@ -366,7 +388,7 @@ def _file_problem(path: Path, record: object) -> str | None:
         size = path.stat().st_size
         if size != record["size"]:
             return f"{path.name}: {size} bytes, the manifest says {record['size']}"
-        if _file_record(path)["sha1"] != record["sha1"]:
+        if _sha1(path) != record["sha1"]:
             return f"{path.name}: content differs from its recorded SHA-1"
     except OSError as err:
         return f"{path.name}: {err.strerror or err}"
