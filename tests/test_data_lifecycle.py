@@ -435,14 +435,20 @@ def test_a_process_hashes_each_cache_file_once_until_it_changes(small_root, tmp_
     entry = first.path
     del first
     files = sorted(p.name for p in entry.iterdir() if p.name != "manifest.json")
-    old = time.time_ns() - 60 * 10**9
-    for name in files:  # written a minute ago: settled (a fresh file is hashed every time)
-        os.utime(entry / name, ns=(old, old))
-    time.sleep(2.1)  # the ctime utime just set has settled too
     hashed: list[str] = []
     real = cache_module._file_record
     monkeypatch.setattr(cache_module, "_file_record", lambda p: hashed.append(p.name) or real(p))
 
+    # A file written just now may change again within its time stamp's resolution:
+    # it is hashed on every use.
+    for name in files:
+        os.utime(entry / name)
+    _prepare(small_root, tmp_path / "cache")
+    _prepare(small_root, tmp_path / "cache")
+    assert sorted(hashed) == sorted(files * 2)
+
+    monkeypatch.setattr(cache_module, "_SETTLED_NS", 0)  # every file counts as settled
+    hashed.clear()
     _prepare(small_root, tmp_path / "cache")
     assert sorted(hashed) == files  # the first use in this process hashes every file
     hashed.clear()
@@ -452,8 +458,9 @@ def test_a_process_hashes_each_cache_file_once_until_it_changes(small_root, tmp_
     # Catches a remembered hash trusted after the file changed (same size, same mtime).
     (features,) = entry.glob("features-*.npy")
     reference = np.array(np.load(features))
+    mtime = features.stat().st_mtime_ns
     _alter_features(entry)
-    os.utime(features, ns=(old, old))
+    os.utime(features, ns=(mtime, mtime))
     again = _prepare(small_root, tmp_path / "cache")
     assert features.name in hashed  # hashed again, found altered and rebuilt
     np.testing.assert_array_equal(np.asarray(again.features), reference)
