@@ -81,7 +81,7 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
     if changed:
         raise RunRefused(
             f"resume: the config differs from the checkpoint's in {', '.join(changed[:6])} "
-            "(only train.rounds may change)"
+            "(only train.rounds, train.stop_after_round, progress, plots and device may change)"
         )
     if spec.train.rounds < ckpt.round:
         raise RunRefused(
