@@ -79,6 +79,28 @@ def test_cache_resumes_from_segments_instead_of_the_input(tiny_data, tmp_path, m
     assert calls["stem"] == 2 * batches
 
 
+def test_a_projection_batchnorm_runs_only_the_projection(tiny_data, tmp_path):
+    # Its input is shortcut(x) of the block's cached input: the block's 3x3 convs add nothing.
+    torch.manual_seed(0)
+    model = build_model("resnet", 12, depth=10, width=8)
+    block = next(b for stage in model.stages for b in stage if len(list(b.shortcut.children())))
+    layers = bn_layers(model)
+    target = next(i for i, (_, bn) in enumerate(layers) if bn is block.shortcut[1])
+    rows = _holders(tiny_data)[0]
+    cache = ActivationCache(tmp_path / "act")
+    for layer in range(target):  # the block's input is cached by then
+        bn_input_moments(model, tiny_data, rows, layer, 16, cache)
+    convs = {"main": 0, "projection": 0}
+    block.conv1.register_forward_pre_hook(lambda *_: convs.__setitem__("main", convs["main"] + 1))
+    block.shortcut[0].register_forward_pre_hook(
+        lambda *_: convs.__setitem__("projection", convs["projection"] + 1)
+    )
+    got = bn_input_moments(model, tiny_data, rows, target, 16, cache)
+    assert convs == {"main": 0, "projection": -(-len(rows) // 16)}
+    want = bn_input_moments(model, tiny_data, rows, target, 16, None)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
 def test_a_changed_model_never_reads_a_stale_entry(tiny_data, tmp_path):
     torch.manual_seed(0)
     model = build_model("resnet", 12, depth=10, width=8)

@@ -41,6 +41,18 @@ def _segments(model: nn.Module) -> list[nn.Module] | None:
     return None
 
 
+def _entry(segment: nn.Module, bn: nn.Module) -> nn.Module:
+    """The part of ``segment`` that reaches ``bn`` from the segment's input.
+
+    A residual block's projection BatchNorm sees only ``shortcut(x)``: running the
+    projection alone gives it the same input without the block's main-branch convs.
+    """
+    shortcut = getattr(segment, "shortcut", None)
+    if isinstance(shortcut, nn.Module) and any(m is bn for m in shortcut.modules()):
+        return shortcut
+    return segment
+
+
 def _digest(*parts: Any) -> str:
     h = hashlib.sha1()
     for part in parts:
@@ -210,7 +222,7 @@ def _segment_pass(
             if out is not None:
                 out[lo : lo + len(x)] = x.cpu().numpy()
         try:
-            segments[target](x)
+            _entry(segments[target], bn)(x)
         except _StopForward:
             pass
     if out is not None:
