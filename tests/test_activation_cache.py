@@ -45,7 +45,12 @@ def _assert_bitwise(a, b):
 
 @pytest.mark.parametrize(
     "name,kwargs",
-    [("resnet", {"depth": 10, "width": 8}), ("cnn", {"channels": (8, 8)})],
+    [
+        ("resnet", {"depth": 10, "width": 8}),
+        ("cnn", {"channels": (8, 8)}),
+        # bottleneck blocks: three norms per branch (a few rows: 53 layers without a cache)
+        ("resnet", {"depth": 50, "width": 4, "rows": 40}),
+    ],
 )
 @pytest.mark.parametrize("where", ["memory", "folder"])
 def test_cached_moments_are_bitwise_those_of_the_full_prefix(
@@ -54,8 +59,10 @@ def test_cached_moments_are_bitwise_those_of_the_full_prefix(
     # Catches: a cached input computed with stale statistics, a segment skipped or run
     # twice, rows or batches reordered between the cached and the resumed pass.
     torch.manual_seed(0)
+    kwargs = dict(kwargs)
+    rows = kwargs.pop("rows", None)
     model = build_model(name, 12, **kwargs)
-    holders = _holders(tiny_data)
+    holders = [h[:rows] for h in _holders(tiny_data)]
     cache = ActivationCache(tmp_path / "act" if where == "folder" else None)
     _, plain = _recorded(model, tiny_data, holders, None)
     _, cached = _recorded(model, tiny_data, holders, cache)
@@ -97,6 +104,33 @@ def test_a_projection_batchnorm_runs_only_the_projection(tiny_data, tmp_path):
     )
     got = bn_input_moments(model, tiny_data, rows, target, 16, cache)
     assert convs == {"main": 0, "projection": -(-len(rows) // 16)}
+    want = bn_input_moments(model, tiny_data, rows, target, 16, None)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def test_a_branch_norm_runs_one_conv_from_the_previous_norms_input(tiny_data, tmp_path):
+    # The second norm of a block's branch resumes from the first norm's cached input:
+    # conv2 only, never conv1 again; the moments are those of the full prefix.
+    torch.manual_seed(0)
+    model = build_model("resnet", 12, depth=10, width=8)
+    block = model.stages[1][0]
+    layers = bn_layers(model)
+    target = next(i for i, (_, bn) in enumerate(layers) if bn is block.norm2)
+    rows = _holders(tiny_data)[0]
+    cache = ActivationCache(tmp_path / "act")
+    for layer in range(target):
+        bn_input_moments(model, tiny_data, rows, layer, 16, cache)
+    convs = {"conv1": 0, "conv2": 0}
+    for name in convs:
+        getattr(block, name).register_forward_pre_hook(
+            lambda *_, n=name: convs.__setitem__(n, convs[n] + 1)
+        )
+    got = bn_input_moments(model, tiny_data, rows, target, 16, cache)
+    assert convs == {"conv1": 0, "conv2": -(-len(rows) // 16)}
+    # The block's own input is still kept beside it: the projection's norm comes next.
+    convs.update(conv1=0, conv2=0)
+    bn_input_moments(model, tiny_data, rows, target + 1, 16, cache)
+    assert convs == {"conv1": 0, "conv2": 0}
     want = bn_input_moments(model, tiny_data, rows, target, 16, None)
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 

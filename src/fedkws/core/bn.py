@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedkws.core.models import KWSCNN, ResNet, bn_layers
+from fedkws.core.models import KWSCNN, BasicBlock, Bottleneck, ResNet, bn_layers
 from fedkws.data.cache import CachedDataset
 from fedkws.data.loader import iterate_batches, to_device
 
@@ -53,6 +53,28 @@ def _entry(segment: nn.Module, bn: nn.Module) -> nn.Module:
     return segment
 
 
+def _chain(segment: nn.Module) -> list[tuple[nn.Module, nn.Module]] | None:
+    """A residual block's main branch as (conv, norm) pairs, or None for other segments.
+
+    The input of ``norm[i + 1]`` is ``conv[i + 1](relu(norm[i](input of norm[i])))``:
+    with the input of ``norm[i]`` cached, the next query runs one conv, not the
+    branch from the block's input.
+    """
+    if isinstance(segment, BasicBlock):
+        return [(segment.conv1, segment.norm1), (segment.conv2, segment.norm2)]
+    if isinstance(segment, Bottleneck):
+        return [(segment.conv1, segment.norm1), (segment.conv2, segment.norm2),
+                (segment.conv3, segment.norm3)]  # fmt: skip
+    return None
+
+
+def _chain_key(block_key: str, chain: list[tuple[nn.Module, nn.Module]], i: int) -> str:
+    """What the input of ``chain[i]``'s norm depends on: the block's input and what runs before."""
+    convs = (t for conv, _ in chain[: i + 1] for t in conv.state_dict().values())
+    norms = (t for _, norm in chain[:i] for t in norm.state_dict().values())
+    return _digest(block_key, "chain", i, *convs, *norms)
+
+
 def _digest(*parts: Any) -> str:
     h = hashlib.sha1()
     for part in parts:
@@ -73,15 +95,18 @@ class ActivationCache:
     cache every query reruns the forward pass from the input: the cost grows
     with the square of the depth. With one, a query resumes from the input of
     the segment (stem, residual block, ...) that holds its layer; that input
-    is written once, when the first layer of the segment is queried, so the
-    whole recalibration costs about one forward pass plus one pass per
-    segment per layer inside it. The result is bitwise the same.
+    is written once, when the first layer of the segment is queried. Inside a
+    residual block the input of the branch's last queried norm is kept too, so
+    the next norm of the branch runs one conv, and the projection's norm runs
+    the projection alone: the whole recalibration costs about one forward pass
+    plus the cache's copies. The result is bitwise the same.
 
     Entries are keyed by the holder's rows and a digest of every tensor that
     the cached input depends on, so a stale entry is never used. ``folder``
     keeps them as ``.npy`` files (any process of the same holder can resume,
     as Ray actors do); ``None`` keeps them in memory. Only the newest entry
-    per holder is kept. Inputs larger than ``max_bytes`` are not cached (the
+    per holder is kept (the branch inputs are a holder of their own,
+    ``<holder>-chain``). Inputs larger than ``max_bytes`` are not cached (the
     query then reruns the forward pass from the nearest cached segment).
     """
 
@@ -198,35 +223,101 @@ def _segment_pass(
     """Run the segments up to ``bn`` (whose hook stops the pass), resuming from the cache.
 
     Cached inputs are float32 arrays on the host (memory or ``.npy``), moved to
-    ``device`` one batch at a time.
+    ``device`` one batch at a time. Inside a residual block the input of the
+    branch's previous norm is kept too (its own slot, beside the block's input),
+    so each norm of the branch costs one conv.
     """
     target = next(k for k, seg in enumerate(segments) if any(m is bn for m in seg.modules()))
     holder = _digest(str(data.path), data.feature_key, rows)
     keys = [_digest(k, *(t for seg in segments[:k] for t in seg.state_dict().values()))
             for k in range(target + 1)]  # fmt: skip
+    chain = _chain(segments[target])
+    pos = next((i for i, (_, norm) in enumerate(chain or []) if norm is bn), None)
+    if pos is not None and pos > 0:
+        source = cache.get(holder + "-chain", _chain_key(keys[target], chain, pos - 1))
+        if source is not None:
+            _chain_step(chain, pos, bn, source, batch_size, device, _ChainWriter.For(
+                cache, holder, keys[target], chain, pos, len(rows)))  # fmt: skip
+            return
     start = next((k for k in range(target, 0, -1) if cache.get(holder, keys[k]) is not None), 0)
     source = cache.get(holder, keys[start]) if start else None
     out: np.ndarray | None = None
-    for lo in range(0, len(rows), batch_size):
-        if source is not None:
-            x = to_device(torch.from_numpy(np.array(source[lo : lo + batch_size])), device)
-        else:
-            x, _ = next(
-                iterate_batches(data, rows[lo : lo + batch_size], batch_size, device=device)
-            )
-        for seg in segments[start:target]:
-            x = seg(x)
-        if start < target:
-            if out is None and lo == 0:
-                out = cache.writer(holder, keys[target], (len(rows), *x.shape[1:]))
-            if out is not None:
-                out[lo : lo + len(x)] = x.cpu().numpy()
-        try:
-            _entry(segments[target], bn)(x)
-        except _StopForward:
-            pass
+    keep = _ChainWriter.For(cache, holder, keys[target], chain, pos, len(rows))
+    handle = bn.register_forward_pre_hook(keep, prepend=True) if keep else None
+    try:
+        for lo in range(0, len(rows), batch_size):
+            if source is not None:
+                x = to_device(torch.from_numpy(np.array(source[lo : lo + batch_size])), device)
+            else:
+                x, _ = next(
+                    iterate_batches(data, rows[lo : lo + batch_size], batch_size, device=device)
+                )
+            for seg in segments[start:target]:
+                x = seg(x)
+            if start < target:
+                if out is None and lo == 0:
+                    out = cache.writer(holder, keys[target], (len(rows), *x.shape[1:]))
+                if out is not None:
+                    out[lo : lo + len(x)] = x.cpu().numpy()
+            try:
+                _entry(segments[target], bn)(x)
+            except _StopForward:
+                pass
+    finally:
+        if handle is not None:
+            handle.remove()
     if out is not None:
         cache.commit(holder, keys[target], out)
+    if keep:
+        keep.commit()
+
+
+class _ChainWriter:
+    """A pre-hook on a branch norm that keeps its input (batch by batch) for the next norm."""
+
+    def __init__(self, cache: ActivationCache, holder: str, key: str, n: int) -> None:
+        self.cache, self.holder, self.key, self.n = cache, holder + "-chain", key, n
+        self.out: np.ndarray | None = None
+        self.lo, self.failed = 0, False
+
+    @classmethod
+    def For(cls, cache, holder, block_key, chain, pos, n) -> _ChainWriter | None:  # noqa: N802
+        """A writer when the norm at ``pos`` has a next norm in its branch, else None."""
+        if chain is None or pos is None or pos + 1 >= len(chain):
+            return None
+        return cls(cache, holder, _chain_key(block_key, chain, pos), n)
+
+    def __call__(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0]
+        if self.out is None and not self.failed:
+            self.out = self.cache.writer(self.holder, self.key, (self.n, *x.shape[1:]))
+            self.failed = self.out is None  # too large to keep: the next norm reruns the branch
+        if self.out is not None:
+            self.out[self.lo : self.lo + len(x)] = x.cpu().numpy()
+        self.lo += len(x)
+
+    def commit(self) -> None:
+        """Keep what was written, if the whole input was."""
+        if self.out is not None and self.lo == self.n:
+            self.cache.commit(self.holder, self.key, self.out)
+
+
+def _chain_step(chain, pos, bn, source, batch_size, device, keep) -> None:
+    """The input of ``chain[pos]``'s norm from the cached input of the norm before it."""
+    conv, (_, before) = chain[pos][0], chain[pos - 1]
+    handle = bn.register_forward_pre_hook(keep, prepend=True) if keep else None
+    try:
+        for lo in range(0, len(source), batch_size):
+            x = to_device(torch.from_numpy(np.array(source[lo : lo + batch_size])), device)
+            try:
+                bn(conv(torch.relu(before(x))))
+            except _StopForward:
+                pass
+    finally:
+        if handle is not None:
+            handle.remove()
+    if keep:
+        keep.commit()
 
 
 def pooled_statistics(
