@@ -55,6 +55,8 @@ def test_no_head_when_the_sweep_does_not_need_one(monkeypatch):
         ("fedavg", ["strategy=central,central"], None, True),
         ("fedavg", ["experiment=main"], {"arm": "central,batch_params_only"}, False),
         ("central", ["strategy=glob(*)"], None, False),  # a choice it cannot list
+        ("central", ["strategy=central", "strategy.name=cyclic", "seed=0,1"], None, False),
+        ("central", ["arm=central", "strategy.name=central,fedavg"], None, False),
     ],
 )  # fmt: skip
 def test_a_sweep_of_centralised_jobs_needs_no_ray(base, task, params, centralised):

@@ -115,10 +115,11 @@ class FolderGuard(Callback):
 def _only_centralised_jobs(config: DictConfig) -> bool:
     """Whether every job of a multirun is centralised (and so never needs Ray).
 
-    Reads the choices that can set a job's strategy, ``strategy`` and ``arm``, from
-    the command line and the preset's ``hydra.sweeper.params`` with Hydra's own
-    parser. An arm other than ``central``, or a choice it cannot list (a ``glob``),
-    counts as federated.
+    Reads the choices that can set a job's strategy (``strategy``, ``strategy.name``
+    and ``arm``) from the command line and the preset's ``hydra.sweeper.params`` with
+    Hydra's own parser; unless the strategy is swept, the base config's (every fixed
+    override applied) counts too. An arm other than ``central``, or a choice it
+    cannot list (a ``glob``), counts as federated.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -126,7 +127,8 @@ def _only_centralised_jobs(config: DictConfig) -> bool:
     params = config.hydra.get("sweeper", {}).get("params") or {}
     texts = [str(o) for o in config.hydra.overrides.task]
     texts += [f"{key}={value}" for key, value in params.items()]
-    chosen: dict[str, set[str]] = {"strategy": set(), "arm": set()}
+    chosen: dict[str, set[str]] = {"strategy": set(), "strategy.name": set(), "arm": set()}
+    swept = False
     for override in OverridesParser.create().parse_overrides(texts):
         key = override.key_or_group.lstrip("+~")
         if key not in chosen:
@@ -136,7 +138,10 @@ def _only_centralised_jobs(config: DictConfig) -> bool:
             chosen[key].update(values or [str(override.value())])
         except HydraException:
             return False
-    strategies = chosen["strategy"] or {str(config.get("strategy", {}).get("name"))}
+        swept |= values is not None and key != "arm"
+    strategies = chosen["strategy"] | chosen["strategy.name"]
+    if not swept:
+        strategies.add(str(config.get("strategy", {}).get("name")))
     return strategies == {"central"} and chosen["arm"] <= {"central"}
 
 
