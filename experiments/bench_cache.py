@@ -1,6 +1,7 @@
 """Benchmark: one training epoch's input pipeline, three ways, side by side.
 
-    .venv/bin/python experiments/bench_cache.py [--dataset-root data/synthetic-spk360-ho60-utt2-unk3-seed0]
+    .venv/bin/python experiments/bench_cache.py \
+        [--dataset-root data/synthetic-spk360-ho60-utt2-unk3-seed0]
 
 (a) cached features from the memory map (no augmentation),
 (a') cached waveforms + feature extraction (the cost of computing features),
