@@ -6,7 +6,8 @@ import copy
 import hashlib
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -234,20 +235,18 @@ def _segment_pass(
     chain = _chain(segments[target])
     pos = next((i for i, (_, norm) in enumerate(chain or []) if norm is bn), None)
     if pos is not None and pos > 0:
-        source = cache.get(holder + "-chain", _chain_key(keys[target], chain, pos - 1))
+        source = cache.get(_branch(holder), _chain_key(keys[target], chain, pos - 1))
         if source is not None:
-            _chain_step(chain, pos, bn, source, batch_size, device, _ChainWriter.For(
-                cache, holder, keys[target], chain, pos, len(rows)))  # fmt: skip
+            with _keeping_branch_input(bn, cache, holder, keys[target], chain, pos, len(rows)):
+                _chain_step(chain, pos, bn, source, batch_size, device)
             return
     start = next((k for k in range(target, 0, -1) if cache.get(holder, keys[k]) is not None), 0)
     source = cache.get(holder, keys[start]) if start else None
     out: np.ndarray | None = None
-    keep = _ChainWriter.For(cache, holder, keys[target], chain, pos, len(rows))
-    handle = bn.register_forward_pre_hook(keep, prepend=True) if keep else None
-    try:
+    with _keeping_branch_input(bn, cache, holder, keys[target], chain, pos, len(rows)):
         for lo in range(0, len(rows), batch_size):
             if source is not None:
-                x = to_device(torch.from_numpy(np.array(source[lo : lo + batch_size])), device)
+                x = _cached_batch(source, lo, batch_size, device)
             else:
                 x, _ = next(
                     iterate_batches(data, rows[lo : lo + batch_size], batch_size, device=device)
@@ -263,29 +262,27 @@ def _segment_pass(
                 _entry(segments[target], bn)(x)
             except _StopForward:
                 pass
-    finally:
-        if handle is not None:
-            handle.remove()
     if out is not None:
         cache.commit(holder, keys[target], out)
-    if keep:
-        keep.commit()
 
 
-class _ChainWriter:
-    """A pre-hook on a branch norm that keeps its input (batch by batch) for the next norm."""
+def _cached_batch(source: np.ndarray, lo: int, batch_size: int, device) -> torch.Tensor:
+    """Rows ``lo:lo + batch_size`` of a cached input, as a tensor on ``device``."""
+    return to_device(torch.from_numpy(np.array(source[lo : lo + batch_size])), device)
+
+
+def _branch(holder: str) -> str:
+    """The cache holder of a block's branch inputs (a slot beside the block's input)."""
+    return holder + "-chain"
+
+
+class _BranchInputWriter:
+    """A pre-hook on a branch norm that keeps its input, batch by batch, for the next norm."""
 
     def __init__(self, cache: ActivationCache, holder: str, key: str, n: int) -> None:
-        self.cache, self.holder, self.key, self.n = cache, holder + "-chain", key, n
+        self.cache, self.holder, self.key, self.n = cache, holder, key, n
         self.out: np.ndarray | None = None
         self.lo, self.failed = 0, False
-
-    @classmethod
-    def For(cls, cache, holder, block_key, chain, pos, n) -> _ChainWriter | None:  # noqa: N802
-        """A writer when the norm at ``pos`` has a next norm in its branch, else None."""
-        if chain is None or pos is None or pos + 1 >= len(chain):
-            return None
-        return cls(cache, holder, _chain_key(block_key, chain, pos), n)
 
     def __call__(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0]
@@ -302,22 +299,32 @@ class _ChainWriter:
             self.cache.commit(self.holder, self.key, self.out)
 
 
-def _chain_step(chain, pos, bn, source, batch_size, device, keep) -> None:
+@contextmanager
+def _keeping_branch_input(bn, cache, holder, block_key, chain, pos, n) -> Iterator[None]:
+    """While inside, keep ``bn``'s input for the next norm of its branch, if it has one.
+
+    Kept only when the pass inside completes (an error leaves the cache as it was).
+    """
+    if chain is None or pos is None or pos + 1 >= len(chain):
+        yield
+        return
+    writer = _BranchInputWriter(cache, _branch(holder), _chain_key(block_key, chain, pos), n)
+    handle = bn.register_forward_pre_hook(writer, prepend=True)  # before the moments' hook
+    try:
+        yield
+    finally:
+        handle.remove()
+    writer.commit()
+
+
+def _chain_step(chain, pos, bn, source, batch_size, device) -> None:
     """The input of ``chain[pos]``'s norm from the cached input of the norm before it."""
     conv, (_, before) = chain[pos][0], chain[pos - 1]
-    handle = bn.register_forward_pre_hook(keep, prepend=True) if keep else None
-    try:
-        for lo in range(0, len(source), batch_size):
-            x = to_device(torch.from_numpy(np.array(source[lo : lo + batch_size])), device)
-            try:
-                bn(conv(torch.relu(before(x))))
-            except _StopForward:
-                pass
-    finally:
-        if handle is not None:
-            handle.remove()
-    if keep:
-        keep.commit()
+    for lo in range(0, len(source), batch_size):
+        try:
+            bn(conv(torch.relu(before(_cached_batch(source, lo, batch_size, device)))))
+        except _StopForward:
+            pass
 
 
 def pooled_statistics(
