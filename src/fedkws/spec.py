@@ -516,6 +516,8 @@ def _check_model(spec: RunSpec, p: _Problems) -> None:
 
     _one_of(p, "model.name", spec.model.name, MODEL_NAMES)
     _one_of(p, "norm.kind", spec.model.norm, NORM_KINDS)
+    layout = dict(spec.model.kwargs).get("channels_last", False)
+    p.check(isinstance(layout, bool), "model.channels_last", layout, "must be true or false")
     if spec.model.name in MODEL_NAMES and spec.model.norm in NORM_KINDS:
         try:
             build_model(**spec.model.build_args(2))
