@@ -38,10 +38,10 @@ def _batchnorms(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
 
-def _randomised_resnet10() -> nn.Module:
+def _randomised_resnet10(channels_last: bool = False) -> nn.Module:
     """ResNet-10 (with projection-shortcut BatchNorms) whose BN is far from the identity."""
     torch.manual_seed(1)
-    model = build_model("resnet", 12, depth=10, width=8)
+    model = build_model("resnet", 12, depth=10, width=8, channels_last=channels_last)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for _, bn in _batchnorms(model):
@@ -65,8 +65,12 @@ def _union_oracle(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return ref
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["prefix", "activation_cache"])
-def test_recalibration_equals_one_union_forward_pass(tiny_data, tmp_path, cached):
+@pytest.mark.parametrize(
+    ("cached", "channels_last"),
+    [(False, False), (True, False), (True, True)],
+    ids=["prefix", "activation_cache", "activation_cache-channels_last"],
+)
+def test_recalibration_equals_one_union_forward_pass(tiny_data, tmp_path, cached, channels_last):
     # Catches: moments taken from the uncalibrated model instead of layer by layer,
     # moments of the BatchNorm output instead of its input, per-holder statistics
     # averaged instead of pooled, a shortcut BatchNorm skipped.
@@ -76,7 +80,7 @@ def test_recalibration_equals_one_union_forward_pass(tiny_data, tmp_path, cached
     # Label-skewed holders: each holds a third of the classes.
     holders = [rows[labels < 4], rows[(labels >= 4) & (labels < 8)], rows[labels >= 8]]
     assert sum(len(h) for h in holders) == len(rows) and all(len(h) > 0 for h in holders)
-    model = _randomised_resnet10()
+    model = _randomised_resnet10(channels_last)
     names = [n for n, _ in _batchnorms(model)]
     assert any("shortcut" in n for n in names)  # projection BatchNorms are covered
     before = copy.deepcopy(model.state_dict())
