@@ -32,7 +32,7 @@ import common
 from common import Ratio
 
 # Registered benchmarks, in the order they run and appear in RESULTS.md.
-BENCHMARKS: tuple[str, ...] = ("pipeline", "overhead", "evaluation", "sweep", "scale")
+BENCHMARKS: tuple[str, ...] = ("pipeline", "overhead", "evaluation", "sweep", "scale", "layout")
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 _SECTION = re.compile(
