@@ -20,11 +20,14 @@ from helpers import SMALL_FEDERATION, compose_cfg, error_lines
 CL = torch.channels_last
 
 
+SIZES = {"cnn": {"channels": (8, 8)}, "res8": {"maps": 16}, "resnet10": {"width": 8}}
+
+
 def _pair(name: str, norm: str) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    default = build_model(name, 12, norm=norm)
+    default = build_model(name, 12, norm=norm, **SIZES[name])
     torch.manual_seed(0)
-    return default, build_model(name, 12, norm=norm, channels_last=True)
+    return default, build_model(name, 12, norm=norm, channels_last=True, **SIZES[name])
 
 
 @pytest.mark.parametrize("norm", ["batch", "group", "layer", "ws"])
@@ -74,7 +77,8 @@ def test_a_channels_last_federation_trains_as_the_default_layout(make_cfg, tmp_p
     overrides = [
         # SGD, not AdamW: Adam's update divides by the gradient's own scale, so rounding
         # in tiny gradients moves the weights by up to the learning rate.
-        *SMALL_FEDERATION, "optimizer=sgd", "federation.backend=inprocess", "train.rounds=1",
+        *SMALL_FEDERATION, "model.width=8", "optimizer=sgd", "federation.backend=inprocess",
+        "train.rounds=1",
         "train.local_epochs=1", "bn=full", "bn.eval_modes=[eval,recalibrated]",
     ]  # fmt: skip
     results = {}
