@@ -665,10 +665,10 @@ def build_model(
         GroupNorm groups for ``norm="group"``.
     channels_last : bool, optional
         Lay the 4-D weights out channels last (NHWC), so that the convolutions
-        run in that layout: on CPU the study CNN trains about 1.4x and evaluates
-        about 1.6x faster (``benchmarks/run.py --only layout``). Sums then run in
-        another order, so the results differ from the default layout's in the
-        last bits and, through training, in the last digits of accuracies.
+        run in that layout: on CPU the study CNN's training steps and evaluation
+        are faster (``benchmarks/run.py --only layout``; RESULTS.md). Sums then
+        run in another order, so the results differ from the default layout's
+        in the last bits and, through training, in the last digits of accuracies.
     **kwargs
         Model-specific arguments: ``channels``, ``pooled``, ``dropout`` for
         ``cnn`` (:class:`KWSCNN`); ``maps``, ``layers``, ``pool``, ``dilated``
