@@ -99,3 +99,16 @@ def test_channels_last_must_be_a_boolean(tmp_path, capsys):
         from_config(cfg)
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "model.channels_last='yes': must be true or false" in lines[0]
+
+
+def test_a_checkpoint_from_before_the_option_resumes_with_the_default_layout():
+    # Catches: a run saved before model.channels_last existed refused on resume
+    # although it ran with the default layout (and a real layout change let through).
+    from fedkws.recipes.common import _differences, _with_implied_keys
+
+    old = {"model": {"name": "cnn", "channels": [8, 8]}, "seed": 0}
+    for layout, expected in ((False, []), (True, ["model.channels_last"])):
+        new = {"model": {"name": "cnn", "channels": [8, 8], "channels_last": layout}, "seed": 0}
+        assert _differences(_with_implied_keys(old), new) == expected
+    assert _differences(old, {**old, "model": {**old["model"], "channels_last": False}})
+    assert "channels_last" not in old["model"]  # the checkpoint's config is left alone

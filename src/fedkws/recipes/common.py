@@ -12,6 +12,7 @@ stopping) happens here, once.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
             f"{run_dir} already holds a checkpoint (round {ckpt.round}); pass resume=true "
             "to continue that run or choose another folder"
         )
-    changed = _differences(ckpt.config, spec.comparable())
+    changed = _differences(_with_implied_keys(ckpt.config), spec.comparable())
     if changed:
         raise RunRefused(
             f"resume: the config differs from the checkpoint's in {', '.join(changed[:6])} "
@@ -105,6 +106,22 @@ def _finished(run_dir: Path) -> bool:
     except (OSError, ValueError):
         return False
     return bool(summary.get("complete"))
+
+
+# Config keys added after checkpoints were first written, with the value a checkpoint
+# without them ran with: such a run resumes unless the key is set to something else.
+IMPLIED_KEYS: dict[tuple[str, ...], Any] = {("model", "channels_last"): False}
+
+
+def _with_implied_keys(config: dict) -> dict:
+    out = copy.deepcopy(config)
+    for path, value in IMPLIED_KEYS.items():
+        node = out
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(path[-1], value)
+    return out
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
