@@ -21,7 +21,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    share = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(share)
+    # ... and so do the commands the tests start (fedkws-train, fedkws report): with torch's
+    # default of one thread per core they would spin against the other worker's tests.
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
 
 # Real Speech Commands files, kept beside the checkout (../shared/reference).
 REFERENCE = Path(

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import cli_env
+
 FEDKWS = str(Path(sys.executable).parent / "fedkws")
 
 
 def _fedkws(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "FLWR_TELEMETRY_ENABLED": "0"}
     return subprocess.run(
-        [FEDKWS, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd, env=env
+        [FEDKWS, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env=cli_env(),
     )
 
 

@@ -28,7 +28,10 @@ TINY_CNN = ["train.rounds=1", "train.batch_size=32", "model.channels=[4,4]",
 
 
 def _tiny(preset: str, make_cfg) -> list[str]:
-    return TINY_CNN if make_cfg([f"experiment={preset}"]).model.name == "cnn" else TINY_RUN
+    # One thread per client: a preset reserving more (seed_faithful: 2) would run its in-process
+    # clients on more threads than this test worker's share of the cores.
+    tiny = TINY_CNN if make_cfg([f"experiment={preset}"]).model.name == "cnn" else TINY_RUN
+    return [*tiny, "federation.client_resources.num_cpus=1"]
 
 
 def test_presets_exist():
