@@ -30,11 +30,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import secrets
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -318,6 +320,23 @@ class CachedDataset:
     manifest: dict
     feature_key: str
 
+    def release_pages(self) -> None:
+        """Unmap the pages of the cache files this process has read; they stay in the page cache.
+
+        Reading a row maps its pages into the process, and they count in its resident
+        set until the mapping ends, which for an open cache is never. A long-lived
+        process that reads many clients' rows in turn (a Ray actor answering the
+        recalibration queries of thousands of clients) would end up holding the
+        whole file. After this call the next read maps the pages again from the
+        page cache, without reading the disk.
+        """
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for array in (self.waves, self.features, self.noise):
+            mapping = getattr(array, "_mmap", None)  # numpy.memmap's mapping of the file
+            if isinstance(mapping, mmap.mmap):
+                mapping.madvise(mmap.MADV_DONTNEED)
+
     @property
     def num_classes(self) -> int:
         """Number of labels of the protocol."""
@@ -548,13 +567,23 @@ def _waves_file(feature_key: str) -> str:
     return f"waves@{variant}.npy" if sep else "waves.npy"
 
 
+# What open_cache returned and someone still holds (the lru cache or a caller), by entry.
+_OPENED: weakref.WeakValueDictionary[tuple[str, str], CachedDataset] = weakref.WeakValueDictionary()
+
+
+def release_mapped_pages() -> None:
+    """:meth:`CachedDataset.release_pages` of every cache entry this process has open."""
+    for data in list(_OPENED.values()):
+        data.release_pages()
+
+
 @lru_cache(maxsize=4)
 def open_cache(entry: str, feature_key: str) -> CachedDataset:
     """Open a built cache entry read-only; cached per process so workers open it once."""
     path = Path(entry)
     manifest = json.loads((path / "manifest.json").read_text())
     meta = np.load(path / "meta.npz")
-    return CachedDataset(
+    data = CachedDataset(
         path=path,
         # A feature-shift variant (fedkws.data.channel) has its own waveforms.
         waves=np.load(path / _waves_file(feature_key), mmap_mode="r"),
@@ -569,3 +598,5 @@ def open_cache(entry: str, feature_key: str) -> CachedDataset:
         manifest=manifest,
         feature_key=feature_key,
     )
+    _OPENED[entry, feature_key] = data
+    return data

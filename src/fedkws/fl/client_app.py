@@ -33,11 +33,24 @@ from fedkws.core import loops, seeding
 from fedkws.core.aggregation import keeps_client_state, key_plan
 from fedkws.core.bn import ActivationCache, bn_input_moments
 from fedkws.core.models import bn_layers, bn_state_keys, build_model
-from fedkws.data.cache import CachedDataset, open_cache
+from fedkws.data.cache import CachedDataset, open_cache, release_mapped_pages
 from fedkws.fileio import torch_save
 from fedkws.fl.messages import ClientTask
 
-app = ClientApp()
+
+def _release_pages_after(message: Message, context: Context, call_next) -> Message:
+    """Answer the message, then unmap the cache pages it read (see ``release_pages``).
+
+    A worker serves many clients in turn; without this its resident set grows with
+    every client's rows it has ever read.
+    """
+    try:
+        return call_next(message, context)
+    finally:
+        release_mapped_pages()
+
+
+app = ClientApp(mods=[_release_pages_after])
 
 FEDBN_STATE = "fedbn"
 CYCLIC_STATE = "cyclic"  # strategy=cyclic: own keys, optimiser state, epoch cursor
