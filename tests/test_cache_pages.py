@@ -15,7 +15,7 @@ import pytest
 from fedkws.recipes.common import load_data
 from fedkws.run import run
 from fedkws.spec import from_config
-from helpers import SMALL_FEDERATION, compose_cfg
+from helpers import compose_cfg
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc/self/smaps"
@@ -51,8 +51,9 @@ def test_each_client_message_ends_with_no_cache_pages_mapped(make_cfg, tmp_path,
     # Catches: the ClientApp without its page-releasing mod (a worker keeps every row it read).
     from fedkws.fl.inprocess import InProcessGrid
 
-    cfg = make_cfg([*SMALL_FEDERATION, "federation.backend=inprocess", "train.rounds=1",
-                    "partition.num_clients=2", "bn.eval_modes=[eval,recalibrated]"])  # fmt: skip
+    cfg = make_cfg(["model=cnn", "model.channels=[4,4]", "federation.backend=inprocess",
+                    "train.rounds=1", "partition.num_clients=2",
+                    "bn.eval_modes=[eval,recalibrated]"])  # fmt: skip
     entry = load_data(from_config(cfg)).path.resolve()
     after: list[tuple[str, int]] = []
     handle = InProcessGrid._handle

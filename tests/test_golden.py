@@ -12,6 +12,7 @@ commit of its own that says why.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -46,25 +47,48 @@ def _run(name, make_cfg, run_dir):
             return golden_view(run(make_cfg(overrides), run_dir))
         finally:
             torch.set_num_threads(threads)
-    # The Ray cell runs as a sweep's job does: the sweep callback (federation.sweep_ray) starts
-    # one head, the job attaches to it through RAY_ADDRESS, and the callback ends it.
+    # The Ray cell runs as a job of a parallel sweep (hydra/launcher=fedkws_parallel, two jobs
+    # at once) does: the sweep callback (federation.sweep_ray) starts one head, the job
+    # attaches to it through RAY_ADDRESS with half of its actors (FEDKWS_ACTORS), and the
+    # callback ends it. The number of actors does not change the numbers.
     cfg = make_cfg(overrides)
     sweep_cfg = OmegaConf.create({"federation": cfg.federation, "strategy": cfg.strategy,
-                                  "hydra": {"overrides": {"task": overrides}}})  # fmt: skip
+                                  "hydra": {"overrides": {"task": overrides},
+                                            "launcher": {"n_jobs": 2}}})  # fmt: skip
     sweep = SweepRay()
     sweep.on_multirun_start(sweep_cfg)
+    pools = PoolSizes()
+    logging.getLogger("flwr").addHandler(pools)
     try:
         process = sweep.head._process
         assert process.poll() is None
         assert os.environ["RAY_ADDRESS"] == sweep.head.address
         assert sweep.head.address.startswith("127.0.0.1:")
-        assert from_config(cfg).federation.ray_address == sweep.head.address  # attaches to it
+        fed = from_config(cfg).federation
+        assert fed.ray_address == sweep.head.address  # attaches to it
+        assert fed.actors == 1  # the head's 2 CPUs shared by 2 jobs of 1-CPU clients
         got = golden_view(run(cfg, run_dir))
     finally:
+        logging.getLogger("flwr").removeHandler(pools)
         sweep.on_multirun_end(sweep_cfg)
+    # Catches: the cap not reaching Flower's pool (it would take both CPUs: 2 actors).
+    assert pools.sizes == [1], pools.sizes
     assert process.poll() is not None  # exactly the head the callback started has ended
-    assert "RAY_ADDRESS" not in os.environ
+    assert "RAY_ADDRESS" not in os.environ and "FEDKWS_ACTORS" not in os.environ
     return got
+
+
+class PoolSizes(logging.Handler):
+    """The actor pool sizes Flower's Ray backend reports building (its own DEBUG record)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.sizes: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Constructed ActorPool with:"):
+            self.sizes.append(int(message.split()[3]))
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))

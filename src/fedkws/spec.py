@@ -179,6 +179,7 @@ class FederationSpec:
     ray_init_args: tuple[tuple[str, Any], ...] = ()
     ray_address: str | None = None  # attach to this running Ray instance instead of starting one
     sweep_ray: bool = True  # a multirun starts one local Ray head for all its jobs
+    actors: int | None = None  # Ray actors of one simulation; None: as many as fit the instance
 
 
 @dataclass(frozen=True)
@@ -239,13 +240,25 @@ class RunSpec:
 
         The device may change: checkpoints hold CPU tensors, so a run resumes on any device.
         """
-        skip = ("resume", "progress", "plots", "device")
-        out = {k: v for k, v in self.resolved.items() if k not in skip}
-        train = dict(out.get("train", {}))
-        for key in ("rounds", "stop_after_round"):
-            train.pop(key, None)
-        out["train"] = train
-        return out
+        return comparable(self.resolved)
+
+
+# What a resume may change: how far it goes, what it shows, and where it runs (the device;
+# the Ray instance it attaches to, which a sweep starts anew; how many actors serve it).
+MAY_CHANGE = {
+    "": ("resume", "progress", "plots", "device"),
+    "train": ("rounds", "stop_after_round"),
+    "federation": ("ray_address", "sweep_ray", "actors"),
+}
+
+
+def comparable(resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved config (or a checkpoint's record of one) without the keys in MAY_CHANGE."""
+    out = {k: v for k, v in resolved.items() if k not in MAY_CHANGE[""]}
+    for group, keys in MAY_CHANGE.items():
+        if group and isinstance(out.get(group), Mapping):
+            out[group] = {k: v for k, v in out[group].items() if k not in keys}
+    return out
 
 
 # --------------------------------------------------------------------------- reading
@@ -469,6 +482,7 @@ def _federation(raw: Mapping[str, Any], p: _Problems) -> FederationSpec:
         "backend": raw.get("backend", "ray"),
         "ray_address": str(raw["ray_address"]) if raw.get("ray_address") else None,
         "sweep_ray": raw.get("sweep_ray", True),
+        "actors": raw.get("actors"),
     }
     spec = _typed(FederationSpec, values, p, "federation")
     if spec is None:
@@ -643,6 +657,8 @@ def _check_federation(spec: RunSpec, p: _Problems) -> None:
             fed.num_gpus,
             "must be 0 with device=cpu (clients would reserve GPUs and not use them)",
         )
+    p.check(fed.actors is None or fed.actors >= 1, "federation.actors", fed.actors,
+            "must be >= 1, or null for as many as fit")  # fmt: skip
     ray_cpus = dict(fed.ray_init_args).get("num_cpus")
     if ray_cpus is not None and _number(ray_cpus) is None:
         p.add("federation.ray_init_args.num_cpus", ray_cpus, "must be a number")

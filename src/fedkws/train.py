@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.experimental.callback import Callback
@@ -145,15 +146,45 @@ def _only_centralised_jobs(config: DictConfig) -> bool:
     return strategies == {"central"} and chosen["arm"] <= {"central"}
 
 
+def _parallel_jobs(config: DictConfig) -> int:
+    """How many jobs of a multirun its launcher runs at once (``n_jobs``; 1 if it has none)."""
+    try:
+        n_jobs = int((config.get("hydra", {}).get("launcher") or {}).get("n_jobs") or 1)
+    except (TypeError, ValueError):  # not a number: the launcher itself reports it
+        return 1
+    if n_jobs < 0:  # joblib: -1 is every core, -2 all but one, ...
+        return max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+    return max(1, n_jobs)
+
+
+def _actors_per_job(fed: DictConfig, head_cpus: Any, jobs: int) -> int | None:
+    """An equal share of the head's actors for each of ``jobs`` simulations at once."""
+    try:
+        client_cpus = float((fed.get("client_resources") or {}).get("num_cpus") or 1)
+        fits = int(float(head_cpus or os.cpu_count() or 1) / client_cpus)
+    except (TypeError, ValueError, ZeroDivisionError):  # each job's validation reports it
+        return None
+    return max(1, fits // jobs)
+
+
 class SweepRay(Callback):
     """A multirun's jobs share one local Ray head (``federation.sweep_ray``), ended afterwards.
 
     Started only for sweeps whose base config uses the Ray backend and names no
     ``federation.ray_address`` of its own; jobs attach through ``RAY_ADDRESS``.
+    With a launcher that runs jobs in parallel (``hydra/launcher=fedkws_parallel``),
+    each job's simulation gets an equal share of the head's CPUs
+    (``FEDKWS_ACTORS``, read by ``federation.actors`` unless that is set).
     """
 
     def __init__(self) -> None:
         self.head = None
+        self.set_actors = False
+
+    def __getstate__(self) -> dict:
+        # A parallel launcher sends the callbacks to its workers; the head stays with the
+        # process that started it.
+        return {"head": None, "set_actors": False}
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
         from fedkws.fl.ray_head import LocalRayHead
@@ -171,12 +202,21 @@ class SweepRay(Callback):
             address = self.head.start()
         os.environ["RAY_ADDRESS"] = address
         print(f"Ray head for this sweep at {address} (federation.sweep_ray=false: one per job)")
+        jobs = _parallel_jobs(config)
+        actors = _actors_per_job(fed, cpus, jobs) if jobs > 1 else None
+        if actors is not None and fed.get("actors") is None:
+            os.environ["FEDKWS_ACTORS"] = str(actors)
+            self.set_actors = True
+            print(f"{jobs} jobs at once: {actors} Ray actor(s) each (federation.actors)")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
         if self.head is not None:
             self.head.stop()
             os.environ.pop("RAY_ADDRESS", None)
             self.head = None
+        if self.set_actors:
+            os.environ.pop("FEDKWS_ACTORS", None)
+            self.set_actors = False
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

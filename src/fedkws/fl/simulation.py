@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from flwr.serverapp import Grid
@@ -49,12 +50,14 @@ def simulate(
     client_resources: Mapping[str, Any] | None = None,
     ray_init_args: Mapping[str, Any] | None = None,
     ray_address: str | None = None,
+    actors: int | None = None,
 ) -> None:
     """Run ``main(grid)`` against ``num_clients`` SuperNodes of fedkws's ClientApp.
 
     Each SuperNode gets ``node_config["partition-id"]`` in ``0..num_clients-1``.
     With ``ray_address`` the simulation attaches to that running Ray instance
-    (see :mod:`fedkws.fl.ray_head`) instead of starting its own.
+    (see :mod:`fedkws.fl.ray_head`) instead of starting its own. ``actors``
+    caps its pool of Ray actors (see :func:`actor_pool_capped`).
     Whatever ``main`` raises is raised here, after the backend has shut down.
     """
     from fedkws.fl.client_app import app as client_app
@@ -78,9 +81,33 @@ def simulate(
     init_args = (
         attach_args(init_args, ray_address) if ray_address else {"address": "local", **init_args}
     )
-    _run_ray(guarded, client_app, num_clients, client_resources or {}, init_args)
+    with actor_pool_capped(actors):
+        _run_ray(guarded, client_app, num_clients, client_resources or {}, init_args)
     if raised:
         raise raised[0]
+
+
+@contextmanager
+def actor_pool_capped(actors: int | None) -> Iterator[None]:
+    """Within this block, a simulation's Ray actor pool has at most ``actors`` actors.
+
+    Flower makes the pool as large as the whole Ray instance allows (its CPUs
+    divided by ``client_resources.num_cpus``) and holds those CPUs until the
+    simulation ends. Simulations that share one instance at the same time, the
+    jobs of a parallel sweep, would each ask for all of it and wait for each
+    other's actors; capped, each keeps to its share. ``None``: Flower's size.
+    """
+    if actors is None:
+        yield
+        return
+    from flwr.simulation.ray_transport import ray_actor
+
+    fits = ray_actor.pool_size_from_resources  # looked up by name when a pool is built
+    ray_actor.pool_size_from_resources = lambda resources: min(actors, fits(resources))
+    try:
+        yield
+    finally:
+        ray_actor.pool_size_from_resources = fits
 
 
 def _run_ray(main, client_app, num_clients, client_resources, ray_init_args) -> None:

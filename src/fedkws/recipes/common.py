@@ -34,7 +34,7 @@ from fedkws.data.pipeline import open_dataset
 from fedkws.errors import ConfigError, RunRefused
 from fedkws.fileio import torch_save, write_text
 from fedkws.plots import figure
-from fedkws.spec import RunSpec
+from fedkws.spec import RunSpec, comparable
 from fedkws.tracking import Recorder, Result, RoundRecord, WandbLogger
 
 console = Console(highlight=False, soft_wrap=True)
@@ -78,11 +78,12 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
             f"{run_dir} already holds a checkpoint (round {ckpt.round}); pass resume=true "
             "to continue that run or choose another folder"
         )
-    changed = _differences(_with_implied_keys(ckpt.config), spec.comparable())
+    changed = _differences(comparable(_with_implied_keys(ckpt.config)), spec.comparable())
     if changed:
         raise RunRefused(
             f"resume: the config differs from the checkpoint's in {', '.join(changed[:6])} "
-            "(only train.rounds, train.stop_after_round, progress, plots and device may change)"
+            "(only train.rounds, train.stop_after_round, progress, plots, device and "
+            "federation.ray_address, sweep_ray and actors may change)"
         )
     if spec.train.rounds < ckpt.round:
         raise RunRefused(

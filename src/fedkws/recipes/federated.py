@@ -317,6 +317,7 @@ class FederatedRecipe:
             client_resources={"num_cpus": fed.num_cpus, "num_gpus": fed.num_gpus},
             ray_init_args=dict(fed.ray_init_args),
             ray_address=fed.ray_address,
+            actors=fed.actors,
         )
 
     def finish(self, run_dir: Path) -> Result:

@@ -1,0 +1,122 @@
+"""Parallel sweeps on one Ray head: each job's simulation keeps to its share of the actors.
+
+The whole chain in a real Ray run (the sweep callback's head, ``FEDKWS_ACTORS``,
+the capped pool Flower reports building) is checked by the golden test's Ray
+cell; a real parallel multirun by the slow test at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from fedkws.fl.simulation import actor_pool_capped
+from fedkws.spec import from_config
+from fedkws.train import SweepRay, _parallel_jobs
+from helpers import cli_env, compose_cfg, tiny_dataset_overrides, train_command
+
+
+def test_the_cap_is_where_flowers_actor_pool_reads_its_size(monkeypatch):
+    # Catches: a cap that Flower's pool never reads (e.g. after Flower moves the lookup).
+    from flwr.simulation.ray_transport import ray_actor
+
+    monkeypatch.setattr(ray_actor, "pool_size_from_resources", lambda resources: 4)
+
+    def capacity() -> int:  # what Flower's Ray backend builds its pool with (no Ray needed)
+        return ray_actor.BasicActorPool(
+            ray_actor.ClientAppActor, {"num_cpus": 1}, {}
+        ).actors_capacity
+
+    with actor_pool_capped(1):
+        assert capacity() == 1
+    with actor_pool_capped(8):
+        assert capacity() == 4  # a cap above what fits changes nothing
+    with actor_pool_capped(None):
+        assert capacity() == 4
+    assert capacity() == 4  # restored after the block
+    with pytest.raises(RuntimeError), actor_pool_capped(1):
+        raise RuntimeError("a failed simulation")
+    assert capacity() == 4  # restored after a failure too
+
+
+@pytest.mark.parametrize(
+    ("launcher", "expected"),
+    [({}, 1), ({"n_jobs": 3}, 3), ({"n_jobs": 1}, 1), ({"n_jobs": -1}, os.cpu_count() or 1)],
+)
+def test_parallel_jobs_read_from_the_launcher(launcher, expected):
+    assert _parallel_jobs(OmegaConf.create({"hydra": {"launcher": launcher}})) == expected
+
+
+def test_federation_actors_comes_from_the_environment_unless_set(make_cfg, monkeypatch):
+    monkeypatch.setenv("FEDKWS_ACTORS", "3")
+    assert from_config(make_cfg([])).federation.actors == 3
+    assert from_config(make_cfg(["federation.actors=2"])).federation.actors == 2
+    monkeypatch.delenv("FEDKWS_ACTORS")
+    assert from_config(make_cfg([])).federation.actors is None
+
+
+def test_the_sweep_callback_travels_to_launcher_workers_without_its_head():
+    import pickle
+
+    sweep = SweepRay()
+    sweep.head, sweep.set_actors = object(), True  # a head object cannot be pickled
+    copy = pickle.loads(pickle.dumps(sweep))
+    assert copy.head is None and copy.set_actors is False
+
+
+def test_where_the_clients_run_may_change_on_resume(data_dir):
+    # Catches: a sweep resumed against a new Ray head refused as a changed config.
+    from fedkws.recipes.common import _differences
+    from fedkws.spec import comparable
+
+    def spec(*overrides):
+        return from_config(compose_cfg(list(overrides), data_dir))
+
+    before = spec("federation.ray_address=127.0.0.1:6379", "federation.actors=2")
+    moved = spec("federation.ray_address=127.0.0.1:7000", "federation.sweep_ray=false")
+    assert _differences(comparable(before.resolved), moved.comparable()) == []
+    threads = spec("federation.client_resources.num_cpus=2")  # clients' torch threads: compared
+    assert _differences(before.comparable(), threads.comparable()) == [
+        "federation.client_resources.num_cpus"
+    ]
+
+
+def _scores(results: dict) -> list[dict[str, float]]:
+    """Every accuracy and loss, per round and final (times left out)."""
+    keep = [{k: v for k, v in r["metrics"].items() if "/acc" in k or "/loss" in k}
+            for r in results["rounds"]]  # fmt: skip
+    return [*keep, {k: v for k, v in results["summary"].items() if k.startswith("test/")}]
+
+
+@pytest.mark.slow
+def test_a_parallel_sweep_runs_its_jobs_at_once_with_the_sequential_results(
+    data_dir, tiny_root, tmp_path
+):
+    def sweep(folder: Path, *launcher: str) -> dict[str, dict]:
+        command = train_command(
+            "-m", *launcher, "model=cnn", "model.channels=[4,4]", "partition.num_clients=3",
+            "train.rounds=2", "seed=0,1", *tiny_dataset_overrides(data_dir, tiny_root),
+            "logger=disabled", "progress=false", f"hydra.sweep.dir={folder}",
+        )  # fmt: skip
+        out = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return {p.parent.name: p for p in folder.rglob("seed=*/results.json")}
+
+    sequential = sweep(tmp_path / "sequential")
+    parallel = sweep(tmp_path / "parallel", "hydra/launcher=fedkws_parallel")
+    assert sorted(parallel) == sorted(sequential) == ["seed=0", "seed=1"]
+    for seed, path in parallel.items():
+        got, want = (_scores(json.loads(p.read_text())) for p in (path, sequential[seed]))
+        assert got == want, seed
+    # The two jobs ran at the same time: each started before the other finished.
+    spans = [
+        (path.parent.joinpath(".hydra", "config.yaml").stat().st_mtime, path.stat().st_mtime)
+        for path in parallel.values()
+    ]
+    (start_a, end_a), (start_b, end_b) = spans
+    assert start_a < end_b and start_b < end_a, spans
