@@ -38,6 +38,11 @@ CONFIG_MISTAKES = [
     (["dataset.protocol=50class"], "dataset.protocol='50class'"),
     (["features.kind=wavelet"], "features: Unknown feature kind 'wavelet'"),
     (["train.local_epochs=two"], "train.local_epochs='two'"),
+    # Catches: int() quietly truncating 2.5 rounds to 2 (or true to 1).
+    (["train.rounds=2.5"], "train.rounds=2.5: must be int"),
+    (["train.rounds=true"], "train.rounds=True: must be int"),
+    (["federation.actors=1.5"], "federation.actors=1.5: must be int | None"),
+    (["federation.actors=0"], "federation.actors=0: must be >= 1, or null"),
 ]
 
 

@@ -314,8 +314,15 @@ def _typed(cls: type, values: Mapping[str, Any], problems: _Problems, group: str
         return None
 
 
+def _whole(value: Any) -> int:
+    """An integer: 2, "2" or 2.0, never 2.5 (int() would quietly make it 2) or true."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)
+
+
 def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
+    return None if value is None else _whole(value)
 
 
 def _float_pair(value: Any) -> tuple[float, float]:
@@ -340,7 +347,7 @@ def _str_tuple(value: Any) -> tuple[str, ...]:
 
 
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    "int": int,
+    "int": _whole,
     "float": float,
     "str": str,
     "bool": _strict_bool,
