@@ -22,28 +22,32 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def mapped_bytes(folder: Path) -> int:
-    """Resident bytes of this process's mappings of files under ``folder``."""
+def mapped_bytes(path: Path) -> int:
+    """Resident bytes of this process's mappings of the file ``path``."""
     total, inside = 0, False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()
         if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
-            inside = len(head) >= 6 and head[5].startswith(str(folder))
+            inside = len(head) >= 6 and head[5] == str(path)
         elif inside and head[0] == "Rss:":
             total += int(head[1]) * 1024
     return total
 
 
+def _features_file(data) -> Path:
+    """The feature file of one opened cache (no other feature config maps it)."""
+    return (data.path / f"features-{data.feature_key}.npy").resolve()
+
+
 def test_release_pages_unmaps_what_was_read_and_the_rows_still_read_the_same(data_dir, tiny_root):
     data = load_data(from_config(compose_cfg([], data_dir, tiny_root)))
-    entry = data.path.resolve()
+    features = _features_file(data)
     data.release_pages()
     before = float(np.asarray(data.features, dtype=np.float64).sum())
-    size = data.features.nbytes
-    assert mapped_bytes(entry) >= 0.9 * size  # every page of the file was read in
+    assert mapped_bytes(features) >= 0.9 * data.features.nbytes  # every page was read in
     data.release_pages()
-    assert mapped_bytes(entry) == 0
-    # Catches: pages dropped in a way that loses data (a private or writable mapping).
+    assert mapped_bytes(features) == 0
+    # The rows read after the release are the file's, as before it.
     assert float(np.asarray(data.features, dtype=np.float64).sum()) == before
 
 
@@ -54,13 +58,14 @@ def test_each_client_message_ends_with_no_cache_pages_mapped(make_cfg, tmp_path,
     cfg = make_cfg(["model=cnn", "model.channels=[4,4]", "federation.backend=inprocess",
                     "train.rounds=1", "partition.num_clients=2",
                     "bn.eval_modes=[eval,recalibrated]"])  # fmt: skip
-    entry = load_data(from_config(cfg)).path.resolve()
+    data = load_data(from_config(cfg))
+    files = [_features_file(data), (data.path / "waves.npy").resolve()]  # evaluation, training
     after: list[tuple[str, int]] = []
     handle = InProcessGrid._handle
 
     def measured(self, message):
         reply = handle(self, message)
-        after.append((message.metadata.message_type, mapped_bytes(entry)))
+        after.append((message.metadata.message_type, sum(map(mapped_bytes, files))))
         return reply
 
     monkeypatch.setattr(InProcessGrid, "_handle", measured)

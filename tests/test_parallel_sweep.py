@@ -69,6 +69,42 @@ def test_the_sweep_callback_travels_to_launcher_workers_without_its_head():
     assert copy.head is None and copy.set_actors is False
 
 
+@pytest.mark.parametrize(
+    ("federation", "expected"),
+    [
+        ({"ray_address": "10.0.0.5:6379"}, "on the Ray instance at 10.0.0.5:6379 need"),
+        ({"client_resources": {"num_cpus": 1, "num_gpus": 0.5}}, "with GPU clients need"),
+    ],
+)
+def test_parallel_jobs_on_a_share_fedkws_cannot_work_out_need_actors(
+    federation, expected, capsys, monkeypatch
+):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # Catches: parallel jobs on the user's own Ray instance each sizing its pool to all of it
+    # (two pools built at once can each hold some actors and wait for the rest).
+    base = {"backend": "ray", "sweep_ray": True, "actors": None, **federation}
+    config = {"federation": base, "strategy": {"name": "fedavg"},
+              "hydra": {"overrides": {"task": []}, "launcher": {"n_jobs": 2}}}  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        SweepRay().on_multirun_start(OmegaConf.create(config))
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: federation.actors=null: 2 jobs")
+    assert expected in lines[0]
+    assert "RAY_ADDRESS" not in os.environ  # refused before any head was started
+
+
+def test_parallel_jobs_on_the_users_ray_instance_with_actors_given_attach_to_it(monkeypatch):
+    monkeypatch.delenv("FEDKWS_ACTORS", raising=False)
+    config = {"federation": {"backend": "ray", "sweep_ray": True, "actors": 1,
+                             "ray_address": "10.0.0.5:6379"},
+              "strategy": {"name": "fedavg"},
+              "hydra": {"overrides": {"task": []}, "launcher": {"n_jobs": 2}}}  # fmt: skip
+    sweep = SweepRay()
+    sweep.on_multirun_start(OmegaConf.create(config))
+    assert sweep.head is None and "FEDKWS_ACTORS" not in os.environ
+
+
 def test_where_the_clients_run_may_change_on_resume(data_dir):
     # Catches: a sweep resumed against a new Ray head refused as a changed config.
     from fedkws.recipes.common import _differences
@@ -111,9 +147,15 @@ def test_a_parallel_sweep_runs_its_jobs_at_once_with_the_sequential_results(
     parallel = sweep(tmp_path / "parallel", "hydra/launcher=fedkws_parallel")
     assert sorted(parallel) == sorted(sequential) == ["seed=0", "seed=1"]
     for seed, path in parallel.items():
-        got, want = (_scores(json.loads(p.read_text())) for p in (path, sequential[seed]))
-        assert got == want, seed
-    # The two jobs ran at the same time: each started before the other finished.
+        got, want = (json.loads(p.read_text()) for p in (path, sequential[seed]))
+        assert _scores(got) == _scores(want), seed
+        # Each job ran with its share of the head (the callback's FEDKWS_ACTORS reached the
+        # launcher's worker processes); the sequential jobs with Flower's full pool.
+        assert (got["config"]["federation"]["actors"], want["config"]["federation"]["actors"]) == (
+            1,
+            None,
+        )
+    # The two jobs were alive at the same time: each started before the other finished.
     spans = [
         (path.parent.joinpath(".hydra", "config.yaml").stat().st_mtime, path.stat().st_mtime)
         for path in parallel.values()

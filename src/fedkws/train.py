@@ -167,6 +167,32 @@ def _actors_per_job(fed: DictConfig, head_cpus: Any, jobs: int) -> int | None:
     return max(1, fits // jobs)
 
 
+def _check_parallel_share(fed: DictConfig, jobs: int) -> None:
+    """Refuse parallel jobs on a Ray instance whose share per job fedkws cannot work out.
+
+    Flower gives every simulation all the actors the instance holds; jobs that
+    build their pools at the same moment could each hold some and wait for the
+    rest. The sweep's own head is shared out by CPUs; anything else needs
+    ``federation.actors`` from the user.
+    """
+    from fedkws.errors import ConfigError
+
+    if jobs <= 1 or fed.get("actors") is not None:
+        return
+    need = "need federation.actors, each job's share of the actors (Flower gives every job all)"
+    if fed.get("ray_address"):
+        raise ConfigError(
+            f"federation.actors=null: {jobs} jobs at once on the Ray instance at "
+            f"{fed.get('ray_address')} {need}"
+        )
+    try:
+        gpus = float((fed.get("client_resources") or {}).get("num_gpus") or 0)
+    except (TypeError, ValueError):  # each job's validation reports it
+        return
+    if gpus > 0:
+        raise ConfigError(f"federation.actors=null: {jobs} jobs at once with GPU clients {need}")
+
+
 class SweepRay(Callback):
     """A multirun's jobs share one local Ray head (``federation.sweep_ray``), ended afterwards.
 
@@ -195,6 +221,7 @@ class SweepRay(Callback):
         if _only_centralised_jobs(config):
             return  # nothing to simulate
         with user_errors():
+            _check_parallel_share(fed, _parallel_jobs(config))
             if fed.get("ray_address"):
                 return
             cpus = (fed.get("ray_init_args") or {}).get("num_cpus")
