@@ -7,10 +7,6 @@ attaches to it, is the Ray cell of ``test_golden.py``; here, when none is starte
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -65,37 +61,3 @@ def test_no_head_when_the_sweep_does_not_need_one(monkeypatch):
 )  # fmt: skip
 def test_a_sweep_of_centralised_jobs_needs_no_ray(base, task, params, centralised):
     assert _only_centralised_jobs(_sweep_config(base, task, params)) is centralised
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_the_head_ends_when_the_process_that_started_it_is_killed(tmp_path):
-    # Catches: a sweep ended by SIGTERM or SIGKILL (no atexit) leaving its Ray head running.
-    script = tmp_path / "owner.py"
-    script.write_text(
-        "import time\n"
-        "from fedkws.fl.ray_head import LocalRayHead\n"
-        "head = LocalRayHead(num_cpus=1)\n"
-        "head.start()\n"
-        "print(head._process.pid, flush=True)\n"
-        "time.sleep(600)\n"
-    )
-    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    try:
-        head = int(owner.stdout.readline())
-        assert _alive(head)
-    finally:
-        owner.kill()
-        owner.wait()
-    deadline = time.monotonic() + 60
-    while _alive(head) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _alive(head)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")

@@ -52,18 +52,6 @@ def _ray_command() -> str:
     return found
 
 
-def _end_with_parent() -> None:
-    """In the head's process before it starts: SIGTERM it when its parent process dies.
-
-    ``ray start --block`` ends its Ray processes on SIGTERM; without this, a sweep
-    ended by SIGTERM or SIGKILL (no atexit) would leave them running.
-    """
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 class LocalRayHead:
     """One Ray head process on 127.0.0.1, started by :meth:`start`, ended by :meth:`stop`."""
 
@@ -90,12 +78,9 @@ class LocalRayHead:
         self._log = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
         env.pop("RAY_ADDRESS", None)
-        # Its own session, so a Ctrl-C meant for the jobs does not end it mid-sweep; and told
-        # to end with this process, so a sweep killed outright leaves no Ray behind.
         self._process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            preexec_fn=_end_with_parent if sys.platform.startswith("linux") else None,
-        )  # fmt: skip
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout
         while "Ray runtime started" not in self._output():
