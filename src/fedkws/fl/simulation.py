@@ -27,20 +27,26 @@ from fedkws.fl.ray_head import attach_args
 BACKENDS = ("ray", "inprocess")
 
 
-def _no_tracebacks(record: logging.LogRecord) -> bool:
-    return "Traceback (most recent call last)" not in record.getMessage()
+def _worth_showing(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if "Traceback (most recent call last)" in message:
+        return False
+    # fedkws-train runs its simulation through run_simulation on purpose (see above); the
+    # warning would tell every user to change a call they never made.
+    return not (message.startswith("DEPRECATED FEATURE") and "`run_simulation`" in message)
 
 
 def quiet_flower_logging() -> None:
     """Flower logs through its own handler; stop the same lines reaching Hydra's root handler.
 
     Flower also logs whole tracebacks when a simulation fails; fedkws reports the
-    reason in one ``error:`` line instead, so those records are dropped.
+    reason in one ``error:`` line instead, so those records are dropped, and so is
+    the deprecation warning of ``run_simulation``, the call this module makes.
     """
     flwr_log = logging.getLogger("flwr")
     flwr_log.propagate = False
-    if _no_tracebacks not in flwr_log.filters:
-        flwr_log.addFilter(_no_tracebacks)
+    if _worth_showing not in flwr_log.filters:
+        flwr_log.addFilter(_worth_showing)
 
 
 def simulate(
