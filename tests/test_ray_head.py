@@ -61,3 +61,33 @@ def test_no_head_when_the_sweep_does_not_need_one(monkeypatch):
 )  # fmt: skip
 def test_a_sweep_of_centralised_jobs_needs_no_ray(base, task, params, centralised):
     assert _only_centralised_jobs(_sweep_config(base, task, params)) is centralised
+
+
+def test_an_address_where_no_ray_answers_is_one_error_in_seconds(make_cfg, tmp_path, capsys):
+    # Catches: ray.init retrying for many minutes (and ignoring SIGTERM) on a wrong address.
+    import socket
+    import time
+
+    from fedkws.errors import user_errors
+    from fedkws.run import run
+
+    with socket.socket() as sock:  # a port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"federation.ray_address=127.0.0.1:{port}"
+    cfg = make_cfg(["model=cnn", "model.channels=[4,4]", "train.rounds=1",
+                    "partition.num_clients=2", address])  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exited, user_errors():
+        run(cfg, tmp_path / "run")
+    assert exited.value.code == 2 and time.monotonic() - start < 60
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert f"no Ray instance answers at 127.0.0.1:{port}" in lines[0]
+
+
+@pytest.mark.parametrize("address", ["auto", "ray://10.0.0.5:10001"])
+def test_addresses_ray_resolves_itself_are_not_probed(address):
+    from fedkws.fl.ray_head import check_reachable
+
+    check_reachable(address)  # no error, no connection attempt

@@ -39,6 +39,26 @@ def attach_args(init_args: dict, address: str) -> dict:
     return kept
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Raise FederationError unless something accepts connections at ``address`` (host:port).
+
+    Attaching ``ray.init`` to an address where no Ray instance runs retries for
+    many minutes without a word; a plain TCP connection says so in seconds.
+    """
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", "ray://...": addresses Ray resolves itself
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except OSError as err:
+        reason = str(err) or type(err).__name__
+        raise FederationError(
+            f"no Ray instance answers at {address} (federation.ray_address or RAY_ADDRESS): "
+            f"{reason}"
+        ) from None
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

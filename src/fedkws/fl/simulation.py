@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from fedkws import lifecycle
 from fedkws.errors import FederationError
-from fedkws.fl.ray_head import attach_args
+from fedkws.fl.ray_head import attach_args, check_reachable
 
 BACKENDS = ("ray", "inprocess")
 
@@ -81,6 +81,8 @@ def simulate(
         except BaseException as err:  # handed back to the caller below
             raised.append(err)
 
+    if ray_address:
+        check_reachable(ray_address)
     init_args = dict(ray_init_args or {})
     # Without an address, always a new local instance: a plain ray.init() would attach to
     # whatever `ray start` last recorded on this machine, even a head that has since ended.
