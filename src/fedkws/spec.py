@@ -252,6 +252,14 @@ MAY_CHANGE = {
 }
 
 
+def may_change() -> str:
+    """The keys of MAY_CHANGE as a reader writes them (for the resume refusal)."""
+    names = [
+        f"{group}.{key}" if group else key for group, keys in MAY_CHANGE.items() for key in keys
+    ]
+    return ", ".join(name for name in names if name != "resume")
+
+
 def comparable(resolved: Mapping[str, Any]) -> dict[str, Any]:
     """A resolved config (or a checkpoint's record of one) without the keys in MAY_CHANGE."""
     out = {k: v for k, v in resolved.items() if k not in MAY_CHANGE[""]}

@@ -220,8 +220,9 @@ class SweepRay(Callback):
             return
         if _only_centralised_jobs(config):
             return  # nothing to simulate
+        jobs = _parallel_jobs(config)
         with user_errors():
-            _check_parallel_share(fed, _parallel_jobs(config))
+            _check_parallel_share(fed, jobs)
             if fed.get("ray_address"):
                 return
             cpus = (fed.get("ray_init_args") or {}).get("num_cpus")
@@ -229,7 +230,6 @@ class SweepRay(Callback):
             address = self.head.start()
         os.environ["RAY_ADDRESS"] = address
         print(f"Ray head for this sweep at {address} (federation.sweep_ray=false: one per job)")
-        jobs = _parallel_jobs(config)
         actors = _actors_per_job(fed, cpus, jobs) if jobs > 1 else None
         if actors is not None and fed.get("actors") is None:
             os.environ["FEDKWS_ACTORS"] = str(actors)

@@ -34,7 +34,7 @@ from fedkws.data.pipeline import open_dataset
 from fedkws.errors import ConfigError, RunRefused
 from fedkws.fileio import torch_save, write_text
 from fedkws.plots import figure
-from fedkws.spec import RunSpec, comparable
+from fedkws.spec import RunSpec, comparable, may_change
 from fedkws.tracking import Recorder, Result, RoundRecord, WandbLogger
 
 console = Console(highlight=False, soft_wrap=True)
@@ -82,8 +82,7 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
     if changed:
         raise RunRefused(
             f"resume: the config differs from the checkpoint's in {', '.join(changed[:6])} "
-            "(only train.rounds, train.stop_after_round, progress, plots, device and "
-            "federation.ray_address, sweep_ray and actors may change)"
+            f"(only {may_change()} may change)"
         )
     if spec.train.rounds < ckpt.round:
         raise RunRefused(
