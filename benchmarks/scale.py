@@ -8,7 +8,10 @@ outside the measurement. Then the real ``fedkws-train`` runs as a child
 process: ``partition=speaker`` with one speaker per client (N clients of about
 11 examples each), 10 clients sampled per round, the small CNN (channels
 8, 16; BatchNorm), one local epoch, eval mode only, Flower simulation on Ray
-with the default two actors.
+with the default two actors and 100 SuperNodes (``federation.supernodes=100``,
+``--scale-supernodes``): one per client at 100 clients, each serving many at
+the larger sizes. For comparison, the largest size runs once more with one
+SuperNode per client (Flower's default), reported beside the targets.
 
 Memory: every 0.5 s the benchmark reads ``/proc`` for every process of the
 run (the child's session: the fedkws-train driver, Ray's GCS, raylet, agents
@@ -21,8 +24,11 @@ same moment is given beside it.
 
 Time per round: ``results.json``'s per-round ``seconds`` (training of the
 sampled clients, aggregation, validation), the median over rounds 2.. (round 1
-also pays the actors' first data loads). The phases before round 1 and after
-the last round are timed from when the run's console lines arrive.
+also pays the actors' first data loads), over 24 rounds by default: a round
+takes a few tenths of a second and Flower's simulation looks for messages every
+0.1 s, so the median of 7 rounds differed by 14 % between runs with the same
+100 SuperNodes. The phases before round 1 and after the last round are timed
+from when the run's console lines arrive.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ HELD_OUT = 10  # speakers per held-out split
 SAMPLED = 10  # clients per round
 RSS_LIMIT_GB = 4.0
 ROUND_SPREAD = 0.10
+SUPERNODES = 100  # federation.supernodes of the measured runs
 
 
 def add_arguments(group) -> None:
@@ -60,7 +67,14 @@ def add_arguments(group) -> None:
         help="comma-separated client counts (default %(default)s); targets use the "
         "smallest and the largest",
     )
-    group.add_argument("--scale-rounds", type=int, default=8, help="rounds per run")
+    group.add_argument("--scale-rounds", type=int, default=24, help="rounds per run")
+    group.add_argument(
+        "--scale-supernodes",
+        type=int,
+        default=SUPERNODES,
+        help="federation.supernodes of the measured runs (default %(default)s; 0: one per "
+        "client, and no comparison run)",
+    )
     group.add_argument(
         "--scale-timeout", type=float, default=3600.0, help="seconds before a run is stopped"
     )
@@ -83,10 +97,11 @@ def dataset_overrides(clients: int) -> list[str]:
     ]
 
 
-def run_overrides(clients: int, rounds: int, run_dir: Path) -> list[str]:
-    """Everything ``fedkws-train`` gets for one size."""
+def run_overrides(clients: int, rounds: int, run_dir: Path, supernodes: int | None) -> list[str]:
+    """Everything ``fedkws-train`` gets for one size (``supernodes`` None: one per client)."""
     return [
         *dataset_overrides(clients),
+        f"federation.supernodes={'null' if supernodes is None else supernodes}",
         # fraction 1e-6 rounds to 0 clients: min_train_clients decides, 10 per round
         "strategy.fraction_train=1e-6",
         f"strategy.min_train_clients={SAMPLED}",
@@ -252,6 +267,7 @@ class RunResult:
     """What one size measured."""
 
     clients: int
+    supernodes: int  # SuperNodes of the simulation
     wall_s: float
     peak: Reading  # the largest summed RSS of the whole run
     peak_rounds: Reading  # the largest up to the last round (before the final evaluation)
@@ -280,7 +296,9 @@ def _when(lines, prefix: str) -> float | None:
     return next((t for t, line in lines if line.lstrip().startswith(prefix)), None)
 
 
-def _launch(clients: int, rounds: int, run_dir: Path, profile: Path | None) -> subprocess.Popen:
+def _launch(
+    clients: int, rounds: int, run_dir: Path, profile: Path | None, supernodes: int | None
+) -> subprocess.Popen:
     # RAY_ADDRESS=local: a Ray of its own, never one that `ray start` left running here.
     env = dict(
         os.environ,
@@ -295,7 +313,7 @@ def _launch(clients: int, rounds: int, run_dir: Path, profile: Path | None) -> s
         script = Path(__file__).with_name("thread_profile.py")
         command = [str(common.VENV_BIN / "python"), str(script), str(profile), "fedkws.train:main"]
     return subprocess.Popen(
-        [*command, *run_overrides(clients, rounds, run_dir)],
+        [*command, *run_overrides(clients, rounds, run_dir, supernodes)],
         cwd=common.ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -306,15 +324,22 @@ def _launch(clients: int, rounds: int, run_dir: Path, profile: Path | None) -> s
 
 
 def measure(
-    clients: int, rounds: int, timeout: float, out: Path, profile: Path | None = None
+    clients: int,
+    rounds: int,
+    timeout: float,
+    out: Path,
+    supernodes: int | None,
+    profile: Path | None = None,
 ) -> RunResult:
     """One ``fedkws-train`` run of ``clients`` clients, with its memory trace.
 
-    With ``profile``, the same run under ``thread_profile.py``, which writes there.
+    ``supernodes``: ``federation.supernodes`` (None: one per client). With
+    ``profile``, the same run under ``thread_profile.py``, which writes there.
     """
-    run_dir = out / f"clients{clients}{'-profiled' if profile else ''}"
+    nodes = clients if supernodes is None else min(clients, supernodes)
+    run_dir = out / f"clients{clients}-nodes{nodes}{'-profiled' if profile else ''}"
     start = time.monotonic()
-    proc = _launch(clients, rounds, run_dir, profile)
+    proc = _launch(clients, rounds, run_dir, profile, supernodes)
     trace, stop, lines = MemoryTrace(proc.pid), threading.Event(), []
     sampler = threading.Thread(target=trace.follow, args=(stop,), daemon=True)
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines, clients), daemon=True)
@@ -335,16 +360,17 @@ def measure(
     if proc.returncode != 0:
         tail = "\n".join(line for _, line in lines[-15:])
         raise RuntimeError(f"N={clients}: fedkws-train exited with {proc.returncode}:\n{tail}")
-    return _result(clients, run_dir, trace, lines, start, end)
+    return _result(clients, nodes, run_dir, trace, lines, start, end)
 
 
-def _result(clients, run_dir, trace, lines, start, end) -> RunResult:
+def _result(clients, nodes, run_dir, trace, lines, start, end) -> RunResult:
     records = json.loads((run_dir / "results.json").read_text())["rounds"]
     round_s = [float(r["seconds"]) for r in records]
     t_data, t_first = _when(lines, "data:"), _when(lines, "round")
     t_last = max(t for t, line in lines if line.startswith("round"))
     return RunResult(
         clients=clients,
+        supernodes=nodes,
         wall_s=end - start,
         peak=trace.peak(),
         peak_rounds=trace.peak(until=t_last),
@@ -475,14 +501,15 @@ def _gb(n: int) -> float:
 
 def _time_table(results: list[RunResult]) -> str:
     lines = [
-        "| clients | wall s | start -> `data:` line s | `data:` line -> round 1 s | round 1 s "
-        "| rounds 2.. median s (each) | last round -> exit s |",
-        "|---|---|---|---|---|---|---|",
+        "| clients | SuperNodes | wall s | start -> `data:` line s | `data:` line -> round 1 s "
+        "| round 1 s | rounds 2.. median s (each) | last round -> exit s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         each = ", ".join(f"{s:.2f}" for s in r.round_s[1:])
         lines.append(
-            f"| {r.clients:,} | {r.wall_s:.1f} | {r.setup_s:.1f} | {r.to_round1_s:.1f} "
+            f"| {r.clients:,} | {r.supernodes:,} | {r.wall_s:.1f} | {r.setup_s:.1f} "
+            f"| {r.to_round1_s:.1f} "
             f"| {r.round_s[0]:.2f} | {r.steady_round_s:.2f} ({each}) | {r.after_rounds_s:.1f} |"
         )
     return "\n".join(lines)
@@ -490,24 +517,34 @@ def _time_table(results: list[RunResult]) -> str:
 
 def _memory_table(results: list[RunResult]) -> str:
     lines = [
-        "| clients | when | RSS sum GB (driver / Ray services / actors) | PSS sum GB "
-        "| anonymous GB | largest process GB |",
-        "|---|---|---|---|---|---|",
+        "| clients | SuperNodes | when | RSS sum GB (driver / Ray services / actors) "
+        "| PSS sum GB | anonymous GB | largest process GB |",
+        "|---|---|---|---|---|---|---|",
     ]
     roles = ("driver (fedkws-train)", "Ray services", "ClientApp actors")
     for r in results:
         for when, peak in (("whole run", r.peak), ("until the last round", r.peak_rounds)):
             split = " / ".join(f"{_gb(peak.roles.get(k, 0)):.2f}" for k in roles)
             lines.append(
-                f"| {r.clients:,} | {when} | {_gb(peak.rss):.2f} ({split}) | {_gb(peak.pss):.2f} "
+                f"| {r.clients:,} | {r.supernodes:,} | {when} | {_gb(peak.rss):.2f} ({split}) "
+                f"| {_gb(peak.pss):.2f} "
                 f"| {_gb(peak.anon):.2f} | {_gb(peak.largest):.2f} |"
             )
     return "\n".join(lines)
 
 
-def _ratios(small: RunResult, big: RunResult) -> list[Ratio]:
+def _ratios(small: RunResult, big: RunResult, per_client: RunResult | None) -> list[Ratio]:
+    """The targets, on the measured sizes; ``per_client``: the comparison run, if any."""
     rss = _gb(big.peak.rss)
     change = big.steady_round_s / small.steady_round_s - 1
+    compared = ""
+    if per_client is not None:
+        compared = (
+            f"; with one SuperNode per client {per_client.steady_round_s:.2f} s per round "
+            f"({100 * (per_client.steady_round_s / small.steady_round_s - 1):+.1f} %), "
+            f"{per_client.wall_s:.0f} s wall against {big.wall_s:.0f} s, peak RSS "
+            f"{_gb(per_client.peak.rss):.2f} GB"
+        )
     return [
         Ratio(
             f"peak_rss_{big.clients}_clients",
@@ -529,7 +566,7 @@ def _ratios(small: RunResult, big: RunResult) -> list[Ratio]:
             f"median seconds per round over rounds 2..{len(big.round_s)} (results.json): "
             f"{big.steady_round_s:.2f} s at {big.clients} clients vs "
             f"{small.steady_round_s:.2f} s at {small.clients}; {SAMPLED} clients "
-            "sampled per round",
+            f"sampled per round; {big.supernodes} SuperNodes{compared}",
             unit="%",
         ),
     ]
@@ -541,11 +578,16 @@ def run(args) -> list[Ratio]:
     sizes = args.scale_clients
     for n in sizes:
         prepare(n)
+    supernodes = args.scale_supernodes or None
+    runs = [(n, supernodes) for n in sizes]
+    if supernodes is not None and supernodes < sizes[-1]:
+        runs.append((sizes[-1], None))  # for comparison: one SuperNode per client
     results = []
     with tempfile.TemporaryDirectory(prefix="fedkws-bench-scale-") as tmp:
-        for n in sizes:
-            common.progress("scale", f"N={n}: fedkws-train, {args.scale_rounds} rounds")
-            results.append(measure(n, args.scale_rounds, args.scale_timeout, Path(tmp)))
+        for n, nodes in runs:
+            common.progress("scale", f"N={n}: fedkws-train, {args.scale_rounds} rounds, "
+                            f"federation.supernodes={nodes}")  # fmt: skip
+            results.append(measure(n, args.scale_rounds, args.scale_timeout, Path(tmp), nodes))
             r = results[-1]
             common.progress("scale", f"N={n}: {r.wall_s:.0f} s, peak RSS {_gb(r.peak.rss):.2f} GB")
         notes = [
@@ -562,10 +604,12 @@ def run(args) -> list[Ratio]:
         if args.scale_profile:
             common.progress("scale", f"N={sizes[-1]}: once more under cProfile")
             out = Path(tmp) / "profile.json"
-            measure(sizes[-1], args.scale_rounds, args.scale_timeout, Path(tmp), profile=out)
+            measure(sizes[-1], args.scale_rounds, args.scale_timeout, Path(tmp), supernodes,
+                    profile=out)  # fmt: skip
             notes += ["", _profile_summary(out, sizes[-1])]
     NOTES = "\n".join(notes)
-    return _ratios(results[0], results[-1])
+    measured = results[: len(sizes)]
+    return _ratios(measured[0], measured[-1], results[-1] if len(results) > len(sizes) else None)
 
 
 def _sizes(text: str) -> list[int]:

@@ -180,6 +180,9 @@ class FederationSpec:
     ray_address: str | None = None  # attach to this running Ray instance instead of starting one
     sweep_ray: bool = True  # a multirun starts one local Ray head for all its jobs
     actors: int | None = None  # Ray actors of one simulation; None: as many as fit the instance
+    # SuperNodes of the simulation; None: one per client. Fewer: each serves many clients
+    # (thousands of speaker clients without thousands of nodes).
+    supernodes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,7 @@ class RunSpec:
 MAY_CHANGE = {
     "": ("resume", "progress", "plots", "device"),
     "train": ("rounds", "stop_after_round"),
-    "federation": ("ray_address", "sweep_ray", "actors"),
+    "federation": ("ray_address", "sweep_ray", "actors", "supernodes"),
 }
 
 
@@ -498,6 +501,7 @@ def _federation(raw: Mapping[str, Any], p: _Problems) -> FederationSpec:
         "ray_address": str(raw["ray_address"]) if raw.get("ray_address") else None,
         "sweep_ray": raw.get("sweep_ray", True),
         "actors": raw.get("actors"),
+        "supernodes": raw.get("supernodes"),
     }
     spec = _typed(FederationSpec, values, p, "federation")
     if spec is None:
@@ -674,6 +678,11 @@ def _check_federation(spec: RunSpec, p: _Problems) -> None:
         )
     p.check(fed.actors is None or fed.actors >= 1, "federation.actors", fed.actors,
             "must be >= 1, or null for as many as fit")  # fmt: skip
+    p.check(fed.supernodes is None or fed.supernodes >= 1, "federation.supernodes",
+            fed.supernodes, "must be >= 1, or null for one per client")  # fmt: skip
+    p.check(fed.supernodes is None or spec.strategy.name != "cyclic", "federation.supernodes",
+            fed.supernodes, "must be null with strategy=cyclic (a client carries its state "
+            "between visits in its own SuperNode)")  # fmt: skip
     ray_cpus = dict(fed.ray_init_args).get("num_cpus")
     if ray_cpus is not None and _number(ray_cpus) is None:
         p.add("federation.ray_init_args.num_cpus", ray_cpus, "must be a number")

@@ -15,6 +15,12 @@ Message types:
                       batch), continuing the client's own optimiser and epoch cursor.
 ``evaluate``          the global model on the client's local test split.
 ``query.hello``       the client's partition id (the server orders clients by it).
+
+Which client a message is for: the SuperNode's ``node_config["partition-id"]``
+(one SuperNode per client), or, when a simulation runs fewer SuperNodes than
+clients (``federation.supernodes``), the task's ``pid``. A node then serves many
+clients in turn, so a client's own state lives in the run folder only, never
+in the node's ``Context.state``.
 ``query.bn_moments``  per-channel (count, sum, sum of squares) of one BatchNorm
                       layer's input over the local training data.
 """
@@ -85,7 +91,10 @@ def _rows(task: ClientTask, pid: int, which: str) -> np.ndarray:
     return _client_rows(task.clients_file)[f"{which}_{pid}"]
 
 
-def _pid(context: Context) -> int:
+def _pid(task: ClientTask | None, context: Context) -> int:
+    """The client this message is for: the task's ``pid``, else the node's partition."""
+    if task is not None and task.pid >= 0:
+        return task.pid
     return int(context.node_config["partition-id"])
 
 
@@ -101,9 +110,10 @@ def _fedbn_state(
     ``fedbn``: all of BatchNorm's keys under FedBN, its buffers only under SiloBN.
     ``cyclic``: what :func:`_keep_cyclic` keeps.
     """
-    if name in context.state:
+    if task.pid < 0 and name in context.state:
         return context.state[name].to_torch_state_dict()
-    # A resumed run starts with empty node state: read what this client saved last.
+    # A resumed run starts with empty node state, and a node serving many clients keeps
+    # none: read what this client saved last.
     # A client never sampled so far still has its initial BatchNorm.
     for round_ in range(task.round - 1, 0, -1):
         path = _fedbn_file(task, pid, round_, name)
@@ -120,7 +130,7 @@ def _model(task: ClientTask, message: Message, context: Context) -> torch.nn.Mod
     state = model.state_dict()
     state.update(message.content["model"].to_torch_state_dict())
     if keeps_client_state(task.bn_sync):
-        state.update(_fedbn_state(task, _pid(context), context))
+        state.update(_fedbn_state(task, _pid(task, context), context))
     model.load_state_dict(state)
     return model.to(task.device)
 
@@ -136,7 +146,8 @@ def _digest(state: dict[str, torch.Tensor]) -> float:
 def _keep_fedbn(
     task: ClientTask, pid: int, context: Context, own: dict, name: str = FEDBN_STATE
 ) -> None:
-    context.state[name] = ArrayRecord(torch_state_dict=own)
+    if task.pid < 0:  # the node is this client's alone
+        context.state[name] = ArrayRecord(torch_state_dict=own)
     path = _fedbn_file(task, pid, task.round, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch_save(path, own)
@@ -208,7 +219,7 @@ def _keep_cyclic(task, pid, context, own: dict, optimizer, cursor: loops.EpochCu
 def train(message: Message, context: Context) -> Message:
     """Local training from the global model."""
     task = ClientTask.from_record(message.content["config"])
-    pid, data = _pid(context), _data(task)
+    pid, data = _pid(task, context), _data(task)
     model = _model(task, message, context)
     plan = key_plan(model, task.bn_sync)
     rows = _rows(task, pid, "train")
@@ -268,7 +279,7 @@ def evaluate(message: Message, context: Context) -> Message:
     A client without local test rows replies ``num-examples`` 0 and no accuracy.
     """
     task = ClientTask.from_record(message.content["config"])
-    pid, data = _pid(context), _data(task)
+    pid, data = _pid(task, context), _data(task)
     model = _model(task, message, context)
     if task.eval_split == "local":
         rows = _rows(task, pid, "test")
@@ -287,7 +298,7 @@ def evaluate(message: Message, context: Context) -> Message:
 @app.query("hello")
 def hello(message: Message, context: Context) -> Message:
     """Tell the server which partition this node holds."""
-    metrics = MetricRecord({"pid": _pid(context)})
+    metrics = MetricRecord({"pid": _pid(None, context)})
     return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
 
@@ -295,7 +306,7 @@ def hello(message: Message, context: Context) -> Message:
 def bn_moments(message: Message, context: Context) -> Message:
     """Moments of one BatchNorm layer's input over the local training data."""
     task = ClientTask.from_record(message.content["config"])
-    pid = _pid(context)
+    pid = _pid(task, context)
     model = _model(task, message, context)
     # Segment inputs are kept between this client's layer queries (in the run folder, so
     # whichever worker process gets the next query resumes from them); the last layer

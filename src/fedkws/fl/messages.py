@@ -50,6 +50,7 @@ class ClientTask:
     amp: str = "none"  # mixed precision of local training (train.amp)
     deterministic: bool = False  # deterministic algorithms (train.deterministic)
     visit: str = ""  # strategy=cyclic: one visit is "epoch" (local epochs) or "batch"; "" otherwise
+    pid: int = -1  # the client, when SuperNodes are fewer than clients; -1: the node's own
 
     def at(
         self,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from flwr.app import Context, Message
@@ -57,33 +57,60 @@ class TrainReply:
 class FlowerClients:
     """Discovery and typed requests to the clients of one run over a Flower ``Grid``."""
 
-    def __init__(self, grid: Grid, num_clients: int, task: ClientTask, node_wait_s: float = 120.0):
+    def __init__(
+        self,
+        grid: Grid,
+        num_clients: int,
+        task: ClientTask,
+        node_wait_s: float = 120.0,
+        supernodes: int | None = None,
+    ):
         self.grid, self.num_clients, self.task = grid, num_clients, task
         self.node_wait_s = node_wait_s
-        self.nodes: dict[int, int] = {}  # partition id -> node id
+        # Fewer SuperNodes than clients: every message names its client (``ClientTask.pid``).
+        self.num_nodes = num_clients if supernodes is None else min(supernodes, num_clients)
+        self.shared_nodes = self.num_nodes < num_clients
+        self.nodes: dict[int, int] = {}  # partition id -> node id (one node per client)
+        self.node_ids: list[int] = []
         self.failures: list[ClientFailure] = []
 
-    def _exchange(self, messages: list[Message]) -> list[Message]:
-        """Push ``messages`` and poll for every reply (interruptible)."""
-        ids = [i for i in self.grid.push_messages(messages) if i]
-        pending, replies = set(ids), []
+    def _exchange(self, messages: list[Message]) -> list[tuple[int, Message]]:
+        """Push ``messages`` and poll for every reply (interruptible).
+
+        Returns ``(index of the message it answers, reply)`` pairs in arrival order.
+        """
+        ids = list(self.grid.push_messages(messages))
+        index = {message_id: i for i, message_id in enumerate(ids) if message_id}
+        pending, replies = set(index), []
         while pending:
             lifecycle.raise_if_stopping()
             for reply in self.grid.pull_messages(list(pending)):
-                pending.discard(reply.metadata.reply_to_message_id)
-                replies.append(reply)
+                message_id = reply.metadata.reply_to_message_id
+                pending.discard(message_id)
+                replies.append((index[message_id], reply))
             if pending:
                 time.sleep(0.05)
         return replies
 
+    def _messages(self, kind: str, pids: list[int], task: ClientTask | None, state):
+        """One message per client: to its own node, or spread over the shared nodes."""
+        if not self.shared_nodes:
+            body = content(task, state)
+            return [Message(body, self.nodes[pid], kind) for pid in pids]
+        model = content(None, state)
+        messages = []
+        for i, pid in enumerate(pids):
+            body = content(task if task is None else replace(task, pid=pid), None)
+            if state is not None:
+                body["model"] = model["model"]  # one copy of the model for every message
+            messages.append(Message(body, self.node_ids[i % self.num_nodes], kind))
+        return messages
+
     def _send(self, kind: str, pids: list[int], task: ClientTask | None, state: dict | None):
         """Replies of ``pids`` in partition-id order; failures recorded, not raised."""
-        body = content(task, state)
-        messages = [Message(body, self.nodes[pid], kind) for pid in pids]
-        pid_of = {node: pid for pid, node in self.nodes.items()}
         good = []
-        for reply in self._exchange(messages):
-            pid = pid_of.get(reply.metadata.src_node_id, -1)
+        for i, reply in self._exchange(self._messages(kind, pids, task, state)):
+            pid = pids[i]
             if reply.has_error():
                 reason = " ".join(str(reply.error.reason).split())[-300:]
                 round_ = -1 if task is None else task.round
@@ -94,6 +121,11 @@ class FlowerClients:
 
     def _wrong_count(self, found: int) -> FederationError:
         n = self.num_clients
+        if self.shared_nodes:
+            return FederationError(
+                f"{found} SuperNodes connected, but this configuration asks for "
+                f"{self.num_nodes} (federation.supernodes) to serve its {n} clients"
+            )
         return FederationError(
             f"{found} SuperNodes connected, but this configuration has {n} clients: start "
             f"one SuperNode per client, node-config partition-id=0..{n - 1} num-partitions={n} "
@@ -101,22 +133,22 @@ class FlowerClients:
         )
 
     def _wait_for_nodes(self) -> list[int]:
-        """Exactly ``num_clients`` node ids; an error, never a hang, if that cannot be.
+        """Exactly ``num_nodes`` node ids; an error, never a hang, if that cannot be.
 
-        More nodes than clients fail at once. Flower's simulation runtime
-        registers all its nodes together, so a settled count below
-        ``num_clients`` fails after a second; elsewhere nodes may still be
-        starting, so fewer fail after ``node_wait_s``.
+        More nodes fail at once. Flower's simulation runtime registers all its
+        nodes together, so a settled count below ``num_nodes`` fails after a
+        second; elsewhere nodes may still be starting, so fewer fail after
+        ``node_wait_s``.
         """
         deadline = time.monotonic() + self.node_wait_s
         simulated = type(self.grid).__name__ == "InMemoryGrid"
         seen, since = -1, time.monotonic()
-        while len(node_ids := list(self.grid.get_node_ids())) != self.num_clients:
+        while len(node_ids := list(self.grid.get_node_ids())) != self.num_nodes:
             lifecycle.raise_if_stopping()
             now = time.monotonic()
             if len(node_ids) != seen:
                 seen, since = len(node_ids), now
-            if len(node_ids) > self.num_clients or now > deadline:
+            if len(node_ids) > self.num_nodes or now > deadline:
                 raise self._wrong_count(len(node_ids))
             if simulated and node_ids and now - since > 1.0:
                 raise self._wrong_count(len(node_ids))
@@ -124,19 +156,29 @@ class FlowerClients:
         return node_ids
 
     def discover(self) -> None:
-        """Map partition ids to node ids (waits for the nodes to come up)."""
+        """Map partition ids to node ids (waits for the nodes to come up).
+
+        Every node is asked for its partition id; shared nodes hold no partition
+        of their own, so only their ids are kept (the question still checks that
+        every node's ClientApp starts).
+        """
         node_ids = self._wait_for_nodes()
         messages = [Message(content(None, None), node, "query.hello") for node in node_ids]
-        for reply in self._exchange(messages):
+        for i, reply in self._exchange(messages):
             if reply.has_error():
                 raise FederationError(f"a client failed to start: {reply.error.reason}")
+            if self.shared_nodes:
+                continue
             pid = int(reply.content["metrics"]["pid"])
             if pid in self.nodes or not 0 <= pid < self.num_clients:
                 raise FederationError(
                     f"a SuperNode holds partition-id={pid}: each of 0..{self.num_clients - 1} "
                     "must be held by exactly one node"
                 )
-            self.nodes[pid] = reply.metadata.src_node_id
+            self.nodes[pid] = node_ids[i]
+        if self.shared_nodes:
+            self.node_ids = sorted(node_ids)
+            return
         missing = sorted(set(range(self.num_clients)) - set(self.nodes))
         if missing:
             raise FederationError(f"no node answered for partitions {missing}")
@@ -160,7 +202,7 @@ class FlowerClients:
         """Every client's (n, sum, sum of squares) of one BatchNorm layer's input."""
         before = len(self.failures)
         replies = self._send(
-            "query.bn_moments", sorted(self.nodes), self.task.at(round_, layer), state
+            "query.bn_moments", list(range(self.num_clients)), self.task.at(round_, layer), state
         )
         if len(self.failures) > before:
             # Pooled statistics over a subset would not be the federation's: stop.
@@ -176,7 +218,7 @@ class FlowerClients:
     ) -> list[dict]:
         """Each client's metrics on its local (or a shared) split, in partition-id order."""
         task = self.task.at(round_, eval_modes=modes, eval_split=split)
-        replies = self._send("evaluate", sorted(self.nodes), task, state)
+        replies = self._send("evaluate", list(range(self.num_clients)), task, state)
         return [{k: float(v) for k, v in r.content["metrics"].items()} for r in replies]
 
 

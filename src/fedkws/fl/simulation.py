@@ -51,16 +51,17 @@ def quiet_flower_logging() -> None:
 
 def simulate(
     main: Callable[[Grid], None],
-    num_clients: int,
+    num_supernodes: int,
     backend: str = "ray",
     client_resources: Mapping[str, Any] | None = None,
     ray_init_args: Mapping[str, Any] | None = None,
     ray_address: str | None = None,
     actors: int | None = None,
 ) -> None:
-    """Run ``main(grid)`` against ``num_clients`` SuperNodes of fedkws's ClientApp.
+    """Run ``main(grid)`` against ``num_supernodes`` SuperNodes of fedkws's ClientApp.
 
-    Each SuperNode gets ``node_config["partition-id"]`` in ``0..num_clients-1``.
+    Each SuperNode gets ``node_config["partition-id"]`` in ``0..num_supernodes-1``
+    (fewer nodes than clients: the messages name their clients).
     With ``ray_address`` the simulation attaches to that running Ray instance
     (see :mod:`fedkws.fl.ray_head`) instead of starting its own. ``actors``
     caps its pool of Ray actors (see :func:`actor_pool_capped`).
@@ -71,7 +72,7 @@ def simulate(
     if backend == "inprocess":
         from fedkws.fl.inprocess import InProcessGrid
 
-        main(InProcessGrid(client_app, num_clients))
+        main(InProcessGrid(client_app, num_supernodes))
         return
     raised: list[BaseException] = []
 
@@ -90,7 +91,7 @@ def simulate(
         attach_args(init_args, ray_address) if ray_address else {"address": "local", **init_args}
     )
     with actor_pool_capped(actors):
-        _run_ray(guarded, client_app, num_clients, client_resources or {}, init_args)
+        _run_ray(guarded, client_app, num_supernodes, client_resources or {}, init_args)
     if raised:
         raise raised[0]
 
@@ -118,7 +119,7 @@ def actor_pool_capped(actors: int | None) -> Iterator[None]:
         ray_actor.pool_size_from_resources = fits
 
 
-def _run_ray(main, client_app, num_clients, client_resources, ray_init_args) -> None:
+def _run_ray(main, client_app, num_supernodes, client_resources, ray_init_args) -> None:
     # Telemetry stays off unless the user explicitly turned it on.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # CPU-only clients: keep Ray from touching accelerator variables (and warning about it).
@@ -138,7 +139,7 @@ def _run_ray(main, client_app, num_clients, client_resources, ray_init_args) -> 
         run_simulation(
             server_app=make_server_app(main),
             client_app=client_app,
-            num_supernodes=num_clients,
+            num_supernodes=num_supernodes,
             backend_name="ray",
             backend_config=backend_config,
         )

@@ -298,7 +298,9 @@ class FederatedRecipe:
         from fedkws.fl.simulation import simulate
 
         def serve(grid) -> None:
-            self.clients_api = FlowerClients(grid, len(self.parts.clients), self.task)
+            self.clients_api = FlowerClients(
+                grid, len(self.parts.clients), self.task, supernodes=fed.supernodes
+            )
             self.clients_api.discover()
             try:
                 common.run_rounds(self, self.run)
@@ -306,13 +308,14 @@ class FederatedRecipe:
             finally:
                 self.clients_api = None
 
+        fed = self.spec.federation
         if self.grid is not None:
             serve(self.grid)
             return
-        fed = self.spec.federation
+        num_clients = len(self.parts.clients)
         simulate(
             serve,
-            num_clients=len(self.parts.clients),
+            num_supernodes=min(num_clients, fed.supernodes or num_clients),
             backend=fed.backend,
             client_resources={"num_cpus": fed.num_cpus, "num_gpus": fed.num_gpus},
             ray_init_args=dict(fed.ray_init_args),

@@ -1,0 +1,132 @@
+"""``federation.supernodes``: a simulation with fewer SuperNodes than clients.
+
+With thousands of speaker clients, one SuperNode per client makes Flower's
+simulation scan every node every tenth of a second, whether it is sampled or
+not. Fewer nodes, each serving many clients in turn, must not change a single
+number: the messages name their client, and a client's own state (FedBN's
+BatchNorm, the recalibration's segment inputs) lives in the run folder, never
+in the node.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fedkws.fl.messages import ClientTask
+from fedkws.run import run
+from helpers import SMALL_FEDERATION, error_lines, golden_view, train_command
+
+# Four label-skewed clients of unequal sizes, three sampled per round: a node serves
+# different clients from round to round.
+BASE = [
+    *SMALL_FEDERATION, "federation.backend=inprocess", "partition=dirichlet",
+    "partition.alpha=0.3", "partition.num_clients=4", "train.rounds=3",
+    "train.local_epochs=1", "strategy.fraction_train=0.75",
+]  # fmt: skip
+
+
+@pytest.fixture
+def wire(monkeypatch):
+    """Every message the in-process grid handles: (type, node, task pid), and the nodes."""
+    from fedkws.fl.inprocess import InProcessGrid
+
+    log: list[dict] = []
+    grids: list[InProcessGrid] = []
+    handle = InProcessGrid._handle
+
+    def recording(self, message):
+        if self not in grids:
+            grids.append(self)
+        pid = None
+        if "config" in message.content:
+            pid = ClientTask.from_record(message.content["config"]).pid
+        log.append({"type": message.metadata.message_type,
+                    "node": message.metadata.dst_node_id, "pid": pid})  # fmt: skip
+        return handle(self, message)
+
+    monkeypatch.setattr(InProcessGrid, "_handle", recording)
+    return log, grids
+
+
+@pytest.mark.parametrize(
+    "arm",
+    [
+        # FedBN: each client trains from its own BatchNorm of its last round (client state).
+        ["bn=local", "federation.federated_eval=true"],
+        # params_only + exact recalibration: one moments query per layer to every client.
+        ["bn=params_only", "bn.recalibrate_every=1", "bn.eval_modes=[eval,recalibrated]"],
+    ],
+    ids=["fedbn", "recalibrated"],
+)
+def test_two_nodes_for_four_clients_give_the_same_run(make_cfg, tmp_path, wire, arm):
+    # Catches: a message answered for the node's partition instead of its client; a
+    # client's state read from a node that served another client before; replies
+    # attributed to the wrong client (by node, as before shared nodes existed).
+    log, grids = wire
+    own = run(make_cfg([*BASE, *arm]), tmp_path / "own")
+    log.clear()
+    grids.clear()
+    shared = run(make_cfg([*BASE, *arm, "federation.supernodes=2"]), tmp_path / "shared")
+
+    assert golden_view(shared) == golden_view(own)
+    assert _numbers(shared.summary) == _numbers(own.summary)
+    (grid,) = grids
+    assert len(grid.contexts) == 2
+    assert {m["node"] for m in log} == set(grid.contexts)
+    hello = [m["node"] for m in log if m["type"] == "query.hello"]
+    assert sorted(hello) == sorted(grid.contexts)  # each node asked once: does it start?
+    trained = [m for m in log if m["type"] == "train"]
+    assert len(trained) == 3 * 3 and {m["pid"] for m in trained} == {0, 1, 2, 3}
+    # Some node trained two different clients: the state really was the client's, not the node's.
+    by_node: dict[int, set[int]] = {}
+    for m in trained:
+        by_node.setdefault(m["node"], set()).add(m["pid"])
+    assert max(len(pids) for pids in by_node.values()) > 1
+    # A node keeps nothing of the clients it served.
+    assert all(len(ctx.state) == 0 for ctx in grid.contexts.values())
+
+
+def _numbers(summary: dict) -> dict:
+    """A summary's metrics, without its timings."""
+    timing = ("_s", "seconds")
+    return {
+        k: v
+        for k, v in summary.items()
+        if isinstance(v, (int, float)) and not k.endswith(timing) and "time" not in k
+    }
+
+
+def test_fedbn_resume_with_shared_nodes_is_exact(make_cfg, tmp_path):
+    # Catches: a resumed client on a shared node that starts from the global BatchNorm
+    # (its own is only in client_state/ once nodes are shared).
+    overrides = [*BASE, "bn=local", "federation.supernodes=2"]
+    whole = run(make_cfg(overrides), tmp_path / "whole")
+    cfg = make_cfg([*overrides, "train.stop_after_round=1"])
+    run(cfg, tmp_path / "resumed")
+    resumed = run(make_cfg([*overrides, "resume=true"]), tmp_path / "resumed")
+    assert golden_view(resumed) == golden_view(whole)
+    assert _numbers(resumed.summary) == _numbers(whole.summary)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("federation.supernodes=0", "federation.supernodes=0: must be >= 1"),
+        ("federation.supernodes=two", "federation.supernodes='two'"),
+        ("strategy=cyclic federation.supernodes=2", "must be null with strategy=cyclic"),
+    ],
+)
+def test_bad_supernodes_are_one_error_line(tmp_path, override, expected):
+    import subprocess
+
+    from helpers import cli_env
+
+    proc = subprocess.run(
+        train_command(*override.split(), f"hydra.run.dir={tmp_path / 'run'}"),
+        capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    (line,) = error_lines(proc.stderr)
+    assert expected in line
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
