@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -174,3 +175,20 @@ def test_models_without_segments_use_the_full_prefix(tiny_data, tmp_path):
     _, plain = _recorded(model, tiny_data, holders, None)
     _, cached = _recorded(model, tiny_data, holders, ActivationCache(tmp_path / "act"))
     _assert_bitwise(plain, cached)
+
+
+def test_a_commit_keeps_another_processs_scratch_file(tmp_path):
+    # Catches: a commit that deletes every other .npy of the holder, including the scratch
+    # file another process is still filling (it would then fail to publish its entry).
+    cache = ActivationCache(tmp_path)
+    theirs = cache.writer("client0", "theirs", (2, 3))
+    theirs[:] = 2.0
+    scratch = tmp_path / "client0" / ".theirs.0.npy"
+    (tmp_path / "client0" / f".theirs.{os.getpid()}.npy").rename(scratch)
+    ours = cache.writer("client0", "ours", (2, 3))
+    ours[:] = 1.0
+    cache.commit("client0", "ours", ours)
+    cache.commit("client0", "older", cache.writer("client0", "older", (1,)))
+    assert scratch.is_file()  # still being written elsewhere
+    assert sorted(p.name for p in (tmp_path / "client0").glob("[!.]*.npy")) == ["older.npy"]
+    assert cache.get("client0", "ours") is None and cache.get("client0", "older") is not None

@@ -144,7 +144,8 @@ class ActivationCache:
         folder = self.folder / holder
         os.replace(folder / f".{key}.{os.getpid()}.npy", folder / f"{key}.npy")
         for old in folder.glob("*.npy"):
-            if old.name != f"{key}.npy":
+            # Scratch files (".<key>.<pid>.npy") may be another process's, still being written.
+            if old.name != f"{key}.npy" and not old.name.startswith("."):
                 old.unlink(missing_ok=True)
 
     def clear(self) -> None:
