@@ -75,6 +75,34 @@ def test_all_problems_of_a_config_are_reported_together(tmp_path):
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "data").exists()
 
 
+# Mistakes Hydra itself finds before fedkws sees a config (it would print several lines
+# and a hint about HYDRA_FULL_ERROR, exit 1).
+HYDRA_MISTAKES = [
+    (["train.round=5"], "error: train.round: not a key of the config (a typo? a new key "
+     "is added with +train.round=5)"),
+    (["experiment=nope"], "error: In 'config': Could not find 'experiment/nope'; available "
+     "options in 'experiment': augment_ablation, bn_ablation, bn_study, literature, main,"),
+    (["train.rounds=[1"], "error: an override does not parse: no viable alternative at input"),
+    (["-m", "hydra/launcher=nope"], "available options in 'hydra/launcher': basic, "
+     "fedkws_parallel, fedkws_slurm"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "expected"), HYDRA_MISTAKES, ids=lambda v: str(v))
+def test_hydras_own_mistakes_are_one_line(overrides, expected, tmp_path):
+    # Catches: Hydra's multi-line report (exit 1) reaching the user for a typo.
+    out = subprocess.run(
+        train_command(*overrides, f"hydra.run.dir={tmp_path / 'run'}",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}"),
+        capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == error_lines(out.stderr)
+    (line,) = error_lines(out.stderr)
+    assert line.startswith(expected) if expected.startswith("error:") else expected in line
+    assert "HYDRA_FULL_ERROR" not in out.stderr and not list(tmp_path.iterdir())
+
+
 def _tiny(data_dir, tiny_root, *overrides):
     return train_command(*tiny_dataset_overrides(data_dir, tiny_root), "model=cnn", *overrides)
 

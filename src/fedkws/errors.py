@@ -47,3 +47,70 @@ def user_errors() -> Iterator[None]:
     except _user_error_types() as err:
         print_error(err)
         sys.exit(2)
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra's multi-line report of a command-line mistake as one line.
+
+    An unknown key is said plainly (with Hydra's hint for adding one); the
+    search path Hydra appends is left out; a list of available options
+    (``Available options in 'experiment':`` and one name per line) is kept,
+    comma-separated.
+    """
+    import re
+
+    from hydra.errors import OverrideParseException
+
+    text = str(err)
+    unknown = re.match(r"Could not override '([^']+)'\.\s+To append to your config use (\S+)", text)
+    if unknown and "not in struct" in str(err.__cause__):
+        key, append = unknown.groups()
+        return f"{key}: not a key of the config (a typo? a new key is added with {append})"
+    text = text.split("Config search path:")[0]
+    head, _, options = text.partition("Available options in")
+    words = " ".join(line.strip() for line in head.splitlines() if line.strip())
+    if options:
+        group, _, names = options.partition(":")
+        choices = ", ".join(n.strip() for n in names.splitlines() if n.strip())
+        words += f"; available options in{group}: {choices}"
+    if isinstance(err, OverrideParseException):
+        words = f"an override does not parse: {words}"
+    return words
+
+
+@contextmanager
+def hydra_mistakes_in_one_line() -> Iterator[None]:
+    """Within this block, Hydra's own command-line mistakes are one ``error:`` line (exit 2).
+
+    An unknown key (``train.round=5``), a preset that does not exist
+    (``experiment=nope``) or a malformed override is reported by Hydra before
+    fedkws sees the config, as several lines ending in a hint about
+    ``HYDRA_FULL_ERROR``. Hydra 1.3 reports through
+    ``hydra._internal.utils.run_and_report``; its report of these mistakes
+    (``CompactHydraException``) is replaced for the block. Every other
+    exception, and ``HYDRA_FULL_ERROR=1``, keeps Hydra's own report.
+    """
+    import os
+
+    from hydra._internal import utils as hydra_utils
+    from hydra.errors import CompactHydraException
+
+    report = hydra_utils.run_and_report
+
+    def compact(func):
+        def call():
+            try:
+                return func()
+            except CompactHydraException as err:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"error: {_one_line(err)}", file=sys.stderr)
+                sys.exit(2)
+
+        return report(call)
+
+    hydra_utils.run_and_report = compact
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = report

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from fedkws import CONF_DIR
 from fedkws.clients import make_clients
 from fedkws.data import partition as part
-from fedkws.errors import user_errors
+from fedkws.errors import hydra_mistakes_in_one_line, user_errors
 from fedkws.fileio import write_text
 from fedkws.recipes.common import load_data
 from fedkws.spec import RunSpec, from_config
@@ -81,5 +81,11 @@ def main(cfg: DictConfig) -> None:
             raise
 
 
+def cli() -> None:
+    """The console command: :func:`main`, with Hydra's own mistakes as one ``error:`` line."""
+    with hydra_mistakes_in_one_line():
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from fedkws import CONF_DIR
-from fedkws.errors import print_error, user_errors
+from fedkws.errors import hydra_mistakes_in_one_line, print_error, user_errors
 
 _STARTED = time.time()
 
@@ -276,5 +276,11 @@ def main(cfg: DictConfig) -> float | None:
     return None
 
 
+def cli() -> None:
+    """The console command: :func:`main`, with Hydra's own mistakes as one ``error:`` line."""
+    with hydra_mistakes_in_one_line():
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    cli()
