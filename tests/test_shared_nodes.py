@@ -14,14 +14,14 @@ import pytest
 
 from fedkws.fl.messages import ClientTask
 from fedkws.run import run
-from helpers import SMALL_FEDERATION, error_lines, golden_view, train_command
+from helpers import SMALL_FEDERATION, golden_view
 
-# Four label-skewed clients of unequal sizes, three sampled per round: a node serves
-# different clients from round to round.
+# Four label-skewed clients of unequal sizes, three sampled per round: with two nodes,
+# a node serves two clients in one round, and different ones from round to round.
 BASE = [
     *SMALL_FEDERATION, "federation.backend=inprocess", "partition=dirichlet",
-    "partition.alpha=0.3", "partition.num_clients=4", "train.rounds=3",
-    "train.local_epochs=1", "strategy.fraction_train=0.75",
+    "partition.alpha=0.3", "partition.num_clients=4", "train.rounds=2",
+    "train.local_epochs=1", "strategy.fraction_train=0.75", "model.width=8",
 ]  # fmt: skip
 
 
@@ -76,7 +76,7 @@ def test_two_nodes_for_four_clients_give_the_same_run(make_cfg, tmp_path, wire, 
     hello = [m["node"] for m in log if m["type"] == "query.hello"]
     assert sorted(hello) == sorted(grid.contexts)  # each node asked once: does it start?
     trained = [m for m in log if m["type"] == "train"]
-    assert len(trained) == 3 * 3 and {m["pid"] for m in trained} == {0, 1, 2, 3}
+    assert len(trained) == 2 * 3 and {m["pid"] for m in trained} == {0, 1, 2, 3}
     # Some node trained two different clients: the state really was the client's, not the node's.
     by_node: dict[int, set[int]] = {}
     for m in trained:
@@ -106,27 +106,3 @@ def test_fedbn_resume_with_shared_nodes_is_exact(make_cfg, tmp_path):
     resumed = run(make_cfg([*overrides, "resume=true"]), tmp_path / "resumed")
     assert golden_view(resumed) == golden_view(whole)
     assert _numbers(resumed.summary) == _numbers(whole.summary)
-
-
-@pytest.mark.parametrize(
-    ("override", "expected"),
-    [
-        ("federation.supernodes=0", "federation.supernodes=0: must be >= 1"),
-        ("federation.supernodes=two", "federation.supernodes='two'"),
-        ("strategy=cyclic federation.supernodes=2", "must be null with strategy=cyclic"),
-    ],
-)
-def test_bad_supernodes_are_one_error_line(tmp_path, override, expected):
-    import subprocess
-
-    from helpers import cli_env
-
-    proc = subprocess.run(
-        train_command(*override.split(), f"hydra.run.dir={tmp_path / 'run'}"),
-        capture_output=True, text=True, env=cli_env(), timeout=120,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    (line,) = error_lines(proc.stderr)
-    assert expected in line
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "run").exists()

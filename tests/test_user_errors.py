@@ -43,6 +43,12 @@ CONFIG_MISTAKES = [
     (["train.rounds=true"], "train.rounds=True: must be int"),
     (["federation.actors=1.5"], "federation.actors=1.5: must be int | None"),
     (["federation.actors=0"], "federation.actors=0: must be >= 1, or null"),
+    (["federation.supernodes=0"], "federation.supernodes=0: must be >= 1, or null"),
+    (["federation.supernodes=two"], "federation.supernodes='two': must be int | None"),
+    (
+        ["strategy=cyclic", "federation.supernodes=2"],
+        "federation.supernodes=2: must be null with strategy=cyclic",
+    ),
 ]
 
 
