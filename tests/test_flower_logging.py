@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 
 
-def test_flowers_own_lines_are_kept_but_not_the_run_simulation_warning():
+def test_flowers_own_lines_are_kept_but_not_the_routine_ones():
     # Catches: every job printing Flower's advice to replace a call fedkws makes on purpose,
-    # or a filter that swallows Flower's other warnings.
+    # or every actor's warning that the simulation ended it (the client app's module, which
+    # the actors import, drops it); or a filter that swallows Flower's other warnings.
     from flwr.supercore.logger import log, warn_deprecated_feature
 
+    import fedkws.fl.client_app  # noqa: F401 - as an actor process does
     from fedkws.fl.simulation import quiet_flower_logging
 
     shown: list[str] = []
@@ -21,6 +23,7 @@ def test_flowers_own_lines_are_kept_but_not_the_run_simulation_warning():
         quiet_flower_logging()
         warn_deprecated_feature("The `run_simulation` function is deprecated")
         log(logging.WARNING, "Manually terminating ClientAppActor")
+        log(logging.WARNING, "Actor ran out of memory")
     finally:
         flwr_log.removeHandler(handler)
-    assert shown == ["Manually terminating ClientAppActor"]
+    assert shown == ["Actor ran out of memory"]

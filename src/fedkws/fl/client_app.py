@@ -27,6 +27,7 @@ in the node's ``Context.state``.
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,6 +58,16 @@ def _release_pages_after(message: Message, context: Context, call_next) -> Messa
 
 
 app = ClientApp(mods=[_release_pages_after])
+
+
+def _not_routine(record: logging.LogRecord) -> bool:
+    # Every simulation ends its Ray actors, and each then warns "Manually terminating
+    # ClientAppActor" (forwarded to the run's console): nothing has gone wrong.
+    return not record.getMessage().startswith("Manually terminating")
+
+
+# This module is what every actor process imports to run fedkws's clients.
+logging.getLogger("flwr").addFilter(_not_routine)
 
 FEDBN_STATE = "fedbn"
 CYCLIC_STATE = "cyclic"  # strategy=cyclic: own keys, optimiser state, epoch cursor
