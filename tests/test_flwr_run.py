@@ -192,8 +192,12 @@ def superlink(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_flwr_run_reproduces_fedkws_train(superlink, data_dir, tiny_root, tmp_path):
-    """Same config and seed: ``flwr run .`` (simulation runtime) == ``fedkws-train``."""
+@pytest.mark.parametrize("shared", [None, 1], ids=["node-per-client", "one-shared-node"])
+def test_flwr_run_reproduces_fedkws_train(superlink, data_dir, tiny_root, tmp_path, shared):
+    """Same config and seed: ``flwr run .`` (simulation runtime) == ``fedkws-train``.
+
+    ``one-shared-node``: one SuperNode serves both clients (``federation.supernodes=1``).
+    """
     overrides = [*tiny_dataset_overrides(data_dir, tiny_root), *SMALL]
     reference = tmp_path / "fedkws-train"
     subprocess.run(
@@ -201,8 +205,12 @@ def test_flwr_run_reproduces_fedkws_train(superlink, data_dir, tiny_root, tmp_pa
         env=cli_env(), capture_output=True, text=True, check=True, timeout=420,
     )  # fmt: skip
     run_dir = tmp_path / "flwr-run"
+    if shared:
+        overrides.append(f"federation.supernodes={shared}")
     out = superlink.flwr_run(
-        {"experiment": "", "overrides": shlex.join(overrides), "run-dir": str(run_dir)}, 2, tmp_path
+        {"experiment": "", "overrides": shlex.join(overrides), "run-dir": str(run_dir)},
+        shared or 2,
+        tmp_path,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"finished -> {run_dir}" in out.stdout, out.stdout[-3000:]
