@@ -9,8 +9,9 @@
 #
 #   experiments/deployment_engine.sh --experiment seed_repro model.width=8 train.rounds=2
 #
-# OVERRIDEs are Hydra overrides, as for fedkws-train. --clients defaults to the config's
-# partition.num_clients (required for partition=speaker). The run folder defaults to
+# OVERRIDEs are Hydra overrides, as for fedkws-train. --clients N: the SuperNodes to start;
+# defaults to the config's federation.supernodes when set (each node then serves many
+# clients), else partition.num_clients (required for partition=speaker). The run folder defaults to
 # outputs/<name>/flwr/<date>/<time>; logs and Flower's state (FLWR_HOME) go to a folder
 # under /tmp, printed at the start and kept.
 set -euo pipefail
@@ -40,14 +41,18 @@ from fedkws.errors import user_errors
 from fedkws.fl.flwr_apps import compose_config
 with user_errors():
     cfg = compose_config({"experiment": sys.argv[1], "overrides": sys.argv[2]})
-print("" if cfg.partition.scheme == "speaker" else cfg.partition.num_clients)
+clients = None if cfg.partition.scheme == "speaker" else cfg.partition.num_clients
+shared = cfg.federation.supernodes  # fewer SuperNodes than clients, if set
+nodes = clients if shared is None else shared if clients is None else min(shared, clients)
+print("" if nodes is None else nodes)
 print(cfg.name)
 EOF
 )"
 clients="${clients:-$(head -n 1 <<< "$facts")}"
 name="$(tail -n +2 <<< "$facts")"
 if [[ -z "$clients" ]]; then
-    echo "error: partition=speaker: the number of clients comes from the data; pass --clients N" >&2
+    echo "error: partition=speaker: the number of clients comes from the data; pass --clients N" \
+        "(or set federation.supernodes)" >&2
     exit 2
 fi
 run_dir="${run_dir:-outputs/$name/flwr/$(date +%Y-%m-%d)/$(date +%H-%M-%S)}"

@@ -106,3 +106,35 @@ def test_fedbn_resume_with_shared_nodes_is_exact(make_cfg, tmp_path):
     resumed = run(make_cfg([*overrides, "resume=true"]), tmp_path / "resumed")
     assert golden_view(resumed) == golden_view(whole)
     assert _numbers(resumed.summary) == _numbers(whole.summary)
+
+
+@pytest.mark.parametrize("supernodes", [None, 2])
+def test_a_message_the_grid_refuses_is_that_clients_failure(supernodes):
+    # Catches: replies matched to clients by position in what push_messages returned
+    # (Flower's grids leave a refused message's id out, so every later reply would be
+    # credited to the client before it, and the refused client would never be reported).
+    from fedkws.fl.client_app import app as client_app
+    from fedkws.fl.inprocess import InProcessGrid
+    from fedkws.fl.server_app import FlowerClients
+
+    class Refusing(InProcessGrid):
+        refused: int | None = None  # this node's messages are not accepted
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            ids = list(super().push_messages(messages))
+            return [i for i, m in zip(ids, messages, strict=True)
+                    if m.metadata.dst_node_id != self.refused]  # fmt: skip
+
+    grid = Refusing(client_app, supernodes or 3)
+    api = FlowerClients(grid, 3, task=None, supernodes=supernodes)
+    api.discover()
+    grid.refused = api.nodes[1] if supernodes is None else api.node_ids[1]
+    replies = api._send("query.hello", 5, [0, 1, 2], None, None)
+    assert [(f.pid, f.round, f.reason) for f in api.failures] == [
+        (1, 5, "the grid did not accept the message")
+    ]
+    if supernodes is None:  # each node answers with its own partition
+        assert [int(r.content["metrics"]["pid"]) for r in replies] == [0, 2]
+    else:
+        assert len(replies) == 2

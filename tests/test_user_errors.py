@@ -88,15 +88,21 @@ HYDRA_MISTAKES = [
      "is added with +train.round=5)"),
     (["experiment=nope"], "error: In 'config': Could not find 'experiment/nope'; available "
      "options in 'experiment': augment_ablation, bn_ablation, bn_study, literature, main,"),
-    (["train.rounds=[1"], "error: an override does not parse: no viable alternative at input"),
+    (["train.rounds=[1"], "error: train.rounds=[1: does not parse (no viable alternative"),
     (["-m", "hydra/launcher=nope"], "available options in 'hydra/launcher': basic, "
      "fedkws_parallel, fedkws_slurm"),
+    # A sweep is checked before its folder or Ray head exist: every swept value once.
+    (["-m", "train.round=1,2"], "error: train.round: not a key of the config"),
+    (["-m", "seed=0,1", "model=cnn,nope"], "error: In 'config': Could not find 'model/nope'"),
+    (["-m", "seed=0,1", "train.rounds=1,0"], "error: train.rounds=0: must be >= 1 (in the "
+     "sweep's job seed=0 train.rounds=0)"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("overrides", "expected"), HYDRA_MISTAKES, ids=lambda v: str(v))
 def test_hydras_own_mistakes_are_one_line(overrides, expected, tmp_path):
-    # Catches: Hydra's multi-line report (exit 1) reaching the user for a typo.
+    # Catches: Hydra's multi-line report (exit 1) reaching the user for a typo; a sweep
+    # that makes its folder and starts Ray before its first job finds the mistake.
     out = subprocess.run(
         train_command(*overrides, f"hydra.run.dir={tmp_path / 'run'}",
                       f"hydra.sweep.dir={tmp_path / 'sweep'}"),
@@ -107,6 +113,28 @@ def test_hydras_own_mistakes_are_one_line(overrides, expected, tmp_path):
     (line,) = error_lines(out.stderr)
     assert line.startswith(expected) if expected.startswith("error:") else expected in line
     assert "HYDRA_FULL_ERROR" not in out.stderr and not list(tmp_path.iterdir())
+    assert "Ray head" not in out.stdout
+
+
+def test_sweep_samples_use_every_swept_value_once_beside_the_first_of_the_others():
+    from omegaconf import OmegaConf
+
+    from fedkws.train import sweep_samples
+
+    config = OmegaConf.create({"hydra": {
+        "overrides": {"task": ["seed=0,1,2", "+model.extra=x", "optimizer.lr=0.1"]},
+        "sweeper": {"params": {"seed": "5", "arm": "a,b"}},  # the command line wins
+    }})  # fmt: skip
+    assert sweep_samples(config) == [
+        ["seed=0", "arm=a", "+model.extra=x", "optimizer.lr=0.1"],
+        ["seed=1", "arm=a", "+model.extra=x", "optimizer.lr=0.1"],
+        ["seed=2", "arm=a", "+model.extra=x", "optimizer.lr=0.1"],
+        ["seed=0", "arm=b", "+model.extra=x", "optimizer.lr=0.1"],
+    ]
+    interval = OmegaConf.create(
+        {"hydra": {"overrides": {"task": ["optimizer.lr=interval(0.1,1)"]}}}
+    )
+    assert sweep_samples(interval) == []  # cannot be listed: each job checks itself
 
 
 def _tiny(data_dir, tiny_root, *overrides):

@@ -49,33 +49,48 @@ def user_errors() -> Iterator[None]:
         sys.exit(2)
 
 
-def _one_line(err: BaseException) -> str:
+def hydra_error_line(err: BaseException) -> str:
     """Hydra's multi-line report of a command-line mistake as one line.
 
-    An unknown key is said plainly (with Hydra's hint for adding one); the
-    search path Hydra appends is left out; a list of available options
-    (``Available options in 'experiment':`` and one name per line) is kept,
-    comma-separated.
+    An unknown key is said plainly (with Hydra's hint for adding one); an
+    override that does not parse is named; the search path Hydra appends is
+    left out; a list of available options (``Available options in
+    'experiment':`` and one name per line) is kept, comma-separated; the
+    first line of the cause (OmegaConf's reason) is kept, as Hydra prints it.
     """
     import re
 
     from hydra.errors import OverrideParseException
 
-    text = str(err)
-    unknown = re.match(r"Could not override '([^']+)'\.\s+To append to your config use (\S+)", text)
-    if unknown and "not in struct" in str(err.__cause__):
+    text, cause = str(err), str(err.__cause__ or "").strip()
+    unknown = re.match(r"Could not override '([^']+)'\.\s+To append to your config use (.+)", text)
+    if unknown and "not in struct" in cause:
         key, append = unknown.groups()
-        return f"{key}: not a key of the config (a typo? a new key is added with {append})"
+        return f"{key}: not a key of the config (a typo? a new key is added with {append.strip()})"
     text = text.split("Config search path:")[0]
     head, _, options = text.partition("Available options in")
-    words = " ".join(line.strip() for line in head.splitlines() if line.strip())
+    lines = [line.strip() for line in head.splitlines() if line.strip()]
+    if isinstance(err, OverrideParseException):
+        reason = " ".join(line for line in lines if not line.startswith("See https://"))
+        return f"{err.override}: does not parse ({reason}; Hydra's override grammar)"
+    words = " ".join(lines)
+    if cause and cause.splitlines()[0] not in words:
+        words += f": {cause.splitlines()[0]}"
     if options:
         group, _, names = options.partition(":")
         choices = ", ".join(n.strip() for n in names.splitlines() if n.strip())
         words += f"; available options in{group}: {choices}"
-    if isinstance(err, OverrideParseException):
-        words = f"an override does not parse: {words}"
     return words
+
+
+def _in_a_job(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside a job (Hydra's ``run_job``), not while composing."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "run_job":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 @contextmanager
@@ -87,8 +102,9 @@ def hydra_mistakes_in_one_line() -> Iterator[None]:
     fedkws sees the config, as several lines ending in a hint about
     ``HYDRA_FULL_ERROR``. Hydra 1.3 reports through
     ``hydra._internal.utils.run_and_report``; its report of these mistakes
-    (``CompactHydraException``) is replaced for the block. Every other
-    exception, and ``HYDRA_FULL_ERROR=1``, keeps Hydra's own report.
+    (``CompactHydraException`` raised while composing, not inside a job) is
+    replaced for the block. Every other exception, and ``HYDRA_FULL_ERROR=1``,
+    keeps Hydra's own report.
     """
     import os
 
@@ -102,9 +118,9 @@ def hydra_mistakes_in_one_line() -> Iterator[None]:
             try:
                 return func()
             except CompactHydraException as err:
-                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_a_job(err):
                     raise
-                print(f"error: {_one_line(err)}", file=sys.stderr)
+                print(f"error: {hydra_error_line(err)}", file=sys.stderr)
                 sys.exit(2)
 
         return report(call)

@@ -111,6 +111,67 @@ class FolderGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
         self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+        check_sweep(config, kwargs.get("config_name") or "config")
+
+
+def sweep_samples(config: DictConfig) -> list[list[str]]:
+    """Override lists that together use every value of every swept key at least once.
+
+    The first takes each sweep's first value; each further one changes one
+    swept key to another of its values. A multirun's jobs differ only in these
+    values, so composing and validating these few finds a key, preset or value
+    that would fail every job (or every job with that value) before the sweep
+    starts. With a sweep that cannot be listed (an optimising sweeper's
+    interval) there are none: each job checks itself, as before.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    params = config.hydra.get("sweeper", {}).get("params") or {}
+    texts = [f"{key}={value}" for key, value in params.items()]
+    texts += [str(o) for o in config.hydra.overrides.task]  # the command line wins
+    by_key: dict[str, list[str]] = {}  # as Hydra's basic sweeper: a later override of a key wins
+    try:
+        for o in OverridesParser.create().parse_overrides(texts):
+            key = o.get_key_element()
+            by_key[key] = (
+                [f"{key}={v}" for v in o.sweep_string_iterator()]
+                if o.is_sweep_override() else [f"{key}={o.get_value_element_as_str()}"]
+            )  # fmt: skip
+    except HydraException:  # e.g. an interval sweep of an optimising sweeper
+        return []
+    choices = list(by_key.values())
+    if any(not values for values in choices):
+        return []
+    first = [values[0] for values in choices]
+    samples = [first]
+    for i, values in enumerate(choices):
+        samples += [first[:i] + [value] + first[i + 1 :] for value in values[1:]]
+    return samples
+
+
+def check_sweep(config: DictConfig, config_name: str) -> None:
+    """Compose and validate :func:`sweep_samples`; the first mistake is one ``error:`` line.
+
+    Runs in a callback, where Hydra turns exceptions into warnings: a mistake
+    is printed here and the process exits 2, as a job would, before the sweep
+    folder or its Ray head exist.
+    """
+    from hydra import compose
+    from hydra.errors import CompactHydraException
+
+    from fedkws.errors import ConfigError, hydra_error_line
+    from fedkws.spec import from_config
+
+    for overrides in sweep_samples(config):
+        with user_errors():
+            try:
+                from_config(compose(config_name=config_name, overrides=overrides))
+            except CompactHydraException as err:
+                print(f"error: {hydra_error_line(err)}", file=sys.stderr)
+                sys.exit(2)
+            except ConfigError as err:
+                raise ConfigError(f"{err} (in the sweep's job {' '.join(overrides)})") from None
 
 
 def _only_centralised_jobs(config: DictConfig) -> bool:

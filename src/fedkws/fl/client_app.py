@@ -15,14 +15,14 @@ Message types:
                       batch), continuing the client's own optimiser and epoch cursor.
 ``evaluate``          the global model on the client's local test split.
 ``query.hello``       the client's partition id (the server orders clients by it).
+``query.bn_moments``  per-channel (count, sum, sum of squares) of one BatchNorm
+                      layer's input over the local training data.
 
 Which client a message is for: the SuperNode's ``node_config["partition-id"]``
 (one SuperNode per client), or, when a simulation runs fewer SuperNodes than
 clients (``federation.supernodes``), the task's ``pid``. A node then serves many
 clients in turn, so a client's own state lives in the run folder only, never
 in the node's ``Context.state``.
-``query.bn_moments``  per-channel (count, sum, sum of squares) of one BatchNorm
-                      layer's input over the local training data.
 """
 
 from __future__ import annotations
@@ -308,8 +308,8 @@ def evaluate(message: Message, context: Context) -> Message:
 
 @app.query("hello")
 def hello(message: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds."""
-    metrics = MetricRecord({"pid": _pid(None, context)})
+    """Tell the server which partition this node holds (-1: none; fine for a shared node)."""
+    metrics = MetricRecord({"pid": int(context.node_config.get("partition-id", -1))})
     return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
 

@@ -18,10 +18,12 @@ SuperLink was started in, and every path the clients are sent is absolute.
 The run is :func:`fedkws.run.run` with the ``Grid`` Flower hands over instead of a
 simulation that fedkws starts itself: results.json, checkpoints, plots and W&B
 come from here, the server side, as under ``fedkws-train``; the SuperNodes only
-run the ClientApp, which reads its partition from ``node_config["partition-id"]``.
-Which runtime executes the clients (Flower's simulation, or SuperNodes) and its
-resources are Flower's federation settings, so ``federation.*`` keys of the
-fedkws config other than ``num_cpus`` (the clients' torch threads) do not apply.
+run the ClientApp, which reads its partition from ``node_config["partition-id"]``
+(or, with ``federation.supernodes`` set, from each message: fewer nodes than
+clients). Which runtime executes the clients (Flower's simulation, or
+SuperNodes) and its resources are Flower's federation settings, so
+``federation.*`` keys of the fedkws config other than ``num_cpus`` (the clients'
+torch threads) and ``supernodes`` do not apply.
 """
 
 from __future__ import annotations

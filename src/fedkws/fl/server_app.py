@@ -74,14 +74,19 @@ class FlowerClients:
         self.node_ids: list[int] = []
         self.failures: list[ClientFailure] = []
 
-    def _exchange(self, messages: list[Message]) -> list[tuple[int, Message]]:
+    def _exchange(self, messages: list[Message]) -> list[tuple[int, Message | None]]:
         """Push ``messages`` and poll for every reply (interruptible).
 
-        Returns ``(index of the message it answers, reply)`` pairs in arrival order.
+        Returns ``(index of the message, its reply)`` pairs, in arrival order;
+        the reply is None for a message the grid did not accept (Flower's grids
+        leave such a message's id out of what they return).
         """
-        ids = list(self.grid.push_messages(messages))
-        index = {message_id: i for i, message_id in enumerate(ids) if message_id}
-        pending, replies = set(index), []
+        accepted = {i for i in self.grid.push_messages(messages) if i}
+        index = {m.metadata.message_id: i for i, m in enumerate(messages)}  # set by the push
+        replies: list[tuple[int, Message | None]] = [
+            (i, None) for message_id, i in index.items() if message_id not in accepted
+        ]
+        pending = set(index) & accepted
         while pending:
             lifecycle.raise_if_stopping()
             for reply in self.grid.pull_messages(list(pending)):
@@ -106,25 +111,29 @@ class FlowerClients:
             messages.append(Message(body, self.node_ids[i % self.num_nodes], kind))
         return messages
 
-    def _send(self, kind: str, pids: list[int], task: ClientTask | None, state: dict | None):
-        """Replies of ``pids`` in partition-id order; failures recorded, not raised."""
+    def _send(
+        self, kind: str, round_: int, pids: list[int], task: ClientTask | None, state: dict | None
+    ):
+        """Replies of ``pids`` in partition-id order; failures recorded (of ``round_``)."""
         good = []
         for i, reply in self._exchange(self._messages(kind, pids, task, state)):
-            pid = pids[i]
-            if reply.has_error():
-                reason = " ".join(str(reply.error.reason).split())[-300:]
-                round_ = -1 if task is None else task.round
-                self.failures.append(ClientFailure(pid, round_, kind, reason))
+            if reply is None or reply.has_error():
+                reason = "the grid did not accept the message" if reply is None else (
+                    " ".join(str(reply.error.reason).split())[-300:])  # fmt: skip
+                self.failures.append(ClientFailure(pids[i], round_, kind, reason))
             else:
-                good.append((pid, reply))
+                good.append((pids[i], reply))
         return [reply for _, reply in sorted(good, key=lambda pr: pr[0])]
 
     def _wrong_count(self, found: int) -> FederationError:
         n = self.num_clients
         if self.shared_nodes:
+            k = self.num_nodes
             return FederationError(
-                f"{found} SuperNodes connected, but this configuration asks for "
-                f"{self.num_nodes} (federation.supernodes) to serve its {n} clients"
+                f"{found} SuperNodes connected, but this configuration asks for {k} "
+                f"(federation.supernodes) to serve its {n} clients: start {k} SuperNodes "
+                f"(the simulation runtime: --federation-config 'num-supernodes={k}'), or "
+                "set federation.supernodes=null for one per client"
             )
         return FederationError(
             f"{found} SuperNodes connected, but this configuration has {n} clients: start "
@@ -165,8 +174,9 @@ class FlowerClients:
         node_ids = self._wait_for_nodes()
         messages = [Message(content(None, None), node, "query.hello") for node in node_ids]
         for i, reply in self._exchange(messages):
-            if reply.has_error():
-                raise FederationError(f"a client failed to start: {reply.error.reason}")
+            if reply is None or reply.has_error():
+                reason = "not delivered" if reply is None else reply.error.reason
+                raise FederationError(f"a client failed to start: {reason}")
             if self.shared_nodes:
                 continue
             pid = int(reply.content["metrics"]["pid"])
@@ -190,7 +200,8 @@ class FlowerClients:
 
         ``bn_frozen``: FixBN after its warm-up (train with the global statistics, frozen).
         """
-        replies = self._send("train", pids, self.task.at(round_, bn_frozen=bn_frozen), state)
+        task = self.task.at(round_, bn_frozen=bn_frozen)
+        replies = self._send("train", round_, pids, task, state)
         out = []
         for reply in replies:
             metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
@@ -201,9 +212,8 @@ class FlowerClients:
     def moments(self, round_: int, state: dict, layer: int) -> list[Moments]:
         """Every client's (n, sum, sum of squares) of one BatchNorm layer's input."""
         before = len(self.failures)
-        replies = self._send(
-            "query.bn_moments", list(range(self.num_clients)), self.task.at(round_, layer), state
-        )
+        task = self.task.at(round_, layer)
+        replies = self._send("query.bn_moments", round_, list(range(self.num_clients)), task, state)
         if len(self.failures) > before:
             # Pooled statistics over a subset would not be the federation's: stop.
             raise FederationError(self.failures[-1].describe())
@@ -216,9 +226,13 @@ class FlowerClients:
     def evaluate(
         self, round_: int, state: dict, modes: tuple[str, ...], split: str = "local"
     ) -> list[dict]:
-        """Each client's metrics on its local (or a shared) split, in partition-id order."""
-        task = self.task.at(round_, eval_modes=modes, eval_split=split)
-        replies = self._send("evaluate", list(range(self.num_clients)), task, state)
+        """Each client's metrics on its local (or a shared) split, in partition-id order.
+
+        ``round_``: the round whose model this is. The clients' task is of the next
+        round: a client that keeps its own state reads what it saved up to ``round_``.
+        """
+        task = self.task.at(round_ + 1, eval_modes=modes, eval_split=split)
+        replies = self._send("evaluate", round_, list(range(self.num_clients)), task, state)
         return [{k: float(v) for k, v in r.content["metrics"].items()} for r in replies]
 
 

@@ -245,7 +245,7 @@ class FederatedRecipe:
         """
         modes = tuple(m for m in self.spec.bn.eval_modes if m != "recalibrated")
         failed_before = len(self.clients_api.failures)
-        replies = self.clients_api.evaluate(round_ + 1, self._shared_state(), modes, split)
+        replies = self.clients_api.evaluate(round_, self._shared_state(), modes, split)
         self._report_failures(self.clients_api.failures[failed_before:])
         replies = [r for r in replies if r["num-examples"] > 0]
         prefix = "fed" if split == "local" else "test/fedbn"
