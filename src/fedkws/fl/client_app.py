@@ -124,13 +124,17 @@ def _fedbn_state(
     if task.pid < 0 and name in context.state:
         return context.state[name].to_torch_state_dict()
     # A resumed run starts with empty node state, and a node serving many clients keeps
-    # none: read what this client saved last.
-    # A client never sampled so far still has its initial BatchNorm.
-    for round_ in range(task.round - 1, 0, -1):
-        path = _fedbn_file(task, pid, round_, name)
-        if path.is_file():
-            return torch.load(path, weights_only=True, map_location="cpu")
-    return {}
+    # none: read what this client saved last, before this round (one listing of its
+    # folder). A client never sampled so far still has its initial BatchNorm.
+    folder = _fedbn_file(task, pid, 0, name).parent
+    saved = {}
+    for path in folder.glob(f"{name}_round*.pt") if folder.is_dir() else ():
+        round_ = path.stem.removeprefix(f"{name}_round")
+        if round_.isdigit() and 0 < int(round_) < task.round:
+            saved[int(round_)] = path
+    if not saved:
+        return {}
+    return torch.load(saved[max(saved)], weights_only=True, map_location="cpu")
 
 
 def _model(task: ClientTask, message: Message, context: Context) -> torch.nn.Module:
