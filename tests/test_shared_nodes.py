@@ -37,11 +37,11 @@ def wire(monkeypatch):
     def recording(self, message):
         if self not in grids:
             grids.append(self)
-        pid = None
+        task = None
         if "config" in message.content:
-            pid = ClientTask.from_record(message.content["config"]).pid
-        log.append({"type": message.metadata.message_type,
-                    "node": message.metadata.dst_node_id, "pid": pid})  # fmt: skip
+            task = ClientTask.from_record(message.content["config"])
+        log.append({"type": message.metadata.message_type, "node": message.metadata.dst_node_id,
+                    "pid": task and task.pid, "pids": task and task.pids})  # fmt: skip
         return handle(self, message)
 
     monkeypatch.setattr(InProcessGrid, "_handle", recording)
@@ -84,6 +84,11 @@ def test_two_nodes_for_four_clients_give_the_same_run(make_cfg, tmp_path, wire, 
     assert max(len(pids) for pids in by_node.values()) > 1
     # A node keeps nothing of the clients it served.
     assert all(len(ctx.state) == 0 for ctx in grid.contexts.values())
+    # A moments query is one message per node, for every client that node serves.
+    moments = [m for m in log if m["type"] == "query.bn_moments"]
+    assert bool(moments) == ("bn=params_only" in arm)
+    if moments:
+        assert {m["pids"] for m in moments} == {(0, 2), (1, 3)} and len(moments) % 2 == 0
 
 
 def _numbers(summary: dict) -> dict:

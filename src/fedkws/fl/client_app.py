@@ -16,7 +16,8 @@ Message types:
 ``evaluate``          the global model on the client's local test split.
 ``query.hello``       the client's partition id (the server orders clients by it).
 ``query.bn_moments``  per-channel (count, sum, sum of squares) of one BatchNorm
-                      layer's input over the local training data.
+                      layer's input over the local training data (a shared node:
+                      of each client it serves, in one message).
 
 Which client a message is for: the SuperNode's ``node_config["partition-id"]``
 (one SuperNode per client), or, when a simulation runs fewer SuperNodes than
@@ -319,21 +320,36 @@ def hello(message: Message, context: Context) -> Message:
 
 @app.query("bn_moments")
 def bn_moments(message: Message, context: Context) -> Message:
-    """Moments of one BatchNorm layer's input over the local training data."""
+    """Moments of one BatchNorm layer's input over the local training data.
+
+    For the message's client, or for each of ``task.pids`` (a shared node answers
+    for all the clients it serves in one message): rows of ``count`` ``(clients,)``,
+    ``sum`` and ``sumsq`` ``(clients, channels)``, in the order of ``pids``.
+    """
     task = ClientTask.from_record(message.content["config"])
-    pid = _pid(task, context)
+    pids = task.pids or (_pid(task, context),)
     model = _model(task, message, context)
-    # Segment inputs are kept between this client's layer queries (in the run folder, so
-    # whichever worker process gets the next query resumes from them); the last layer
-    # drops them.
-    cache = ActivationCache(Path(task.state_dir) / "activations" / f"client{pid}")
-    n, s, ss = bn_input_moments(
-        model, _data(task), _rows(task, pid, "train"), task.layer, task.eval_batch_size, cache,
-        device=task.device,
-    )  # fmt: skip
-    if task.layer == len(bn_layers(model)) - 1:
-        cache.clear()
-    count = torch.tensor([n], dtype=torch.float64)
-    arrays = ArrayRecord(torch_state_dict=cpu_state({"count": count, "sum": s, "sumsq": ss}))
-    reply = RecordDict({"moments": arrays, "metrics": MetricRecord({"pid": pid})})
+    data, last = _data(task), task.layer == len(bn_layers(model)) - 1
+    counts, sums, sumsqs = [], [], []
+    for pid in pids:
+        # Segment inputs are kept between this client's layer queries (in the run folder,
+        # so whichever worker process gets the next query resumes from them); the last
+        # layer drops them.
+        cache = ActivationCache(Path(task.state_dir) / "activations" / f"client{pid}")
+        n, s, ss = bn_input_moments(
+            model, data, _rows(task, pid, "train"), task.layer, task.eval_batch_size, cache,
+            device=task.device,
+        )  # fmt: skip
+        if last:
+            cache.clear()
+        counts.append(n)
+        sums.append(s.cpu())
+        sumsqs.append(ss.cpu())
+    moments = {
+        "count": torch.tensor(counts, dtype=torch.float64),
+        "sum": torch.stack(sums),
+        "sumsq": torch.stack(sumsqs),
+    }
+    arrays = ArrayRecord(torch_state_dict=moments)
+    reply = RecordDict({"moments": arrays, "metrics": MetricRecord({"pids": list(pids)})})
     return Message(reply, reply_to=message)

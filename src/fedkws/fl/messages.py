@@ -51,6 +51,7 @@ class ClientTask:
     deterministic: bool = False  # deterministic algorithms (train.deterministic)
     visit: str = ""  # strategy=cyclic: one visit is "epoch" (local epochs) or "batch"; "" otherwise
     pid: int = -1  # the client, when SuperNodes are fewer than clients; -1: the node's own
+    pids: tuple[int, ...] = ()  # a moments query for all these clients at once (shared nodes)
 
     def at(
         self,
@@ -79,6 +80,7 @@ class ClientTask:
         raw["features"] = FeatureConfig(**raw["features"])
         raw["model"] = _tuples(raw["model"])
         raw["eval_modes"] = tuple(raw["eval_modes"])
+        raw["pids"] = tuple(raw.get("pids", ()))
         return cls(**raw)
 
 

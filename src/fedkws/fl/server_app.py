@@ -210,18 +210,39 @@ class FlowerClients:
         return out
 
     def moments(self, round_: int, state: dict, layer: int) -> list[Moments]:
-        """Every client's (n, sum, sum of squares) of one BatchNorm layer's input."""
-        before = len(self.failures)
+        """Every client's (n, sum, sum of squares) of one BatchNorm layer's input.
+
+        One message per client, or, on shared nodes, one per node for all the
+        clients it serves (a query goes to every client, once per layer).
+        Pooled statistics over a subset would not be the federation's, so any
+        failure stops the run.
+        """
         task = self.task.at(round_, layer)
-        replies = self._send("query.bn_moments", round_, list(range(self.num_clients)), task, state)
-        if len(self.failures) > before:
-            # Pooled statistics over a subset would not be the federation's: stop.
-            raise FederationError(self.failures[-1].describe())
-        out = []
-        for reply in replies:
-            arrays = reply.content["moments"].to_torch_state_dict()
-            out.append((float(arrays["count"][0]), arrays["sum"], arrays["sumsq"]))
-        return out
+        pids = list(range(self.num_clients))
+        if not self.shared_nodes:
+            replies = self._send("query.bn_moments", round_, pids, task, state)
+            if len(replies) < len(pids):
+                raise FederationError(self.failures[-1].describe())
+            return [_moments_rows(reply)[0] for reply in replies]
+        groups = [pids[k :: self.num_nodes] for k in range(self.num_nodes)]
+        model = content(None, state)["model"]  # one copy of the model for every message
+        messages = []
+        for node, group in zip(self.node_ids, groups, strict=True):
+            body = content(replace(task, pids=tuple(group)), None)
+            body["model"] = model
+            messages.append(Message(body, node, "query.bn_moments"))
+        found: dict[int, Moments] = {}
+        for i, reply in self._exchange(messages):
+            if reply is None or reply.has_error():
+                reason = "not delivered" if reply is None else str(reply.error.reason)
+                failure = ClientFailure(groups[i][0], round_, "query.bn_moments", reason)
+                self.failures.append(failure)
+                raise FederationError(
+                    f"clients {groups[i]} failed query.bn_moments in round {round_}: "
+                    + " ".join(reason.split())[-300:]
+                )
+            found.update(zip(groups[i], _moments_rows(reply), strict=True))
+        return [found[pid] for pid in pids]
 
     def evaluate(
         self, round_: int, state: dict, modes: tuple[str, ...], split: str = "local"
@@ -234,6 +255,15 @@ class FlowerClients:
         task = self.task.at(round_ + 1, eval_modes=modes, eval_split=split)
         replies = self._send("evaluate", round_, list(range(self.num_clients)), task, state)
         return [{k: float(v) for k, v in r.content["metrics"].items()} for r in replies]
+
+
+def _moments_rows(reply: Message) -> list[Moments]:
+    """The (n, sum, sum of squares) rows of a moments reply, in its clients' order."""
+    arrays = reply.content["moments"].to_torch_state_dict()
+    return [
+        (float(n), s, ss)
+        for n, s, ss in zip(arrays["count"], arrays["sum"], arrays["sumsq"], strict=True)
+    ]
 
 
 def make_server_app(main: Callable[[Grid], None]) -> ServerApp:
