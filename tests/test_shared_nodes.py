@@ -143,3 +143,37 @@ def test_a_message_the_grid_refuses_is_that_clients_failure(supernodes):
         assert [int(r.content["metrics"]["pid"]) for r in replies] == [0, 2]
     else:
         assert len(replies) == 2
+
+
+def test_a_failed_batched_moments_query_stops_and_names_every_client_of_the_node():
+    # Catches: a failed batch blamed on one client only, or rows of a node that answered
+    # for other clients than it was asked (they would be pooled as the wrong clients').
+    from flwr.app import Error, Message
+
+    from fedkws.data.augment import AugmentConfig
+    from fedkws.data.features import FeatureConfig
+    from fedkws.errors import FederationError
+    from fedkws.fl.client_app import app as client_app
+    from fedkws.fl.inprocess import InProcessGrid
+    from fedkws.fl.server_app import FlowerClients
+
+    class Failing(InProcessGrid):
+        def _handle(self, message):
+            if message.metadata.message_type == "query.bn_moments":
+                return Message(Error(code=1, reason="out of\nmemory"), reply_to=message)
+            return super()._handle(message)
+
+    task = ClientTask(
+        cache_entry="", feature_key="", clients_file="", state_dir="", model={},
+        optimizer_target="", optimizer_kwargs={}, augment=AugmentConfig(),
+        features=FeatureConfig(), bn_sync="params_only", local_epochs=1, batch_size=1,
+        eval_batch_size=1, eval_modes=("eval",), prox_mu=0.0, seed=0, threads=1,
+    )  # fmt: skip
+    api = FlowerClients(Failing(client_app, 2), 5, task, supernodes=2)
+    api.discover()
+    with pytest.raises(FederationError) as failed:
+        api.moments(3, {}, layer=0)
+    # The first failed reply stops the query: node 0 serves clients 0, 2, 4; node 1: 1, 3.
+    group = [0, 2, 4] if "[0, 2, 4]" in str(failed.value) else [1, 3]
+    assert str(failed.value) == f"clients {group} failed query.bn_moments in round 3: out of memory"
+    assert [(f.pid, f.round) for f in api.failures] == [(pid, 3) for pid in group]

@@ -327,6 +327,8 @@ def bn_moments(message: Message, context: Context) -> Message:
     ``sum`` and ``sumsq`` ``(clients, channels)``, in the order of ``pids``.
     """
     task = ClientTask.from_record(message.content["config"])
+    if task.pids and keeps_client_state(task.bn_sync):  # one model for all: no own BatchNorm
+        raise ValueError(f"a moments query for several clients under bn.sync={task.bn_sync}")
     pids = task.pids or (_pid(task, context),)
     model = _model(task, message, context)
     data, last = _data(task), task.layer == len(bn_layers(model)) - 1
@@ -336,12 +338,17 @@ def bn_moments(message: Message, context: Context) -> Message:
         # so whichever worker process gets the next query resumes from them); the last
         # layer drops them.
         cache = ActivationCache(Path(task.state_dir) / "activations" / f"client{pid}")
-        n, s, ss = bn_input_moments(
-            model, data, _rows(task, pid, "train"), task.layer, task.eval_batch_size, cache,
-            device=task.device,
-        )  # fmt: skip
+        try:
+            n, s, ss = bn_input_moments(
+                model, data, _rows(task, pid, "train"), task.layer, task.eval_batch_size, cache,
+                device=task.device,
+            )  # fmt: skip
+        except Exception as err:
+            raise RuntimeError(f"client {pid}: {type(err).__name__}: {err}") from err
         if last:
             cache.clear()
+        if len(pids) > 1:
+            release_mapped_pages()  # one client's rows at a time stay mapped, as per message
         counts.append(n)
         sums.append(s.cpu())
         sumsqs.append(ss.cpu())

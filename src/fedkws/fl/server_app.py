@@ -118,9 +118,7 @@ class FlowerClients:
         good = []
         for i, reply in self._exchange(self._messages(kind, pids, task, state)):
             if reply is None or reply.has_error():
-                reason = "the grid did not accept the message" if reply is None else (
-                    " ".join(str(reply.error.reason).split())[-300:])  # fmt: skip
-                self.failures.append(ClientFailure(pids[i], round_, kind, reason))
+                self.failures.append(ClientFailure(pids[i], round_, kind, _reason(reply)))
             else:
                 good.append((pids[i], reply))
         return [reply for _, reply in sorted(good, key=lambda pr: pr[0])]
@@ -234,12 +232,17 @@ class FlowerClients:
         found: dict[int, Moments] = {}
         for i, reply in self._exchange(messages):
             if reply is None or reply.has_error():
-                reason = "not delivered" if reply is None else str(reply.error.reason)
-                failure = ClientFailure(groups[i][0], round_, "query.bn_moments", reason)
-                self.failures.append(failure)
+                reason = _reason(reply)
+                for pid in groups[i]:
+                    self.failures.append(ClientFailure(pid, round_, "query.bn_moments", reason))
                 raise FederationError(
-                    f"clients {groups[i]} failed query.bn_moments in round {round_}: "
-                    + " ".join(reason.split())[-300:]
+                    f"clients {groups[i]} failed query.bn_moments in round {round_}: {reason}"
+                )
+            answered = [int(p) for p in reply.content["metrics"]["pids"]]
+            if answered != groups[i]:
+                raise FederationError(
+                    f"a node answered query.bn_moments for clients {answered}, "
+                    f"asked for {groups[i]}"
                 )
             found.update(zip(groups[i], _moments_rows(reply), strict=True))
         return [found[pid] for pid in pids]
@@ -255,6 +258,13 @@ class FlowerClients:
         task = self.task.at(round_ + 1, eval_modes=modes, eval_split=split)
         replies = self._send("evaluate", round_, list(range(self.num_clients)), task, state)
         return [{k: float(v) for k, v in r.content["metrics"].items()} for r in replies]
+
+
+def _reason(reply: Message | None) -> str:
+    """Why a message failed, on one line (its last 300 characters)."""
+    if reply is None:
+        return "the grid did not accept the message"
+    return " ".join(str(reply.error.reason).split())[-300:]
 
 
 def _moments_rows(reply: Message) -> list[Moments]:
