@@ -114,6 +114,17 @@ class FolderGuard(Callback):
         check_sweep(config, kwargs.get("config_name") or "config")
 
 
+def _sweep_override_texts(config: DictConfig) -> list[str]:
+    """A multirun's overrides in the order Hydra's basic sweeper reads them.
+
+    The preset's ``hydra.sweeper.params`` first, then the command line: a later
+    override of a key wins.
+    """
+    params = config.hydra.get("sweeper", {}).get("params") or {}
+    texts = [f"{key}={value}" for key, value in params.items()]
+    return texts + [str(o) for o in config.hydra.overrides.task]
+
+
 def sweep_samples(config: DictConfig) -> list[list[str]]:
     """Override lists that together use every value of every swept key at least once.
 
@@ -127,9 +138,7 @@ def sweep_samples(config: DictConfig) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    params = config.hydra.get("sweeper", {}).get("params") or {}
-    texts = [f"{key}={value}" for key, value in params.items()]
-    texts += [str(o) for o in config.hydra.overrides.task]  # the command line wins
+    texts = _sweep_override_texts(config)
     by_key: dict[str, list[str]] = {}  # as Hydra's basic sweeper: a later override of a key wins
     try:
         for o in OverridesParser.create().parse_overrides(texts):
@@ -186,9 +195,7 @@ def _only_centralised_jobs(config: DictConfig) -> bool:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    params = config.hydra.get("sweeper", {}).get("params") or {}
-    texts = [str(o) for o in config.hydra.overrides.task]
-    texts += [f"{key}={value}" for key, value in params.items()]
+    texts = _sweep_override_texts(config)
     chosen: dict[str, set[str]] = {"strategy": set(), "strategy.name": set(), "arm": set()}
     swept = False
     for override in OverridesParser.create().parse_overrides(texts):

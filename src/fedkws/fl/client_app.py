@@ -103,9 +103,9 @@ def _rows(task: ClientTask, pid: int, which: str) -> np.ndarray:
     return _client_rows(task.clients_file)[f"{which}_{pid}"]
 
 
-def _pid(task: ClientTask | None, context: Context) -> int:
+def _pid(task: ClientTask, context: Context) -> int:
     """The client this message is for: the task's ``pid``, else the node's partition."""
-    if task is not None and task.pid >= 0:
+    if task.pid >= 0:
         return task.pid
     return int(context.node_config["partition-id"])
 

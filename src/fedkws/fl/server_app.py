@@ -68,7 +68,7 @@ class FlowerClients:
         self.grid, self.num_clients, self.task = grid, num_clients, task
         self.node_wait_s = node_wait_s
         # Fewer SuperNodes than clients: every message names its client (``ClientTask.pid``).
-        self.num_nodes = num_clients if supernodes is None else min(supernodes, num_clients)
+        self.num_nodes = node_count(num_clients, supernodes)
         self.shared_nodes = self.num_nodes < num_clients
         self.nodes: dict[int, int] = {}  # partition id -> node id (one node per client)
         self.node_ids: list[int] = []
@@ -102,14 +102,12 @@ class FlowerClients:
         if not self.shared_nodes:
             body = content(task, state)
             return [Message(body, self.nodes[pid], kind) for pid in pids]
-        model = content(None, state)
-        messages = []
-        for i, pid in enumerate(pids):
-            body = content(task if task is None else replace(task, pid=pid), None)
-            if state is not None:
-                body["model"] = model["model"]  # one copy of the model for every message
-            messages.append(Message(body, self.node_ids[i % self.num_nodes], kind))
-        return messages
+        model = None if state is None else content(None, state)["model"]
+        return [
+            _sharing(model, task if task is None else replace(task, pid=pid),
+                     self.node_ids[i % self.num_nodes], kind)
+            for i, pid in enumerate(pids)
+        ]  # fmt: skip
 
     def _send(
         self, kind: str, round_: int, pids: list[int], task: ClientTask | None, state: dict | None
@@ -223,12 +221,11 @@ class FlowerClients:
                 raise FederationError(self.failures[-1].describe())
             return [_moments_rows(reply)[0] for reply in replies]
         groups = [pids[k :: self.num_nodes] for k in range(self.num_nodes)]
-        model = content(None, state)["model"]  # one copy of the model for every message
-        messages = []
-        for node, group in zip(self.node_ids, groups, strict=True):
-            body = content(replace(task, pids=tuple(group)), None)
-            body["model"] = model
-            messages.append(Message(body, node, "query.bn_moments"))
+        model = content(None, state)["model"]
+        messages = [
+            _sharing(model, replace(task, pids=tuple(group)), node, "query.bn_moments")
+            for node, group in zip(self.node_ids, groups, strict=True)
+        ]
         found: dict[int, Moments] = {}
         for i, reply in self._exchange(messages):
             if reply is None or reply.has_error():
@@ -258,6 +255,19 @@ class FlowerClients:
         task = self.task.at(round_ + 1, eval_modes=modes, eval_split=split)
         replies = self._send("evaluate", round_, list(range(self.num_clients)), task, state)
         return [{k: float(v) for k, v in r.content["metrics"].items()} for r in replies]
+
+
+def node_count(num_clients: int, supernodes: int | None) -> int:
+    """SuperNodes serving ``num_clients`` (``federation.supernodes``; None: one per client)."""
+    return num_clients if supernodes is None else min(supernodes, num_clients)
+
+
+def _sharing(model, task: ClientTask | None, node: int, kind: str) -> Message:
+    """A message to a shared node: its own task, and the one copy of the model (or none)."""
+    body = content(task, None)
+    if model is not None:
+        body["model"] = model  # the same ArrayRecord in every message: encoded once
+    return Message(body, node, kind)
 
 
 def _reason(reply: Message | None) -> str:

@@ -294,7 +294,7 @@ class FederatedRecipe:
         """Start the clients (Ray, or in process) and run the rounds of this invocation."""
         if self.run.start_round > self.run.last_round:
             return
-        from fedkws.fl.server_app import FlowerClients
+        from fedkws.fl.server_app import FlowerClients, node_count
         from fedkws.fl.simulation import simulate
 
         def serve(grid) -> None:
@@ -312,10 +312,9 @@ class FederatedRecipe:
         if self.grid is not None:
             serve(self.grid)
             return
-        num_clients = len(self.parts.clients)
         simulate(
             serve,
-            num_supernodes=min(num_clients, fed.supernodes or num_clients),
+            num_supernodes=node_count(len(self.parts.clients), fed.supernodes),
             backend=fed.backend,
             client_resources={"num_cpus": fed.num_cpus, "num_gpus": fed.num_gpus},
             ray_init_args=dict(fed.ray_init_args),
