@@ -171,7 +171,7 @@ class FlowerClients:
         messages = [Message(content(None, None), node, "query.hello") for node in node_ids]
         for i, reply in self._exchange(messages):
             if reply is None or reply.has_error():
-                reason = "not delivered" if reply is None else reply.error.reason
+                reason = _reason(reply) if reply is None else reply.error.reason
                 raise FederationError(f"a client failed to start: {reason}")
             if self.shared_nodes:
                 continue
