@@ -152,7 +152,9 @@ def test_resume_continues_where_it_stopped(stopped_run, data_dir, tiny_root, tmp
 # --------------------------------------------------------------------------- Ctrl-C
 
 
-def _interrupt_after_round(command: list[str], run_dir: Path, round_: int = 1, env=None):
+def _interrupt_after_round(
+    command: list[str], run_dir: Path, round_: int = 1, env=None, signum=signal.SIGINT
+):
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env or cli_env())  # fmt: skip
     results = run_dir / "results.json"
@@ -164,7 +166,7 @@ def _interrupt_after_round(command: list[str], run_dir: Path, round_: int = 1, e
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
         sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
         return proc.returncode, out, err, time.monotonic() - sent
     finally:
@@ -172,10 +174,11 @@ def _interrupt_after_round(command: list[str], run_dir: Path, round_: int = 1, e
             proc.kill()
 
 
-def _check_clean_stop(code, err, seconds, run_dir):
-    assert code == 130, err
+def _check_clean_stop(code, err, seconds, run_dir, signum=signal.SIGINT):
+    assert code == 128 + signum, err
     assert seconds < 15, seconds
     assert "Traceback" not in err
+    assert "SIGTERM received" not in err  # Ray's own handler would end the process at once
     lines = error_lines(err)
     assert len(lines) == 1 and "interrupted" in lines[0], err
     kept = torch.load(run_dir / "checkpoint.pt", weights_only=True)["round"]
@@ -183,14 +186,16 @@ def _check_clean_stop(code, err, seconds, run_dir):
     assert kept >= 1 and [r["round"] for r in recorded] == list(range(1, kept + 1))
 
 
-def test_ctrl_c_stops_a_central_run_cleanly(data_dir, tiny_root, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_a_central_run_cleanly(data_dir, tiny_root, tmp_path, signum):
+    """SIGTERM (a scheduler's time limit) stops a run as the first Ctrl-C does, exit 143."""
     run_dir = tmp_path / "run"
     command = train_command(
         *tiny_dataset_overrides(data_dir, tiny_root), "strategy=central", "model=resnet",
         "model.depth=10", "model.width=16", "train.rounds=100", f"hydra.run.dir={run_dir}",
     )  # fmt: skip
-    code, _, err, seconds = _interrupt_after_round(command, run_dir)
-    _check_clean_stop(code, err, seconds, run_dir)
+    code, _, err, seconds = _interrupt_after_round(command, run_dir, signum=signum)
+    _check_clean_stop(code, err, seconds, run_dir, signum)
 
 
 def _raylets(ray_tmp: str) -> set[int]:
@@ -200,7 +205,9 @@ def _raylets(ray_tmp: str) -> set[int]:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_a_ray_simulation_cleanly(data_dir, tiny_root, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_a_ray_simulation_cleanly(data_dir, tiny_root, tmp_path, signum):
+    """Also SIGTERM, which Ray's core worker would otherwise turn into an abrupt exit."""
     import shutil
     import tempfile
 
@@ -213,11 +220,37 @@ def test_ctrl_c_stops_a_ray_simulation_cleanly(data_dir, tiny_root, tmp_path):
     )  # fmt: skip
     try:
         env = {**cli_env(), "RAY_TMPDIR": ray_tmp}
-        code, _, err, seconds = _interrupt_after_round(command, run_dir, env=env)
-        _check_clean_stop(code, err, seconds, run_dir)
+        code, _, err, seconds = _interrupt_after_round(command, run_dir, env=env, signum=signum)
+        _check_clean_stop(code, err, seconds, run_dir, signum)
         assert not _raylets(ray_tmp)  # no Ray process left behind
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_sweep_and_its_shared_ray_head(data_dir, tiny_root, tmp_path):
+    """Killed without the graceful stop, the sweep's process left its Ray head running."""
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="fedkws-t-")  # where the sweep's head keeps its files
+    sweep = tmp_path / "sweep"
+    command = train_command(
+        "-m", *tiny_dataset_overrides(data_dir, tiny_root), "model=cnn", "train.rounds=100",
+        "seed=0,1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job${hydra.job.num}",
+    )  # fmt: skip
+    try:
+        env = {**cli_env(), "TMPDIR": temp}
+        env.pop("RAY_ADDRESS", None)
+        code, out, err, seconds = _interrupt_after_round(
+            command, sweep / "job0", env=env, signum=signal.SIGTERM
+        )
+        _check_clean_stop(code, err, seconds, sweep / "job0", signal.SIGTERM)
+        assert "Ray head for this sweep" in out
+        assert not _raylets(temp)  # the head and its processes are gone
+        assert not (sweep / "job1").exists()  # the sweep ended with its first job
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow

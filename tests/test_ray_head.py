@@ -7,11 +7,14 @@ attaches to it, is the Ray cell of ``test_golden.py``; here, when none is starte
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 from omegaconf import OmegaConf
 
-from fedkws.fl.ray_head import attach_args
+from fedkws.fl.ray_head import LocalRayHead, attach_args
 from fedkws.train import SweepRay, _only_centralised_jobs
 
 
@@ -91,3 +94,39 @@ def test_addresses_ray_resolves_itself_are_not_probed(address):
     from fedkws.fl.ray_head import check_reachable
 
     check_reachable(address)  # no error, no connection attempt
+
+
+def test_a_head_stuck_in_its_shutdown_is_killed_with_its_processes(tmp_path):
+    """Stands in for `ray start --block` hanging on SIGTERM: it and its child must still end."""
+    child_pid = tmp_path / "child.pid"
+    stuck = (
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        f"open({str(child_pid)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(300)\n"
+    )
+    head = LocalRayHead()
+    head._process = subprocess.Popen([sys.executable, "-c", stuck], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not child_pid.exists() or not child_pid.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    pid = int(child_pid.read_text())
+    head.stop(grace=0.5)
+    assert head._process is None
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie that init has yet to reap), within a second."""
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline:
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        if state == "Z":
+            return False
+        time.sleep(0.05)
+    return True

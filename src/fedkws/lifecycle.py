@@ -1,13 +1,18 @@
-"""Ending a run on purpose: the first Ctrl-C asks the round loop to stop cleanly.
+"""Ending a run on purpose: the first Ctrl-C (or SIGTERM) asks the round loop to stop cleanly.
 
-:func:`graceful_interrupts` installs a SIGINT handler for the duration of a
-run. The first Ctrl-C sets a flag that the round loop, the server's polling
-for client replies and the centralised training loop check
+:func:`graceful_interrupts` installs a SIGINT and a SIGTERM handler for the
+duration of a run. The first signal sets a flag that the round loop, the
+server's polling for client replies and the centralised training loop check
 (:func:`raise_if_stopping`), so the run stops at the next round, message or
 centralised batch, keeps the checkpoint of its last complete round and
 finishes W&B. Data preparation (download, generation, cache) is not
-interrupted by the first Ctrl-C; a second Ctrl-C raises ``KeyboardInterrupt``
-at once (the CLI turns it into one line, exit 130).
+interrupted by the first signal; a second one raises ``KeyboardInterrupt``
+at once. The CLI turns either into one line and exits with 128 + the signal's
+number (130 for Ctrl-C, 143 for SIGTERM, what a batch scheduler such as SLURM
+sends before it kills a job at its time limit).
+
+Ray's core worker installs a SIGTERM handler of its own when a driver connects,
+one that ends the process at once; :func:`reclaim_sigterm` puts fedkws's back.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _STOP = threading.Event()
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_received: list[int] = []  # the signal that asked for the stop, if one did
 
 
 class Interrupted(Exception):
-    """The user asked the run to stop (Ctrl-C)."""
+    """The user (Ctrl-C) or the system (SIGTERM) asked the run to stop."""
 
 
 def raise_if_stopping() -> None:
@@ -34,6 +41,30 @@ def raise_if_stopping() -> None:
 def reset() -> None:
     """Forget an earlier stop request (a new run starts)."""
     _STOP.clear()
+    _received.clear()
+
+
+def exit_code() -> int:
+    """What the process exits with after a stop: 128 + the signal's number (130 without one)."""
+    return 128 + (_received[0] if _received else int(signal.SIGINT))
+
+
+def stopped_by() -> str:
+    """``" (SIGTERM)"``-style words for the signal that asked for the stop; empty without one."""
+    return f" ({_name(_received[0])})" if _received else ""
+
+
+def _name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    if _STOP.is_set():
+        raise KeyboardInterrupt
+    _received.append(signum)
+    _STOP.set()
+    name = _name(signum)
+    print(f"\n{name}: stopping after this step ({name} again to abort now)", file=sys.stderr)
 
 
 def request_stop() -> None:
@@ -43,22 +74,25 @@ def request_stop() -> None:
 
 @contextmanager
 def graceful_interrupts() -> Iterator[None]:
-    """First Ctrl-C: stop at the next check; second: ``KeyboardInterrupt``."""
+    """First Ctrl-C or SIGTERM: stop at the next check; second: ``KeyboardInterrupt``."""
     reset()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum: int, frame: object) -> None:
-        if _STOP.is_set():
-            raise KeyboardInterrupt
-        _STOP.set()
-        print("\nstopping after this step (Ctrl-C again to abort now)", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, _on_signal) for signum in _SIGNALS}
     try:
         yield
     finally:
         # The flag stays set: threads still winding down (a ServerApp waiting for nodes)
         # must see it. The next run clears it when it starts.
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def reclaim_sigterm() -> None:
+    """Within :func:`graceful_interrupts`, make SIGTERM fedkws's again (call after ``ray.init``)."""
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is _on_signal
+    ):
+        signal.signal(signal.SIGTERM, _on_signal)

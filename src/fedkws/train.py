@@ -334,9 +334,11 @@ def main(cfg: DictConfig) -> float | None:
     with user_errors(), lifecycle.graceful_interrupts():
         try:
             result = run(spec, run_dir, names)
-        except (lifecycle.Interrupted, KeyboardInterrupt):  # first or second Ctrl-C
-            print_error(RuntimeError(f"interrupted; completed rounds are kept in {run_dir}"))
-            sys.exit(130)
+        except (lifecycle.Interrupted, KeyboardInterrupt):  # first or second Ctrl-C / SIGTERM
+            print_error(RuntimeError(
+                f"interrupted{lifecycle.stopped_by()}; completed rounds are kept in {run_dir}"
+            ))  # fmt: skip
+            sys.exit(lifecycle.exit_code())
     metrics = result.rounds[-1].metrics if result.rounds else {}
     for key in ("val/eval/acc", "fed/eval/acc_mean"):
         if key in metrics:

@@ -118,15 +118,20 @@ class LocalRayHead:
         self._log.seek(0)
         return self._log.read()
 
-    def stop(self) -> None:
-        """End the head process this object started (and, through it, its Ray processes)."""
+    def stop(self, grace: float = 20.0) -> None:
+        """End the head process this object started (and, through it, its Ray processes).
+
+        A head still running ``grace`` seconds after SIGTERM is killed with its process group.
+        """
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=60)
+                process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                process.kill()
+                # Stuck in its own shutdown: end it and every Ray process it started, which
+                # share its session's process group (started with start_new_session).
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         if self._log is not None:
             self._log.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -136,6 +137,7 @@ def _run_ray(main, client_app, num_supernodes, client_resources, ray_init_args) 
     if ray_init_args:
         backend_config["init_args"] = dict(ray_init_args)
     try:
+        _init_ray(ray_init_args)
         run_simulation(
             server_app=make_server_app(main),
             client_app=client_app,
@@ -152,3 +154,26 @@ def _run_ray(main, client_app, num_supernodes, client_resources, ray_init_args) 
             cause = cause.__cause__
         reason = " ".join(str(cause).split())[:300] or type(cause).__name__
         raise FederationError(f"the Flower simulation failed: {reason}") from err
+    finally:
+        import ray
+
+        ray.shutdown()  # Flower's backend already did, unless the simulation never started
+
+
+def _init_ray(init_args: Mapping[str, Any]) -> None:
+    """Start (or attach to) Ray here rather than in Flower's backend, which then skips it.
+
+    The same arguments Flower's simulation would pass (its defaults: Ray logs
+    warnings only; the actors see this process's ``sys.path``). Done here so that
+    the SIGTERM handler Ray's core worker installs (one that ends the process at
+    once) can be replaced by fedkws's, which stops the run after its current step
+    like Ctrl-C (see :mod:`fedkws.lifecycle`).
+    """
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    defaults = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{**defaults, **init_args})
+    lifecycle.reclaim_sigterm()
