@@ -7,8 +7,10 @@ attaches to it, is the Ray cell of ``test_golden.py``; here, when none is starte
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -130,3 +132,38 @@ def _alive(pid: int) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+@pytest.mark.slow
+def test_a_head_whose_owner_is_killed_ends_itself(tmp_path):
+    """SIGKILL leaves the sweep's process no chance to stop its head; the head stops itself."""
+    script = (
+        "import time\n"
+        "from fedkws.fl.ray_head import LocalRayHead\n"
+        "head = LocalRayHead(num_cpus=1)\n"
+        "head.start()\n"
+        "print(head._temp_dir, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    temp = owner.stdout.readline().strip()
+    try:
+        assert temp and _ray_processes(temp)
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 30
+        while _ray_processes(temp) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _ray_processes(temp)
+        assert not os.path.exists(temp)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        for pid in _ray_processes(temp) if temp.startswith(tempfile.gettempdir()) else []:
+            os.kill(pid, signal.SIGKILL)  # only left if the test failed
+
+
+def _ray_processes(temp: str) -> list[int]:
+    """The head and the Ray processes it started: every command line that names its folder."""
+    out = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split() if _alive(int(p))]

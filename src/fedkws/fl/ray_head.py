@@ -5,8 +5,9 @@ end (about 10 s per run here). Attached to a running Ray instance instead
 (``federation.ray_address``, or ``RAY_ADDRESS``), ``ray.shutdown()`` only
 disconnects the driver and the next run attaches in a fraction of a second.
 :class:`LocalRayHead` starts such an instance on 127.0.0.1 with ``ray start
---head --block`` and ends exactly the process it started (whose exit ends the
-Ray processes it launched).
+--head --block`` (through :mod:`fedkws.fl.head_process`, which ends it if
+the process that started it dies without a word) and ends exactly the process
+it started (whose exit ends the Ray processes it launched).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from fedkws.errors import FederationError
 
@@ -65,13 +65,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _ray_command() -> str:
-    found = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
-    if found is None:
-        raise FederationError("the `ray` command is not installed next to this Python")
-    return found
-
-
 class LocalRayHead:
     """One Ray head process on 127.0.0.1, started by :meth:`start`, ended by :meth:`stop`."""
 
@@ -88,7 +81,10 @@ class LocalRayHead:
         # Its own temp dir: `ray start` records its address there, and one in Ray's default
         # dir would be picked up (and outlive the head) by every later plain ray.init().
         self._temp_dir = tempfile.mkdtemp(prefix="fedkws-ray-")
-        command = [_ray_command(), "start", "--head", "--block", f"--port={port}",
+        # Started through head_process, which ends the head if this process dies
+        # without calling stop() (SIGKILL).
+        command = [sys.executable, "-m", "fedkws.fl.head_process", str(os.getpid()),
+                   "start", "--head", "--block", f"--port={port}",
                    "--node-ip-address=127.0.0.1", "--include-dashboard=false",
                    "--disable-usage-stats", f"--temp-dir={self._temp_dir}"]  # fmt: skip
         if self.num_cpus is not None:
