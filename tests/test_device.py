@@ -325,6 +325,7 @@ def test_cpu_only_clients_keep_rays_accelerator_override_off(monkeypatch):
 
     calls = []
     monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(simulation, "_init_ray", lambda init_args: None)  # no Ray started here
     for gpus, expected in ((0.25, None), (0.0, "0")):
         monkeypatch.delenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", raising=False)
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
