@@ -37,6 +37,29 @@ def overrides() -> list[str]:
             "train.local_epochs=1", "logger=disabled", "progress=false"]  # fmt: skip
 
 
+PHASES = ("setup", "clients_start", "rounds", "final_queries", "clients_stop", "final_evaluation")
+PHASE_WORDS = {
+    "setup": "data, partition, model, W&B",
+    "clients_start": "Ray connection, actors' start, discovery",
+    "rounds": "the rounds (the ratio's denominator)",
+    "final_queries": "the final model's exact statistics from the clients",
+    "clients_stop": "actors and Ray connection ended",
+    "final_evaluation": "validation and test in every final mode, intervals, plots",
+}
+
+
+def _phases(folder: Path) -> str:
+    """Mean seconds per job in each phase (results.json ``phases_s``), as a Markdown table."""
+    runs = [json.loads(f.read_text())["summary"] for f in sorted(folder.rglob("results.json"))]
+    rows = ["| phase | what | s per job (mean over jobs) |", "|---|---|---|"]
+    for phase in PHASES:
+        mean = sum(r["phases_s"].get(phase, 0.0) for r in runs) / len(runs)
+        rows.append(f"| {phase} | {PHASE_WORDS[phase]} | {mean:.2f} |")
+    walls = sum(r["wall_s"] for r in runs) / len(runs)
+    rows.append(f"| (whole job, `wall_s`) | from the job's start to its summary | {walls:.2f} |")
+    return "\n".join(rows)
+
+
 def _sweep(shared: bool, folder: Path, parallel: bool = False) -> tuple[float, float]:
     seeds = ",".join(str(s) for s in range(JOBS))
     launcher = ["hydra/launcher=fedkws_parallel"] if parallel else []
@@ -56,6 +79,7 @@ def run(args) -> list[Ratio]:
     global NOTES
     with tempfile.TemporaryDirectory(prefix="fedkws-bench-") as tmp:
         shared_wall, shared_rounds = _sweep(True, Path(tmp) / "shared")
+        phases = _phases(Path(tmp) / "shared")
         own_wall, own_rounds = _sweep(False, Path(tmp) / "own")
         par_wall, par_rounds = _sweep(True, Path(tmp) / "parallel", parallel=True)
     ratio = shared_wall / shared_rounds
@@ -68,7 +92,9 @@ def run(args) -> list[Ratio]:
         f"({own_wall / own_rounds:.2f}x, {own_startup:.1f} s per job outside its rounds); "
         f"two jobs at a time on the shared head: {par_wall:.1f} s wall "
         f"({shared_wall / par_wall:.2f}x faster than one at a time), {par_rounds:.1f} s in "
-        "its jobs' rounds."
+        "its jobs' rounds.\n\nWhere a job's time goes (sequential sweep on the shared head; "
+        "the rest of the multirun's wall time is the process's imports, the head's start, "
+        f"Hydra and the sweep report):\n\n{phases}"
     )
     return [
         Ratio("parallel multirun wall / sequential jobs' time in rounds", par_ratio, "<= 1.2x",

@@ -3,6 +3,8 @@ intervals on every final accuracy."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -102,12 +104,22 @@ def test_full_run_reports_the_three_statistics_of_the_decomposition(make_cfg, tm
     cfg = make_cfg([*SMALL_FEDERATION, "federation.backend=inprocess", "bn=full",
                     "partition=dirichlet", "partition.alpha=0.3", "train.rounds=2",
                     "bn.eval_modes=[eval]"])  # fmt: skip
-    summary = run(cfg, tmp_path / "run").summary
+    started = time.perf_counter()
+    result = run(cfg, tmp_path / "run")
+    outside = time.perf_counter() - started
+    summary = result.summary
     for mode in ("eval", "fresh_average", "recalibrated"):  # stored, fresh average, exact
         assert 0 <= summary[f"test/{mode}/acc"] <= 1
         assert len(summary[f"test/{mode}/acc_ci95"]) == 2
     assert "test/diff/eval-fresh_average" in summary
     assert (tmp_path / "run" / "recalibrated_bn.pt").is_file()
+    # Where the time went: every phase timed, together (nearly) the whole run.
+    phases = summary["phases_s"]
+    assert set(phases) == {"setup", "clients_start", "rounds", "final_queries", "clients_stop",
+                           "final_evaluation"}  # fmt: skip
+    assert phases["rounds"] == pytest.approx(sum(r.seconds for r in result.rounds))
+    assert min(phases.values()) >= 0 and phases["final_evaluation"] > 0
+    assert 0.8 * summary["wall_s"] <= sum(phases.values()) <= summary["wall_s"] <= outside
 
 
 def test_seeding_streams_are_named_and_distinct():

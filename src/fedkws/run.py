@@ -64,10 +64,11 @@ def run(
         if spec.strategy.central
         else FederatedRecipe(spec, record, grid)
     )
-    recipe.setup(run_dir)
-    if loaded is not None:
-        recipe.restore(loaded[0])
-    record.open(loaded, recipe.parts.data.num_classes)
+    with record.timed("setup"):  # data, partition, model, W&B
+        recipe.setup(run_dir)
+        if loaded is not None:
+            recipe.restore(loaded[0])
+        record.open(loaded, recipe.parts.data.num_classes)
     ok = False
     try:
         common.console.print(_headline(spec, recipe, run_dir))

@@ -114,13 +114,12 @@ class CentralRecipe:
         summary = common.summary(self.run, self.parts, title, "central")
         if summary["complete"]:
             modes = common.final_modes(self.spec, self.model)
-            if "recalibrated" in modes and self.evaluator.last_recalibrated is None:
-                self.evaluator.recalibrated(self.model)
-            summary.update(
-                common.final_evaluation(
-                    self.evaluator, self.model, self.parts, run_dir, modes, self.spec.plots
+            with self.run.timed("final_evaluation"):
+                if "recalibrated" in modes and self.evaluator.last_recalibrated is None:
+                    self.evaluator.recalibrated(self.model)
+                summary.update(
+                    common.final_evaluation(
+                        self.evaluator, self.model, self.parts, run_dir, modes, self.spec.plots
+                    )
                 )
-            )
-        assert self.run.recorder is not None
-        self.run.recorder.finish(summary)
-        return self.run.result
+        return self.run.finish(summary)

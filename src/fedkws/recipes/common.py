@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -238,6 +240,22 @@ class Run:
         self.wandb_names = wandb_names
         self.recorder: Recorder | None = None
         self.started = time.perf_counter()
+        # Seconds of this invocation outside the rounds, by phase (summary["phases_s"]).
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the time spent in this block to ``phases[phase]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - start
+
+    def phase_times(self) -> dict[str, float]:
+        """Where this invocation's time went so far: the timed phases and its rounds."""
+        rounds = sum(r.seconds for r in self.result.rounds if r.round >= self.start_round)
+        return {**self.phases, "rounds": rounds}
 
     def open(self, loaded: tuple[checkpoint.Checkpoint, dict] | None, num_classes: int) -> None:
         """Start recording (restoring a checkpoint's records and RNG states if resuming)."""
@@ -300,6 +318,14 @@ class Run:
     def label_kind(self) -> str:
         """``central`` or ``server``: whose optimiser the checkpoint holds."""
         return "central" if self.spec.strategy.central else "server"
+
+    def finish(self, summary: dict[str, Any]) -> Result:
+        """Write the final summary (with where the time went) and return the Result."""
+        assert self.recorder is not None
+        summary["wall_s"] = time.perf_counter() - self.started  # the final evaluation included
+        summary["phases_s"] = self.phase_times()
+        self.recorder.finish(summary)
+        return self.result
 
     def close(self, ok: bool) -> None:
         """Finish W&B (always; from ``finally``)."""

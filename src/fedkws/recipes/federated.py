@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -297,18 +298,23 @@ class FederatedRecipe:
         from fedkws.fl.server_app import FlowerClients, node_count
         from fedkws.fl.simulation import simulate
 
+        fed = self.spec.federation
+        phases, served, started = self.run.phases, [], time.perf_counter()
+
         def serve(grid) -> None:
             self.clients_api = FlowerClients(
                 grid, len(self.parts.clients), self.task, supernodes=fed.supernodes
             )
             self.clients_api.discover()
+            phases["clients_start"] = time.perf_counter() - started  # Ray, actors, discovery
             try:
                 common.run_rounds(self, self.run)
-                self._while_clients_are_up()
+                with self.run.timed("final_queries"):
+                    self._while_clients_are_up()
             finally:
                 self.clients_api = None
+                served.append(time.perf_counter())
 
-        fed = self.spec.federation
         if self.grid is not None:
             serve(self.grid)
             return
@@ -321,6 +327,8 @@ class FederatedRecipe:
             ray_address=fed.ray_address,
             actors=fed.actors,
         )
+        if served:
+            phases["clients_stop"] = time.perf_counter() - served[0]  # actors and Ray ended
 
     def finish(self, run_dir: Path) -> Result:
         """Summary and, for a complete run, the test split; returns the Result."""
@@ -335,15 +343,14 @@ class FederatedRecipe:
             modes = common.final_modes(spec, self.model)
             if self.recalibrated_round != spec.train.rounds:
                 self.evaluator.last_recalibrated = None  # not of the final model: skip
-            summary.update(
-                common.final_evaluation(
-                    self.evaluator, self.model, self.parts, run_dir, modes, spec.plots
+            with self.run.timed("final_evaluation"):
+                summary.update(
+                    common.final_evaluation(
+                        self.evaluator, self.model, self.parts, run_dir, modes, spec.plots
+                    )
                 )
-            )
         summary.update(self.shared_test)
-        assert self.run.recorder is not None
-        self.run.recorder.finish(summary)
-        return self.run.result
+        return self.run.finish(summary)
 
 
 def _train_metrics(replies, sampled: int) -> common.Metrics:
