@@ -37,11 +37,11 @@ def overrides() -> list[str]:
             "train.local_epochs=1", "logger=disabled", "progress=false"]  # fmt: skip
 
 
-PHASES = ("setup", "clients_start", "rounds", "final_queries", "clients_stop", "final_evaluation")
 PHASE_WORDS = {
     "setup": "data, partition, model, W&B",
     "clients_start": "Ray connection, actors' start, discovery",
     "rounds": "the rounds (the ratio's denominator)",
+    "record": "after each round: results.json, checkpoint, console",
     "final_queries": "the final model's exact statistics from the clients",
     "clients_stop": "actors and Ray connection ended",
     "final_evaluation": "validation and test in every final mode, intervals, plots",
@@ -52,7 +52,7 @@ def _phases(folder: Path) -> str:
     """Mean seconds per job in each phase (results.json ``phases_s``), as a Markdown table."""
     runs = [json.loads(f.read_text())["summary"] for f in sorted(folder.rglob("results.json"))]
     rows = ["| phase | what | s per job (mean over jobs) |", "|---|---|---|"]
-    for phase in PHASES:
+    for phase in PHASE_WORDS:
         mean = sum(r["phases_s"].get(phase, 0.0) for r in runs) / len(runs)
         rows.append(f"| {phase} | {PHASE_WORDS[phase]} | {mean:.2f} |")
     walls = sum(r["wall_s"] for r in runs) / len(runs)

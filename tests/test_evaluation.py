@@ -115,10 +115,10 @@ def test_full_run_reports_the_three_statistics_of_the_decomposition(make_cfg, tm
     assert (tmp_path / "run" / "recalibrated_bn.pt").is_file()
     # Where the time went: every phase timed, together (nearly) the whole run.
     phases = summary["phases_s"]
-    assert set(phases) == {"setup", "clients_start", "rounds", "final_queries", "clients_stop",
-                           "final_evaluation"}  # fmt: skip
-    assert phases["rounds"] == pytest.approx(sum(r.seconds for r in result.rounds))
-    assert min(phases.values()) >= 0 and phases["final_evaluation"] > 0
+    assert list(phases) == ["setup", "clients_start", "rounds", "record", "final_queries",
+                            "clients_stop", "final_evaluation"]  # fmt: skip
+    assert all(phases[p] > 0 for p in ("setup", "rounds", "record", "final_evaluation"))
+    assert phases["final_queries"] > 0  # the final model's exact statistics
     assert 0.8 * summary["wall_s"] <= sum(phases.values()) <= summary["wall_s"] <= outside
 
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from fedkws import lifecycle
 from fedkws.run import run
 from fedkws.spec import from_config
 from fedkws.train import SweepRay
@@ -67,7 +69,12 @@ def _run(name, make_cfg, run_dir):
         fed = from_config(cfg).federation
         assert fed.ray_address == sweep.head.address  # attaches to it
         assert fed.actors == 1  # the head's 2 CPUs shared by 2 jobs of 1-CPU clients
-        got = golden_view(run(cfg, run_dir))
+        with lifecycle.graceful_interrupts():  # as fedkws-train runs it
+            got = golden_view(run(cfg, run_dir))
+            # Ray's init and shutdown both replace SIGTERM's action below Python's handler
+            # table; fedkws's handler must be the one in force after the simulation too.
+            assert signal.getsignal(signal.SIGTERM) is lifecycle._on_signal
+            assert _catches(signal.SIGTERM)
     finally:
         logging.getLogger("flwr").removeHandler(pools)
         sweep.on_multirun_end(sweep_cfg)
@@ -76,6 +83,13 @@ def _run(name, make_cfg, run_dir):
     assert process.poll() is not None  # exactly the head the callback started has ended
     assert "RAY_ADDRESS" not in os.environ and "FEDKWS_ACTORS" not in os.environ
     return got
+
+
+def _catches(signum: int) -> bool:
+    """Whether the kernel delivers ``signum`` to a handler of this process (not the default)."""
+    status = Path("/proc/self/status").read_text()
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signum - 1) & 1)
 
 
 class PoolSizes(logging.Handler):

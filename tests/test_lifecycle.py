@@ -205,6 +205,7 @@ def test_the_first_signal_asks_for_a_stop_and_the_second_aborts(signum, capsys):
     End to end through a real run: the Ctrl-C test above, and the slow Ray ones below
     (where Ray's own SIGTERM handler has to be replaced).
     """
+    before = signal.getsignal(signum)
     with lifecycle.graceful_interrupts():
         lifecycle.raise_if_stopping()  # nothing asked yet
         os.kill(os.getpid(), signum)
@@ -214,8 +215,46 @@ def test_the_first_signal_asks_for_a_stop_and_the_second_aborts(signum, capsys):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signum)
             time.sleep(1)  # the handler runs between bytecodes of this thread
-    assert signal.getsignal(signum) is not lifecycle._on_signal  # the previous one is back
+    assert signal.getsignal(signum) is before  # the previous one is back
     assert f"{lifecycle._name(signum)}: stopping after this step" in capsys.readouterr().err
+
+
+def test_sigterm_is_reclaimed_from_ray_only_during_a_run():
+    def foreign(signum, frame):  # what ray.init installs: sys.exit(15)
+        raise SystemExit(signum)
+
+    before = signal.signal(signal.SIGTERM, foreign)
+    try:
+        assert not lifecycle.reclaim_sigterm()  # outside a run: left alone
+        assert signal.getsignal(signal.SIGTERM) is foreign
+        with lifecycle.graceful_interrupts():
+            signal.signal(signal.SIGTERM, foreign)
+            assert lifecycle.reclaim_sigterm()
+            assert signal.getsignal(signal.SIGTERM) is lifecycle._on_signal
+        assert signal.getsignal(signal.SIGTERM) is foreign  # restored as it was before the run
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_while_ray_starts_is_a_stop_request(monkeypatch, capsys):
+    """Ray's own handler, in force during ray.init, would exit 15 with no word."""
+    import ray
+
+    from fedkws.fl import simulation
+
+    def init_interrupted(**kwargs):
+        raise SystemExit(signal.SIGTERM)  # what Ray's handler does when SIGTERM arrives
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init_interrupted)
+    with lifecycle.graceful_interrupts():
+        with pytest.raises(lifecycle.Interrupted):
+            simulation._init_ray({})
+        assert lifecycle.exit_code() == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is lifecycle._on_signal
+    with pytest.raises(SystemExit):  # outside a run, Ray's exit stands
+        simulation._init_ray({})
+    assert "SIGTERM: stopping after this step" in capsys.readouterr().err
 
 
 def _raylets(ray_tmp: str) -> set[int]:

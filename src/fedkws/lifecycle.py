@@ -59,6 +59,11 @@ def _name(signum: int) -> str:
 
 
 def _on_signal(signum: int, frame: object) -> None:
+    signalled(signum)
+
+
+def signalled(signum: int) -> None:
+    """What a signal does within :func:`graceful_interrupts`: the first asks, the second aborts."""
     if _STOP.is_set():
         raise KeyboardInterrupt
     _received.append(signum)
@@ -89,10 +94,17 @@ def graceful_interrupts() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def reclaim_sigterm() -> None:
-    """Within :func:`graceful_interrupts`, make SIGTERM fedkws's again (call after ``ray.init``)."""
+def reclaim_sigterm() -> bool:
+    """Within :func:`graceful_interrupts`, make SIGTERM fedkws's again; say whether it was.
+
+    Call after ``ray.init`` (Ray's core worker installs its own handler, below
+    Python's handler table) and after ``ray.shutdown`` (which resets SIGTERM to
+    its default action there, while ``signal.getsignal`` still names fedkws's).
+    """
     if (
         threading.current_thread() is threading.main_thread()
         and signal.getsignal(signal.SIGINT) is _on_signal
     ):
         signal.signal(signal.SIGTERM, _on_signal)
+        return True
+    return False

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -145,6 +146,8 @@ def _run_ray(main, client_app, num_supernodes, client_resources, ray_init_args) 
             backend_name="ray",
             backend_config=backend_config,
         )
+    except lifecycle.Interrupted:
+        raise  # SIGTERM while Ray was starting (see _init_ray)
     except Exception as err:
         # The backend died (e.g. Ray could not place the clients) while the ServerApp thread
         # may still wait for nodes: tell it to stop, so the process ends instead of hanging.
@@ -158,6 +161,8 @@ def _run_ray(main, client_app, num_supernodes, client_resources, ray_init_args) 
         import ray
 
         ray.shutdown()  # Flower's backend already did, unless the simulation never started
+        # Ray's shutdown set SIGTERM back to the default action (below Python's handler table).
+        lifecycle.reclaim_sigterm()
 
 
 def _init_ray(init_args: Mapping[str, Any]) -> None:
@@ -171,9 +176,19 @@ def _init_ray(init_args: Mapping[str, Any]) -> None:
     """
     import ray
 
+    if ray.is_initialized():  # as in Flower's backend: a Ray the caller started is used as is
+        lifecycle.reclaim_sigterm()
+        return
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     defaults = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{**defaults, **init_args})
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{**defaults, **init_args})
+    except SystemExit as exit_:
+        # While ray.init runs, Ray's own Python SIGTERM handler is in place: sys.exit(15).
+        if exit_.code != signal.SIGTERM or not lifecycle.reclaim_sigterm():
+            raise
+        lifecycle.signalled(signal.SIGTERM)
+        raise lifecycle.Interrupted from None
     lifecycle.reclaim_sigterm()

@@ -230,6 +230,20 @@ def describe_devices(spec: RunSpec) -> str:
     return line
 
 
+# Where a run's time goes (summary["phases_s"]); what is in none of them (the console, the
+# last results.json and W&B) is the difference to summary["wall_s"].
+PHASES = (
+    "setup",  # data, partition, model, W&B
+    "clients_start",  # federated: Ray, actors, discovery of the clients
+    "rounds",  # training and evaluation of every round (the rounds' "seconds")
+    "record",  # after each round: results.json, checkpoint, W&B, console line
+    "final_queries",  # what the final evaluation needs from the clients (exact statistics;
+    # FedBN/SiloBN: each client's model on the test split)
+    "clients_stop",  # federated: actors and Ray ended
+    "final_evaluation",  # the driver's validation and test in every final mode, plots
+)
+
+
 class Run:
     """One run's records: results.json, W&B, checkpoints and the console."""
 
@@ -253,9 +267,12 @@ class Run:
             self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - start
 
     def phase_times(self) -> dict[str, float]:
-        """Where this invocation's time went so far: the timed phases and its rounds."""
+        """Where this invocation's time went so far, every phase of :data:`PHASES` (0 if none).
+
+        A resumed run's phases are those of its last invocation, as is ``wall_s``.
+        """
         rounds = sum(r.seconds for r in self.result.rounds if r.round >= self.start_round)
-        return {**self.phases, "rounds": rounds}
+        return {p: rounds if p == "rounds" else self.phases.get(p, 0.0) for p in PHASES}
 
     def open(self, loaded: tuple[checkpoint.Checkpoint, dict] | None, num_classes: int) -> None:
         """Start recording (restoring a checkpoint's records and RNG states if resuming)."""
@@ -343,7 +360,9 @@ def run_rounds(recipe: Recipe, run: Run) -> None:
         eval_start = time.perf_counter()
         metrics.update(recipe.evaluate_round(round_))
         metrics["time/eval_s"] = time.perf_counter() - eval_start
-        run.record(recipe, round_, metrics, clients, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        with run.timed("record"):
+            run.record(recipe, round_, metrics, clients, seconds)
 
 
 def format_final(summary: dict[str, Any]) -> str:
