@@ -162,3 +162,80 @@ def test_a_parallel_sweep_runs_its_jobs_at_once_with_the_sequential_results(
     ]
     (start_a, end_a), (start_b, end_b) = spans
     assert start_a < end_b and start_b < end_a, spans
+
+
+def test_sigterm_to_a_parallel_sweep_goes_to_its_job_workers_only(tmp_path):
+    """The sweep's process passes SIGTERM to its joblib workers, not to its other children."""
+    import signal
+    import sys
+    import time
+
+    from fedkws import lifecycle
+
+    def child(name: str, marker: str) -> subprocess.Popen:
+        """A child that writes its name to a file on SIGTERM; ``marker`` is on its command line."""
+        code = (
+            "import signal, sys, time\n"
+            f"signal.signal(signal.SIGTERM, lambda *a: (open({str(tmp_path / name)!r}, 'w'),"
+            " sys.exit(0)))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", code, marker], stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"ready\n"
+        return proc
+
+    worker = child("worker", "--as-if popen_loky_posix")
+    other = child("other", "--something-else")  # e.g. joblib's resource tracker, the Ray head
+    restore = lifecycle.pass_sigterm_to_children("popen_loky_posix")
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in this process: passed on, not fatal
+        assert worker.wait(timeout=10) == 0 and (tmp_path / "worker").exists()
+        time.sleep(0.3)
+        assert other.poll() is None and not (tmp_path / "other").exists()
+    finally:
+        restore()
+        other.kill()
+        worker.kill()
+    # With no worker to pass it to, SIGTERM ends the process as it would have.
+    alone = subprocess.run(
+        [sys.executable, "-c", "import os, signal, time\n"
+         "from fedkws import lifecycle\n"
+         "lifecycle.pass_sigterm_to_children('popen_loky_posix')\n"
+         "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(10)\n"],
+        timeout=60,
+    )  # fmt: skip
+    assert alone.returncode == -signal.SIGTERM
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_job_of_a_parallel_sweep(data_dir, tiny_root, tmp_path):
+    """Before, SIGTERM ended the sweep's process at once and its jobs died with Ray's errors."""
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    command = train_command(
+        "-m", "hydra/launcher=fedkws_parallel", "model=cnn", "train.rounds=100", "seed=0,1",
+        *tiny_dataset_overrides(data_dir, tiny_root), "logger=disabled",
+        f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job${hydra.job.num}",
+    )  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env())  # fmt: skip
+    try:
+        results = [sweep / f"job{k}" / "results.json" for k in (0, 1)]
+        deadline = time.monotonic() + 300
+        while not all(p.is_file() and '"round": 1' in p.read_text() for p in results):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.count("SIGTERM: stopping after this step") == 2, err[-3000:]  # both jobs
+    assert "Traceback" not in err and "actor died" not in err.lower(), err[-3000:]
+    for path in results:  # each job kept its complete rounds
+        rounds = [r["round"] for r in json.loads(path.read_text())["rounds"]]
+        assert rounds == list(range(1, len(rounds) + 1)) and rounds

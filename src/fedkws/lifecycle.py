@@ -17,10 +17,11 @@ one that ends the process at once; :func:`reclaim_sigterm` puts fedkws's back.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 _STOP = threading.Event()
@@ -108,3 +109,49 @@ def reclaim_sigterm() -> bool:
         signal.signal(signal.SIGTERM, _on_signal)
         return True
     return False
+
+
+def pass_sigterm_to_children(match: str) -> Callable[[], None]:
+    """From now on SIGTERM to this process goes to its children whose command line has ``match``.
+
+    For a parallel sweep's process: its jobs run in worker processes, where each
+    stops after its current step (as all of them do on Ctrl-C, which the terminal
+    sends to every process of the sweep). With no such child, SIGTERM ends this
+    process as it would have. Returns the function that puts the previous handler back.
+    """
+    me = os.getpid()
+
+    def forward(signum: int, frame: object) -> None:
+        children = _children(me, match)
+        if not children:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(me, signum)
+            return
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass  # ended meanwhile
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _children(parent: int, match: str) -> list[int]:
+    """The processes whose parent is ``parent`` and whose command line contains ``match``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile, or not ours to read
+        if match in command:
+            found.append(int(entry.name))
+    return found

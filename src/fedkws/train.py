@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -312,6 +313,36 @@ class SweepRay(Callback):
         if self.set_actors:
             os.environ.pop("FEDKWS_ACTORS", None)
             self.set_actors = False
+
+
+class ParallelStop(Callback):
+    """SIGTERM to a parallel sweep's process stops its jobs as Ctrl-C does.
+
+    The jobs of ``hydra/launcher=fedkws_parallel`` run in joblib's worker
+    processes, where fedkws's signal handling lives; the sweep's own process
+    passes SIGTERM on to them, so each job stops after its current step and
+    keeps its last complete round.
+    """
+
+    # joblib's worker processes (loky) are started with this module on their command line
+    WORKERS = "joblib.externals.loky.backend.popen_loky_posix"
+
+    def __init__(self) -> None:
+        self.restore: Any = None
+
+    def __getstate__(self) -> dict:
+        return {"restore": None}  # sent to the workers too, where it does nothing
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
+        from fedkws import lifecycle
+
+        if _parallel_jobs(config) > 1 and threading.current_thread() is threading.main_thread():
+            self.restore = lifecycle.pass_sigterm_to_children(self.WORKERS)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
+        if self.restore is not None:
+            self.restore()
+            self.restore = None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
