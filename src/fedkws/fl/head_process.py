@@ -2,28 +2,37 @@
 
 ``python -m fedkws.fl.head_process OWNER_PID start --head --block ...`` runs
 Ray's own ``ray`` command with the given arguments, plus one thread that
-watches the parent: when it is no longer ``OWNER_PID`` (the sweep's process
-was killed, even with SIGKILL, so nothing of it could clean up), the thread
-sends this process one SIGTERM, the signal :meth:`LocalRayHead.stop
-<fedkws.fl.ray_head.LocalRayHead.stop>` sends; ``ray start`` ends the Ray
-processes it launched, and its ``--temp-dir`` is removed.
+watches the owner through this process's stdin, a pipe from it:
+
+- ``stop`` on the pipe (:meth:`LocalRayHead.stop
+  <fedkws.fl.ray_head.LocalRayHead.stop>`), or the pipe closed without it,
+  or a parent other than ``OWNER_PID`` (the owner was killed, even with
+  SIGKILL, so nothing of it could clean up): the thread sends this process
+  one SIGTERM and ends. ``ray start`` then ends the Ray processes it launched;
+  without an owner left, its ``--temp-dir`` is removed too.
+
+One thread sends the only SIGTERM: Ray's handler is not re-entrant, so a stop
+and the owner's death at the same moment must not send two.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import sys
 import threading
-import time
 
 POLL_S = 0.5
 
 
 def _watch(owner: int) -> None:
+    stdin = sys.stdin.fileno()
     while os.getppid() == owner:
-        time.sleep(POLL_S)
+        if select.select([stdin], [], [], POLL_S)[0]:
+            os.read(stdin, 64)  # "stop", or b"" when the owner's end is closed: either way
+            break
     os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -65,6 +65,18 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _ask_to_stop(process: subprocess.Popen) -> None:
+    """SIGTERM, sent by the head's own watcher (see head_process) when it has one."""
+    try:
+        if process.stdin is not None:
+            process.stdin.write(b"stop\n")
+            process.stdin.close()
+            return
+    except (BrokenPipeError, OSError):
+        pass  # the watcher is gone: send it from here
+    process.send_signal(signal.SIGTERM)
+
+
 class LocalRayHead:
     """One Ray head process on 127.0.0.1, started by :meth:`start`, ended by :meth:`stop`."""
 
@@ -95,8 +107,9 @@ class LocalRayHead:
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
         env.pop("RAY_ADDRESS", None)
         self._process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+            command, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )  # fmt: skip
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout
         while "Ray runtime started" not in self._output():
@@ -121,7 +134,7 @@ class LocalRayHead:
         """
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            _ask_to_stop(process)
             try:
                 process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
