@@ -41,6 +41,8 @@ def main(argv: list[str]) -> None:
     owner = int(argv[0])
     if os.getppid() != owner:  # already gone before Ray started
         raise SystemExit(1)
+    # Until Ray installs its own handler: a SIGTERM still runs the `finally` below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     threading.Thread(target=_watch, args=(owner,), daemon=True, name="owner-watch").start()
     from ray.scripts.scripts import main as ray_main
 
