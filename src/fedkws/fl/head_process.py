@@ -44,10 +44,10 @@ def main(argv: list[str]) -> None:
     # Until Ray installs its own handler: a SIGTERM still runs the `finally` below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     threading.Thread(target=_watch, args=(owner,), daemon=True, name="owner-watch").start()
-    from ray.scripts.scripts import main as ray_main
-
-    sys.argv = ["ray", *argv[1:]]
     try:
+        from ray.scripts.scripts import main as ray_main
+
+        sys.argv = ["ray", *argv[1:]]
         ray_main()
     finally:
         temp = [a.split("=", 1)[1] for a in argv if a.startswith("--temp-dir=")]
