@@ -177,9 +177,8 @@ def check_sweep(config: DictConfig, config_name: str) -> None:
         with user_errors():
             try:
                 from_config(compose(config_name=config_name, overrides=overrides))
-            except CompactHydraException as err:
-                print(f"error: {hydra_error_line(err)}", file=sys.stderr)
-                sys.exit(2)
+            except CompactHydraException as err:  # Hydra's own mistake: reported as it words it
+                raise ConfigError(hydra_error_line(err)) from None
             except ConfigError as err:
                 raise ConfigError(f"{err} (in the sweep's job {' '.join(overrides)})") from None
 
