@@ -114,6 +114,15 @@ def test_disabled_mode_writes_nothing_but_results(tmp_path):
     assert (tmp_path / "results.json").is_file()
 
 
+def test_wandb_mode_disabled_in_the_environment_wins_over_the_config(tmp_path, monkeypatch):
+    # Catches: W&B started (and imported) for a run that its own switch has turned off.
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    logger = WandbLogger(mode="offline", project="x", config={}, run_dir=tmp_path)
+    assert logger.run is None and logger.mode == "disabled" and logger.run_id is None
+    logger.finish()
+    assert not (tmp_path / "wandb").exists()
+
+
 def _three_mode_result() -> Result:
     result = Result(config={}, summary={"num_classes": 12})
     for r in (1, 2, 3):
