@@ -8,10 +8,12 @@ outside the measurement. Then the real ``fedkws-train`` runs as a child
 process: ``partition=speaker`` with one speaker per client (N clients of about
 11 examples each), 10 clients sampled per round, the small CNN (channels
 8, 16; BatchNorm), one local epoch, eval mode only, Flower simulation on Ray
-with the default two actors and 100 SuperNodes (``federation.supernodes=100``,
-``--scale-supernodes``): one per client at 100 clients, each serving many at
-the larger sizes. For comparison, the largest size runs once more with one
-SuperNode per client (Flower's default), reported beside the targets.
+with the default two actors and fedkws's default SuperNodes
+(``federation.supernodes=auto``: one per client up to 100 clients, 100 beyond;
+``--scale-supernodes K`` for another number): one per client at 100 clients,
+100 each serving many at the larger sizes. For comparison, the largest size
+runs once more with one SuperNode per client (``federation.supernodes=null``),
+reported beside the targets.
 
 Memory: every 0.5 s the benchmark reads ``/proc`` for every process of the
 run (the child's session: the fedkws-train driver, Ray's GCS, raylet, agents
@@ -58,7 +60,6 @@ HELD_OUT = 10  # speakers per held-out split
 SAMPLED = 10  # clients per round
 RSS_LIMIT_GB = 4.0
 ROUND_SPREAD = 0.10
-SUPERNODES = 100  # federation.supernodes of the measured runs
 
 
 def add_arguments(group) -> None:
@@ -74,9 +75,9 @@ def add_arguments(group) -> None:
     group.add_argument(
         "--scale-supernodes",
         type=int,
-        default=SUPERNODES,
-        help="federation.supernodes of the measured runs (default %(default)s; 0: one per "
-        "client, and no comparison run)",
+        default=None,
+        help="federation.supernodes of the measured runs (default: the config's, auto; "
+        "0: one per client, and no comparison run)",
     )
     group.add_argument(
         "--scale-timeout", type=float, default=3600.0, help="seconds before a run is stopped"
@@ -100,7 +101,9 @@ def dataset_overrides(clients: int) -> list[str]:
     ]
 
 
-def run_overrides(clients: int, rounds: int, run_dir: Path, supernodes: int | None) -> list[str]:
+def run_overrides(
+    clients: int, rounds: int, run_dir: Path, supernodes: int | str | None
+) -> list[str]:
     """Everything ``fedkws-train`` gets for one size (``supernodes`` None: one per client)."""
     return [
         *dataset_overrides(clients),
@@ -271,6 +274,7 @@ class RunResult:
 
     clients: int
     supernodes: int  # SuperNodes of the simulation
+    setting: str  # federation.supernodes that gave them
     wall_s: float
     peak: Reading  # the largest summed RSS of the whole run
     peak_rounds: Reading  # the largest up to the last round (before the final evaluation)
@@ -335,7 +339,7 @@ def measure(
     rounds: int,
     timeout: float,
     out: Path,
-    supernodes: int | None,
+    supernodes: int | str | None,
     profile: Path | None = None,
 ) -> RunResult:
     """One ``fedkws-train`` run of ``clients`` clients, with its memory trace.
@@ -343,7 +347,9 @@ def measure(
     ``supernodes``: ``federation.supernodes`` (None: one per client). With
     ``profile``, the same run under ``thread_profile.py``, which writes there.
     """
-    nodes = clients if supernodes is None else min(clients, supernodes)
+    from fedkws.fl.server_app import node_count
+
+    nodes = node_count(clients, supernodes)
     run_dir = out / f"clients{clients}-nodes{nodes}{'-profiled' if profile else ''}"
     start = time.monotonic()
     proc = _launch(clients, rounds, run_dir, profile, supernodes)
@@ -367,10 +373,11 @@ def measure(
     if proc.returncode != 0:
         tail = "\n".join(line for _, line in lines[-15:])
         raise RuntimeError(f"N={clients}: fedkws-train exited with {proc.returncode}:\n{tail}")
-    return _result(clients, nodes, run_dir, trace, lines, start, end)
+    setting = "null" if supernodes is None else str(supernodes)
+    return _result(clients, nodes, setting, run_dir, trace, lines, start, end)
 
 
-def _result(clients, nodes, run_dir, trace, lines, start, end) -> RunResult:
+def _result(clients, nodes, setting, run_dir, trace, lines, start, end) -> RunResult:
     records = json.loads((run_dir / "results.json").read_text())["rounds"]
     round_s = [float(r["seconds"]) for r in records]
     t_data, t_first = _when(lines, "data:"), _when(lines, "round")
@@ -378,6 +385,7 @@ def _result(clients, nodes, run_dir, trace, lines, start, end) -> RunResult:
     return RunResult(
         clients=clients,
         supernodes=nodes,
+        setting=setting,
         wall_s=end - start,
         peak=trace.peak(),
         peak_rounds=trace.peak(until=t_last),
@@ -567,6 +575,7 @@ def _ratios(small: RunResult, big: RunResult, per_client: RunResult | None) -> l
 def _round_time(small: RunResult, big: RunResult) -> Ratio:
     change = big.steady_round_s / small.steady_round_s - 1
     nodes = "one per client" if big.supernodes == big.clients else f"{big.supernodes:,}"
+    nodes += f" (federation.supernodes={big.setting})"
     return Ratio(
         f"round_time_{big.clients}_vs_{small.clients}_clients, SuperNodes: {nodes}",
         100 * change,
@@ -587,9 +596,11 @@ def run(args) -> list[Ratio]:
     sizes = args.scale_clients
     for n in sizes:
         prepare(n)
-    supernodes = args.scale_supernodes or None
-    runs = [(n, supernodes) for n in sizes]
-    if supernodes is not None and supernodes < sizes[-1]:
+    from fedkws.fl.server_app import node_count
+
+    supernodes = "auto" if args.scale_supernodes is None else args.scale_supernodes or None
+    runs: list[tuple[int, int | str | None]] = [(n, supernodes) for n in sizes]
+    if node_count(sizes[-1], supernodes) < sizes[-1]:
         runs.append((sizes[-1], None))  # for comparison: one SuperNode per client
     results = []
     with tempfile.TemporaryDirectory(prefix="fedkws-bench-scale-") as tmp:

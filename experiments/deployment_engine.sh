@@ -10,8 +10,9 @@
 #   experiments/deployment_engine.sh --experiment seed_repro model.width=8 train.rounds=2
 #
 # OVERRIDEs are Hydra overrides, as for fedkws-train. --clients N: the SuperNodes to start;
-# defaults to the config's federation.supernodes when set (each node then serves many
-# clients), else partition.num_clients (required for partition=speaker). The run folder defaults to
+# defaults to those that federation.supernodes gives for partition.num_clients (auto: one
+# per client up to 100 clients; K: K nodes, each serving many clients); required for
+# partition=speaker unless federation.supernodes is a number. The run folder defaults to
 # outputs/<name>/flwr/<date>/<time>; logs and Flower's state (FLWR_HOME) go to a folder
 # under /tmp, printed at the start and kept.
 set -euo pipefail
@@ -39,20 +40,25 @@ facts="$("$PY" - "$experiment" "$overrides" <<'EOF'
 import sys
 from fedkws.errors import user_errors
 from fedkws.fl.flwr_apps import compose_config
+from fedkws.fl.server_app import node_count
+from fedkws.spec import from_config
 with user_errors():
-    cfg = compose_config({"experiment": sys.argv[1], "overrides": sys.argv[2]})
-clients = None if cfg.partition.scheme == "speaker" else cfg.partition.num_clients
-shared = cfg.federation.supernodes  # fewer SuperNodes than clients, if set
-nodes = clients if shared is None else shared if clients is None else min(shared, clients)
+    spec = from_config(compose_config({"experiment": sys.argv[1], "overrides": sys.argv[2]}))
+clients = None if spec.partition.scheme == "speaker" else spec.partition.num_clients
+shared = spec.federation.supernodes  # null, auto or a number (fewer nodes than clients)
+if clients is not None:
+    nodes = node_count(clients, shared)
+else:  # a speaker partition's clients come from the data: known here only if K is given
+    nodes = shared if isinstance(shared, int) else None
 print("" if nodes is None else nodes)
-print(cfg.name)
+print(spec.name)
 EOF
 )"
 clients="${clients:-$(head -n 1 <<< "$facts")}"
 name="$(tail -n +2 <<< "$facts")"
 if [[ -z "$clients" ]]; then
     echo "error: partition=speaker: the number of clients comes from the data; pass --clients N" \
-        "(or set federation.supernodes)" >&2
+        "(the SuperNodes to start) or set federation.supernodes=K" >&2
     exit 2
 fi
 run_dir="${run_dir:-outputs/$name/flwr/$(date +%Y-%m-%d)/$(date +%H-%M-%S)}"

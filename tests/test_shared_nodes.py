@@ -63,7 +63,7 @@ def test_two_nodes_for_four_clients_give_the_same_run(make_cfg, tmp_path, wire, 
     # client's state read from a node that served another client before; replies
     # attributed to the wrong client (by node, as before shared nodes existed).
     log, grids = wire
-    own = run(make_cfg([*BASE, *arm]), tmp_path / "own")
+    own = run(make_cfg([*BASE, *arm, "federation.supernodes=null"]), tmp_path / "own")
     log.clear()
     grids.clear()
     shared = run(make_cfg([*BASE, *arm, "federation.supernodes=2"]), tmp_path / "shared")
@@ -177,3 +177,24 @@ def test_a_failed_batched_moments_query_stops_and_names_every_client_of_the_node
     group = [0, 2, 4] if "[0, 2, 4]" in str(failed.value) else [1, 3]
     assert str(failed.value) == f"clients {group} failed query.bn_moments in round 3: out of memory"
     assert [(f.pid, f.round) for f in api.failures] == [(pid, 3) for pid in group]
+
+
+def test_auto_is_one_node_per_client_up_to_the_cap_and_the_cap_beyond():
+    # Catches: auto giving thousands of nodes to thousands of clients (Flower's simulation
+    # then scans them all ten times a second), or sharing nodes in small federations.
+    from fedkws.fl.server_app import AUTO_SUPERNODES, node_count
+
+    assert AUTO_SUPERNODES == 100  # the README and conf/config.yaml say 100
+    assert [node_count(n, "auto") for n in (1, 4, 100, 101, 2618)] == [1, 4, 100, 100, 100]
+    assert [node_count(n, None) for n in (4, 2618)] == [4, 2618]
+    assert [node_count(n, 10) for n in (4, 2618)] == [4, 10]
+
+
+def test_auto_is_the_default_and_cyclic_keeps_one_node_per_client(make_cfg):
+    from fedkws.spec import from_config
+
+    assert from_config(make_cfg([])).federation.supernodes == "auto"
+    assert from_config(make_cfg(["federation.supernodes=null"])).federation.supernodes is None
+    assert from_config(make_cfg(["federation.supernodes=3"])).federation.supernodes == 3
+    # A cyclic client carries its state between visits in its own SuperNode.
+    assert from_config(make_cfg(["strategy=cyclic"])).federation.supernodes is None

@@ -43,11 +43,12 @@ CONFIG_MISTAKES = [
     (["train.rounds=true"], "train.rounds=True: must be int"),
     (["federation.actors=1.5"], "federation.actors=1.5: must be int | None"),
     (["federation.actors=0"], "federation.actors=0: must be >= 1, or null"),
-    (["federation.supernodes=0"], "federation.supernodes=0: must be >= 1, or null"),
-    (["federation.supernodes=two"], "federation.supernodes='two': must be int | None"),
+    (["federation.supernodes=0"], "federation.supernodes=0: must be >= 1, auto, or null"),
+    (["federation.supernodes=two"], "federation.supernodes='two': must be an integer >= 1, auto"),
+    (["federation.supernodes=2.5"], "federation.supernodes=2.5: must be an integer >= 1, auto"),
     (
         ["strategy=cyclic", "federation.supernodes=2"],
-        "federation.supernodes=2: must be null with strategy=cyclic",
+        "federation.supernodes=2: must be auto or null with strategy=cyclic",
     ),
 ]
 

@@ -181,8 +181,11 @@ class FederationSpec:
     sweep_ray: bool = True  # a multirun starts one local Ray head for all its jobs
     actors: int | None = None  # Ray actors of one simulation; None: as many as fit the instance
     # SuperNodes of the simulation; None: one per client. Fewer: each serves many clients
-    # (thousands of speaker clients without thousands of nodes).
-    supernodes: int | None = None
+    # (thousands of speaker clients without thousands of nodes). "auto": one per client
+    # up to AUTO_SUPERNODES clients, that many beyond (see fedkws.fl.server_app.node_count).
+    supernodes: int | str | None = dataclasses.field(
+        default="auto", metadata={"allowed": "must be an integer >= 1, auto, or null"}
+    )
 
 
 @dataclass(frozen=True)
@@ -316,7 +319,7 @@ def _typed(cls: type, values: Mapping[str, Any], problems: _Problems, group: str
         try:
             kwargs[f.name] = convert(value) if convert else value
         except (TypeError, ValueError):
-            problems.add(f"{group}.{f.name}", value, f"must be {f.type}")
+            problems.add(f"{group}.{f.name}", value, f.metadata.get("allowed", f"must be {f.type}"))
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:  # the class's own check (it names the key, or not)
@@ -334,6 +337,10 @@ def _whole(value: Any) -> int:
 
 def _opt_int(value: Any) -> int | None:
     return None if value is None else _whole(value)
+
+
+def _opt_int_or_auto(value: Any) -> int | str | None:
+    return "auto" if value == "auto" else _opt_int(value)
 
 
 def _float_pair(value: Any) -> tuple[float, float]:
@@ -363,6 +370,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "str": str,
     "bool": _strict_bool,
     "int | None": _opt_int,
+    "int | str | None": _opt_int_or_auto,
     "tuple[float, float]": _float_pair,
     "tuple[float, float] | None": _opt_float_pair,
     "tuple[str, ...]": _str_tuple,
@@ -419,6 +427,11 @@ def from_config(cfg: Any) -> RunSpec:
     p.raise_if_any()  # the checks below need every group read
     validate(spec, p)
     p.raise_if_any()
+    if spec.strategy.cyclic and spec.federation.supernodes == "auto":
+        # A cyclic client carries its state between visits in its own SuperNode.
+        spec = dataclasses.replace(
+            spec, federation=dataclasses.replace(spec.federation, supernodes=None)
+        )
     return spec
 
 
@@ -678,11 +691,11 @@ def _check_federation(spec: RunSpec, p: _Problems) -> None:
         )
     p.check(fed.actors is None or fed.actors >= 1, "federation.actors", fed.actors,
             "must be >= 1, or null for as many as fit")  # fmt: skip
-    p.check(fed.supernodes is None or fed.supernodes >= 1, "federation.supernodes",
-            fed.supernodes, "must be >= 1, or null for one per client")  # fmt: skip
-    p.check(fed.supernodes is None or spec.strategy.name != "cyclic", "federation.supernodes",
-            fed.supernodes, "must be null with strategy=cyclic (a client carries its state "
-            "between visits in its own SuperNode)")  # fmt: skip
+    p.check(fed.supernodes in (None, "auto") or fed.supernodes >= 1, "federation.supernodes",
+            fed.supernodes, "must be >= 1, auto, or null for one per client")  # fmt: skip
+    p.check(fed.supernodes in (None, "auto") or not spec.strategy.cyclic,
+            "federation.supernodes", fed.supernodes, "must be auto or null with strategy=cyclic "
+            "(a client carries its state between visits in its own SuperNode)")  # fmt: skip
     ray_cpus = dict(fed.ray_init_args).get("num_cpus")
     if ray_cpus is not None and _number(ray_cpus) is None:
         p.add("federation.ray_init_args.num_cpus", ray_cpus, "must be a number")

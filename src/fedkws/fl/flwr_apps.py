@@ -19,8 +19,8 @@ The run is :func:`fedkws.run.run` with the ``Grid`` Flower hands over instead of
 simulation that fedkws starts itself: results.json, checkpoints, plots and W&B
 come from here, the server side, as under ``fedkws-train``; the SuperNodes only
 run the ClientApp, which reads its partition from ``node_config["partition-id"]``
-(or, with ``federation.supernodes`` set, from each message: fewer nodes than
-clients). Which runtime executes the clients (Flower's simulation, or
+(or, with fewer nodes than clients under ``federation.supernodes``, from each
+message). Which runtime executes the clients (Flower's simulation, or
 SuperNodes) and its resources are Flower's federation settings, so
 ``federation.*`` keys of the fedkws config other than ``num_cpus`` (the clients'
 torch threads) and ``supernodes`` do not apply.

@@ -63,7 +63,7 @@ class FlowerClients:
         num_clients: int,
         task: ClientTask,
         node_wait_s: float = 120.0,
-        supernodes: int | None = None,
+        supernodes: int | str | None = None,
     ):
         self.grid, self.num_clients, self.task = grid, num_clients, task
         self.node_wait_s = node_wait_s
@@ -257,9 +257,23 @@ class FlowerClients:
         return [{k: float(v) for k, v in r.content["metrics"].items()} for r in replies]
 
 
-def node_count(num_clients: int, supernodes: int | None) -> int:
-    """SuperNodes serving ``num_clients`` (``federation.supernodes``; None: one per client)."""
-    return num_clients if supernodes is None else min(supernodes, num_clients)
+# ``federation.supernodes=auto``: one SuperNode per client up to this many clients, this
+# many SuperNodes beyond. Flower's simulation scans every node for messages ten times a
+# second, sampled or not; at 100 nodes a scan costs well under a round's work (see the
+# scale benchmark), at thousands it costs more than the round's sampled clients.
+AUTO_SUPERNODES = 100
+
+
+def node_count(num_clients: int, supernodes: int | str | None) -> int:
+    """SuperNodes serving ``num_clients`` (``federation.supernodes``).
+
+    None: one per client; ``"auto"``: one per client up to :data:`AUTO_SUPERNODES`
+    clients, that many beyond; K: K (at most one per client).
+    """
+    if supernodes is None:
+        return num_clients
+    cap = AUTO_SUPERNODES if supernodes == "auto" else int(supernodes)
+    return min(cap, num_clients)
 
 
 def _sharing(model, task: ClientTask | None, node: int, kind: str) -> Message:
