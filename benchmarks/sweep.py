@@ -43,8 +43,9 @@ PHASE_WORDS = {
     "rounds": "the rounds (the ratio's denominator)",
     "record": "after each round: results.json, checkpoint, console",
     "final_queries": "the final model's exact statistics from the clients",
-    "clients_stop": "actors and Ray connection ended",
-    "final_evaluation": "validation and test in every final mode, intervals, plots",
+    "clients_stop": "actors and Ray connection ended (the final evaluation starts meanwhile)",
+    "final_evaluation": "validation and test in every final mode, intervals, plots: what is "
+    "left of it once the clients stopped",
 }
 
 

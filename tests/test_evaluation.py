@@ -100,13 +100,35 @@ def test_averaged_statistics_miss_exactly_the_spread_of_the_holder_means():
     assert (var - avg_var).min() > 0.5  # the holders' means differ: the average misses it
 
 
-def test_full_run_reports_the_three_statistics_of_the_decomposition(make_cfg, tmp_path):
+def test_full_run_reports_the_three_statistics_of_the_decomposition(
+    make_cfg, tmp_path, monkeypatch
+):
+    from fedkws.fl import simulation
+    from fedkws.recipes import common
+
     cfg = make_cfg([*SMALL_FEDERATION, "federation.backend=inprocess", "bn=full",
                     "partition=dirichlet", "partition.alpha=0.3", "train.rounds=2",
                     "bn.eval_modes=[eval]"])  # fmt: skip
+    events: list[str] = []
+
+    class Started(common.Background):
+        def __init__(self, name, *args):
+            events.append(name)
+            super().__init__(name, *args)
+
+    def simulate(*args, **kwargs):
+        simulation_simulate(*args, **kwargs)
+        events.append("clients stopped")
+
+    simulation_simulate = simulation.simulate
+    monkeypatch.setattr(common, "Background", Started)
+    monkeypatch.setattr(simulation, "simulate", simulate)
     started = time.perf_counter()
     result = run(cfg, tmp_path / "run")
     outside = time.perf_counter() - started
+    # Catches: the final evaluation waiting for the clients to stop (Flower's simulation
+    # takes about a second to notice its end) instead of running meanwhile.
+    assert events == ["fedkws-final-evaluation", "clients stopped"]
     summary = result.summary
     for mode in ("eval", "fresh_average", "recalibrated"):  # stored, fresh average, exact
         assert 0 <= summary[f"test/{mode}/acc"] <= 1
@@ -120,6 +142,18 @@ def test_full_run_reports_the_three_statistics_of_the_decomposition(make_cfg, tm
     assert all(phases[p] > 0 for p in ("setup", "rounds", "record", "final_evaluation"))
     assert phases["final_queries"] > 0  # the final model's exact statistics
     assert 0.8 * summary["wall_s"] <= sum(phases.values()) <= summary["wall_s"] <= outside
+
+
+def test_background_work_returns_or_raises_in_the_thread_that_waits():
+    from fedkws.recipes.common import Background
+
+    assert Background("add", lambda a, b: a + b, 1, 2).result() == 3
+
+    def fails():
+        raise ValueError("disk on fire")
+
+    with pytest.raises(ValueError, match="disk on fire"):
+        Background("fails", fails).result()
 
 
 def test_seeding_streams_are_named_and_distinct():

@@ -13,8 +13,9 @@ stopping) happens here, once.
 from __future__ import annotations
 
 import copy
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,9 +240,37 @@ PHASES = (
     "record",  # after each round: results.json, checkpoint, W&B, console line
     "final_queries",  # what the final evaluation needs from the clients (exact statistics;
     # FedBN/SiloBN: each client's model on the test split)
-    "clients_stop",  # federated: actors and Ray ended
-    "final_evaluation",  # the driver's validation and test in every final mode, plots
+    "clients_stop",  # federated: actors and Ray ended (the final evaluation starts with it)
+    "final_evaluation",  # the driver's validation and test in every final mode, plots;
+    # federated: what is left of it once the clients have stopped
 )
+
+
+class Background:
+    """``fn(*args)`` in a daemon thread; :meth:`result` waits for it, then returns or raises.
+
+    A daemon, so a second Ctrl-C ends the process without waiting for it.
+    """
+
+    def __init__(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                self._value = fn(*args)
+            except BaseException as err:  # raised again by result(), in the waiting thread
+                self._error = err
+
+        self._thread = threading.Thread(target=target, name=name, daemon=True)
+        self._thread.start()
+
+    def result(self) -> Any:
+        """What ``fn`` returned (after waiting for it); what it raised is raised here."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class Run:

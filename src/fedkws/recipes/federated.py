@@ -49,6 +49,7 @@ class FederatedRecipe:
         self.spec, self.run = spec, run
         self.grid = grid  # a Flower Grid to serve (under `flwr run`) instead of simulating
         self.clients_api = None  # FlowerClients while the simulation runs
+        self.final: common.Background | None = None  # the final evaluation, once started
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -311,6 +312,12 @@ class FederatedRecipe:
                 common.run_rounds(self, self.run)
                 with self.run.timed("final_queries"):
                     self._while_clients_are_up()
+                if self._final_evaluation_applies():
+                    # It needs nothing more from the clients: it runs while they stop
+                    # (Flower's simulation takes about a second to notice it has ended).
+                    self.final = common.Background(
+                        "fedkws-final-evaluation", self._final_evaluation, self.run.run_dir
+                    )
             finally:
                 self.clients_api = None
                 served.append(time.perf_counter())
@@ -339,18 +346,33 @@ class FederatedRecipe:
         )
         summary = common.summary(self.run, self.parts, title, spec.bn.sync)
         summary["failures"] = self.failures
-        if summary["complete"] and not keeps_client_state(spec.bn.sync):
-            modes = common.final_modes(spec, self.model)
-            if self.recalibrated_round != spec.train.rounds:
-                self.evaluator.last_recalibrated = None  # not of the final model: skip
+        if self.final is not None:  # started as the clients stopped
             with self.run.timed("final_evaluation"):
-                summary.update(
-                    common.final_evaluation(
-                        self.evaluator, self.model, self.parts, run_dir, modes, spec.plots
-                    )
-                )
+                summary.update(self.final.result())
+        elif self._final_evaluation_applies():  # e.g. a resumed run whose rounds were all done
+            with self.run.timed("final_evaluation"):
+                summary.update(self._final_evaluation(run_dir))
         summary.update(self.shared_test)
         return self.run.finish(summary)
+
+    def _final_evaluation_applies(self) -> bool:
+        """Whether the run is complete and its final model is the driver's to evaluate.
+
+        FedBN and SiloBN have no global BatchNorm: their final numbers are the clients'
+        (``shared_test``).
+        """
+        rounds = self.run.result.rounds
+        complete = bool(rounds) and rounds[-1].round >= self.spec.train.rounds
+        return complete and not keeps_client_state(self.spec.bn.sync)
+
+    def _final_evaluation(self, run_dir: Path) -> dict[str, Any]:
+        """Validation and test of the final model in every final mode (intervals, plots)."""
+        if self.recalibrated_round != self.spec.train.rounds:
+            self.evaluator.last_recalibrated = None  # not of the final model: skip
+        modes = common.final_modes(self.spec, self.model)
+        return common.final_evaluation(
+            self.evaluator, self.model, self.parts, run_dir, modes, self.spec.plots
+        )
 
 
 def _train_metrics(replies, sampled: int) -> common.Metrics:
