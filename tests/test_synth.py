@@ -491,3 +491,31 @@ def test_augmentation_noise_is_training_ranges_only(tiny_root, tmp_path):
         ]
     )
     np.testing.assert_array_equal(np.asarray(data.noise), expected)
+
+
+def _signal_handlers(_: int) -> tuple:
+    import signal
+
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+def test_generation_workers_end_on_sigterm_under_fedkws_trains_handlers():
+    # Catches: forked workers inheriting fedkws-train's handlers (SIGTERM = "stop after this
+    # step"), so the pool's terminate() after the last clip waited for them forever: a
+    # single `fedkws-train` run that had to generate its dataset never started training.
+    import signal
+    import threading
+
+    from fedkws import lifecycle
+    from fedkws.data.synth.dataset import _start_pool
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are installed from the main thread only")
+    with lifecycle.graceful_interrupts():
+        pool = _start_pool(2)
+        try:
+            handlers = set(pool.map(_signal_handlers, range(8)))
+        finally:
+            pool.terminate()
+            pool.join()
+    assert handlers == {(signal.SIG_IGN, signal.SIG_DFL)}  # Ctrl-C is the parent's to handle

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -295,7 +296,18 @@ def _start_pool(workers: int):
     """
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return None
-    return multiprocessing.get_context("fork").Pool(workers)
+    return multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals)
+
+
+def _worker_signals() -> None:
+    """A worker leaves Ctrl-C to its parent and ends on SIGTERM (what ``Pool.terminate`` sends).
+
+    Forked workers inherit the parent's handlers. Under ``fedkws-train`` those only
+    ask the run to stop (:mod:`fedkws.lifecycle`): a worker would outlive the
+    SIGTERM, and ``terminate()`` would wait for it forever.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _write_all(
