@@ -147,6 +147,12 @@ BAD_INPUT = {
     "report-unwritable-markdown": ["report", "{runs}", "--markdown", "/nonexistent/dir/t.md"],
     "generate-without-root": ["generate"],
     "generate-no-speakers": ["generate", "--root", "{tmp}/data", "--speakers", "0"],
+    # Catches: the default --held-out-speakers (60) with fewer than 121 speakers: a ValueError.
+    "generate-held-out-too-many": ["generate", "--root", "{tmp}/data", "--speakers", "60"],
+    "generate-root-is-a-file": ["generate", "--root", "{runs}/results.json"],
+    # Catches: the table written over the run's own results.json (exit 0, the run lost).
+    "report-markdown-onto-results": ["report", "{runs}", "--markdown", "{runs}/results.json"],
+    "report-plot-not-png": ["report", "{runs}", "--plot", "{tmp}/curves.txt"],
     "unknown-command": ["frobnicate"],
 }
 KNOWN_TRACEBACK: dict[str, str] = {}  # name -> reason, for a case that still prints a traceback
@@ -178,3 +184,4 @@ def test_bad_input_gives_one_error_line(args, tmp_path):
     assert len(errors) == 1, out.stderr
     assert out.stdout == ""
     assert not (empty / "data").exists()  # nothing half-generated
+    assert json.loads((runs / "results.json").read_text())["summary"]["complete"]  # untouched

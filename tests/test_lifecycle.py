@@ -183,6 +183,7 @@ def _check_clean_stop(code, err, seconds, run_dir, signum=signal.SIGINT):
     assert "SIGTERM received" not in err  # Ray's own handler would end the process at once
     lines = error_lines(err)
     assert len(lines) == 1 and "interrupted" in lines[0], err
+    assert f"completed rounds are kept in {run_dir}" in lines[0]
     kept = torch.load(run_dir / "checkpoint.pt", weights_only=True)["round"]
     recorded = json.loads((run_dir / "results.json").read_text())["rounds"]
     assert kept >= 1 and [r["round"] for r in recorded] == list(range(1, kept + 1))

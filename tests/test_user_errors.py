@@ -97,6 +97,9 @@ HYDRA_MISTAKES = [
     (["-m", "seed=0,1", "model=cnn,nope"], "error: In 'config': Could not find 'model/nope'"),
     (["-m", "seed=0,1", "train.rounds=1,0"], "error: train.rounds=0: must be >= 1 (in the "
      "sweep's job seed=0 train.rounds=0)"),
+    # Catches: values that fail only together, found by the job that has both, mid-sweep.
+    (["-m", "bn=full,local", "norm=batch,group"], "error: bn.sync='local': FedBN needs a model "
+     "with BatchNorm (norm=batch, not group) (in the sweep's job bn=local norm=group)"),
 ]  # fmt: skip
 
 
@@ -117,11 +120,29 @@ def test_hydras_own_mistakes_are_one_line(overrides, expected, tmp_path):
     assert "Ray head" not in out.stdout
 
 
-def test_sweep_samples_use_every_swept_value_once_beside_the_first_of_the_others():
+def test_sweep_samples_are_every_job_of_a_small_sweep(monkeypatch):
     from omegaconf import OmegaConf
 
+    from fedkws import train
+
+    config = OmegaConf.create({"hydra": {
+        "overrides": {"task": ["seed=0,1,2", "+model.extra=x", "optimizer.lr=0.1"]},
+        "sweeper": {"params": {"seed": "5", "arm": "a,b"}},  # the command line wins
+    }})  # fmt: skip
+    jobs = [[f"seed={s}", f"arm={a}", "+model.extra=x", "optimizer.lr=0.1"]
+            for s in (0, 1, 2) for a in "ab"]  # fmt: skip
+    assert train.sweep_samples(config) == jobs
+    monkeypatch.setattr(train, "CHECK_EVERY_JOB_UP_TO", 5)  # a larger sweep: a sample
+    assert len(train.sweep_samples(config)) == 4
+
+
+def test_sweep_samples_use_every_swept_value_once_beside_the_first_of_the_others(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from fedkws import train
     from fedkws.train import sweep_samples
 
+    monkeypatch.setattr(train, "CHECK_EVERY_JOB_UP_TO", 1)
     config = OmegaConf.create({"hydra": {
         "overrides": {"task": ["seed=0,1,2", "+model.extra=x", "optimizer.lr=0.1"]},
         "sweeper": {"params": {"seed": "5", "arm": "a,b"}},  # the command line wins
@@ -171,3 +192,39 @@ def test_dataset_without_background_noise(tmp_path, tiny_root):
     lines = error_lines(out.stderr)
     assert len(lines) == 1 and "_background_noise_" in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_slurm_launcher_on_a_machine_without_slurm_is_one_line(tmp_path):
+    # Catches: submitit's "Could not detect srun" traceback after the sweep's Ray head had
+    # started; without the extra, Hydra's "could not load" line with no word of the extra.
+    out = subprocess.run(
+        train_command("-m", "hydra/launcher=fedkws_slurm", "seed=0,1",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}"),
+        capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and out.stderr.splitlines() == error_lines(out.stderr)
+    (line,) = error_lines(out.stderr)
+    try:
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+    except ImportError:
+        assert "pip install -e '.[slurm]'" in line
+    else:
+        assert "this machine has no SLURM" in line
+    assert "Ray head" not in out.stdout and not list(tmp_path.iterdir())
+
+
+def test_a_slurm_sweep_starts_no_shared_ray_head():
+    # Catches: a head on the submitting machine, at 127.0.0.1, that no job on a node can reach.
+    from omegaconf import OmegaConf
+
+    from fedkws.train import SweepRay
+
+    config = OmegaConf.create({
+        "federation": {"backend": "ray", "sweep_ray": True},
+        "hydra": {"launcher": {"_target_":
+                  "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"},
+                  "overrides": {"task": ["seed=0,1"]}},
+    })  # fmt: skip
+    callback = SweepRay()
+    callback.on_multirun_start(config)
+    assert callback.head is None

@@ -45,12 +45,17 @@ def _load(run_dir: Path):
     from fedkws.spec import from_config
     from fedkws.tracking import Result
 
+    if not run_dir.exists():
+        raise ConfigError(f"{run_dir}: no such folder")
     results = run_dir / "results.json"
     loaded = checkpoint.load(run_dir) if results.is_file() else None
     if loaded is None:
         raise ConfigError(f"{run_dir}: not a finished fedkws run (results.json, checkpoint.pt)")
     ckpt, _ = loaded
-    config = dict(Result.load(results).config)
+    try:
+        config = dict(Result.load(results).config)
+    except (ValueError, OSError) as err:  # not JSON (a JSONDecodeError is a ValueError)
+        raise ConfigError(f"cannot read {results}: {err}") from err
     config.pop("num_classes", None)
     spec = from_config(config)
     data = load_data(spec)

@@ -91,9 +91,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--batch-sizes", type=_sizes, default=(1, 8, 64, 512), help="comma-separated, e.g. 1,8,64"
     )
     args = parser.parse_args(argv)
-    with user_errors():
-        _dispatch(args, synth)
+    try:
+        with user_errors():
+            _dispatch(args, synth)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
+
+
+def _generate(args: argparse.Namespace, synth) -> None:
+    """``fedkws generate``: its options' mistakes as one line, in the options' own words."""
+    from fedkws.data.errors import DataError
+
+    params = synth.arguments_params(args)
+    held_out, speakers = params["held_out_speakers"], params["num_speakers"]
+    if held_out is not None and speakers >= 3 and not 1 <= held_out <= (speakers - 1) // 2:
+        raise DataError(
+            f"--held-out-speakers={held_out} leaves no training speaker with "
+            f"--speakers={speakers}; allowed: 1 to {(speakers - 1) // 2}, or 0 for 10 %"
+        )
+    if args.root.exists() and not args.root.is_dir():
+        raise DataError(f"--root {args.root}: a file, not a folder")
+    try:
+        summary = synth.generate(args.root, **params)
+    except (ValueError, FileExistsError) as err:  # documented: bad sizes, a folder not ours
+        raise DataError(str(err)) from err
+    print(summary.describe())
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -112,7 +136,7 @@ def _patterns(text: str) -> list[str]:
 
 def _dispatch(args: argparse.Namespace, synth) -> None:
     if args.command == "generate":
-        print(synth.generate(args.root, **synth.arguments_params(args)).describe())
+        _generate(args, synth)
     elif args.command == "download":
         from fedkws.data.download import download_speech_commands
 

@@ -80,6 +80,8 @@ def hydra_error_line(err: BaseException) -> str:
         group, _, names = options.partition(":")
         choices = ", ".join(n.strip() for n in names.splitlines() if n.strip())
         words += f"; available options in{group}: {choices}"
+    if "submitit" in words:  # hydra/launcher=fedkws_slurm without its plugin
+        words += " (the SLURM launcher is an extra: .venv/bin/pip install -e '.[slurm]')"
     return words
 
 

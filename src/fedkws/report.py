@@ -136,6 +136,8 @@ def find_runs(paths: list[Path]) -> list[Run]:
             for h in path.rglob(".hydra"):
                 if h.is_dir() and (h / "config.yaml").is_file():
                     folders.setdefault(h.parent, False)
+        elif not path.exists():
+            raise ConfigError(f"{path}: no such file or folder")
         else:
             raise ConfigError(f"{path} is neither a run folder nor a results.json")
     if not folders:
@@ -603,6 +605,7 @@ def report(
     ``log_table`` is handed the table once everything is written (e.g. to W&B).
     ``columns``: only the value columns matching these patterns (:meth:`SweepTable.build`).
     """
+    _check_targets(markdown, plot)
     table = SweepTable.build([Path(p) for p in paths], columns)
     text = table.markdown()
     if found := claims.verdicts(table.cells):
@@ -628,6 +631,22 @@ def report(
     if log_table is not None:
         log_table(table)
     return text
+
+
+# A run's own records: a report never writes over them (a mistyped --markdown would
+# replace a run's results with its table).
+RUN_RECORDS = ("results.json", "checkpoint.pt")
+
+
+def _check_targets(markdown: Path | None, plot: Path | None) -> None:
+    """Refuse outputs that would replace a run's records, or a PNG under another name."""
+    for flag, target in (("--markdown", markdown), ("--plot", plot)):
+        if target is not None and Path(target).name in RUN_RECORDS:
+            raise ConfigError(
+                f"{flag} {target}: that is a run's own record; write the report elsewhere"
+            )
+    if plot is not None and Path(plot).suffix.lower() != ".png":
+        raise ConfigError(f"--plot {plot}: the plot is a PNG file; give a name ending in .png")
 
 
 def _curve_keys(results: list[Result]) -> list[str]:

@@ -9,7 +9,10 @@ leaves the folder exactly as it was.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -113,6 +116,20 @@ class FolderGuard(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
         self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")
         check_sweep(config, kwargs.get("config_name") or "config")
+        if _on_slurm(config) and not (shutil.which("sbatch") and shutil.which("srun")):
+            with user_errors():
+                from fedkws.errors import ConfigError
+
+                raise ConfigError(
+                    "hydra/launcher=fedkws_slurm submits every job to SLURM, and this "
+                    "machine has no SLURM (no sbatch, srun): run the sweep from a login node"
+                )
+
+
+def _on_slurm(config: DictConfig) -> bool:
+    """Whether the multirun's launcher submits its jobs to SLURM (hydra-submitit-launcher)."""
+    target = str((config.hydra.get("launcher") or {}).get("_target_", ""))
+    return "submitit" in target and "Slurm" in target
 
 
 def _sweep_override_texts(config: DictConfig) -> list[str]:
@@ -126,15 +143,21 @@ def _sweep_override_texts(config: DictConfig) -> list[str]:
     return texts + [str(o) for o in config.hydra.overrides.task]
 
 
-def sweep_samples(config: DictConfig) -> list[list[str]]:
-    """Override lists that together use every value of every swept key at least once.
+# A sweep of at most this many jobs has every job validated before it starts (about 0.1 s
+# a job); a larger one, a sample that uses every value (see sweep_samples).
+CHECK_EVERY_JOB_UP_TO = 64
 
-    The first takes each sweep's first value; each further one changes one
-    swept key to another of its values. A multirun's jobs differ only in these
-    values, so composing and validating these few finds a key, preset or value
-    that would fail every job (or every job with that value) before the sweep
-    starts. With a sweep that cannot be listed (an optimising sweeper's
-    interval) there are none: each job checks itself, as before.
+
+def sweep_samples(config: DictConfig) -> list[list[str]]:
+    """The override lists of the jobs to validate before a sweep starts.
+
+    Every job of a sweep of at most :data:`CHECK_EVERY_JOB_UP_TO` jobs, so that
+    values that only conflict together (``bn=local`` with ``norm=group``) are found
+    too. A larger sweep: lists that together use every value of every swept key
+    at least once (the first takes each sweep's first value; each further one
+    changes one swept key to another of its values), which finds a key, preset
+    or value that would fail every job with it. With a sweep that cannot be listed
+    (an optimising sweeper's interval) there are none: each job checks itself.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -153,6 +176,8 @@ def sweep_samples(config: DictConfig) -> list[list[str]]:
     choices = list(by_key.values())
     if any(not values for values in choices):
         return []
+    if math.prod(len(values) for values in choices) <= CHECK_EVERY_JOB_UP_TO:
+        return [list(job) for job in itertools.product(*choices)]
     first = [values[0] for values in choices]
     samples = [first]
     for i, values in enumerate(choices):
@@ -288,6 +313,8 @@ class SweepRay(Callback):
             return
         if _only_centralised_jobs(config):
             return  # nothing to simulate
+        if _on_slurm(config):
+            return  # the jobs run on the cluster's nodes: each starts its own Ray there
         jobs = _parallel_jobs(config)
         with user_errors():
             _check_parallel_share(fed, jobs)
@@ -297,7 +324,7 @@ class SweepRay(Callback):
             self.head = LocalRayHead(num_cpus=cpus)
             address = self.head.start()
         os.environ["RAY_ADDRESS"] = address
-        print(f"Ray head for this sweep at {address} (federation.sweep_ray=false: one per job)")
+        print(f"Ray head for this sweep at {address} (one Ray per job: federation.sweep_ray=false)")
         actors = _actors_per_job(fed, cpus, jobs) if jobs > 1 else None
         if actors is not None and fed.get("actors") is None:
             os.environ["FEDKWS_ACTORS"] = str(actors)
@@ -365,9 +392,12 @@ def main(cfg: DictConfig) -> float | None:
         try:
             result = run(spec, run_dir, names)
         except (lifecycle.Interrupted, KeyboardInterrupt):  # first or second Ctrl-C / SIGTERM
-            print_error(RuntimeError(
-                f"interrupted{lifecycle.stopped_by()}; completed rounds are kept in {run_dir}"
-            ))  # fmt: skip
+            kept = (
+                f"completed rounds are kept in {run_dir}"
+                if (run_dir / "checkpoint.pt").is_file()
+                else f"before its first round ended (nothing to resume in {run_dir})"
+            )
+            print_error(RuntimeError(f"interrupted{lifecycle.stopped_by()}; {kept}"))
             sys.exit(lifecycle.exit_code())
     metrics = result.rounds[-1].metrics if result.rounds else {}
     for key in ("val/eval/acc", "fed/eval/acc_mean"):
