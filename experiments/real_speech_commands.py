@@ -142,7 +142,8 @@ def sweep_times(
             started.append(hydra.stat().st_mtime if hydra.is_dir() else ended[-1])
     if not any(chosen) or rows is None:
         which = " of that preset" if preset else ""
-        raise SystemExit(f"error: no finished run{which} with a data summary under {sweep}")
+        print(f"error: no finished run{which} with a data summary under {sweep}", file=sys.stderr)
+        raise SystemExit(2)
     elapsed = max(ended) - min(started)
     if preset is None:
         return len(walls), sum(walls), rows, elapsed
@@ -159,9 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", help="time only this preset's jobs (see the docstring)")
     args = parser.parse_args(argv)
     if not args.testing_list.is_file():
-        print(f"error: no testing list at {args.testing_list} (set FEDKWS_REFERENCE_DIR)",
+        print(f"error: no testing list at {args.testing_list} (Speech Commands v0.02's "
+              "testing_list.txt: pass --testing-list PATH or set FEDKWS_REFERENCE_DIR)",
               file=sys.stderr)  # fmt: skip
         return 2
+    for sweep in args.sweeps:
+        if not sweep.is_dir():
+            print(f"error: {sweep}: no such folder", file=sys.stderr)
+            return 2
     preset = None
     if args.preset:
         try:

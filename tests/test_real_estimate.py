@@ -82,3 +82,18 @@ def test_a_preset_is_timed_from_its_jobs_in_a_larger_sweep(estimate, tmp_path, c
     assert capsys.readouterr().err.startswith("error: --preset nosuch:")
     assert estimate.main(["--preset", "seed_repro", *given]) == 2  # a single run: no sweep
     assert "sweeps nothing" in capsys.readouterr().err
+
+
+def test_a_missing_or_empty_sweep_folder_is_one_error_line(estimate, tmp_path, capsys):
+    # Catches: exit 1 after the table for a mistyped folder, instead of one line and exit 2.
+    listing = tmp_path / "testing_list.txt"
+    listing.write_text("no/00000000_nohash_0.wav\n")
+    code = estimate.main([str(tmp_path / "nope"), "--testing-list", str(listing)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.strip() == f"error: {tmp_path / 'nope'}: no such folder"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        estimate.main([str(tmp_path / "empty"), "--testing-list", str(listing)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith("error: no finished run")
