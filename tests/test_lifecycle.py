@@ -338,3 +338,12 @@ def test_a_stop_requested_for_an_earlier_run_does_not_end_the_next(make_cfg, tmp
     cfg = make_cfg(["strategy=central", "model=cnn", "train.rounds=2", "bn.eval_modes=[eval]"])
     result = run(cfg, tmp_path / "run")
     assert [r.round for r in result.rounds] == [1, 2] and result.summary["complete"]
+
+
+def test_resume_on_a_folder_without_a_checkpoint_starts_and_says_so(make_cfg, tmp_path, capsys):
+    # Catches: a mistyped folder under resume=true silently giving a fresh run.
+    cfg = make_cfg(["strategy=central", "model=cnn", "train.rounds=1", "resume=true"])
+    result = run(cfg, tmp_path / "new")
+    assert [r.round for r in result.rounds] == [1]
+    out = capsys.readouterr().out
+    assert f"resume=true: no checkpoint in {tmp_path / 'new'} yet: starting at round 1" in out

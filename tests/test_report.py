@@ -132,6 +132,8 @@ def test_report_marks_missing_runs(sweep, tmp_path):
     lost.unlink()  # e.g. a job killed before its first round
     crashed = copy / "optimizer.lr=0.1" / "seed=0"  # Hydra made the folder, the job died
     shutil.copytree(copy / full / "seed=0" / ".hydra", crashed / ".hydra")
+    # Catches: one damaged results.json failing the whole report (exit 2, no table).
+    (copy / full / "seed=1" / "results.json").write_text('{"rounds": [')
     out = _report(copy)
     assert out.returncode == 0, out.stderr
     rows = markdown_table(out.stdout)
@@ -139,13 +141,14 @@ def test_report_marks_missing_runs(sweep, tmp_path):
     assert (rows[partial]["seeds"], rows[partial]["missing"]) == ("1", "seed=1")
     for column, key in COLUMNS.items():
         assert rows[partial][column] == _single(kept, key)
-    assert (rows[full]["seeds"], rows[full]["missing"]) == ("2", "-")
+    assert (rows[full]["seeds"], rows[full]["missing"]) == ("1", "seed=1")
     crashed_row = rows["optimizer.lr=0.1"]
     assert (crashed_row["seeds"], crashed_row["missing"]) == ("0", "seed=0")
     assert all(crashed_row[column] == "missing" for column in COLUMNS)
     listed = out.stdout.split("missing (", 1)[1]
     assert f"{partial}/seed=1 (no results.json)" in listed
     assert "optimizer.lr=0.1/seed=0 (no results.json)" in listed
+    assert f"{full}/seed=1 (unreadable results.json: " in listed
 
 
 # --------------------------------------------------------------------------- a sweep of

@@ -109,6 +109,7 @@ class Run:
 
     folder: Path
     result: Result | None
+    problem: str = ""  # why it has no result, when that is not simply a missing file
 
     @property
     def complete(self) -> bool:
@@ -144,14 +145,18 @@ def find_runs(paths: list[Path]) -> list[Run]:
         raise ConfigError(f"no run folder or results.json under {', '.join(map(str, paths))}")
     runs = []
     for folder, has_result in sorted(folders.items()):
-        result = None
+        result, problem = None, ""
         if has_result:
             try:
                 result = Result.load(folder / "results.json")
-            except (OSError, ValueError, TypeError) as err:  # unreadable: report, don't crash
-                raise ConfigError(f"cannot read {folder / 'results.json'}: {err}") from err
-        runs.append(Run(folder, result))
+            except (OSError, ValueError, TypeError) as err:  # listed as missing, with why
+                problem = f"unreadable results.json: {' '.join(str(err).split())[:120]}"
+        runs.append(Run(folder, result, problem))
     return runs
+
+
+def _why_missing(run: Run) -> str:
+    return "no results.json" if run.result is None else "unfinished results.json"
 
 
 def _cell_name(folder: Path, base: Path) -> str:
@@ -505,8 +510,7 @@ class SweepTable:
             text += "\n\nagainst the centralised reference:\n\n" + "\n".join(lines)
             text += "\n\n" + _LEGEND_CENTRAL
         not_done = [
-            f"{_relative(r.folder, self.base)} "
-            f"({'no results.json' if r.result is None else 'unfinished results.json'})"
+            f"{_relative(r.folder, self.base)} ({r.problem or _why_missing(r)})"
             for cell in self.cells
             for r in cell.lost
         ]

@@ -55,6 +55,8 @@ def run(
     lifecycle.reset()  # a stop requested for an earlier run does not end this one
     run_dir = Path(run_dir)
     loaded = preflight(spec, run_dir)
+    if spec.resume and loaded is None:  # the same command serves a job's first start and requeue
+        common.console.print(f"resume=true: no checkpoint in {run_dir} yet: starting at round 1")
     run_dir.mkdir(parents=True, exist_ok=True)
     determinism = loops.set_determinism(spec.train.deterministic)  # before any CUDA operation
     common.console.print(common.describe_devices(spec))
