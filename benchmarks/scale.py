@@ -308,7 +308,7 @@ def _when(lines, prefix: str) -> float | None:
 
 
 def _launch(
-    clients: int, rounds: int, run_dir: Path, profile: Path | None, supernodes: int | None
+    clients: int, rounds: int, run_dir: Path, profile: Path | None, supernodes: int | str | None
 ) -> subprocess.Popen:
     # RAY_ADDRESS=local: a Ray of its own, never one that `ray start` left running here.
     env = dict(

@@ -3,6 +3,7 @@ intervals on every final accuracy."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -104,31 +105,37 @@ def test_full_run_reports_the_three_statistics_of_the_decomposition(
     make_cfg, tmp_path, monkeypatch
 ):
     from fedkws.fl import simulation
-    from fedkws.recipes import common
+    from fedkws.recipes.federated import FederatedRecipe
 
     cfg = make_cfg([*SMALL_FEDERATION, "federation.backend=inprocess", "bn=full",
                     "partition=dirichlet", "partition.alpha=0.3", "train.rounds=2",
                     "bn.eval_modes=[eval]"])  # fmt: skip
-    events: list[str] = []
+    # The final evaluation must start before the clients have stopped and end after: the
+    # stand-in for their stop waits for it to start, and it waits for them to have stopped.
+    evaluating, stopped, events = threading.Event(), threading.Event(), []
+    final_evaluation = FederatedRecipe._final_evaluation
 
-    class Started(common.Background):
-        def __init__(self, name, *args):
-            events.append(name)
-            super().__init__(name, *args)
+    def overlapping(self, run_dir):
+        evaluating.set()
+        assert stopped.wait(30), "the final evaluation waited for the clients to stop"
+        events.append("final evaluation")
+        return final_evaluation(self, run_dir)
 
     def simulate(*args, **kwargs):
         simulation_simulate(*args, **kwargs)
+        assert evaluating.wait(30), "the final evaluation did not start before the clients stop"
         events.append("clients stopped")
+        stopped.set()
 
     simulation_simulate = simulation.simulate
-    monkeypatch.setattr(common, "Background", Started)
+    monkeypatch.setattr(FederatedRecipe, "_final_evaluation", overlapping)
     monkeypatch.setattr(simulation, "simulate", simulate)
     started = time.perf_counter()
     result = run(cfg, tmp_path / "run")
     outside = time.perf_counter() - started
-    # Catches: the final evaluation waiting for the clients to stop (Flower's simulation
-    # takes about a second to notice its end) instead of running meanwhile.
-    assert events == ["fedkws-final-evaluation", "clients stopped"]
+    # Catches: the final evaluation run after the clients stopped (Flower's simulation takes
+    # about a second to notice its end), or before, inside the ServerApp, instead of meanwhile.
+    assert events == ["clients stopped", "final evaluation"]
     summary = result.summary
     for mode in ("eval", "fresh_average", "recalibrated"):  # stored, fresh average, exact
         assert 0 <= summary[f"test/{mode}/acc"] <= 1
@@ -154,6 +161,35 @@ def test_background_work_returns_or_raises_in_the_thread_that_waits():
 
     with pytest.raises(ValueError, match="disk on fire"):
         Background("fails", fails).result()
+
+
+def test_a_second_ctrl_c_ends_background_work_before_the_process_goes_on(monkeypatch):
+    # Catches: the process exiting while the final evaluation's thread is still inside
+    # torch (a daemon thread cut off at interpreter shutdown can abort the whole process).
+    import os
+    import signal
+
+    from fedkws import lifecycle
+    from fedkws.recipes.common import Background
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are installed from the main thread only")
+
+    def work():
+        while True:
+            lifecycle.raise_if_aborting()
+            time.sleep(0.01)
+
+    try:
+        with lifecycle.graceful_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this step
+            job = Background("work", work)
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()  # the second
+            with pytest.raises(KeyboardInterrupt):
+                job.result()
+            assert not job._thread.is_alive()
+    finally:
+        lifecycle.reset()
 
 
 def test_seeding_streams_are_named_and_distinct():

@@ -494,15 +494,17 @@ def test_augmentation_noise_is_training_ranges_only(tiny_root, tmp_path):
 
 
 def _signal_handlers(_: int) -> tuple:
+    import os
     import signal
 
-    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), os.getpgrp()
 
 
 def test_generation_workers_end_on_sigterm_under_fedkws_trains_handlers():
     # Catches: forked workers inheriting fedkws-train's handlers (SIGTERM = "stop after this
     # step"), so the pool's terminate() after the last clip waited for them forever: a
     # single `fedkws-train` run that had to generate its dataset never started training.
+    import os
     import signal
     import threading
 
@@ -518,4 +520,7 @@ def test_generation_workers_end_on_sigterm_under_fedkws_trains_handlers():
         finally:
             pool.terminate()
             pool.join()
-    assert handlers == {(signal.SIG_IGN, signal.SIG_DFL)}  # Ctrl-C is the parent's to handle
+    # Ctrl-C is the parent's to handle, and so is a signal to the whole process group
+    # (`timeout`, a terminal): a worker killed mid-task would leave the pool waiting forever.
+    assert {h[:2] for h in handlers} == {(signal.SIG_IGN, signal.SIG_DFL)}
+    assert os.getpgrp() not in {h[2] for h in handlers}

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 _STOP = threading.Event()
+_ABORT = threading.Event()  # the second signal: work in other threads ends at its next step
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []  # the signal that asked for the stop, if one did
 
@@ -39,9 +40,21 @@ def raise_if_stopping() -> None:
         raise Interrupted
 
 
+def raise_if_aborting() -> None:
+    """Raise ``KeyboardInterrupt`` if a second signal asked to abort (for other threads).
+
+    The main thread gets the second signal's ``KeyboardInterrupt`` itself; work that a run
+    left to another thread (its final evaluation) checks this between steps, so it ends
+    before the process does.
+    """
+    if _ABORT.is_set():
+        raise KeyboardInterrupt
+
+
 def reset() -> None:
     """Forget an earlier stop request (a new run starts)."""
     _STOP.clear()
+    _ABORT.clear()
     _received.clear()
 
 
@@ -66,6 +79,7 @@ def _on_signal(signum: int, frame: object) -> None:
 def signalled(signum: int) -> None:
     """What a signal does within :func:`graceful_interrupts`: the first asks, the second aborts."""
     if _STOP.is_set():
+        _ABORT.set()
         raise KeyboardInterrupt
     _received.append(signum)
     _STOP.set()

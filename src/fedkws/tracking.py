@@ -63,6 +63,8 @@ class Result:
     def load(cls, path: Path | str) -> Result:
         """Read a ``results.json``."""
         raw = json.loads(Path(path).read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"not a fedkws results.json (a JSON {type(raw).__name__})")
         rounds = [RoundRecord(**r) for r in raw.get("rounds", [])]
         return cls(config=raw.get("config", {}), rounds=rounds, summary=raw.get("summary", {}))
 

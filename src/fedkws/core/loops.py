@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fedkws import lifecycle
 from fedkws.core.seeding import evaluation_rng
 from fedkws.data.augment import AugmentConfig, Augmenter
 from fedkws.data.cache import CachedDataset
@@ -342,6 +343,7 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     predictions = []
     for x, y in iterate_batches(data, ordered, batch_size, device=device):
+        lifecycle.raise_if_aborting()  # a run's final evaluation runs in a thread of its own
         logits = net(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         predictions.append(logits.argmax(1))

@@ -249,7 +249,8 @@ PHASES = (
 class Background:
     """``fn(*args)`` in a daemon thread; :meth:`result` waits for it, then returns or raises.
 
-    A daemon, so a second Ctrl-C ends the process without waiting for it.
+    ``fn`` should end at its next step once :func:`fedkws.lifecycle.raise_if_aborting`
+    raises (a second Ctrl-C), as evaluation does: the process then exits only after it.
     """
 
     def __init__(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
@@ -267,10 +268,18 @@ class Background:
 
     def result(self) -> Any:
         """What ``fn`` returned (after waiting for it); what it raised is raised here."""
-        self._thread.join()
+        try:
+            self._thread.join()
+        except KeyboardInterrupt:  # a second Ctrl-C: the work ends at its next step
+            self.wait()
+            raise
         if self._error is not None:
             raise self._error
         return self._value
+
+    def wait(self, timeout: float = 60.0) -> None:
+        """Wait for ``fn`` to end, whatever it returns or raises (a run that failed)."""
+        self._thread.join(timeout)
 
 
 class Run:

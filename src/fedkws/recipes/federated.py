@@ -325,15 +325,20 @@ class FederatedRecipe:
         if self.grid is not None:
             serve(self.grid)
             return
-        simulate(
-            serve,
-            num_supernodes=node_count(len(self.parts.clients), fed.supernodes),
-            backend=fed.backend,
-            client_resources={"num_cpus": fed.num_cpus, "num_gpus": fed.num_gpus},
-            ray_init_args=dict(fed.ray_init_args),
-            ray_address=fed.ray_address,
-            actors=fed.actors,
-        )
+        try:
+            simulate(
+                serve,
+                num_supernodes=node_count(len(self.parts.clients), fed.supernodes),
+                backend=fed.backend,
+                client_resources={"num_cpus": fed.num_cpus, "num_gpus": fed.num_gpus},
+                ray_init_args=dict(fed.ray_init_args),
+                ray_address=fed.ray_address,
+                actors=fed.actors,
+            )
+        except BaseException:
+            if self.final is not None:  # the run fails: its files are not written behind it
+                self.final.wait()
+            raise
         if served:
             phases["clients_stop"] = time.perf_counter() - served[0]  # actors and Ray ended
 

@@ -296,18 +296,41 @@ def _start_pool(workers: int):
     """
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return None
-    return multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals)
+    return multiprocessing.get_context("fork").Pool(
+        workers, initializer=_worker_signals, initargs=(os.getpid(),)
+    )
 
 
-def _worker_signals() -> None:
-    """A worker leaves Ctrl-C to its parent and ends on SIGTERM (what ``Pool.terminate`` sends).
+def _worker_signals(parent: int) -> None:
+    """A worker hears only its parent: it ends on the SIGTERM of ``Pool.terminate``.
 
     Forked workers inherit the parent's handlers. Under ``fedkws-train`` those only
     ask the run to stop (:mod:`fedkws.lifecycle`): a worker would outlive the
-    SIGTERM, and ``terminate()`` would wait for it forever.
+    SIGTERM, and ``terminate()`` would wait for it forever. A process group of its
+    own keeps a worker out of signals sent to the whole group (a terminal's Ctrl-C,
+    ``timeout``): those are the parent's to handle, and a worker killed mid-task
+    would leave the pool waiting for a result that never comes.
     """
+    os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _end_with(parent)
+
+
+def _end_with(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when ``parent`` ends (Linux), killed or not.
+
+    Out of the parent's process group, a worker would otherwise outlive a parent
+    killed with SIGKILL, waiting for tasks that never come.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: no such call
+        return
+    if os.getppid() != parent:  # the parent ended before the call
+        os._exit(1)
 
 
 def _write_all(
