@@ -43,6 +43,11 @@ CONFIG_MISTAKES = [
     (["train.rounds=true"], "train.rounds=True: must be int"),
     (["federation.actors=1.5"], "federation.actors=1.5: must be int | None"),
     (["federation.actors=0"], "federation.actors=0: must be >= 1, or null"),
+    # Catches: Python's "not all arguments converted during string formatting" instead.
+    (
+        ["model=cnn", "model.channels=[a,b]"],
+        "model.channels=['a', 'b']: must be a list of integers >= 1",
+    ),
     (["federation.supernodes=0"], "federation.supernodes=0: must be >= 1, auto, or null"),
     (["federation.supernodes=two"], "federation.supernodes='two': must be an integer >= 1, auto"),
     (["federation.supernodes=2.5"], "federation.supernodes=2.5: must be an integer >= 1, auto"),

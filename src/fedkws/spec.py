@@ -564,7 +564,14 @@ def _check_model(spec: RunSpec, p: _Problems) -> None:
     _one_of(p, "norm.kind", spec.model.norm, NORM_KINDS)
     layout = dict(spec.model.kwargs).get("channels_last", False)
     p.check(isinstance(layout, bool), "model.channels_last", layout, "must be true or false")
-    if spec.model.name in MODEL_NAMES and spec.model.norm in NORM_KINDS:
+    channels = dict(spec.model.kwargs).get("channels")
+    whole = isinstance(channels, tuple | list) and all(
+        isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels
+    )
+    if channels is not None and not (whole and channels):
+        p.add("model.channels", list(channels) if isinstance(channels, tuple) else channels,
+              "must be a list of integers >= 1")  # fmt: skip
+    elif spec.model.name in MODEL_NAMES and spec.model.norm in NORM_KINDS:
         try:
             build_model(**spec.model.build_args(2))
         except (TypeError, ValueError) as err:
