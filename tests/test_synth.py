@@ -497,7 +497,22 @@ def _signal_handlers(_: int) -> tuple:
     import os
     import signal
 
-    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), os.getpgrp()
+    blocked = frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), os.getpgrp(), blocked
+
+
+def _terminated_within(pool, seconds: float) -> bool:
+    """``pool.terminate()`` and ``join()``; False (workers then killed) if they take longer."""
+    import threading
+
+    done = threading.Thread(target=lambda: (pool.terminate(), pool.join()), daemon=True)
+    done.start()
+    done.join(seconds)
+    if done.is_alive():
+        for worker in pool._pool:
+            worker.kill()
+        return False
+    return True
 
 
 def test_generation_workers_end_on_sigterm_under_fedkws_trains_handlers():
@@ -518,9 +533,14 @@ def test_generation_workers_end_on_sigterm_under_fedkws_trains_handlers():
         try:
             handlers = set(pool.map(_signal_handlers, range(8)))
         finally:
-            pool.terminate()
-            pool.join()
+            assert _terminated_within(pool, 30)
+        # A SIGTERM that reaches a worker before its own handlers are in place (the parent's
+        # would catch it, and the worker live on) hung this test once under load; ending
+        # pools as they start tries that window again (it does not always hit it).
+        for _ in range(5):
+            assert _terminated_within(_start_pool(2), 30)
     # Ctrl-C is the parent's to handle, and so is a signal to the whole process group
     # (`timeout`, a terminal): a worker killed mid-task would leave the pool waiting forever.
     assert {h[:2] for h in handlers} == {(signal.SIG_IGN, signal.SIG_DFL)}
     assert os.getpgrp() not in {h[2] for h in handlers}
+    assert {h[3] for h in handlers} == {frozenset()}  # SIGINT and SIGTERM no longer held

@@ -296,12 +296,18 @@ def _start_pool(workers: int):
     """
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return None
-    return multiprocessing.get_context("fork").Pool(
-        workers, initializer=_worker_signals, initargs=(os.getpid(),)
-    )
+    # Until a worker has its own handlers, the parent's would catch a SIGTERM meant to end
+    # it: the workers start with SIGINT and SIGTERM blocked (held until then), not handled.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        return multiprocessing.get_context("fork").Pool(
+            workers, initializer=_worker_signals, initargs=(os.getpid(), mask)
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def _worker_signals(parent: int) -> None:
+def _worker_signals(parent: int, mask: set) -> None:
     """A worker hears only its parent: it ends on the SIGTERM of ``Pool.terminate``.
 
     Forked workers inherit the parent's handlers. Under ``fedkws-train`` those only
@@ -315,6 +321,7 @@ def _worker_signals(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _end_with(parent)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _end_with(parent: int) -> None:
@@ -520,10 +527,14 @@ def _generate_locked(
     try:
         with progress_bar("synthesising speech and noise", total, enabled=progress) as advance:
             total_bytes = _write_all(root, plan, speakers, noise_seconds, pool, advance)
-    finally:
-        if pool is not None:
-            pool.terminate()  # every result is in: nothing left to wait for
+    except BaseException:
+        if pool is not None:  # an error or a second Ctrl-C: end the workers where they are
+            pool.terminate()
             pool.join()
+        raise
+    if pool is not None:
+        pool.close()  # every result is in: the workers leave when the queue tells them
+        pool.join()
     if pool is None:
         workers = 1
     _remove_stale(root, sorted(set(WORDS_V2) | set(plan.words)), set(clips))
