@@ -43,6 +43,11 @@ CONFIG_MISTAKES = [
     (["train.rounds=true"], "train.rounds=True: must be int"),
     (["federation.actors=1.5"], "federation.actors=1.5: must be int | None"),
     (["federation.actors=0"], "federation.actors=0: must be >= 1, or null"),
+    # Catches: two clients under one name in results.json, the plots and W&B.
+    (
+        ["partition.num_clients=2", "partition.names=[a,a]"],
+        "partition.names=['a', 'a']: must be different names",
+    ),
     # Catches: Python's "not all arguments converted during string formatting" instead.
     (
         ["model=cnn", "model.channels=[a,b]"],

@@ -622,6 +622,9 @@ def _check_partition(spec: RunSpec, p: _Problems) -> None:
             list(part.names),
             f"must name each of the {part.num_clients} clients (partition.num_clients)",
         )
+    if part.names:  # results.json, the plots and W&B tell the clients apart by name
+        p.check(len(set(part.names)) == len(part.names), "partition.names", list(part.names),
+                "must be different names")  # fmt: skip
 
 
 def _check_strategy(spec: RunSpec, p: _Problems) -> None:
