@@ -106,10 +106,11 @@ def _generate(args: argparse.Namespace, synth) -> None:
 
     params = synth.arguments_params(args)
     held_out, speakers = params["held_out_speakers"], params["num_speakers"]
-    if held_out is not None and speakers >= 3 and not 1 <= held_out <= (speakers - 1) // 2:
+    most = synth.max_held_out(speakers)
+    if held_out is not None and speakers >= 3 and not 1 <= held_out <= most:
         raise DataError(
             f"--held-out-speakers={held_out} leaves no training speaker with "
-            f"--speakers={speakers}; allowed: 1 to {(speakers - 1) // 2}, or 0 for 10 %"
+            f"--speakers={speakers}; allowed: 1 to {most}, or 0 for 10 %"
         )
     if args.root.exists() and not args.root.is_dir():
         raise DataError(f"--root {args.root}: a file, not a folder")

@@ -61,11 +61,14 @@ class Result:
 
     @classmethod
     def load(cls, path: Path | str) -> Result:
-        """Read a ``results.json``."""
+        """Read a ``results.json``; ``ValueError`` if it is not one (not JSON, not its shape)."""
         raw = json.loads(Path(path).read_text())
         if not isinstance(raw, dict):
             raise ValueError(f"not a fedkws results.json (a JSON {type(raw).__name__})")
-        rounds = [RoundRecord(**r) for r in raw.get("rounds", [])]
+        try:
+            rounds = [RoundRecord(**r) for r in raw.get("rounds", [])]
+        except TypeError as err:  # a round that is not a fedkws round record
+            raise ValueError(f"not a fedkws results.json ({err})") from None
         return cls(config=raw.get("config", {}), rounds=rounds, summary=raw.get("summary", {}))
 
     def curve(self, key: str) -> tuple[list[int], list[float]]:

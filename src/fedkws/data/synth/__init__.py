@@ -92,6 +92,7 @@ from fedkws.data.synth.speakers import (
     choose_speaker_ids,
     held_out_count,
     make_speaker,
+    max_held_out,
     speaker_profiles,
 )
 from fedkws.data.synth.voice import Espeak
@@ -126,6 +127,7 @@ __all__ = [
     "main_generate",
     "make_noise",
     "make_speaker",
+    "max_held_out",
     "plan_dataset",
     "read_marker",
     "render_utterance",

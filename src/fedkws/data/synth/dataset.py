@@ -28,6 +28,7 @@ from fedkws.data.synth.speakers import (
     SpeakerProfile,
     held_out_count,
     make_speaker,
+    max_held_out,
 )
 from fedkws.data.synth.voice import Espeak
 from fedkws.fileio import file_lock, write_text, write_with
@@ -191,12 +192,12 @@ def config_params(generate: Mapping) -> dict:
         unknown_words=optional_int("unknown_words"),
     )
     held_out, speakers = params["held_out_speakers"], params["num_speakers"]
-    if held_out is not None and not 1 <= held_out <= (speakers - 1) // 2:
+    if held_out is not None and not 1 <= held_out <= max_held_out(speakers):
         from fedkws.data.errors import DataError
 
         raise DataError(
             f"dataset.generate.held_out_speakers={held_out} leaves no training speaker with "
-            f"dataset.generate.speakers={speakers}; allowed: 1 to {max(1, (speakers - 1) // 2)}"
+            f"dataset.generate.speakers={speakers}; allowed: 1 to {max(1, max_held_out(speakers))}"
             f" (at least {2 * held_out + 1} speakers for {held_out}), or null for 10 %"
         )
     return params
@@ -508,6 +509,34 @@ def generate(
         )
 
 
+def _render(
+    root: Path,
+    plan: SynthPlan,
+    speakers: list[SpeakerProfile],
+    noise_seconds: float,
+    workers: int,
+    progress: bool,
+) -> tuple[int, int]:
+    """Write every clip and noise file, with a progress bar; the bytes and processes used."""
+    from fedkws.progress import progress_bar
+
+    total = len(plan.clips) + len(NOISE_FILES)
+    pool = _start_pool(workers)
+    try:
+        with progress_bar("synthesising speech and noise", total, enabled=progress) as advance:
+            total_bytes = _write_all(root, plan, speakers, noise_seconds, pool, advance)
+    except BaseException:
+        if pool is not None:  # an error or a second Ctrl-C: end the workers where they are
+            pool.terminate()
+            pool.join()
+        raise
+    if pool is None:
+        return total_bytes, 1
+    pool.close()  # every result is in: the workers leave when the queue tells them
+    pool.join()
+    return total_bytes, workers
+
+
 def _generate_locked(
     root: Path,
     engine: Espeak,
@@ -518,25 +547,9 @@ def _generate_locked(
     workers: int,
     start_time: float,
 ) -> SynthSummary:
-    from fedkws.progress import progress_bar
-
     _claim_root(root)
     clips = plan.clips
-    total = len(clips) + len(NOISE_FILES)
-    pool = _start_pool(workers)
-    try:
-        with progress_bar("synthesising speech and noise", total, enabled=progress) as advance:
-            total_bytes = _write_all(root, plan, speakers, noise_seconds, pool, advance)
-    except BaseException:
-        if pool is not None:  # an error or a second Ctrl-C: end the workers where they are
-            pool.terminate()
-            pool.join()
-        raise
-    if pool is not None:
-        pool.close()  # every result is in: the workers leave when the queue tells them
-        pool.join()
-    if pool is None:
-        workers = 1
+    total_bytes, workers = _render(root, plan, speakers, noise_seconds, workers, progress)
     _remove_stale(root, sorted(set(WORDS_V2) | set(plan.words)), set(clips))
     _write_split_lists(root, clips)
     counts = plan.protocol_counts()

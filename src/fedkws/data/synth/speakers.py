@@ -22,6 +22,11 @@ VALIDATION_PCT = 10.0
 TESTING_PCT = 10.0
 
 
+def max_held_out(num_speakers: int) -> int:
+    """The most speakers each held-out split may take: training keeps at least one."""
+    return (num_speakers - 1) // 2
+
+
 def held_out_count(num_speakers: int, held_out_speakers: int | None = None) -> int:
     """Speakers in each of the validation and testing splits.
 
@@ -37,10 +42,11 @@ def held_out_count(num_speakers: int, held_out_speakers: int | None = None) -> i
         raise ValueError(f"need at least 3 speakers (one per split), got {num_speakers}")
     if held_out_speakers is None:
         return max(1, round(num_speakers * VALIDATION_PCT / 100.0))
-    if not 1 <= held_out_speakers <= (num_speakers - 1) // 2:
+    most = max_held_out(num_speakers)
+    if not 1 <= held_out_speakers <= most:
         raise ValueError(
             f"held_out_speakers={held_out_speakers} must be between 1 and "
-            f"{(num_speakers - 1) // 2} for {num_speakers} speakers (training keeps at least one)"
+            f"{most} for {num_speakers} speakers (training keeps at least one)"
         )
     return held_out_speakers
 
