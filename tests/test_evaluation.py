@@ -58,12 +58,15 @@ def test_evaluation_batches_are_shuffled_not_class_sorted(data_dir, tiny_root):
 
 def test_class_sorted_batches_would_change_train_mode_accuracy(trained):
     _, data, model = trained
-    rows = data.split_indices("validation")
+    # The 288 training rows, which the model fits: on the 48 validation examples the gap
+    # (0.08 to 0.17 by CPU model and thread count) is a few examples, too close to call.
+    rows = data.split_indices("training")
     sorted_ = loops.evaluate(model, data, rows, 16, "train", order_seed=None)
     shuffled = loops.evaluate(model, data, rows, 16, "train", order_seed=0)
     evaluated = loops.evaluate(model, data, rows, 16, "eval", order_seed=0)
-    # With class-pure batches, batch statistics remove the class signal.
-    assert shuffled.acc - sorted_.acc > 0.1, (sorted_.acc, shuffled.acc, evaluated.acc)
+    # With class-pure batches, batch statistics remove the class signal (measured: 0.23 to
+    # 0.24 sorted, 0.67 to 0.77 shuffled).
+    assert shuffled.acc - sorted_.acc > 0.25, (sorted_.acc, shuffled.acc, evaluated.acc)
     assert loops.evaluate(model, data, rows, 16, "eval", order_seed=None).acc == evaluated.acc
 
 

@@ -1,12 +1,17 @@
-"""Behaviour pinned across refactors: per-round accuracies of three shrunk presets.
+"""Behaviour pinned across refactors: per-round results of three shrunk presets.
 
 ``tests/golden.json`` was recorded from these exact configurations. What is
-portable between CPU types is compared exactly (which clients trained, how
-many examples they used, which state-dict entries crossed the wire, the
-eval-mode collapse to chance under ``params_only``);
-accuracies, whose kernels differ in the last digits between CPUs, within one
-validation example. A deliberate behaviour change re-records the file in a
-commit of its own that says why.
+portable between machines is compared exactly on any machine (which clients
+trained, how many examples they used, which state-dict entries crossed the
+wire, the eval-mode collapse to chance under ``params_only``). Accuracies are
+not portable: a CPU of another model picks other kernels (oneDNN's blocking,
+MKL's paths), the last digits of a sum differ, and two rounds on 48 validation
+examples turn that into several examples. They are compared, within one
+validation example, on a machine whose accuracies the file holds (the CPU
+model and torch version of ``machine()``); on another machine the test says
+so in a warning. ``FEDKWS_RECORD_GOLDEN=1 pytest tests/test_golden.py -n 0``
+adds this machine's accuracies once its portable results match. A deliberate
+behaviour change re-records the file in a commit of its own that says why.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -105,22 +112,52 @@ class PoolSizes(logging.Handler):
             self.sizes.append(int(message.split()[3]))
 
 
+def machine() -> str:
+    """The CPU model and torch version: what the accuracies' last digits depend on."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    return f"{cpu}, torch {torch.__version__}"
+
+
+def _accuracies(view: dict) -> dict:
+    return {"rounds": [r["acc"] for r in view["rounds"]], "test": view["test"]}
+
+
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden_run(name, make_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    expected = json.loads(GOLDEN_FILE.read_text())[name]
+    golden = json.loads(GOLDEN_FILE.read_text())
+    portable = golden["portable"][name]
     got = _run(name, make_cfg, tmp_path / name)
-    assert [r["round"] for r in got["rounds"]] == [r["round"] for r in expected["rounds"]]
-    for exp, new in zip(expected["rounds"], got["rounds"], strict=True):
+    assert [r["round"] for r in got["rounds"]] == [r["round"] for r in portable["rounds"]]
+    for exp, new in zip(portable["rounds"], got["rounds"], strict=True):
         assert new["clients"] == exp["clients"], exp["round"]  # sampling and the wire: exact
-        assert sorted(new["acc"]) == sorted(exp["acc"])
-        for key, value in exp["acc"].items():
-            assert new["acc"][key] == pytest.approx(value, abs=ACC_TOL), (exp["round"], key)
-    assert sorted(got["test"]) == sorted(expected["test"])
-    for key, value in expected["test"].items():
-        assert got["test"][key] == pytest.approx(value, abs=ACC_TOL), key
     if name == "seed_repro":
         # The collapse: with mean 0 / var 1 statistics eval mode stays at chance (1/12 of
         # 48 examples, give or take one), whatever the weights learn.
         for rec in got["rounds"]:
             assert rec["acc"]["val/eval/acc"] <= 5 / 48
+    here = machine()
+    recorded = golden["accuracies"].get(here, {}).get(name)
+    if recorded is None and os.environ.get("FEDKWS_RECORD_GOLDEN") == "1":
+        golden["accuracies"].setdefault(here, {})[name] = _accuracies(got)
+        GOLDEN_FILE.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        return
+    if recorded is None:
+        warnings.warn(f"{GOLDEN_FILE.name} holds no accuracies of {name} for this machine "
+                      f"({here}; it has: {'; '.join(sorted(golden['accuracies']))}): compared "
+                      "sampling and the wire only", stacklevel=1)  # fmt: skip
+        return
+    measured = _accuracies(got)  # the same keys in the same places, every round
+    assert [sorted(r) for r in measured["rounds"]] == [sorted(r) for r in recorded["rounds"]]
+    assert sorted(measured["test"]) == sorted(recorded["test"])
+    pairs = zip(recorded["rounds"], measured["rounds"], strict=True)
+    for number, (exp, new) in enumerate(pairs, start=1):
+        for key, value in exp.items():
+            assert new[key] == pytest.approx(value, abs=ACC_TOL), (number, key)
+    for key, value in recorded["test"].items():
+        assert measured["test"][key] == pytest.approx(value, abs=ACC_TOL), key
