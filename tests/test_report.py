@@ -134,10 +134,13 @@ def test_report_marks_missing_runs(sweep, tmp_path):
     shutil.copytree(copy / full / "seed=0" / ".hydra", crashed / ".hydra")
     # Catches: one damaged results.json failing the whole report (exit 2, no table).
     (copy / full / "seed=1" / "results.json").write_text('{"rounds": [')
+    failed = copy / "optimizer.lr=0.2" / "seed=0"  # a job that failed and said why
+    shutil.copytree(copy / full / "seed=0" / ".hydra", failed / ".hydra")
+    (failed / "failed.txt").write_text("no Ray instance answers at 127.0.0.1:9\n\nmore\n")
     out = _report(copy)
     assert out.returncode == 0, out.stderr
     rows = markdown_table(out.stdout)
-    assert set(rows) == {partial, full, "optimizer.lr=0.1"}
+    assert set(rows) == {partial, full, "optimizer.lr=0.1", "optimizer.lr=0.2"}
     assert (rows[partial]["seeds"], rows[partial]["missing"]) == ("1", "seed=1")
     for column, key in COLUMNS.items():
         assert rows[partial][column] == _single(kept, key)
@@ -149,6 +152,38 @@ def test_report_marks_missing_runs(sweep, tmp_path):
     assert f"{partial}/seed=1 (no results.json)" in listed
     assert "optimizer.lr=0.1/seed=0 (no results.json)" in listed
     assert f"{full}/seed=1 (unreadable results.json: " in listed
+    assert "optimizer.lr=0.2/seed=0 (failed: no Ray instance answers at 127.0.0.1:9)" in listed
+
+
+def test_a_failed_job_leaves_the_other_jobs_and_the_report(data_dir, tiny_root, tmp_path):
+    # Catches: a job's error ending the sweep (the next job never ran, no report), a failed
+    # job missing from the report or without its reason, and exit status 0 after a failure.
+    not_a_folder = tmp_path / "a_file"
+    not_a_folder.write_text("")
+    sweep_dir = tmp_path / "multirun"
+    cmd = [
+        str(BIN / "fedkws-train"), "-m", "strategy=central", "model=cnn", "norm=group",
+        "train.rounds=1", *tiny_dataset_overrides(data_dir, tiny_root),
+        f"cache_dir={not_a_folder},{data_dir / 'cache'}",  # job 0 fails as it starts
+        "logger=disabled", "progress=false", f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweep.subdir=job${hydra.job.num}",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=cli_env())  # fmt: skip
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    reason = f"cache_dir='{not_a_folder}': {not_a_folder} is a file, not a folder"
+    assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {reason} (the sweep's job job0 failed; the others go on)",
+        "error: 1 job(s) of the sweep failed: job0 (why: failed.txt in each job's folder; "
+        "the report covers the others)",
+    ]
+    assert (sweep_dir / "job0" / "failed.txt").read_text().startswith(reason)
+    assert (sweep_dir / "job0" / ".hydra" / "config.yaml").is_file()
+    assert json.loads((sweep_dir / "job1" / "results.json").read_text())["summary"]["complete"]
+    rows = markdown_table((sweep_dir / "report.md").read_text())
+    assert (rows["job1"]["seeds"], rows["job0"]["seeds"]) == ("1", "0")
+    assert f"- job0 (failed: {reason}" in (sweep_dir / "report.md").read_text()
 
 
 # --------------------------------------------------------------------------- a sweep of
@@ -486,3 +521,20 @@ def test_columns_keep_the_matching_values_with_their_vs_central_twin(fake_sweep,
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "val/eval/acc" in err
     assert err.startswith("error: --columns nothing/* matches no column")
+
+
+def test_a_failure_keeps_its_message_and_for_a_fault_its_traceback(tmp_path):
+    from fedkws.errors import ConfigError, read_failure, write_failure
+
+    write_failure(tmp_path / "mistake", ConfigError("first line\nsecond line"))
+    assert (tmp_path / "mistake" / "failed.txt").read_text() == "first line\nsecond line\n"
+    assert read_failure(tmp_path / "mistake") == "first line"
+    try:
+        {}["key"]
+    except KeyError as err:  # a fault, not a user error: where it happened is kept too
+        write_failure(tmp_path / "fault", err)
+    text = (tmp_path / "fault" / "failed.txt").read_text()
+    assert text.startswith("KeyError: 'key'\n\nTraceback (most recent call last):")
+    assert 'tests/test_report.py", line' in text
+    assert read_failure(tmp_path / "fault") == "KeyError: 'key'"
+    assert read_failure(tmp_path / "no_failure") is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -19,6 +20,40 @@ class RunRefused(RuntimeError):
     """A run that must not start (it would overwrite or mix up another run's files)."""
 
 
+# A run that failed after Hydra gave it a folder keeps why in that folder (the error, and
+# for an unexpected one its traceback): ``fedkws report`` lists the run as failed, with
+# the first line, and a sweep's other jobs go on (fedkws.train).
+FAILED_FILE = "failed.txt"
+
+
+def write_failure(folder: Path, err: BaseException) -> Path | None:
+    """Keep ``err`` in ``folder/failed.txt``; the file, or None when it cannot be written.
+
+    A user error keeps its message; anything else its type, message and traceback.
+    """
+    import traceback
+
+    if is_user_error(err):
+        text = str(err) or type(err).__name__
+    else:
+        text = f"{type(err).__name__}: {err}\n\n" + "".join(traceback.format_exception(err))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / FAILED_FILE).write_text(text.rstrip() + "\n")
+    except OSError:
+        return None
+    return folder / FAILED_FILE
+
+
+def read_failure(folder: Path) -> str | None:
+    """The first line of ``folder/failed.txt``, or None when the run has not failed."""
+    try:
+        text = (folder / FAILED_FILE).read_text(errors="replace")
+    except OSError:
+        return None
+    return (text.splitlines() or ["(no message)"])[0]
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from fedkws.data.download import DownloadError
     from fedkws.data.errors import DataError, DatasetNotFoundError
@@ -31,6 +66,11 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         DownloadError,
         FederationError,
     )
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is a mistake the user can fix (said in one line), not a fault."""
+    return isinstance(err, _user_error_types())
 
 
 def print_error(err: BaseException) -> None:

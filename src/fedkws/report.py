@@ -94,7 +94,7 @@ from hydra.experimental.callback import Callback
 
 from fedkws import claims
 from fedkws.core.stats import t_interval
-from fedkws.errors import ConfigError
+from fedkws.errors import ConfigError, read_failure
 from fedkws.fileio import write_text
 from fedkws.grid import draw_grid
 from fedkws.plots import figure
@@ -156,6 +156,8 @@ def find_runs(paths: list[Path]) -> list[Run]:
 
 
 def _why_missing(run: Run) -> str:
+    if failure := read_failure(run.folder):
+        return f"failed: {failure}"
     return "no results.json" if run.result is None else "unfinished results.json"
 
 
@@ -786,6 +788,21 @@ def log_to_wandb(config: Any, sweep: Path, table: SweepTable) -> None:
         print(f"report not logged to W&B: {type(err).__name__}: {err}")
 
 
+# The failed jobs of the sweep this process ran (set by SweepReport): fedkws-train then
+# exits with status 1 after the report.
+FAILED_JOBS: list[str] = []
+
+
+def failed_jobs(sweep: Path) -> list[str]:
+    """The jobs under ``sweep`` that failed (a ``failed.txt``) and did not finish since."""
+    try:
+        runs = find_runs([sweep])
+    except ConfigError:
+        return []
+    return [_relative(r.folder, sweep) for r in runs
+            if not r.complete and read_failure(r.folder) is not None]  # fmt: skip
+
+
 class SweepReport(Callback):
     """Hydra callback: at the end of a multirun, print and save the sweep's report.
 
@@ -798,6 +815,7 @@ class SweepReport(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:  # noqa: ANN001
         """Called by Hydra once every job of the sweep has finished."""
         sweep = Path(config.hydra.sweep.dir)
+        FAILED_JOBS[:] = failed_jobs(sweep)
         try:
             table = report(
                 [sweep],

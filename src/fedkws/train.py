@@ -373,22 +373,51 @@ class ParallelStop(Callback):
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Run one job and return the final validation accuracy (for sweepers)."""
+    """Run one job and return the final validation accuracy (for sweepers).
+
+    A single run that fails stops with its ``error:`` line. A job of a sweep that fails
+    says so in one line, keeps why in its folder (``failed.txt``) and returns: the other
+    jobs go on, the sweep's report lists it as failed, and the command exits with status
+    1 at the end (:func:`cli`). An interrupt stops the whole sweep.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    run_dir = _hydra_context(str(cfg.get("name")), "0")[0]
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        with user_errors():
+            return _job(cfg, run_dir, in_sweep=False)
+    try:
+        return _job(cfg, run_dir, in_sweep=True)
+    except Exception as err:  # noqa: BLE001 - kept in failed.txt and reported; the sweep goes on
+        _say_job_failed(err, run_dir)
+        return None
+
+
+def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
+    """:func:`main`'s run: checks, the run, its interrupt; failures kept in the run folder."""
     from fedkws import lifecycle
+    from fedkws.errors import FAILED_FILE, write_failure
     from fedkws.run import preflight, run
     from fedkws.spec import from_config
 
-    run_dir = _hydra_context(str(cfg.get("name")), "0")[0]
-    with user_errors():
-        try:
-            spec = from_config(cfg)
-            preflight(spec, run_dir)
-        except BaseException:
-            _tidy_refused(run_dir)
-            raise
+    try:
+        spec = from_config(cfg)
+        preflight(spec, run_dir)
+    except Exception as err:
+        if not in_sweep or (run_dir / "results.json").exists():
+            _tidy_refused(run_dir)  # a refused single run, or another run's folder: untouched
+        else:  # a sweep's job: its folder says why, for the sweep's report
+            _keep_hydra_files(cfg, run_dir)
+            write_failure(run_dir, err)
+        raise
+    except BaseException:
+        _tidy_refused(run_dir)
+        raise
     names = _hydra_context(spec.name, str(spec.seed))[1]
     _keep_hydra_files(cfg, run_dir)
-    with user_errors(), lifecycle.graceful_interrupts():
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier attempt's, resumed now
+    with lifecycle.graceful_interrupts():
         try:
             result = run(spec, run_dir, names)
         except (lifecycle.Interrupted, KeyboardInterrupt):  # first or second Ctrl-C / SIGTERM
@@ -399,6 +428,9 @@ def main(cfg: DictConfig) -> float | None:
             )
             print_error(RuntimeError(f"interrupted{lifecycle.stopped_by()}; {kept}"))
             sys.exit(lifecycle.exit_code())
+        except Exception as err:
+            write_failure(run_dir, err)
+            raise
     metrics = result.rounds[-1].metrics if result.rounds else {}
     for key in ("val/eval/acc", "fed/eval/acc_mean"):
         if key in metrics:
@@ -406,10 +438,36 @@ def main(cfg: DictConfig) -> float | None:
     return None
 
 
+def _say_job_failed(err: Exception, run_dir: Path) -> None:
+    """One line for a sweep's failed job: its error (or where its traceback is) and its folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from fedkws.errors import FAILED_FILE, is_user_error
+
+    sweep = Path(HydraConfig.get().sweep.dir)
+    job = run_dir.relative_to(sweep) if run_dir.is_relative_to(sweep) else run_dir
+    if is_user_error(err):
+        what = (str(err).splitlines() or [type(err).__name__])[0]
+    else:
+        what = f"{type(err).__name__}: {err} (traceback in {run_dir / FAILED_FILE})"
+    print(f"error: {what} (the sweep's job {job} failed; the others go on)", file=sys.stderr)
+
+
 def cli() -> None:
-    """The console command: :func:`main`, with Hydra's own mistakes as one ``error:`` line."""
+    """The console command: :func:`main`, with Hydra's own mistakes as one ``error:`` line.
+
+    A sweep with failed jobs exits with status 1 after its report (which lists them).
+    """
+    from fedkws import report
+
     with hydra_mistakes_in_one_line():
         main()
+    if report.FAILED_JOBS:
+        jobs = ", ".join(report.FAILED_JOBS)
+        print(f"error: {len(report.FAILED_JOBS)} job(s) of the sweep failed: {jobs} (why: "
+              "failed.txt in each job's folder; the report covers the others)",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(1)
 
 
 if __name__ == "__main__":
