@@ -184,6 +184,17 @@ def test_a_failed_job_leaves_the_other_jobs_and_the_report(data_dir, tiny_root, 
     rows = markdown_table((sweep_dir / "report.md").read_text())
     assert (rows["job1"]["seeds"], rows["job0"]["seeds"]) == ("1", "0")
     assert f"- job0 (failed: {reason}" in (sweep_dir / "report.md").read_text()
+    # The same sweep again into its own folder: job1's finished run is refused and left as
+    # it was, and that ends the sweep (every finished job would be refused the same way).
+    before = (sweep_dir / "job1" / "results.json").read_bytes()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                           env=cli_env())  # fmt: skip
+    assert again.returncode == 2, again.stderr[-3000:]
+    lines = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and "job0 failed; the others go on" in lines[0], lines
+    assert str(sweep_dir / "job1") in lines[1] and "resume=true" in lines[1], lines
+    assert (sweep_dir / "job1" / "results.json").read_bytes() == before
+    assert not (sweep_dir / "job1" / "failed.txt").exists()
 
 
 # --------------------------------------------------------------------------- a sweep of

@@ -405,8 +405,13 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
         spec = from_config(cfg)
         preflight(spec, run_dir)
     except Exception as err:
-        if not in_sweep or (run_dir / "results.json").exists():
-            _tidy_refused(run_dir)  # a refused single run, or another run's folder: untouched
+        if not in_sweep:
+            _tidy_refused(run_dir)
+        elif (run_dir / "results.json").exists():
+            # Another run's folder (a sweep started again into its own folder): left as it
+            # was, and the sweep ends here, as every job would be refused the same way.
+            print_error(err)
+            sys.exit(2)
         else:  # a sweep's job: its folder says why, for the sweep's report
             _keep_hydra_files(cfg, run_dir)
             write_failure(run_dir, err)

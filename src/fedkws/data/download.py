@@ -187,10 +187,12 @@ def download_speech_commands(
         if digest is None:
             if expected is None:
                 log.warning(
-                    "No SHA-256 given for %s: the archive cannot be verified. Pass sha256=... "
-                    "(for a mirror of the official archive: ARCHIVES[%r].sha256).",
+                    "No SHA-256 given for %s: the archive cannot be verified. Give its "
+                    "checksum (fedkws download --sha256, dataset.download.sha256 in a config, "
+                    "sha256= in Python); a mirror of the official %s archive has %s.",
                     url,
                     version,
+                    ARCHIVES[version].sha256,
                 )
             digest = _download(url, archive, expected, timeout, progress)
         _install(archive, root, progress)
