@@ -347,3 +347,43 @@ def test_resume_on_a_folder_without_a_checkpoint_starts_and_says_so(make_cfg, tm
     assert [r.round for r in result.rounds] == [1]
     out = capsys.readouterr().out
     assert f"resume=true: no checkpoint in {tmp_path / 'new'} yet: starting at round 1" in out
+
+
+@pytest.mark.parametrize("in_sweep", [False, True])
+def test_a_run_that_fails_while_it_stops_is_a_stop_not_a_failure(
+    in_sweep, data_dir, tiny_root, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM to every process of a job (SLURM's time limit) can make the run fail as it
+    stops (its Ray clients ended first). Catches: that failure kept as the job's failed.txt
+    and, in a sweep, the next job started instead of the sweep ending with the signal."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from fedkws import CONF_DIR
+    from fedkws import train as train_module
+
+    run_dir = tmp_path / "job0"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[*tiny_dataset_overrides(data_dir, tiny_root),
+                                           f"hydra.run.dir={run_dir}"],
+                      return_hydra_config=True)  # fmt: skip
+    cfg.hydra.runtime.output_dir = str(run_dir)
+    cfg.hydra.mode = RunMode.MULTIRUN if in_sweep else RunMode.RUN
+    cfg.hydra.sweep.dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+
+    def stopped_then_failed(*_args):
+        lifecycle.signalled(signal.SIGTERM)
+        raise FederationError("2 of 2 clients failed: actor died")
+
+    monkeypatch.setattr("fedkws.run.run", stopped_then_failed)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train_module._job(cfg, run_dir, in_sweep=in_sweep)
+    finally:
+        HydraConfig.instance().cfg = None
+        lifecycle.reset()
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert error_lines(capsys.readouterr().err)[-1].startswith("error: interrupted (SIGTERM)")
+    assert not (run_dir / "failed.txt").exists()

@@ -155,16 +155,28 @@ def test_report_marks_missing_runs(sweep, tmp_path):
     assert "optimizer.lr=0.2/seed=0 (failed: no Ray instance answers at 127.0.0.1:9)" in listed
 
 
+def _jobs_by_swept_values(sweep_dir: Path, keys: tuple[str, ...]) -> dict[tuple, Path]:
+    """Each job folder of a sweep, by its ``key=value`` overrides of ``keys``, in that order."""
+    jobs = {}
+    for job in sweep_dir.glob("job*"):
+        given = {o.split("=", 1)[0]: o for o in OmegaConf.load(job / ".hydra" / "overrides.yaml")}
+        jobs[tuple(given[k] for k in keys)] = job
+    return jobs
+
+
 def test_a_failed_job_leaves_the_other_jobs_and_the_report(data_dir, tiny_root, tmp_path):
-    # Catches: a job's error ending the sweep (the next job never ran, no report), a failed
-    # job missing from the report or without its reason, and exit status 0 after a failure.
+    # Catches: a job's error ending the sweep (the next jobs never ran, no report), a failed
+    # job missing from the report or without its reason, exit status 0 after a failure, and
+    # a finished run's folder written to when the sweep runs again into its folder.
     not_a_folder = tmp_path / "a_file"
     not_a_folder.write_text("")
     sweep_dir = tmp_path / "multirun"
+    swept = [f"cache_dir={not_a_folder},{data_dir / 'cache'}", "strategy=fedavg,central"]
     cmd = [
-        str(BIN / "fedkws-train"), "-m", "strategy=central", "model=cnn", "norm=group",
-        "train.rounds=1", *tiny_dataset_overrides(data_dir, tiny_root),
-        f"cache_dir={not_a_folder},{data_dir / 'cache'}",  # job 0 fails as it starts
+        str(BIN / "fedkws-train"), "-m", "model=cnn", "norm=group", "train.rounds=1",
+        *tiny_dataset_overrides(data_dir, tiny_root), *swept,
+        # Nothing answers there: the federated job with a good cache_dir fails in its run.
+        "federation.ray_address=127.0.0.1:9", "federation.sweep_ray=false",
         "logger=disabled", "progress=false", f"hydra.sweep.dir={sweep_dir}",
         "hydra.sweep.subdir=job${hydra.job.num}",
     ]  # fmt: skip
@@ -172,29 +184,51 @@ def test_a_failed_job_leaves_the_other_jobs_and_the_report(data_dir, tiny_root, 
                          env=cli_env())  # fmt: skip
     assert out.returncode == 1, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
-    reason = f"cache_dir='{not_a_folder}': {not_a_folder} is a file, not a folder"
-    assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == [
-        f"error: {reason} (the sweep's job job0 failed; the others go on)",
-        "error: 1 job(s) of the sweep failed: job0 (why: failed.txt in each job's folder; "
-        "the report covers the others)",
-    ]
-    assert (sweep_dir / "job0" / "failed.txt").read_text().startswith(reason)
-    assert (sweep_dir / "job0" / ".hydra" / "config.yaml").is_file()
-    assert json.loads((sweep_dir / "job1" / "results.json").read_text())["summary"]["complete"]
-    rows = markdown_table((sweep_dir / "report.md").read_text())
-    assert (rows["job1"]["seeds"], rows["job0"]["seeds"]) == ("1", "0")
-    assert f"- job0 (failed: {reason}" in (sweep_dir / "report.md").read_text()
-    # The same sweep again into its own folder: job1's finished run is refused and left as
-    # it was, and that ends the sweep (every finished job would be refused the same way).
-    before = (sweep_dir / "job1" / "results.json").read_bytes()
+    jobs = _jobs_by_swept_values(sweep_dir, ("cache_dir", "strategy"))
+    bad_cache = f"cache_dir={not_a_folder}"
+    good_cache = f"cache_dir={data_dir / 'cache'}"
+    starting = f"cache_dir='{not_a_folder}': {not_a_folder} is a file, not a folder"
+    running = "no Ray instance answers at 127.0.0.1:9"
+    failed = {jobs[c, s].name: why for c, s, why in [
+        (bad_cache, "strategy=fedavg", starting), (bad_cache, "strategy=central", starting),
+        (good_cache, "strategy=fedavg", running)]}  # fmt: skip
+    done = jobs[good_cache, "strategy=central"]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 4, lines  # one per failed job as it fails, then the summary
+    for name, why in failed.items():
+        assert (
+            sum(
+                line.startswith(f"error: {why}")
+                and line.endswith(f"(the sweep's job {name} failed; the others go on)")
+                for line in lines
+            )
+            == 1
+        )
+        assert (sweep_dir / name / "failed.txt").read_text().startswith(why)
+        assert (sweep_dir / name / ".hydra" / "config.yaml").is_file()
+    assert lines[-1].startswith(f"error: 3 job(s) of the sweep failed: {', '.join(sorted(failed))}")
+    assert json.loads((done / "results.json").read_text())["summary"]["complete"]
+    report_md = (sweep_dir / "report.md").read_text()
+    rows = markdown_table(report_md)
+    assert rows[done.name]["seeds"] == "1"
+    for name, why in failed.items():
+        assert rows[name]["seeds"] == "0" and f"- {name} (failed: {why}" in report_md
+    # Again into its own folder, without resume=true: the finished run is refused and left
+    # as it was, and that ends the sweep (its other finished jobs would be refused too).
+    before = (done / "results.json").read_bytes()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                            env=cli_env())  # fmt: skip
     assert again.returncode == 2, again.stderr[-3000:]
-    lines = [line for line in again.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 2 and "job0 failed; the others go on" in lines[0], lines
-    assert str(sweep_dir / "job1") in lines[1] and "resume=true" in lines[1], lines
-    assert (sweep_dir / "job1" / "results.json").read_bytes() == before
-    assert not (sweep_dir / "job1" / "failed.txt").exists()
+    refusal = [line for line in again.stderr.splitlines() if line.startswith("error:")][-1]
+    assert str(done) in refusal and "resume=true" in refusal, refusal
+    assert (done / "results.json").read_bytes() == before and not (done / "failed.txt").exists()
+    # With resume=true: the finished job is skipped, the others are tried again.
+    resumed = subprocess.run([*cmd, "resume=true"], capture_output=True, text=True,
+                             timeout=300, cwd=tmp_path, env=cli_env())  # fmt: skip
+    assert resumed.returncode == 1, resumed.stderr[-3000:]
+    assert f"resume: {done} is already complete" in resumed.stdout
+    assert resumed.stderr.count("the others go on") == 3
+    assert (done / "results.json").read_bytes() == before
 
 
 # --------------------------------------------------------------------------- a sweep of

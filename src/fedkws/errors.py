@@ -20,6 +20,10 @@ class RunRefused(RuntimeError):
     """A run that must not start (it would overwrite or mix up another run's files)."""
 
 
+class AlreadyComplete(RunRefused):
+    """``resume=true`` on a run that has all its rounds and its final evaluation."""
+
+
 # A run that failed after Hydra gave it a folder keeps why in that folder (the error, and
 # for an unexpected one its traceback): ``fedkws report`` lists the run as failed, with
 # the first line, and a sweep's other jobs go on (fedkws.train).

@@ -58,6 +58,11 @@ def reset() -> None:
     _received.clear()
 
 
+def signal_received() -> bool:
+    """Whether Ctrl-C or SIGTERM asked this run to stop (a stop for another reason: no)."""
+    return bool(_received)
+
+
 def exit_code() -> int:
     """What the process exits with after a stop: 128 + the signal's number (130 without one)."""
     return 128 + (_received[0] if _received else int(signal.SIGINT))

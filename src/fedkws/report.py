@@ -797,7 +797,7 @@ def failed_jobs(sweep: Path) -> list[str]:
     """The jobs under ``sweep`` that failed (a ``failed.txt``) and did not finish since."""
     try:
         runs = find_runs([sweep])
-    except ConfigError:
+    except (ConfigError, OSError):
         return []
     return [_relative(r.folder, sweep) for r in runs
             if not r.complete and read_failure(r.folder) is not None]  # fmt: skip

@@ -371,6 +371,11 @@ class ParallelStop(Callback):
             self.restore = None
 
 
+# This process's failed sweep jobs (the sequential launcher runs them here); the jobs of
+# other launchers are counted from their failed.txt by the sweep report.
+_FAILED_HERE: list[str] = []
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job and return the final validation accuracy (for sweepers).
@@ -390,29 +395,36 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return _job(cfg, run_dir, in_sweep=True)
     except Exception as err:  # noqa: BLE001 - kept in failed.txt and reported; the sweep goes on
-        _say_job_failed(err, run_dir)
+        _job_failed(err, run_dir)
         return None
 
 
 def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
     """:func:`main`'s run: checks, the run, its interrupt; failures kept in the run folder."""
     from fedkws import lifecycle
-    from fedkws.errors import FAILED_FILE, write_failure
+    from fedkws.errors import FAILED_FILE, AlreadyComplete, RunRefused, write_failure
     from fedkws.run import preflight, run
     from fedkws.spec import from_config
 
     try:
         spec = from_config(cfg)
         preflight(spec, run_dir)
+    except AlreadyComplete as done:
+        if not in_sweep:
+            _tidy_refused(run_dir)
+            raise
+        print(f"{done}: skipped (the sweep goes on)")  # resume=true over a whole sweep
+        return None
     except Exception as err:
         if not in_sweep:
             _tidy_refused(run_dir)
-        elif (run_dir / "results.json").exists():
-            # Another run's folder (a sweep started again into its own folder): left as it
-            # was, and the sweep ends here, as every job would be refused the same way.
+        elif isinstance(err, RunRefused):
+            # Another run's folder (a sweep started again into its own folder, without
+            # resume=true, or with another config): left as it was, and the sweep ends here,
+            # as its other finished jobs would be refused the same way.
             print_error(err)
             sys.exit(2)
-        else:  # a sweep's job: its folder says why, for the sweep's report
+        else:  # a sweep's job that could not start: its folder says why, for the report
             _keep_hydra_files(cfg, run_dir)
             write_failure(run_dir, err)
         raise
@@ -426,15 +438,12 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
         try:
             result = run(spec, run_dir, names)
         except (lifecycle.Interrupted, KeyboardInterrupt):  # first or second Ctrl-C / SIGTERM
-            kept = (
-                f"completed rounds are kept in {run_dir}"
-                if (run_dir / "checkpoint.pt").is_file()
-                else f"before its first round ended (nothing to resume in {run_dir})"
-            )
-            print_error(RuntimeError(f"interrupted{lifecycle.stopped_by()}; {kept}"))
-            sys.exit(lifecycle.exit_code())
+            _stop_interrupted(run_dir)
         except Exception as err:
-            write_failure(run_dir, err)
+            if lifecycle.signal_received():  # the run failed while it stopped: still a stop
+                _stop_interrupted(run_dir)
+            if not _complete(run_dir):  # a finished run's records stand (its W&B failed)
+                write_failure(run_dir, err)
             raise
     metrics = result.rounds[-1].metrics if result.rounds else {}
     for key in ("val/eval/acc", "fed/eval/acc_mean"):
@@ -443,18 +452,50 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
     return None
 
 
-def _say_job_failed(err: Exception, run_dir: Path) -> None:
-    """One line for a sweep's failed job: its error (or where its traceback is) and its folder."""
+def _stop_interrupted(run_dir: Path) -> None:
+    """The interrupt's line (what is kept, where) and exit 130 / 143: the sweep ends too."""
+    from fedkws import lifecycle
+
+    kept = (
+        f"completed rounds are kept in {run_dir}"
+        if (run_dir / "checkpoint.pt").is_file()
+        else f"before its first round ended (nothing to resume in {run_dir})"
+    )
+    print_error(RuntimeError(f"interrupted{lifecycle.stopped_by()}; {kept}"))
+    sys.exit(lifecycle.exit_code())
+
+
+def _complete(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run (its results.json says so)."""
+    from fedkws.tracking import Result
+
+    try:
+        return bool(Result.load(run_dir / "results.json").summary.get("complete"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _job_failed(err: Exception, run_dir: Path) -> None:
+    """A sweep's failed job: one line (its error, its folder), counted for the exit status.
+
+    A fault's traceback is in the job's failed.txt, or here when that could not be written.
+    """
+    import traceback
+
     from hydra.core.hydra_config import HydraConfig
 
     from fedkws.errors import FAILED_FILE, is_user_error
 
-    sweep = Path(HydraConfig.get().sweep.dir)
+    sweep = Path(HydraConfig.get().sweep.dir).absolute()
     job = run_dir.relative_to(sweep) if run_dir.is_relative_to(sweep) else run_dir
-    if is_user_error(err):
-        what = (str(err).splitlines() or [type(err).__name__])[0]
-    else:
-        what = f"{type(err).__name__}: {err} (traceback in {run_dir / FAILED_FILE})"
+    _FAILED_HERE.append(str(job))
+    what = (str(err).splitlines() or [""])[0]
+    if not is_user_error(err):
+        what = f"{type(err).__name__}: {what}"
+        if (run_dir / FAILED_FILE).is_file():
+            what += f" (traceback in {run_dir / FAILED_FILE})"
+        else:
+            traceback.print_exception(err)
     print(f"error: {what} (the sweep's job {job} failed; the others go on)", file=sys.stderr)
 
 
@@ -467,10 +508,10 @@ def cli() -> None:
 
     with hydra_mistakes_in_one_line():
         main()
-    if report.FAILED_JOBS:
-        jobs = ", ".join(report.FAILED_JOBS)
-        print(f"error: {len(report.FAILED_JOBS)} job(s) of the sweep failed: {jobs} (why: "
-              "failed.txt in each job's folder; the report covers the others)",
+    failed = sorted({*report.FAILED_JOBS, *_FAILED_HERE})
+    if failed:
+        print(f"error: {len(failed)} job(s) of the sweep failed: {', '.join(failed)} (why: "
+              "above, and in each job's failed.txt; the report covers the others)",
               file=sys.stderr)  # fmt: skip
         sys.exit(1)
 

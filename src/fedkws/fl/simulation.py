@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -77,12 +78,16 @@ def simulate(
         main(InProcessGrid(client_app, num_supernodes))
         return
     raised: list[BaseException] = []
+    started, ended = threading.Event(), threading.Event()
 
     def guarded(grid: Grid) -> None:
+        started.set()
         try:
             main(grid)
         except BaseException as err:  # handed back to the caller below
             raised.append(err)
+        finally:
+            ended.set()
 
     if ray_address:
         check_reachable(ray_address)
@@ -92,8 +97,15 @@ def simulate(
     init_args = (
         attach_args(init_args, ray_address) if ray_address else {"address": "local", **init_args}
     )
-    with actor_pool_capped(actors):
-        _run_ray(guarded, client_app, num_supernodes, client_resources or {}, init_args)
+    try:
+        with actor_pool_capped(actors):
+            _run_ray(guarded, client_app, num_supernodes, client_resources or {}, init_args)
+    except FederationError:
+        # The backend died and asked the ServerApp thread to stop: let it end before the
+        # caller goes on (a sweep's next job clears the stop request it would wait for).
+        if started.is_set():
+            ended.wait(timeout=30)
+        raise
     if raised:
         raise raised[0]
 

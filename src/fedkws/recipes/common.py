@@ -34,7 +34,7 @@ from fedkws.core.models import bn_layers, build_model, count_parameters
 from fedkws.core.seeding import seed_model_init
 from fedkws.data.cache import CachedDataset
 from fedkws.data.pipeline import open_dataset
-from fedkws.errors import ConfigError, RunRefused
+from fedkws.errors import AlreadyComplete, ConfigError, RunRefused
 from fedkws.fileio import torch_save, write_text
 from fedkws.plots import figure
 from fedkws.spec import RunSpec, comparable, may_change
@@ -93,7 +93,7 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
             "already recorded"
         )
     if spec.train.rounds == ckpt.round and _finished(run_dir):
-        raise RunRefused(
+        raise AlreadyComplete(
             f"resume: {run_dir} is already complete ({ckpt.round} rounds and its final "
             "evaluation); raise train.rounds to continue it"
         )
