@@ -464,3 +464,25 @@ def test_a_process_hashes_each_cache_file_once_until_it_changes(small_root, tmp_
     again = _prepare(small_root, tmp_path / "cache")
     assert features.name in hashed  # hashed again, found altered and rebuilt
     np.testing.assert_array_equal(np.asarray(again.features), reference)
+
+
+def test_a_finished_dataset_of_other_settings_is_kept_not_generated_over(small_root, tmp_path):
+    # Catches: training with one generate value changed (a typo, a second study on the same
+    # dataset.root) silently deleting and regenerating someone's finished dataset.
+    root = tmp_path / "copy"
+    shutil.copytree(small_root, root)
+    before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    other = {**SMALL_GENERATE, "speakers": 4, "seed": 1}
+    with pytest.raises(DataError) as refused:
+        ensure_dataset(root, generate=other, progress=False)
+    message = str(refused.value)
+    assert f"dataset.root={root} holds a synthetic dataset generated with other settings" in message
+    assert "speakers=3 there, 4 asked" in message and "seed=0 there, 1 asked" in message
+    assert "utterances" not in message  # only what differs
+    after = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert after == before
+    # The same settings use it as it is; an interrupted generation is fedkws's to finish.
+    assert ensure_dataset(root, generate=SMALL_GENERATE, progress=False) == root
+    (root / synth.dataset._IN_PROGRESS_FILE).touch()  # as a generation that was stopped
+    assert ensure_dataset(root, generate=other, progress=False) == root
+    assert synth.read_marker(root)["num_speakers"] == 4

@@ -83,6 +83,7 @@ def ensure_dataset(
             with file_lock(synth.lock_path(root)):
                 # Another process may have generated it while this one waited.
                 if not synth.is_complete(root, **params):
+                    _refuse_other_dataset(root, synth.other_settings(root, **params))
                     log.info("generating the synthetic dataset at %s", root)
                     summary = synth.generate(root, progress=progress, **params)
                     log.info("%s", summary.describe())
@@ -113,6 +114,17 @@ def ensure_dataset(
 
         scan_words(root)
     return root
+
+
+def _refuse_other_dataset(root: Path, differences: list[str] | None) -> None:
+    """A finished synthetic dataset of other settings is kept, never generated over."""
+    if differences:
+        raise DataError(
+            f"dataset.root={root} holds a synthetic dataset generated with other settings "
+            f"(dataset.generate.{'; '.join(differences)}): set dataset.root to another "
+            "folder for these settings (the default root is named after them), or delete "
+            "that folder to generate it again"
+        )
 
 
 def load_dataset(

@@ -82,6 +82,7 @@ from fedkws.data.synth.dataset import (
     is_complete,
     lock_path,
     main_generate,
+    other_settings,
     read_marker,
 )
 from fedkws.data.synth.noise import NOISE_FILES, make_noise
@@ -124,6 +125,7 @@ __all__ = [
     "held_out_count",
     "is_complete",
     "lock_path",
+    "other_settings",
     "main_generate",
     "make_noise",
     "make_speaker",

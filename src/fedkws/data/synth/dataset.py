@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import EllipsisType
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -169,6 +170,29 @@ def is_complete(
         if marker.get("held_out_speakers") != held_out_speakers:
             return False
     return True
+
+
+# generate()'s parameters by the dataset.generate key a user sets
+_CONFIG_KEYS = {"num_speakers": "speakers", "utterances_per_word": "utterances", "seed": "seed",
+                "noise_seconds": "noise_seconds", "held_out_speakers": "held_out_speakers",
+                "unknown_words": "unknown_words"}  # fmt: skip
+
+
+def other_settings(root: Path | str, **params: Any) -> list[str] | None:
+    """How the finished dataset at ``root`` differs from ``params`` (:func:`config_params`).
+
+    None when ``root`` holds no finished dataset of this format (nothing, an interrupted
+    generation, an older format: fedkws's to rewrite); else the differing
+    ``dataset.generate`` keys with the value the dataset was generated with (empty: none).
+    """
+    marker = read_marker(root)
+    if marker is None or marker.get("version") != FORMAT_VERSION:
+        return None
+    if (Path(root) / _IN_PROGRESS_FILE).exists():
+        return None
+    return [f"{_CONFIG_KEYS[key]}={marker.get(key)!r} there, {value!r} asked"
+            for key, value in params.items()
+            if key in _CONFIG_KEYS and not is_complete(root, **{key: value})]  # fmt: skip
 
 
 def config_params(generate: Mapping) -> dict:
