@@ -35,6 +35,24 @@ CONFIG_MISTAKES = [
         ["strategy=fedadam", "+strategy.kwargs.momentum=0.9"],
         "strategy.kwargs.momentum=0.9: not an argument of FedAdam",
     ),
+    # A wrong kind where Flower's constructor takes a number: FedAdam accepts eta='abc' and
+    # failed with a TypeError traceback after its first round.
+    (
+        ["strategy=fedadam", "strategy.kwargs.eta=abc"],
+        "strategy.kwargs.eta='abc': must be a number",
+    ),
+    (
+        ["strategy=fedavgm", "strategy.kwargs.server_momentum=true"],
+        "strategy.kwargs.server_momentum=True: must be a number",
+    ),
+    (
+        ["strategy=fedprox", "strategy.kwargs.proximal_mu=abc"],
+        "strategy.kwargs.proximal_mu='abc': must be a number",
+    ),
+    (
+        ["strategy=flower", "strategy.class_name=Krum", "+strategy.kwargs.num_malicious_nodes=0.5"],
+        "strategy.kwargs.num_malicious_nodes=0.5: must be an integer",
+    ),
     (["dataset.protocol=50class"], "dataset.protocol='50class'"),
     (["features.kind=wavelet"], "features: Unknown feature kind 'wavelet'"),
     (["train.local_epochs=two"], "train.local_epochs='two'"),

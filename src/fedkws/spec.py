@@ -651,7 +651,8 @@ def _check_strategy(spec: RunSpec, p: _Problems) -> None:
         p.lines.extend(kwargs_problems(s.class_name, dict(s.kwargs)))
     mu = dict(s.kwargs).get("proximal_mu", 0.0)
     ok = isinstance(mu, int | float) and not isinstance(mu, bool) and mu >= 0
-    p.check(ok, "strategy.kwargs.proximal_mu", mu, "must be a number >= 0")
+    if not any(line.startswith("strategy.kwargs.proximal_mu=") for line in p.lines):
+        p.check(ok, "strategy.kwargs.proximal_mu", mu, "must be a number >= 0")
     if spec.partition.scheme != "speaker" and s.min_train_clients > spec.partition.num_clients:
         p.add(
             "strategy.min_train_clients",

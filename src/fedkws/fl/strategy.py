@@ -129,6 +129,8 @@ def kwargs_problems(class_name: str, kwargs: Mapping[str, Any]) -> list[str]:
                 f"strategy.kwargs.{key}={value!r}: not an argument of {class_name} "
                 f"(its arguments: {allowed or 'none beyond those fedkws sets'})"
             )
+        elif wrong := _wrong_kind(value, own[key].default):
+            lines.append(f"strategy.kwargs.{key}={value!r}: {wrong}")
     for key, param in own.items():
         if key != "self" and param.default is param.empty and key not in kwargs:
             lines.append(f"strategy.kwargs.{key}=None: required by {class_name}")
@@ -138,6 +140,26 @@ def kwargs_problems(class_name: str, kwargs: Mapping[str, Any]) -> list[str]:
         except (TypeError, ValueError) as err:
             lines.append(f"strategy.kwargs={dict(kwargs)!r}: {class_name} refused them: {err}")
     return lines
+
+
+def _wrong_kind(value: Any, default: Any) -> str | None:
+    """Why ``value`` cannot stand where the constructor's ``default`` is (None: it can).
+
+    A number's place takes a number, a flag's a true/false, a string's a string; other
+    defaults (None, objects) are not judged here. The class itself is not built with a
+    wrong kind: a few of them (FedAdam's ``eta``) accept a string and fail only when
+    they aggregate, after the first round.
+    """
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, int):
+        return None if is_number and float(value).is_integer() else "must be an integer"
+    if isinstance(default, float):
+        return None if is_number else "must be a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "must be a string"
+    return None
 
 
 def build_strategy(class_name: str, kwargs: Mapping[str, Any]) -> Strategy:
