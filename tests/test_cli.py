@@ -153,6 +153,19 @@ BAD_INPUT = {
     # Catches: the table written over the run's own results.json (exit 0, the run lost).
     "report-markdown-onto-results": ["report", "{runs}", "--markdown", "{runs}/results.json"],
     "report-plot-not-png": ["report", "{runs}", "--plot", "{tmp}/curves.txt"],
+    # Catches: any other file of a run replaced (its plot, its Hydra config), and outputs
+    # that replace each other (a .csv markdown is its own CSV; one name for both).
+    "report-markdown-onto-a-run-file": ["report", "{runs}", "--markdown", "{runs}/accuracy.png"],
+    "report-markdown-into-hydra": ["report", "{runs}", "--markdown", "{runs}/.hydra/t.md"],
+    "report-markdown-is-its-csv": ["report", "{runs}", "--markdown", "{tmp}/t.csv"],
+    "report-markdown-is-the-plot": [
+        "report",
+        "{runs}",
+        "--markdown",
+        "{tmp}/t.png",
+        "--plot",
+        "{tmp}/t.png",
+    ],
     "unknown-command": ["frobnicate"],
 }
 KNOWN_TRACEBACK: dict[str, str] = {}  # name -> reason, for a case that still prints a traceback
@@ -174,6 +187,7 @@ KNOWN_TRACEBACK: dict[str, str] = {}  # name -> reason, for a case that still pr
 def test_bad_input_gives_one_error_line(args, tmp_path):
     runs = tmp_path / "runs" / "seed=0"
     _results_json(runs, {"complete": True, "final/val/eval/acc": 0.5})
+    (runs / "accuracy.png").write_bytes(b"the run's plot")
     empty = tmp_path / "empty"
     empty.mkdir()
     argv = [a.format(tmp=empty, runs=runs) for a in args]
@@ -185,3 +199,5 @@ def test_bad_input_gives_one_error_line(args, tmp_path):
     assert out.stdout == ""
     assert not (empty / "data").exists()  # nothing half-generated
     assert json.loads((runs / "results.json").read_text())["summary"]["complete"]  # untouched
+    assert (runs / "accuracy.png").read_bytes() == b"the run's plot"
+    assert not any(empty.iterdir()) and not (runs / ".hydra").exists()  # nothing written

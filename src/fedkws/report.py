@@ -611,16 +611,17 @@ def report(
     ``log_table`` is handed the table once everything is written (e.g. to W&B).
     ``columns``: only the value columns matching these patterns (:meth:`SweepTable.build`).
     """
-    _check_targets(markdown, plot)
-    table = SweepTable.build([Path(p) for p in paths], columns)
-    text = table.markdown()
-    if found := claims.verdicts(table.cells):
-        text += "\n\n" + claims.markdown(found)
     if markdown is not None and csv_file is None:
         csv_file = Path(markdown).with_suffix(".csv")
     if plot is not None and bars is None:
         bars = Path(plot).with_name(f"{Path(plot).stem}_bars.png")
     grid = None if plot is None else Path(plot).with_name(f"{Path(plot).stem}_grid.png")
+    _check_targets([("--markdown", markdown), ("--markdown's CSV", csv_file), ("--plot", plot),
+                    ("--plot's bar chart", bars), ("--plot's grid", grid)], plot)  # fmt: skip
+    table = SweepTable.build([Path(p) for p in paths], columns)
+    text = table.markdown()
+    if found := claims.verdicts(table.cells):
+        text += "\n\n" + claims.markdown(found)
     outputs = [
         (markdown, lambda p: write_text(p, text + "\n")),
         (csv_file, lambda p: write_text(p, table.csv())),
@@ -640,19 +641,33 @@ def report(
 
 
 # A run's own records: a report never writes over them (a mistyped --markdown would
-# replace a run's results with its table).
+# replace a run's results with its table), nor over any file already in a run folder.
 RUN_RECORDS = ("results.json", "checkpoint.pt")
 
 
-def _check_targets(markdown: Path | None, plot: Path | None) -> None:
-    """Refuse outputs that would replace a run's records, or a PNG under another name."""
-    for flag, target in (("--markdown", markdown), ("--plot", plot)):
-        if target is not None and Path(target).name in RUN_RECORDS:
-            raise ConfigError(
-                f"{flag} {target}: that is a run's own record; write the report elsewhere"
-            )
+def _is_run_folder(folder: Path) -> bool:
+    return (folder / "results.json").is_file() or (folder / ".hydra" / "config.yaml").is_file()
+
+
+def _check_targets(targets: list[tuple[str, Path | None]], plot: Path | None) -> None:
+    """Refuse outputs that would replace a run's files or each other, or a PNG misnamed."""
     if plot is not None and Path(plot).suffix.lower() != ".png":
         raise ConfigError(f"--plot {plot}: the plot is a PNG file; give a name ending in .png")
+    seen: dict[Path, str] = {}
+    for what, target in targets:
+        if target is None:
+            continue
+        target = Path(target)
+        where = target.absolute()
+        if where in seen:
+            raise ConfigError(f"{what} {target}: the same file as {seen[where]}; give the "
+                              "markdown and the plot other names")  # fmt: skip
+        seen[where] = what
+        if (target.name in RUN_RECORDS or ".hydra" in where.parts
+                or (target.exists() and _is_run_folder(where.parent))):  # fmt: skip
+            raise ConfigError(
+                f"{what} {target}: that is a run's own file; write the report elsewhere"
+            )
 
 
 def _curve_keys(results: list[Result]) -> list[str]:
