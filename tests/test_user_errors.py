@@ -128,6 +128,9 @@ HYDRA_MISTAKES = [
     # Catches: values that fail only together, found by the job that has both, mid-sweep.
     (["-m", "bn=full,local", "norm=batch,group"], "error: bn.sync='local': FedBN needs a model "
      "with BatchNorm (norm=batch, not group) (in the sweep's job bn=local norm=group)"),
+    # Catches: joblib's "n_jobs == 0 in Parallel has no meaning" traceback.
+    (["-m", "seed=0,1", "hydra/launcher=fedkws_parallel", "hydra.launcher.n_jobs=0"],
+     "error: hydra.launcher.n_jobs=0: must be the number of jobs at once (>= 1)"),
 ]  # fmt: skip
 
 
@@ -203,6 +206,22 @@ def test_a_file_where_a_folder_is_expected(tmp_path):
         assert len(error_lines(out.stderr)) == 1 and "Traceback" not in out.stderr, out.stderr
         assert str(blocker) in error_lines(out.stderr)[0]
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_folder_that_cannot_be_made(tmp_path):
+    # Catches: Hydra's FileNotFoundError traceback for a run or sweep folder under /proc,
+    # where os.access says yes to root but no folder can be made.
+    for args in (
+        ["hydra.run.dir=/proc/fedkws-nope"],
+        ["-m", "seed=0,1", "hydra.sweep.dir=/proc/fedkws-nope"],
+    ):
+        command = train_command(*args, f"data_dir={tmp_path / 'data'}")
+        out = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=120)
+        assert out.returncode == 2, (args, out.stderr)
+        lines = error_lines(out.stderr)
+        # root: "no folder can be made in /proc (...)"; anyone else: "/proc is not writable"
+        assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+        assert lines[0].startswith(f"error: {args[-1].split('=')[0]}='/proc/fedkws-nope': ")
 
 
 def test_dataset_without_background_noise(tmp_path, tiny_root):

@@ -115,6 +115,14 @@ class FolderGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
         self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+        if (config.hydra.get("launcher") or {}).get("n_jobs") == 0:
+            with user_errors():
+                from fedkws.errors import ConfigError
+
+                raise ConfigError(
+                    "hydra.launcher.n_jobs=0: must be the number of jobs at once (>= 1), "
+                    "or negative as in joblib (-1: one per core)"
+                )
         check_sweep(config, kwargs.get("config_name") or "config")
         if _on_slurm(config) and not (shutil.which("sbatch") and shutil.which("srun")):
             with user_errors():

@@ -147,6 +147,15 @@ def check_writable(path: Path, what: str) -> None:
 
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{what}={str(path)!r}: {probe} is not writable")
+    if probe != path:  # root passes os.access everywhere: try it (/proc, a read-only mount)
+        import tempfile
+
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".fedkws-probe-", dir=probe))
+        except OSError as err:
+            raise ConfigError(
+                f"{what}={str(path)!r}: no folder can be made in {probe} ({err.strerror or err})"
+            ) from None
 
 
 # --------------------------------------------------------------------------- setup
