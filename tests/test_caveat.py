@@ -78,3 +78,18 @@ def test_caveat_on_a_folder_that_is_not_a_run(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2
     assert len(error_lines(done.stderr)) == 1 and "not a finished fedkws run" in done.stderr
+
+
+def test_caveat_that_cannot_write_its_files_says_which(trained, tmp_path):
+    # Catches: an IsADirectoryError traceback naming a temp file.
+    import shutil
+
+    from fedkws.errors import ConfigError
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    (run_dir / "caveat.md").mkdir(exist_ok=True)
+    with pytest.raises(ConfigError, match=f"cannot write {run_dir / 'caveat.md'}: Is a directory"):
+        caveat(run_dir, (4,))
+    with pytest.raises(ConfigError, match="is a file; give the run's folder"):
+        caveat(run_dir / "results.json", (4,))

@@ -47,6 +47,8 @@ def _load(run_dir: Path):
 
     if not run_dir.exists():
         raise ConfigError(f"{run_dir}: no such folder")
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file; give the run's folder")
     results = run_dir / "results.json"
     loaded = checkpoint.load(run_dir) if results.is_file() else None
     if loaded is None:
@@ -82,17 +84,22 @@ def caveat(run_dir: Path, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> str:
     for name, values in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[b]:.3f}" for b in batch_sizes) + " |")
     text = "\n".join(lines) + "\n"
-    write_text(run_dir / "caveat.md", text)
     csv = ["mode,order,batch_size,accuracy"]
     csv += [f"{arms[name][0]},{arms[name][1]},{b},{v:.6f}"
             for name, values in table.items() for b, v in values.items()]  # fmt: skip
-    write_text(run_dir / "caveat.csv", "\n".join(csv) + "\n")
-    with figure(run_dir / "caveat.png", figsize=(6, 4)) as (_, ax):
-        for name, values in table.items():
-            ax.plot(list(batch_sizes), [values[b] for b in batch_sizes], marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("evaluation batch size")
-        ax.set_ylabel("validation accuracy")
-        ax.axhline(1 / data.num_classes, color="grey", linestyle=":", label="chance")
-        ax.legend()
+    try:
+        write_text(run_dir / "caveat.md", text)
+        write_text(run_dir / "caveat.csv", "\n".join(csv) + "\n")
+        with figure(run_dir / "caveat.png", figsize=(6, 4)) as (_, ax):
+            for name, values in table.items():
+                ax.plot(list(batch_sizes), [values[b] for b in batch_sizes], marker="o",
+                        label=name)  # fmt: skip
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("evaluation batch size")
+            ax.set_ylabel("validation accuracy")
+            ax.axhline(1 / data.num_classes, color="grey", linestyle=":", label="chance")
+            ax.legend()
+    except OSError as err:  # e.g. a folder named caveat.md
+        where = err.filename2 or err.filename or run_dir  # the target, not the temp file
+        raise ConfigError(f"cannot write {where}: {err.strerror or err}") from err
     return text

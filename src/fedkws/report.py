@@ -842,7 +842,6 @@ class SweepReport(Callback):
             print(f"no report: {err}")
             return
         print(f"\nSweep {sweep}\n{table}")
-        print(
-            f"(in {sweep}: table report.md and report.csv, curves report.png, bars "
-            "report_bars.png, and report_grid.png for a sweep over two axes)"
-        )
+        grid = ", grid of means report_grid.png" if (sweep / "report_grid.png").is_file() else ""
+        print(f"(in {sweep}: table report.md and report.csv, curves report.png, bars "
+              f"report_bars.png{grid})")  # fmt: skip
