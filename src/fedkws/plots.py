@@ -10,6 +10,7 @@ left out (:func:`legend`). Tick labels are never filtered.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,7 +97,9 @@ def figure(path: Path | str, figsize: tuple[float, float] = (7, 4.2), **kwargs: 
     fig, ax = plt.subplots(figsize=figsize, subplot_kw=subplot_kw, **kwargs)
     try:
         yield fig, ax
-        fig.tight_layout()
+        with warnings.catch_warnings():  # long cell names: the layout is as tight as it gets
+            warnings.filterwarnings("ignore", message="Tight layout not applied")
+            fig.tight_layout()
         with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=110, format="png")
     finally:

@@ -519,7 +519,7 @@ def cli() -> None:
     failed = sorted({*report.FAILED_JOBS, *_FAILED_HERE})
     if failed:
         print(f"error: {len(failed)} job(s) of the sweep failed: {', '.join(failed)} (why: "
-              "above, and in each job's failed.txt; the report covers the others)",
+              "above, and in each job's failed.txt)",
               file=sys.stderr)  # fmt: skip
         sys.exit(1)
 
