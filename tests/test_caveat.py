@@ -88,7 +88,8 @@ def test_caveat_that_cannot_write_its_files_says_which(trained, tmp_path):
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
-    (run_dir / "caveat.md").mkdir(exist_ok=True)
+    (run_dir / "caveat.md").unlink(missing_ok=True)  # written by the other test, if it ran
+    (run_dir / "caveat.md").mkdir()
     with pytest.raises(ConfigError, match=f"cannot write {run_dir / 'caveat.md'}: Is a directory"):
         caveat(run_dir, (4,))
     with pytest.raises(ConfigError, match="is a file; give the run's folder"):
