@@ -156,6 +156,7 @@ BAD_INPUT = {
     # Catches: any other file of a run replaced (its plot, its Hydra config), and outputs
     # that replace each other (a .csv markdown is its own CSV; one name for both).
     "report-markdown-onto-a-run-file": ["report", "{runs}", "--markdown", "{runs}/accuracy.png"],
+    "report-markdown-new-file-in-a-run": ["report", "{runs}", "--markdown", "{runs}/t.md"],
     "report-markdown-into-hydra": ["report", "{runs}", "--markdown", "{runs}/.hydra/t.md"],
     "report-markdown-is-its-csv": ["report", "{runs}", "--markdown", "{tmp}/t.csv"],
     "report-markdown-is-the-plot": [
@@ -188,6 +189,8 @@ def test_bad_input_gives_one_error_line(args, tmp_path):
     runs = tmp_path / "runs" / "seed=0"
     _results_json(runs, {"complete": True, "final/val/eval/acc": 0.5})
     (runs / "accuracy.png").write_bytes(b"the run's plot")
+    (runs / ".hydra").mkdir()
+    (runs / ".hydra" / "config.yaml").write_text("seed: 0\n")
     empty = tmp_path / "empty"
     empty.mkdir()
     argv = [a.format(tmp=empty, runs=runs) for a in args]
@@ -200,4 +203,6 @@ def test_bad_input_gives_one_error_line(args, tmp_path):
     assert not (empty / "data").exists()  # nothing half-generated
     assert json.loads((runs / "results.json").read_text())["summary"]["complete"]  # untouched
     assert (runs / "accuracy.png").read_bytes() == b"the run's plot"
-    assert not any(empty.iterdir()) and not (runs / ".hydra").exists()  # nothing written
+    assert not any(empty.iterdir())  # nothing written
+    assert sorted(p.name for p in runs.rglob("*")) == [".hydra", "accuracy.png", "config.yaml",
+                                                        "results.json"]  # fmt: skip

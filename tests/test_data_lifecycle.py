@@ -477,7 +477,8 @@ def test_a_finished_dataset_of_other_settings_is_kept_not_generated_over(small_r
         ensure_dataset(root, generate=other, progress=False)
     message = str(refused.value)
     assert f"dataset.root={root} holds a synthetic dataset generated with other settings" in message
-    assert "speakers=3 there, 4 asked" in message and "seed=0 there, 1 asked" in message
+    assert "dataset.generate.speakers=3 there, 4 asked" in message
+    assert "dataset.generate.seed=0 there, 1 asked" in message
     assert "utterances" not in message  # only what differs
     after = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
     assert after == before

@@ -53,6 +53,14 @@ CONFIG_MISTAKES = [
         ["strategy=flower", "strategy.class_name=Krum", "+strategy.kwargs.num_malicious_nodes=0.5"],
         "strategy.kwargs.num_malicious_nodes=0.5: must be an integer",
     ),
+    (  # Catches: 2.0 reaching MultiKrum, which slices with it after the first round.
+        [
+            "strategy=flower",
+            "strategy.class_name=MultiKrum",
+            "+strategy.kwargs.num_nodes_to_select=2.0",
+        ],
+        "strategy.kwargs.num_nodes_to_select=2.0: must be an integer",
+    ),
     (["dataset.protocol=50class"], "dataset.protocol='50class'"),
     (["features.kind=wavelet"], "features: Unknown feature kind 'wavelet'"),
     (["train.local_epochs=two"], "train.local_epochs='two'"),

@@ -12,6 +12,7 @@ statistics is the reference row. Writes ``caveat.md``, ``caveat.csv`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,25 @@ def _load(run_dir: Path):
     return spec, data, model.eval()
 
 
+def _write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(path)``; an OSError as one line naming ``path`` (not its temp file)."""
+    try:
+        write(path)
+    except OSError as err:  # e.g. a folder named caveat.md, a read-only run folder
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+def _plot(path: Path, table: dict, batch_sizes: tuple[int, ...], num_classes: int) -> None:
+    with figure(path, figsize=(6, 4)) as (_, ax):
+        for name, values in table.items():
+            ax.plot(list(batch_sizes), [values[b] for b in batch_sizes], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("evaluation batch size")
+        ax.set_ylabel("validation accuracy")
+        ax.axhline(1 / num_classes, color="grey", linestyle=":", label="chance")
+        ax.legend()
+
+
 def caveat(run_dir: Path, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> str:
     """Evaluate, write the files, return the Markdown table."""
     run_dir = Path(run_dir)
@@ -87,19 +107,7 @@ def caveat(run_dir: Path, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> str:
     csv = ["mode,order,batch_size,accuracy"]
     csv += [f"{arms[name][0]},{arms[name][1]},{b},{v:.6f}"
             for name, values in table.items() for b, v in values.items()]  # fmt: skip
-    try:
-        write_text(run_dir / "caveat.md", text)
-        write_text(run_dir / "caveat.csv", "\n".join(csv) + "\n")
-        with figure(run_dir / "caveat.png", figsize=(6, 4)) as (_, ax):
-            for name, values in table.items():
-                ax.plot(list(batch_sizes), [values[b] for b in batch_sizes], marker="o",
-                        label=name)  # fmt: skip
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("evaluation batch size")
-            ax.set_ylabel("validation accuracy")
-            ax.axhline(1 / data.num_classes, color="grey", linestyle=":", label="chance")
-            ax.legend()
-    except OSError as err:  # e.g. a folder named caveat.md
-        where = err.filename2 or err.filename or run_dir  # the target, not the temp file
-        raise ConfigError(f"cannot write {where}: {err.strerror or err}") from err
+    _write(run_dir / "caveat.md", lambda p: write_text(p, text))
+    _write(run_dir / "caveat.csv", lambda p: write_text(p, "\n".join(csv) + "\n"))
+    _write(run_dir / "caveat.png", lambda p: _plot(p, table, batch_sizes, data.num_classes))
     return text

@@ -82,6 +82,7 @@ import csv
 import fnmatch
 import io
 import math
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -641,7 +642,7 @@ def report(
 
 
 # A run's own records: a report never writes over them (a mistyped --markdown would
-# replace a run's results with its table), nor over any file already in a run folder.
+# replace a run's results with its table), nor anything else into a run folder.
 RUN_RECORDS = ("results.json", "checkpoint.pt")
 
 
@@ -658,15 +659,15 @@ def _check_targets(targets: list[tuple[str, Path | None]], plot: Path | None) ->
         if target is None:
             continue
         target = Path(target)
-        where = target.absolute()
+        where = Path(os.path.abspath(target))  # a/../t.png is t.png
         if where in seen:
             raise ConfigError(f"{what} {target}: the same file as {seen[where]}; give the "
                               "markdown and the plot other names")  # fmt: skip
         seen[where] = what
-        if (target.name in RUN_RECORDS or ".hydra" in where.parts
-                or (target.exists() and _is_run_folder(where.parent))):  # fmt: skip
+        if target.name in RUN_RECORDS or ".hydra" in where.parts or _is_run_folder(where.parent):
             raise ConfigError(
-                f"{what} {target}: that is a run's own file; write the report elsewhere"
+                f"{what} {target}: that is inside a run's folder, whose files are the run's; "
+                "write the report elsewhere"
             )
 
 

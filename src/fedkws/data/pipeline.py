@@ -121,9 +121,9 @@ def _refuse_other_dataset(root: Path, differences: list[str] | None) -> None:
     if differences:
         raise DataError(
             f"dataset.root={root} holds a synthetic dataset generated with other settings "
-            f"(dataset.generate.{'; '.join(differences)}): set dataset.root to another "
-            "folder for these settings (the default root is named after them), or delete "
-            "that folder to generate it again"
+            f"({'; '.join(differences)}): give the settings it has to use it, set "
+            "dataset.root to a folder of its own for these (the default root is named "
+            "after every setting but noise_seconds), or delete that folder to generate it again"
         )
 
 

@@ -153,8 +153,9 @@ def _wrong_kind(value: Any, default: Any) -> str | None:
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "must be true or false"
-    if isinstance(default, int):
-        return None if is_number and float(value).is_integer() else "must be an integer"
+    if isinstance(default, int):  # 2.0 too: Krum's counts slice arrays, after round 1
+        return None if isinstance(value, int) and not isinstance(value, bool) else (
+            "must be an integer")  # fmt: skip
     if isinstance(default, float):
         return None if is_number else "must be a number"
     if isinstance(default, str):

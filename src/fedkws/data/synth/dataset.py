@@ -190,7 +190,12 @@ def other_settings(root: Path | str, **params: Any) -> list[str] | None:
         return None
     if (Path(root) / _IN_PROGRESS_FILE).exists():
         return None
-    return [f"{_CONFIG_KEYS[key]}={marker.get(key)!r} there, {value!r} asked"
+
+    def shown(value: Any) -> str:
+        return "null" if value is None else repr(value)
+
+    return [f"dataset.generate.{_CONFIG_KEYS[key]}={shown(marker.get(key))} there, "
+            f"{shown(value)} asked"
             for key, value in params.items()
             if key in _CONFIG_KEYS and not is_complete(root, **{key: value})]  # fmt: skip
 
