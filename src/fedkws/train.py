@@ -411,6 +411,7 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
     """:func:`main`'s run: checks, the run, its interrupt; failures kept in the run folder."""
     from fedkws import lifecycle
     from fedkws.errors import FAILED_FILE, AlreadyComplete, RunRefused, write_failure
+    from fedkws.recipes.common import finished
     from fedkws.run import preflight, run
     from fedkws.spec import from_config
 
@@ -450,7 +451,7 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
         except Exception as err:
             if lifecycle.signal_received():  # the run failed while it stopped: still a stop
                 _stop_interrupted(run_dir)
-            if not _complete(run_dir):  # a finished run's records stand (its W&B failed)
+            if not finished(run_dir):  # a finished run's records stand (its W&B failed)
                 write_failure(run_dir, err)
             raise
     metrics = result.rounds[-1].metrics if result.rounds else {}
@@ -471,16 +472,6 @@ def _stop_interrupted(run_dir: Path) -> None:
     )
     print_error(RuntimeError(f"interrupted{lifecycle.stopped_by()}; {kept}"))
     sys.exit(lifecycle.exit_code())
-
-
-def _complete(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a finished run (its results.json says so)."""
-    from fedkws.tracking import Result
-
-    try:
-        return bool(Result.load(run_dir / "results.json").summary.get("complete"))
-    except (OSError, ValueError, TypeError):
-        return False
 
 
 def _job_failed(err: Exception, run_dir: Path) -> None:

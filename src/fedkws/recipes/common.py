@@ -92,7 +92,7 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
             f"resume: train.rounds={spec.train.rounds} is fewer than the {ckpt.round} rounds "
             "already recorded"
         )
-    if spec.train.rounds == ckpt.round and _finished(run_dir):
+    if spec.train.rounds == ckpt.round and finished(run_dir):
         raise AlreadyComplete(
             f"resume: {run_dir} is already complete ({ckpt.round} rounds and its final "
             "evaluation); raise train.rounds to continue it"
@@ -100,13 +100,13 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
     return loaded
 
 
-def _finished(run_dir: Path) -> bool:
+def finished(run_dir: Path) -> bool:
     """Whether the folder's results.json records a complete run with its final evaluation."""
     import json
 
     try:
         summary = json.loads((run_dir / "results.json").read_text()).get("summary", {})
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # AttributeError: JSON that is no object
         return False
     return bool(summary.get("complete"))
 
