@@ -232,6 +232,27 @@ def test_a_folder_that_cannot_be_made(tmp_path):
         assert lines[0].startswith(f"error: {args[-1].split('=')[0]}='/proc/fedkws-nope': ")
 
 
+@pytest.mark.parametrize("launcher", ["basic", "fedkws_parallel"])
+def test_a_file_where_a_jobs_folder_goes(tmp_path, launcher):
+    # Catches: Hydra's FileExistsError / NotADirectoryError traceback (the parallel launcher:
+    # joblib's re-raised one) when a job's folder, or a folder above it, is a file.
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "job0").write_text("not a folder")
+    command = train_command(
+        "-m", "seed=0,1", "strategy=central", f"hydra/launcher={launcher}",
+        f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job${hydra.job.num}/run",
+        f"data_dir={tmp_path / 'data'}",
+    )  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = error_lines(out.stderr)
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith(f"error: cannot make the job's folder {sweep / 'job0' / 'run'}: ")
+    assert f"{sweep / 'job0'} is a file" in lines[0]
+    assert (sweep / "job0").read_text() == "not a folder"
+
+
 def test_dataset_without_background_noise(tmp_path, tiny_root):
     """The 12-class protocol needs _background_noise_ for its silence class."""
     import shutil

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -129,6 +130,29 @@ def hydra_error_line(err: BaseException) -> str:
     return words
 
 
+def _job_folder_error(err: OSError) -> str | None:
+    """The ``error:`` line for a job folder Hydra could not make (``run_job``'s mkdir), if so."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    cause = err.__cause__
+    if type(cause).__name__ == "_RemoteTraceback":  # a parallel launcher's worker (joblib)
+        frames = re.findall(r'^\s*File ".*", line \d+, in (\S+)$', str(cause), re.MULTILINE)
+    if "run_job" not in frames or frames[-1] != "mkdir":
+        return None
+    folder = Path(err.filename or "?")
+    why = err.strerror or type(err).__name__
+    if isinstance(err, (FileExistsError, NotADirectoryError)):
+        in_the_way = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+        why = f"{in_the_way} is a file" if in_the_way.is_file() else "a file is in the way"
+    return (
+        f"cannot make the job's folder {folder}: {why} (hydra.sweep.dir, hydra.sweep.subdir); "
+        "move it, or run the sweep into another folder"
+    )
+
+
 def _in_a_job(err: BaseException) -> bool:
     """Whether ``err`` was raised inside a job (Hydra's ``run_job``), not while composing."""
     tb = err.__traceback__
@@ -167,6 +191,12 @@ def hydra_mistakes_in_one_line() -> Iterator[None]:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_a_job(err):
                     raise
                 print(f"error: {hydra_error_line(err)}", file=sys.stderr)
+                sys.exit(2)
+            except OSError as err:  # Hydra makes each job's folder before fedkws runs
+                line = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else _job_folder_error(err)
+                if line is None:
+                    raise
+                print(f"error: {line}", file=sys.stderr)
                 sys.exit(2)
 
         return report(call)
