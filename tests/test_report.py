@@ -216,12 +216,16 @@ def test_a_failed_job_leaves_the_other_jobs_and_the_report(data_dir, tiny_root, 
     # Again into its own folder, without resume=true: the finished run is refused and left
     # as it was, and that ends the sweep (its other finished jobs would be refused too).
     before = (done / "results.json").read_bytes()
+    multirun = sweep_dir / "multirun.yaml"
+    multirun.write_bytes(multirun.read_bytes() + b"# the first sweep's\n")  # Hydra rewrites it
+    multirun_before = multirun.read_bytes()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                            env=cli_env())  # fmt: skip
     assert again.returncode == 2, again.stderr[-3000:]
     refusal = [line for line in again.stderr.splitlines() if line.startswith("error:")][-1]
     assert str(done) in refusal and "resume=true" in refusal, refusal
     assert (done / "results.json").read_bytes() == before and not (done / "failed.txt").exists()
+    assert multirun.read_bytes() == multirun_before  # catches: the refused sweep's own config
     # With resume=true: the finished job is skipped, the others are tried again.
     resumed = subprocess.run([*cmd, "resume=true"], capture_output=True, text=True,
                              timeout=300, cwd=tmp_path, env=cli_env())  # fmt: skip

@@ -60,6 +60,9 @@ def _keep_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
 # recorded by FolderGuard. In the environment, not a module global: under `python -m
 # fedkws.train` Hydra's callback lives in a second copy of this module.
 _NEW_FOLDERS_ENV = "FEDKWS_NEW_FOLDERS_FROM"
+# A copy of the multirun.yaml a sweep's folder held before Hydra wrote its own (FolderGuard),
+# put back when the sweep is refused (``_job``): a refused sweep changes nothing on disk.
+_PRIOR_MULTIRUN_ENV = "FEDKWS_PRIOR_MULTIRUN"
 
 
 def _first_missing(folder: Path) -> Path | None:
@@ -95,6 +98,37 @@ def _tidy_refused(run_dir: Path) -> None:
         pass
 
 
+def _keep_prior_multirun(sweep_dir: Path) -> None:
+    """Copy the sweep folder's multirun.yaml (Hydra rewrites it next) aside, for a refusal."""
+    import atexit
+    import tempfile
+
+    prior = sweep_dir / "multirun.yaml"
+    if not prior.is_file():
+        os.environ[_PRIOR_MULTIRUN_ENV] = ""
+        return
+    handle, copy = tempfile.mkstemp(prefix="fedkws-multirun-", suffix=".yaml")
+    with os.fdopen(handle, "wb") as out:
+        out.write(prior.read_bytes())
+    os.environ[_PRIOR_MULTIRUN_ENV] = copy
+    atexit.register(lambda: Path(copy).unlink(missing_ok=True))
+
+
+def _restore_prior_multirun(sweep_dir: Path) -> None:
+    """A refused sweep: its folder's multirun.yaml as it was before (none if it had none)."""
+    copy = os.environ.get(_PRIOR_MULTIRUN_ENV)
+    if copy is None:
+        return
+    target = sweep_dir / "multirun.yaml"
+    try:
+        if copy:
+            shutil.copyfile(copy, target)
+        else:
+            target.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 class FolderGuard(Callback):
     """Hydra creates the run or sweep folder before fedkws runs: check it can, first."""
 
@@ -115,6 +149,7 @@ class FolderGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
         self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+        _keep_prior_multirun(Path(str(config.hydra.sweep.dir)))
         if (config.hydra.get("launcher") or {}).get("n_jobs") == 0:
             with user_errors():
                 from fedkws.errors import ConfigError
@@ -431,6 +466,9 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
             # Another run's folder (a sweep started again into its own folder, without
             # resume=true, or with another config): left as it was, and the sweep ends here,
             # as its other finished jobs would be refused the same way.
+            from hydra.core.hydra_config import HydraConfig
+
+            _restore_prior_multirun(Path(HydraConfig.get().sweep.dir))
             print_error(err)
             sys.exit(2)
         else:  # a sweep's job that could not start: its folder says why, for the report
