@@ -410,12 +410,20 @@ def test_without_a_centralised_run_there_is_no_comparison_table(fake_sweep):
 
 def test_a_sweep_of_centralised_runs_only_has_no_comparison(fake_sweep):
     # Catches: "no centralised cell" said of a sweep that is nothing but centralised cells.
+    from fedkws.errors import ConfigError, write_failure
     from fedkws.report import report
 
     shutil.rmtree(fake_sweep / FED)
     shutil.rmtree(fake_sweep / LOCAL)
+    # ... nor a comparison table of all-"missing" rows for a centralised cell whose every
+    # job failed (it has no results.json to say it is centralised; its kept config does).
+    failed = fake_sweep / "optimizer.lr=9,strategy=central" / "seed=0"
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / ".hydra" / "config.yaml").write_text("seed: 0\nstrategy:\n  name: central\n")
+    write_failure(failed, ConfigError("optimizer.lr=9: too large"))
     text = report([fake_sweep], markdown=fake_sweep / "report.md")
     assert "no centralised cell" not in text and "against the centralised" not in text
+    assert "optimizer.lr=9,strategy=central/seed=0 (failed: optimizer.lr=9: too large)" in text
 
 
 def test_missing_run_is_marked_in_markdown_and_csv(fake_sweep):

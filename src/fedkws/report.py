@@ -255,6 +255,17 @@ def _fmt(values: Values, signed: bool = False) -> str:
     return f"{text} [{num.format(interval[0])}, {num.format(interval[1])}]"
 
 
+def _configured_strategy(folder: Path) -> str | None:
+    """The strategy a run folder's kept configuration (``.hydra/config.yaml``) names."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())
+        return str(config["strategy"]["name"])
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return None
+
+
 def _is_reference(results: list[Result]) -> bool:
     return any(r.summary.get("strategy") == "central" for r in results)
 
@@ -289,8 +300,14 @@ class Cell:
 
     @property
     def central(self) -> bool:
-        """Whether this is a centralised (reference) cell."""
-        return _is_reference(self.results)
+        """Whether this is a centralised (reference) cell.
+
+        Read from the finished runs, or, when none finished (every job failed), from
+        the configuration the runs kept: such a cell is not a federated row to compare.
+        """
+        if self.results:
+            return _is_reference(self.results)
+        return any(_configured_strategy(r.folder) == "central" for r in self.runs)
 
     def pairs(self) -> list[tuple[Result, Result]]:
         """Each finished run with its reference's finished run of the same seed."""
