@@ -164,19 +164,25 @@ def test_a_parallel_sweep_runs_its_jobs_at_once_with_the_sequential_results(
     assert start_a < end_b and start_b < end_a, spans
 
 
-def test_sigterm_to_a_parallel_sweep_goes_to_its_job_workers_only(tmp_path):
-    """The sweep's process passes SIGTERM to its joblib workers, not to its other children."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_stop_to_a_parallel_sweep_goes_to_its_job_workers_only(tmp_path, signame):
+    """The sweep's process passes SIGINT / SIGTERM to its joblib workers, not its other children.
+
+    Catches: ``kill -INT`` of a parallel sweep's process ignored (its jobs ran on to the end).
+    """
     import signal
     import sys
     import time
 
     from fedkws import lifecycle
 
+    signum = getattr(signal, signame)
+
     def child(name: str, marker: str) -> subprocess.Popen:
-        """A child that writes its name to a file on SIGTERM; ``marker`` is on its command line."""
+        """A child that writes its name to a file on the signal; ``marker`` is on its command line."""
         code = (
             "import signal, sys, time\n"
-            f"signal.signal(signal.SIGTERM, lambda *a: (open({str(tmp_path / name)!r}, 'w'),"
+            f"signal.signal(signal.{signame}, lambda *a: (open({str(tmp_path / name)!r}, 'w'),"
             " sys.exit(0)))\n"
             "print('ready', flush=True)\n"
             "time.sleep(60)\n"
@@ -187,9 +193,10 @@ def test_sigterm_to_a_parallel_sweep_goes_to_its_job_workers_only(tmp_path):
 
     worker = child("worker", "--as-if popen_loky_posix")
     other = child("other", "--something-else")  # e.g. joblib's resource tracker, the Ray head
-    restore = lifecycle.pass_sigterm_to_children("popen_loky_posix")
+    before = signal.getsignal(signum)
+    restore = lifecycle.pass_stops_to_children("popen_loky_posix")
     try:
-        os.kill(os.getpid(), signal.SIGTERM)  # handled in this process: passed on, not fatal
+        os.kill(os.getpid(), signum)  # handled in this process: passed on, not fatal
         assert worker.wait(timeout=10) == 0 and (tmp_path / "worker").exists()
         time.sleep(0.3)
         assert other.poll() is None and not (tmp_path / "other").exists()
@@ -197,22 +204,52 @@ def test_sigterm_to_a_parallel_sweep_goes_to_its_job_workers_only(tmp_path):
         restore()
         other.kill()
         worker.kill()
-    # With no worker to pass it to, SIGTERM ends the process as it would have.
+    assert signal.getsignal(signum) is before and lifecycle._FORWARDING_ENV not in os.environ
+    # With no worker to pass it to, the signal does what it did before.
     alone = subprocess.run(
         [sys.executable, "-c", "import os, signal, time\n"
          "from fedkws import lifecycle\n"
-         "lifecycle.pass_sigterm_to_children('popen_loky_posix')\n"
-         "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(10)\n"],
-        timeout=60,
+         "lifecycle.pass_stops_to_children('popen_loky_posix')\n"
+         f"os.kill(os.getpid(), signal.{signame})\ntime.sleep(10)\n"],
+        timeout=60, capture_output=True, text=True,
     )  # fmt: skip
-    assert alone.returncode == -signal.SIGTERM
+    if signame == "SIGTERM":
+        assert alone.returncode == -signal.SIGTERM
+    else:  # Python's own handler: KeyboardInterrupt
+        assert alone.returncode != 0 and "KeyboardInterrupt" in alone.stderr
+
+
+def test_a_jobs_second_signal_within_a_second_is_the_same_stop_in_a_parallel_sweep(monkeypatch):
+    # Catches: a terminal's Ctrl-C, which reaches a parallel sweep's job directly and again
+    # through the sweep's process, taken for a second Ctrl-C (the job aborted, not stopped).
+    import signal
+    import time
+
+    from fedkws import lifecycle
+
+    monkeypatch.setenv(lifecycle._FORWARDING_ENV, "1")
+    with lifecycle.graceful_interrupts():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C, through the sweep
+        time.sleep(0.2)  # both handlers have run: no KeyboardInterrupt
+        assert lifecycle.exit_code() == 130
+        time.sleep(lifecycle._SAME_STOP_S)
+        with pytest.raises(KeyboardInterrupt):  # a Ctrl-C of its own later: abort
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
 
 
 @pytest.mark.slow
-def test_sigterm_stops_every_job_of_a_parallel_sweep(data_dir, tiny_root, tmp_path):
-    """Before, SIGTERM ended the sweep's process at once and its jobs died with Ray's errors."""
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "Ctrl-C"])
+def test_a_stop_ends_every_job_of_a_parallel_sweep(data_dir, tiny_root, tmp_path, how):
+    """Before, SIGTERM ended the sweep's process at once and its jobs died with Ray's errors,
+    and SIGINT to the sweep's process alone was ignored. ``Ctrl-C``: SIGINT to the whole
+    process group, as a terminal sends it (each job gets it twice: one stop, not an abort)."""
     import signal
     import time
+
+    signum = signal.SIGTERM if how == "SIGTERM" else signal.SIGINT
+    name = "SIGTERM" if how == "SIGTERM" else "Ctrl-C"
 
     sweep = tmp_path / "sweep"
     command = train_command(
@@ -221,20 +258,24 @@ def test_sigterm_stops_every_job_of_a_parallel_sweep(data_dir, tiny_root, tmp_pa
         f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job${hydra.job.num}",
     )  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env())  # fmt: skip
+                            env=cli_env(), start_new_session=True)  # fmt: skip
     try:
         results = [sweep / f"job{k}" / "results.json" for k in (0, 1)]
         deadline = time.monotonic() + 300
         while not all(p.is_file() and '"round": 1' in p.read_text() for p in results):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        if how == "Ctrl-C":
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert err.count("SIGTERM: stopping after this step") == 2, err[-3000:]  # both jobs
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert err.count(f"{name}: stopping after this step") == 2, err[-3000:]  # both jobs
+    assert "KeyboardInterrupt" not in err, err[-3000:]
     assert "Traceback" not in err and "actor died" not in err.lower(), err[-3000:]
     for path in results:  # each job kept its complete rounds
         rounds = [r["round"] for r in json.loads(path.read_text())["rounds"]]

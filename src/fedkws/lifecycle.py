@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -28,6 +29,11 @@ _STOP = threading.Event()
 _ABORT = threading.Event()  # the second signal: work in other threads ends at its next step
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []  # the signal that asked for the stop, if one did
+_first_at: list[float] = []  # when it came (time.monotonic())
+# Set (and inherited by the jobs' worker processes) while a parallel sweep's process passes
+# stops on: a job then gets a terminal's Ctrl-C twice, directly and through the sweep.
+_FORWARDING_ENV = "FEDKWS_SWEEP_FORWARDS_STOPS"
+_SAME_STOP_S = 1.0  # a second signal this soon after the first, in such a job, is that one
 
 
 class Interrupted(Exception):
@@ -56,6 +62,7 @@ def reset() -> None:
     _STOP.clear()
     _ABORT.clear()
     _received.clear()
+    _first_at.clear()
 
 
 def signal_received() -> bool:
@@ -84,9 +91,16 @@ def _on_signal(signum: int, frame: object) -> None:
 def signalled(signum: int) -> None:
     """What a signal does within :func:`graceful_interrupts`: the first asks, the second aborts."""
     if _STOP.is_set():
+        if (
+            _first_at
+            and os.environ.get(_FORWARDING_ENV)
+            and (time.monotonic() - _first_at[0] < _SAME_STOP_S)
+        ):
+            return  # the same stop request, passed on by the sweep's process
         _ABORT.set()
         raise KeyboardInterrupt
     _received.append(signum)
+    _first_at.append(time.monotonic())
     _STOP.set()
     name = _name(signum)
     print(f"\n{name}: stopping after this step ({name} again to abort now)", file=sys.stderr)
@@ -130,19 +144,28 @@ def reclaim_sigterm() -> bool:
     return False
 
 
-def pass_sigterm_to_children(match: str) -> Callable[[], None]:
-    """From now on SIGTERM to this process goes to its children whose command line has ``match``.
+def pass_stops_to_children(match: str) -> Callable[[], None]:
+    """From now on SIGINT and SIGTERM to this process go to its children whose command line has ``match``.
 
     For a parallel sweep's process: its jobs run in worker processes, where each
-    stops after its current step (as all of them do on Ctrl-C, which the terminal
-    sends to every process of the sweep). With no such child, SIGTERM ends this
-    process as it would have. Returns the function that puts the previous handler back.
+    stops after its current step. A terminal's Ctrl-C reaches every process of the
+    sweep, the jobs included, and then once more through this process: a job takes
+    a second signal within a second of its first for the same request. With no
+    such child, the signal does here what it did before (SIGTERM ends the process,
+    SIGINT raises ``KeyboardInterrupt``). Call before the children start (they
+    inherit the environment that says so). Returns the function that undoes it.
     """
     me = os.getpid()
+    os.environ[_FORWARDING_ENV] = "1"
+    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
 
     def forward(signum: int, frame: object) -> None:
         children = _children(me, match)
         if not children:
+            before = previous[signum]
+            if callable(before):
+                before(signum, frame)
+                return
             signal.signal(signum, signal.SIG_DFL)
             os.kill(me, signum)
             return
@@ -152,8 +175,15 @@ def pass_sigterm_to_children(match: str) -> Callable[[], None]:
             except ProcessLookupError:
                 pass  # ended meanwhile
 
-    previous = signal.signal(signal.SIGTERM, forward)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    for signum in _SIGNALS:
+        signal.signal(signum, forward)
+
+    def restore() -> None:
+        os.environ.pop(_FORWARDING_ENV, None)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore
 
 
 def _children(parent: int, match: str) -> list[int]:

@@ -385,12 +385,13 @@ class SweepRay(Callback):
 
 
 class ParallelStop(Callback):
-    """SIGTERM to a parallel sweep's process stops its jobs as Ctrl-C does.
+    """SIGINT or SIGTERM to a parallel sweep's process stops its jobs as Ctrl-C does.
 
     The jobs of ``hydra/launcher=fedkws_parallel`` run in joblib's worker
     processes, where fedkws's signal handling lives; the sweep's own process
-    passes SIGTERM on to them, so each job stops after its current step and
-    keeps its last complete round.
+    passes both signals on to them (``kill -INT`` of the sweep alone was ignored
+    before), so each job stops after its current step and keeps its last
+    complete round.
     """
 
     # joblib's worker processes (loky) are started with this module on their command line
@@ -406,7 +407,7 @@ class ParallelStop(Callback):
         from fedkws import lifecycle
 
         if _parallel_jobs(config) > 1 and threading.current_thread() is threading.main_thread():
-            self.restore = lifecycle.pass_sigterm_to_children(self.WORKERS)
+            self.restore = lifecycle.pass_stops_to_children(self.WORKERS)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
         if self.restore is not None:
