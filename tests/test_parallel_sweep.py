@@ -179,7 +179,7 @@ def test_a_stop_to_a_parallel_sweep_goes_to_its_job_workers_only(tmp_path, signa
     signum = getattr(signal, signame)
 
     def child(name: str, marker: str) -> subprocess.Popen:
-        """A child that writes its name to a file on the signal; ``marker`` is on its command line."""
+        """A child that writes its name to a file on the signal; ``marker`` on its command line."""
         code = (
             "import signal, sys, time\n"
             f"signal.signal(signal.{signame}, lambda *a: (open({str(tmp_path / name)!r}, 'w'),"

@@ -145,7 +145,7 @@ def reclaim_sigterm() -> bool:
 
 
 def pass_stops_to_children(match: str) -> Callable[[], None]:
-    """From now on SIGINT and SIGTERM to this process go to its children whose command line has ``match``.
+    """SIGINT and SIGTERM to this process go to its children whose command line has ``match``.
 
     For a parallel sweep's process: its jobs run in worker processes, where each
     stops after its current step. A terminal's Ctrl-C reaches every process of the
