@@ -380,6 +380,11 @@ def test_config_params_reject_too_few_speakers_in_one_line():
         synth.config_params(small)
     params = synth.config_params({**small, "held_out_speakers": None, "unknown_words": None})
     assert params["held_out_speakers"] is None and params["unknown_words"] is None
+    # Catches: "allowed: 1 to 1" for 4 speakers, and for 2, where nothing is allowed.
+    with pytest.raises(DataError, match=r"\.speakers=4; allowed: 1 \(at least 121 "):
+        synth.config_params({**small, "speakers": 4})
+    with pytest.raises(DataError, match=r"^dataset\.generate\.speakers=2: at least 3 \("):
+        synth.config_params({**small, "speakers": 2})
 
 
 def test_plan_layout_and_rotation():

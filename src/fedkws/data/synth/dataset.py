@@ -221,13 +221,20 @@ def config_params(generate: Mapping) -> dict:
         unknown_words=optional_int("unknown_words"),
     )
     held_out, speakers = params["held_out_speakers"], params["num_speakers"]
-    if held_out is not None and not 1 <= held_out <= max_held_out(speakers):
-        from fedkws.data.errors import DataError
+    from fedkws.data.errors import DataError
 
+    if speakers < 3:
+        raise DataError(
+            f"dataset.generate.speakers={speakers}: at least 3 (one each for training, "
+            "validation and testing)"
+        )
+    most = max_held_out(speakers)
+    if held_out is not None and not 1 <= held_out <= most:
+        allowed = "1" if most == 1 else f"1 to {most}"
         raise DataError(
             f"dataset.generate.held_out_speakers={held_out} leaves no training speaker with "
-            f"dataset.generate.speakers={speakers}; allowed: 1 to {max(1, max_held_out(speakers))}"
-            f" (at least {2 * held_out + 1} speakers for {held_out}), or null for 10 %"
+            f"dataset.generate.speakers={speakers}; allowed: {allowed} (at least "
+            f"{2 * held_out + 1} speakers for {held_out}), or null for 10 %"
         )
     return params
 
