@@ -255,6 +255,29 @@ def test_seed_repro_preset(tmp_path):
     assert cfg.model.depth == 34
 
 
+def test_a_seed_only_sweep_puts_its_jobs_in_the_sweep_folder(data_dir, tiny_root, tmp_path):
+    # Catches: a sweep over nothing but excluded keys (seed) has an empty override dirname,
+    # so the job folder '/seed=0' was absolute and the runs went to the filesystem's root.
+    from omegaconf import OmegaConf
+
+    from helpers import cli_env, tiny_dataset_overrides
+
+    overrides = [o for o in tiny_dataset_overrides(data_dir, tiny_root) if o != "plots=false"]
+    config = OmegaConf.load(Path(CONF_DIR) / "config.yaml")
+    keys = [*config.hydra.job.config.override_dirname.exclude_keys,
+            *(o.split("=", 1)[0] for o in overrides), "federation.sweep_ray"]  # fmt: skip
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "fedkws.prepare", "-m", "seed=0,1", *overrides,
+        "federation.sweep_ray=false", f"hydra.sweep.dir={sweep}",
+        f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]",
+    ]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for seed in (0, 1):
+        assert (sweep / f"seed={seed}" / "data_summary.txt").is_file(), out.stdout[-2000:]
+
+
 def test_prepare_prints_dataset_and_partition_summary(make_cfg, tmp_path):
     from fedkws.prepare import prepare_data
 

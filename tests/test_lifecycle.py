@@ -107,10 +107,15 @@ REFUSALS = [
     ([], "pass resume=true"),
     (["resume=true", "optimizer.lr=0.5"], "differs from the checkpoint's in optimizer.lr"),
     (["resume=true", "train.rounds=1"], "fewer than the 2 rounds already recorded"),
+    # Catches: a resume that trains nothing and rewrites results.json as a stopped run
+    # (a finished run, with train.rounds raised, lost its final evaluation so).
+    (["resume=true", "train.stop_after_round=2"], "already has 2 round(s): nothing to train"),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "expected"), REFUSALS, ids=["no-resume", "changed", "fewer"])
+@pytest.mark.parametrize(
+    ("overrides", "expected"), REFUSALS, ids=["no-resume", "changed", "fewer", "stop-before"]
+)
 def test_refused_run_changes_nothing_on_disk(stopped_run, data_dir, tiny_root, overrides, expected):
     before = _snapshot(stopped_run)
     assert ".hydra/config.yaml" in before and "checkpoint.pt" in before

@@ -408,6 +408,20 @@ def test_without_a_centralised_run_there_is_no_comparison_table(fake_sweep):
     assert _csv_rows(fake_sweep / "report.csv")[FED]["test/eval/acc_vs_central_mean"] == ""
 
 
+def test_a_sweep_of_seeds_only_is_one_cell(tmp_path):
+    # Catches: seed folders straight under the sweep (its override dirname empty) each
+    # taken for a cell of its own, so no mean or interval over the seeds.
+    from fedkws.report import report
+
+    sweep = tmp_path / "seeds"
+    for seed, acc in CENTRAL_VAL.items():
+        _write_run(sweep / f"seed={seed}", seed, "central", {"eval": [acc]}, {"eval": acc})
+    rows = markdown_table(report([sweep], markdown=sweep / "report.md"))
+    assert list(rows) == ["seeds"] and rows["seeds"]["seeds"] == str(len(CENTRAL_VAL))
+    mean = sum(CENTRAL_VAL.values()) / len(CENTRAL_VAL)
+    assert rows["seeds"]["test/eval/acc"].startswith(f"{mean:.3f} ± ")
+
+
 def test_a_sweep_of_centralised_runs_only_has_no_comparison(fake_sweep):
     # Catches: "no centralised cell" said of a sweep that is nothing but centralised cells.
     from fedkws.errors import ConfigError, write_failure

@@ -164,8 +164,11 @@ def _why_missing(run: Run) -> str:
 
 def _cell_name(folder: Path, base: Path) -> str:
     parts = folder.relative_to(base).parts if folder.is_relative_to(base) else folder.parts[-2:]
-    parts = tuple(p for p in parts if not _SEED_DIR.match(p))
-    return "/".join(parts) or folder.name
+    kept = tuple(p for p in parts if not _SEED_DIR.match(p))
+    if kept:
+        return "/".join(kept)
+    # Seed folders straight under the sweep (a sweep of seeds only): one cell, the sweep's.
+    return (base.name or str(base)) if parts else folder.name
 
 
 def _relative(folder: Path, base: Path) -> str:

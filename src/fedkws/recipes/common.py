@@ -97,6 +97,14 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
             f"resume: {run_dir} is already complete ({ckpt.round} rounds and its final "
             "evaluation); raise train.rounds to continue it"
         )
+    stop = spec.train.stop_after_round
+    if stop is not None and ckpt.round >= stop < spec.train.rounds:
+        # It would train nothing and rewrite results.json as a stopped run (a finished
+        # run's final evaluation lost).
+        raise RunRefused(
+            f"resume: train.stop_after_round={stop}, and {run_dir} already has {ckpt.round} "
+            f"round(s): nothing to train; drop it or set it above {ckpt.round}"
+        )
     return loaded
 
 
