@@ -484,6 +484,19 @@ def test_a_finished_dataset_of_other_settings_is_kept_not_generated_over(small_r
     assert after == before
     # The same settings use it as it is; an interrupted generation is fedkws's to finish.
     assert ensure_dataset(root, generate=SMALL_GENERATE, progress=False) == root
+    # ... nor by `fedkws generate` (which regenerated it with the new settings, exit 0).
+    out = subprocess.run(
+        [sys.executable, "-m", "fedkws.cli", "generate", "--root", str(root), "--speakers", "4",
+         "--utterances", "1", "--noise-seconds", "2", "--held-out-speakers", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: --root {root} holds a synthetic dataset generated with other settings "
+        "(--speakers=3 there, 4 asked; --unknown-words=null there, 3 asked): "
+    ), lines
+    assert {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
     (root / synth.dataset._IN_PROGRESS_FILE).touch()  # as a generation that was stopped
     assert ensure_dataset(root, generate=other, progress=False) == root
     assert synth.read_marker(root)["num_speakers"] == 4

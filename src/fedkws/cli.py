@@ -115,6 +115,16 @@ def _generate(args: argparse.Namespace, synth) -> None:
         )
     if args.root.exists() and not args.root.is_dir():
         raise DataError(f"--root {args.root}: a file, not a folder")
+    if differences := synth.other_settings(args.root, **params):  # kept, never generated over
+        keys_values = [d.removeprefix("dataset.generate.").partition("=") for d in differences]
+        settings = "; ".join(  # in the options' own words: --held-out-speakers=...
+            f"--{key.replace('_', '-')}={value}" for key, _, value in keys_values
+        )
+        raise DataError(
+            f"--root {args.root} holds a synthetic dataset generated with other settings "
+            f"({settings}): give the settings it has, another --root, or delete that folder "
+            "to generate it again"
+        )
     try:
         summary = synth.generate(args.root, **params)
     except (ValueError, FileExistsError) as err:  # documented: bad sizes, a folder not ours
