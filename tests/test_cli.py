@@ -150,6 +150,14 @@ BAD_INPUT = {
     # Catches: the default --held-out-speakers (60) with fewer than 121 speakers: a ValueError.
     "generate-held-out-too-many": ["generate", "--root", "{tmp}/data", "--speakers", "60"],
     "generate-root-is-a-file": ["generate", "--root", "{runs}/results.json"],
+    # Catches: 100 accepted, with a summary counting 100 of the 25 other words.
+    "generate-unknown-words-over-25": [
+        "generate",
+        "--root",
+        "{tmp}/data",
+        "--unknown-words",
+        "100",
+    ],
     # Catches: the table written over the run's own results.json (exit 0, the run lost).
     "report-markdown-onto-results": ["report", "{runs}", "--markdown", "{runs}/results.json"],
     "report-plot-not-png": ["report", "{runs}", "--plot", "{tmp}/curves.txt"],

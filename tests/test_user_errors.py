@@ -86,6 +86,27 @@ CONFIG_MISTAKES = [
         ["strategy=cyclic", "federation.supernodes=2"],
         "federation.supernodes=2: must be auto or null with strategy=cyclic",
     ),
+    # Catches: the synthetic corpus's sizes reaching the generator (a ValueError traceback,
+    # after the run folder was made), or quietly truncated (2.5 speakers, true held out).
+    (["dataset.generate.utterances=0"], "dataset.generate.utterances=0: must be an integer >= 1"),
+    (["dataset.generate.seed=-1"], "dataset.generate.seed=-1: must be an integer >= 0"),
+    (["dataset.generate.speakers=2.5"], "dataset.generate.speakers=2.5: must be an integer >= 3"),
+    (
+        ["dataset.generate.held_out_speakers=true"],
+        "dataset.generate.held_out_speakers=True: must be null (10 % of the speakers) or an",
+    ),
+    # Catches: generated, then refused for short noise files.
+    (
+        ["dataset.generate.noise_seconds=0.5"],
+        "dataset.generate.noise_seconds=0.5: must be a number of seconds >= 1",
+    ),
+    # Catches: accepted, and a summary that counted 100 other words where there are 25.
+    (
+        ["dataset.generate.unknown_words=100"],
+        "dataset.generate.unknown_words=100: must be null (all 25 other words) or an integer",
+    ),
+    # Catches: torchaudio's IndexError traceback once the features were being computed.
+    (["features=mfcc", "features.n_mfcc=0"], "features.n_mfcc=0: must be an integer >= 1"),
 ]
 
 

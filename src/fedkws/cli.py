@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _at_least(low: float, kind: type = int):
+def _at_least(low: float, kind: type = int, high: float | None = None):
     def parse(text: str):
         try:
             value = kind(text)
@@ -33,6 +33,8 @@ def _at_least(low: float, kind: type = int):
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{text} is less than {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} is more than {high}")
         return value
 
     parse.__name__ = kind.__name__
@@ -45,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from fedkws.data import synth
+    from fedkws.data.speech_commands import OTHER_WORDS_V2
 
     gen = sub.add_parser("generate", help="generate the synthetic Speech Commands dataset")
     gen.add_argument("--root", type=Path, required=True)
@@ -61,8 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     words = gen.add_mutually_exclusive_group()
     words.add_argument(
-        "--unknown-words", type=_at_least(0), default=synth.DEFAULT_UNKNOWN_WORDS,
-        help="non-command words each speaker records once",
+        "--unknown-words", type=_at_least(0, int, len(OTHER_WORDS_V2)),
+        default=synth.DEFAULT_UNKNOWN_WORDS,
+        help=f"non-command words each speaker records once (at most {len(OTHER_WORDS_V2)})",
     )  # fmt: skip
     words.add_argument(
         "--all-words", action="store_true",

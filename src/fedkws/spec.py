@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -555,6 +556,54 @@ def _check_data(spec: RunSpec, p: _Problems) -> None:
         value = getattr(aug, key)
         p.check(value >= 0, f"augment.{key}", value, "must be >= 0")
     p.check(aug.time_shift_ms >= 0, "augment.time_shift_ms", aug.time_shift_ms, "must be >= 0")
+    _check_features(spec, p)
+    if spec.dataset.generate is not None:
+        _check_generate(dict(spec.dataset.generate), p)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_features(spec: RunSpec, p: _Problems) -> None:
+    features = spec.features
+    names = ("n_mels", "n_fft", "n_mfcc") if features.kind == "mfcc" else ("n_mels", "n_fft")
+    for name in names:
+        value = getattr(features, name)
+        p.check(
+            _is_whole(value) and value >= 1, f"features.{name}", value, "must be an integer >= 1"
+        )
+
+
+def _check_generate(gen: dict[str, Any], p: _Problems) -> None:
+    """The synthetic corpus's sizes, before anything is generated (whole numbers, in range)."""
+    from fedkws.data.speech_commands import OTHER_WORDS_V2
+
+    key = "dataset.generate."
+    speakers = gen.get("speakers")
+    ok = _is_whole(speakers) and speakers >= 3
+    why = "must be an integer >= 3 (a speaker each for training, validation and testing)"
+    p.check(ok, key + "speakers", speakers, why)
+    for name, low in (("utterances", 1), ("seed", 0)):
+        value = gen.get(name)
+        ok = _is_whole(value) and value >= low
+        p.check(ok, key + name, value, f"must be an integer >= {low}")
+    noise = gen.get("noise_seconds", 1.0)
+    ok = isinstance(noise, int | float) and not isinstance(noise, bool) and 1 <= noise < math.inf
+    p.check(ok, key + "noise_seconds", noise, "must be a number of seconds >= 1")
+    held = gen.get("held_out_speakers")
+    ok = held is None or (_is_whole(held) and held >= 1)
+    p.check(
+        ok,
+        key + "held_out_speakers",
+        held,
+        "must be null (10 % of the speakers) or an integer >= 1",
+    )
+    others = len(OTHER_WORDS_V2)
+    unknown = gen.get("unknown_words")
+    ok = unknown is None or (_is_whole(unknown) and 0 <= unknown <= others)
+    why = f"must be null (all {others} other words) or an integer in [0, {others}]"
+    p.check(ok, key + "unknown_words", unknown, why)
 
 
 def _check_model(spec: RunSpec, p: _Problems) -> None:

@@ -39,6 +39,7 @@ UNKNOWN_LABEL = "_unknown_"
 BACKGROUND_NOISE_DIR = "_background_noise_"
 TEN_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 LABELS_12 = (SILENCE_LABEL, UNKNOWN_LABEL) + TEN_WORDS
+OTHER_WORDS_V2 = tuple(w for w in WORDS_V2 if w not in TEN_WORDS)  # the 12-class "unknown" words
 
 # 2**27 - 1: the largest number of files per class the split rule supports.
 _MAX_NUM_WAVS_PER_CLASS = 2**27 - 1
