@@ -408,6 +408,51 @@ def test_without_a_centralised_run_there_is_no_comparison_table(fake_sweep):
     assert _csv_rows(fake_sweep / "report.csv")[FED]["test/eval/acc_vs_central_mean"] == ""
 
 
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ('{"summary": [1]}', "its summary is a JSON array, not an object"),
+        ('{"config": null}', "its config is a JSON null, not an object"),
+        ('{"rounds": [{"round": 1, "metrics": "x", "seconds": 1}]}', "a round that is not"),
+        ("null", "a JSON null"),
+    ],
+)
+def test_a_results_json_of_another_shape_is_listed_not_a_crash(tmp_path, body, why):
+    # Catches: an AttributeError traceback (a summary that is a list, a null config) from
+    # fedkws report, where a damaged run belongs in the list of missing runs.
+    from fedkws.report import report
+
+    sweep = tmp_path / "sweep"
+    _write_run(sweep / "a" / "seed=0", 0, "central", {"eval": [0.5]}, {"eval": 0.5})
+    (sweep / "b" / "seed=0").mkdir(parents=True)
+    (sweep / "b" / "seed=0" / "results.json").write_text(body)
+    text = report([sweep], markdown=sweep / "report.md")
+    assert f"- b/seed=0 (unreadable results.json: not a fedkws results.json ({why}" in text
+
+
+def test_linked_runs_and_runs_with_only_a_failure_or_checkpoint_are_reported(tmp_path):
+    # Catches: a run folder that is a link to a folder silently left out (a sweep of links
+    # only: "no run folder"), and a folder with nothing but failed.txt or checkpoint.pt
+    # (a run that failed or was killed before its results.json) missing from the list.
+    from fedkws.report import report
+
+    store, sweep = tmp_path / "store", tmp_path / "sweep"
+    _write_run(store / "run", 0, "central", {"eval": [0.5]}, {"eval": 0.5})
+    (sweep / "linked").mkdir(parents=True)
+    (sweep / "linked" / "seed=0").symlink_to(store / "run", target_is_directory=True)
+    (sweep / "loop").symlink_to(sweep, target_is_directory=True)  # read once, not forever
+    (sweep / "failed" / "seed=0").mkdir(parents=True)
+    (sweep / "failed" / "seed=0" / "failed.txt").write_text("no Ray instance answers\n")
+    (sweep / "killed" / "seed=0").mkdir(parents=True)
+    (sweep / "killed" / "seed=0" / "checkpoint.pt").write_bytes(b"")
+    text = report([sweep], markdown=tmp_path / "report.md")
+    rows = markdown_table(text)
+    assert set(rows) == {"linked", "failed", "killed"}, text
+    assert rows["linked"]["seeds"] == "1" and rows["linked"]["test/eval/acc"] == "0.500"
+    assert "- failed/seed=0 (failed: no Ray instance answers)" in text
+    assert "- killed/seed=0 (no results.json)" in text
+
+
 def test_a_sweep_of_seeds_only_is_one_cell(tmp_path):
     # Catches: seed folders straight under the sweep (its override dirname empty) each
     # taken for a cell of its own, so no mean or interval over the seeds.

@@ -85,7 +85,7 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +95,7 @@ from hydra.experimental.callback import Callback
 
 from fedkws import claims
 from fedkws.core.stats import t_interval
-from fedkws.errors import ConfigError, read_failure
+from fedkws.errors import FAILED_FILE, ConfigError, read_failure
 from fedkws.fileio import write_text
 from fedkws.grid import draw_grid
 from fedkws.plots import figure
@@ -126,6 +126,19 @@ def find_results(paths: list[Path]) -> list[Path]:
     return found
 
 
+def _folders(top: Path) -> Iterator[Path]:
+    """``top`` and every folder below it, through links to folders (each real folder once)."""
+    seen: set[str] = set()
+    for here, subfolders, _ in os.walk(top, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a link back up, or a second link to one folder
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [d for d in subfolders if d not in ("wandb", ".hydra")]
+        yield Path(here)
+
+
 def find_runs(paths: list[Path]) -> list[Run]:
     """Every run at or under ``paths``: folders with a ``results.json`` or a ``.hydra/``."""
     folders: dict[Path, bool] = {}
@@ -133,11 +146,13 @@ def find_runs(paths: list[Path]) -> list[Run]:
         if path.is_file() and path.name == "results.json":
             folders[path.parent] = True
         elif path.is_dir():
-            for f in path.rglob("results.json"):
-                folders[f.parent] = True
-            for h in path.rglob(".hydra"):
-                if h.is_dir() and (h / "config.yaml").is_file():
-                    folders.setdefault(h.parent, False)
+            for folder in _folders(path):
+                if (folder / "results.json").is_file():
+                    folders[folder] = True
+                elif (folder / ".hydra" / "config.yaml").is_file() or any(
+                    (folder / name).is_file() for name in (FAILED_FILE, "checkpoint.pt")
+                ):  # a run that did not finish (failed, stopped, killed)
+                    folders.setdefault(folder, False)
         elif not path.exists():
             raise ConfigError(f"{path}: no such file or folder")
         else:

@@ -64,11 +64,25 @@ class Result:
         """Read a ``results.json``; ``ValueError`` if it is not one (not JSON, not its shape)."""
         raw = json.loads(Path(path).read_text())
         if not isinstance(raw, dict):
-            raise ValueError(f"not a fedkws results.json (a JSON {type(raw).__name__})")
-        try:
-            rounds = [RoundRecord(**r) for r in raw.get("rounds", [])]
-        except TypeError as err:  # a round that is not a fedkws round record
-            raise ValueError(f"not a fedkws results.json ({err})") from None
+            raise ValueError(f"not a fedkws results.json (a JSON {_json_kind(raw)})")
+        for key, kind in (("config", dict), ("summary", dict), ("rounds", list)):
+            if key in raw and not isinstance(raw[key], kind):
+                raise ValueError(
+                    f"not a fedkws results.json (its {key} is a JSON {_json_kind(raw[key])}, "
+                    f"not {'an object' if kind is dict else 'an array'})"
+                )
+        rounds = []
+        for r in raw.get("rounds", []):
+            try:
+                record = RoundRecord(**r)
+                if not isinstance(record.metrics, dict) or not isinstance(record.clients, dict):
+                    raise TypeError
+                rounds.append(record)
+            except TypeError:  # a round that is not a fedkws round record
+                raise ValueError(
+                    "not a fedkws results.json (a round that is not {round, metrics, seconds, "
+                    f"clients}}: {json.dumps(r)[:60]})"
+                ) from None
         return cls(config=raw.get("config", {}), rounds=rounds, summary=raw.get("summary", {}))
 
     def curve(self, key: str) -> tuple[list[int], list[float]]:
@@ -80,6 +94,12 @@ class Result:
                 xs.append(rec.round)
                 ys.append(value)
         return xs, ys
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words (null, array, object, ...)."""
+    kinds = {type(None): "null", bool: "boolean", dict: "object", list: "array", str: "string"}
+    return kinds.get(type(value), "number")
 
 
 def _finite(obj: Any) -> Any:
