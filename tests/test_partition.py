@@ -177,3 +177,14 @@ def test_partition_plot_names_the_clients_on_its_axis(tmp_path, monkeypatch):
     assert [t.get_text() for t in drawn[0].get_xticklabels()] == ["alice", "bob"]
     plot(parts, labels, ("a", "b", "c", "d"), tmp_path / "q.png")
     assert [t.get_text() for t in drawn[1].get_xticklabels()] == ["client 0", "client 1"]
+
+
+def test_an_impossible_dirichlet_minimum_names_its_settings(recwarn):
+    # Catches: Flower Datasets' "max number of attempts (10) ... update the values of alpha"
+    # (the cause here is min_partition_size) after ten warnings.
+    with pytest.raises(ValueError) as err:
+        partition(LABELS, SPEAKERS, "dirichlet", 6, seed=0, alpha=0.5, min_partition_size=500)
+    message = str(err.value)
+    assert "partition.min_partition_size=500 of the 1200 training examples" in message
+    assert "(more than the 200 an even split gives each)" in message
+    assert not [w for w in recwarn if "min_partition_size" in str(w.message)]

@@ -652,7 +652,7 @@ def _check_partition(spec: RunSpec, p: _Problems) -> None:
     part = spec.partition
     _one_of(p, "partition.scheme", part.scheme, PARTITION_SCHEMES)
     p.check(part.num_clients >= 1, "partition.num_clients", part.num_clients, "must be >= 1")
-    p.check(part.alpha > 0, "partition.alpha", part.alpha, "must be > 0")
+    p.check(0 < part.alpha < math.inf, "partition.alpha", part.alpha, "must be > 0 and finite")
     frac = part.local_test_fraction
     p.check(0 <= frac < 1, "partition.local_test_fraction", frac, "must be in [0, 1)")
     for key in ("classes_per_client", "speakers_per_client"):
