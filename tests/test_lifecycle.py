@@ -100,6 +100,10 @@ def stopped_run(data_dir, tiny_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("refused") / "run"
     out = _train(data_dir, tiny_root, run_dir, "train.stop_after_round=2")
     assert out.returncode == 0, out.stderr
+    # Catches: a closing "validation accuracy (95 % interval)" line with no intervals, and
+    # no word of the stop or of how to go on.
+    assert "stopped after round 2 of 3 (train.stop_after_round)" in out.stdout, out.stdout
+    assert "accuracy (95 % interval)" not in out.stdout
     return run_dir
 
 

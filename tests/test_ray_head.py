@@ -44,6 +44,8 @@ def test_no_head_when_the_sweep_does_not_need_one(monkeypatch):
         _sweep_config(sweep_ray=False),
         _sweep_config(ray_address="127.0.0.1:1"),  # the user's own Ray instance
         _sweep_config("central", ["strategy=central", "seed=0,1"]),  # centralised jobs only
+        # Catches: `fedkws-prepare -m` (data and partitions only) starting a Ray head.
+        OmegaConf.merge(_sweep_config(), {"hydra": {"job": {"name": "prepare"}}}),
     ):
         callback = SweepRay()
         callback.on_multirun_start(cfg)

@@ -275,6 +275,20 @@ def test_a_file_where_a_jobs_folder_goes(tmp_path, launcher):
     assert (sweep / "job0").read_text() == "not a folder"
 
 
+def test_a_dangling_link_for_the_run_folder(tmp_path):
+    # Catches: Hydra's FileExistsError traceback, then a message about the sweep's folders
+    # for a single run.
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "nowhere")
+    command = train_command(f"hydra.run.dir={link}", f"data_dir={tmp_path / 'data'}")
+    out = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert error_lines(out.stderr) == [
+        f"error: cannot make the run's folder {link}: {link} is a link to "
+        f"{tmp_path / 'nowhere'}, which does not exist (hydra.run.dir); choose another"
+    ]
+
+
 def test_dataset_without_background_noise(tmp_path, tiny_root):
     """The 12-class protocol needs _background_noise_ for its silence class."""
     import shutil

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -138,15 +139,26 @@ def _job_folder_error(err: OSError) -> str | None:
         frames.append(tb.tb_frame.f_code.co_name)
         tb = tb.tb_next
     cause = err.__cause__
+    in_a_sweep = "launch" in frames  # a launcher's (a single run has none)
     if type(cause).__name__ == "_RemoteTraceback":  # a parallel launcher's worker (joblib)
+        in_a_sweep = True
         frames = re.findall(r'^\s*File ".*", line \d+, in (\S+)$', str(cause), re.MULTILINE)
     if "run_job" not in frames or frames[-1] != "mkdir":
         return None
     folder = Path(err.filename or "?")
     why = err.strerror or type(err).__name__
     if isinstance(err, (FileExistsError, NotADirectoryError)):
-        in_the_way = next((p for p in (folder, *folder.parents) if p.exists()), folder)
-        why = f"{in_the_way} is a file" if in_the_way.is_file() else "a file is in the way"
+        in_the_way = next(
+            (p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()), folder
+        )
+        if in_the_way.is_symlink() and not in_the_way.exists():
+            why = f"{in_the_way} is a link to {os.readlink(in_the_way)}, which does not exist"
+        elif in_the_way.is_file():
+            why = f"{in_the_way} is a file"
+        else:
+            why = "a file is in the way"
+    if not in_a_sweep:
+        return f"cannot make the run's folder {folder}: {why} (hydra.run.dir); choose another"
     return (
         f"cannot make the job's folder {folder}: {why} (hydra.sweep.dir, hydra.sweep.subdir); "
         "move it, or run the sweep into another folder"
@@ -176,8 +188,6 @@ def hydra_mistakes_in_one_line() -> Iterator[None]:
     replaced for the block. Every other exception, and ``HYDRA_FULL_ERROR=1``,
     keeps Hydra's own report.
     """
-    import os
-
     from hydra._internal import utils as hydra_utils
     from hydra.errors import CompactHydraException
 

@@ -76,9 +76,17 @@ def run(
         common.console.print(_headline(spec, recipe, run_dir))
         recipe.train()
         result = recipe.finish(run_dir)
-        final = common.format_final(result.summary)
-        if final:
-            common.console.print(final)
+        summary = result.summary
+        if summary.get("complete", True):
+            final = common.format_final(summary)
+            if final:
+                common.console.print(final)
+        else:  # train.stop_after_round: the last round's numbers are above
+            done = summary.get("rounds_completed", result.rounds[-1].round if result.rounds else 0)
+            common.console.print(
+                f"stopped after round {done} of {spec.train.rounds} (train.stop_after_round): "
+                f"the same command with resume=true continues it from {run_dir}"
+            )
         ok = True
     finally:
         record.close(ok)
@@ -94,5 +102,5 @@ def _headline(spec: RunSpec, recipe, run_dir: Path) -> str:
     return (
         f"[bold]{spec.name}[/bold]: {spec.model.name} "
         f"({count_parameters(recipe.model):,} parameters, norm={spec.model.norm}), {how}, "
-        f"{spec.train.rounds} rounds -> {run_dir}"
+        f"{spec.train.rounds} round{'s' if spec.train.rounds != 1 else ''} -> {run_dir}"
     )

@@ -354,6 +354,8 @@ class SweepRay(Callback):
         fed = config.get("federation") or {}
         if fed.get("backend", "ray") != "ray" or not fed.get("sweep_ray", True):
             return
+        if OmegaConf.select(config, "hydra.job.name") == "prepare":  # data only: no Ray
+            return
         if _only_centralised_jobs(config):
             return  # nothing to simulate
         if _on_slurm(config):
