@@ -150,6 +150,8 @@ BAD_INPUT = {
     # Catches: the default --held-out-speakers (60) with fewer than 121 speakers: a ValueError.
     "generate-held-out-too-many": ["generate", "--root", "{tmp}/data", "--speakers", "60"],
     "generate-root-is-a-file": ["generate", "--root", "{runs}/results.json"],
+    # Catches: "[Errno 17] File exists" (a file above --root).
+    "generate-root-under-a-file": ["generate", "--root", "{runs}/results.json/data"],
     # Catches: 100 accepted, with a summary counting 100 of the 25 other words.
     "generate-unknown-words-over-25": [
         "generate",
@@ -214,3 +216,14 @@ def test_bad_input_gives_one_error_line(args, tmp_path):
     assert not any(empty.iterdir())  # nothing written
     assert sorted(p.name for p in runs.rglob("*")) == [".hydra", "accuracy.png", "config.yaml",
                                                         "results.json"]  # fmt: skip
+
+
+def test_generate_with_an_empty_root_writes_nothing(tmp_path):
+    # Catches: --root "" taken for the current folder (an empty one was generated into).
+    out = _fedkws("generate", "--root", "", "--speakers", "3", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert [line for line in out.stderr.splitlines() if "error:" in line] == [
+        "error: fedkws generate: argument --root: empty: name the folder "
+        "(see fedkws generate --help)"
+    ]
+    assert not any(tmp_path.iterdir())

@@ -131,6 +131,21 @@ def test_refused_run_changes_nothing_on_disk(stopped_run, data_dir, tiny_root, o
     assert _snapshot(stopped_run) == before
 
 
+def test_an_empty_or_folder_checkpoint_is_named_as_such(tmp_path):
+    # Catches: "is not a readable fedkws checkpoint ()" for an empty file, and a folder
+    # named checkpoint.pt taken for no checkpoint at all.
+    from fedkws import checkpoint
+    from fedkws.errors import RunRefused
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / checkpoint.FILENAME).write_bytes(b"")
+    with pytest.raises(RunRefused, match=r"not a readable fedkws checkpoint \(an empty file\)"):
+        checkpoint.load(tmp_path / "empty")
+    (tmp_path / "folder" / checkpoint.FILENAME).mkdir(parents=True)
+    with pytest.raises(RunRefused, match="is not a file: not a fedkws checkpoint"):
+        checkpoint.load(tmp_path / "folder")
+
+
 def test_corrupt_checkpoint_is_refused(stopped_run, data_dir, tiny_root, tmp_path):
     import shutil
 

@@ -86,6 +86,8 @@ def load(run_dir: Path) -> tuple[Checkpoint, dict[str, Any]] | None:
         If the file exists but cannot be read as a fedkws checkpoint.
     """
     path = Path(run_dir) / FILENAME
+    if path.exists() and not path.is_file():
+        raise RunRefused(f"{path} is not a file: not a fedkws checkpoint")
     if not path.is_file():
         return None
     try:
@@ -93,5 +95,7 @@ def load(run_dir: Path) -> tuple[Checkpoint, dict[str, Any]] | None:
         rng = raw.pop("rng")
         return Checkpoint(**raw), rng
     except Exception as err:  # any unreadable or foreign file: refuse, never guess
-        reason = " ".join(str(err).split())[:200]
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        if path.stat().st_size == 0:
+            reason = "an empty file"
         raise RunRefused(f"{path} is not a readable fedkws checkpoint ({reason})") from err

@@ -41,6 +41,12 @@ def _at_least(low: float, kind: type = int, high: float | None = None):
     return parse
 
 
+def _folder(text: str) -> Path:
+    if not text.strip():  # Path("") is the current folder
+        raise argparse.ArgumentTypeError("empty: name the folder")
+    return Path(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch the sub-commands."""
     parser = _Parser(prog="fedkws", description=__doc__.split("\n")[0])
@@ -50,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedkws.data.speech_commands import OTHER_WORDS_V2
 
     gen = sub.add_parser("generate", help="generate the synthetic Speech Commands dataset")
-    gen.add_argument("--root", type=Path, required=True)
+    gen.add_argument("--root", type=_folder, required=True)
     # Three speakers at least: one for each of the training, validation and test splits.
     gen.add_argument("--speakers", type=_at_least(3), default=synth.DEFAULT_SPEAKERS)
     gen.add_argument("--utterances", type=_at_least(1), default=synth.DEFAULT_UTTERANCES)
@@ -119,6 +125,9 @@ def _generate(args: argparse.Namespace, synth) -> None:
         )
     if args.root.exists() and not args.root.is_dir():
         raise DataError(f"--root {args.root}: a file, not a folder")
+    above = next((p for p in args.root.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise DataError(f"--root {args.root}: {above} is a file, not a folder")
     if differences := synth.other_settings(args.root, **params):  # kept, never generated over
         keys_values = [d.removeprefix("dataset.generate.").partition("=") for d in differences]
         settings = "; ".join(  # in the options' own words: --held-out-speakers=...
