@@ -106,6 +106,8 @@ CONFIG_MISTAKES = [
         "dataset.generate.unknown_words=100: must be null (all 25 other words) or an integer",
     ),
     (["partition=dirichlet", "partition.alpha=inf"], "partition.alpha=inf: must be > 0 and"),
+    # Catches: a second, knock-on line about strategy.min_train_clients.
+    (["partition.num_clients=0"], "partition.num_clients=0: must be >= 1"),
     # Catches: torchaudio's IndexError traceback once the features were being computed.
     (["features=mfcc", "features.n_mfcc=0"], "features.n_mfcc=0: must be an integer >= 1"),
 ]

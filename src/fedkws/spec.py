@@ -702,7 +702,8 @@ def _check_strategy(spec: RunSpec, p: _Problems) -> None:
     ok = isinstance(mu, int | float) and not isinstance(mu, bool) and mu >= 0
     if not any(line.startswith("strategy.kwargs.proximal_mu=") for line in p.lines):
         p.check(ok, "strategy.kwargs.proximal_mu", mu, "must be a number >= 0")
-    if spec.partition.scheme != "speaker" and s.min_train_clients > spec.partition.num_clients:
+    clients = spec.partition.num_clients  # < 1: its own line already
+    if spec.partition.scheme != "speaker" and s.min_train_clients > clients >= 1:
         p.add(
             "strategy.min_train_clients",
             s.min_train_clients,
