@@ -494,7 +494,7 @@ def test_a_finished_dataset_of_other_settings_is_kept_not_generated_over(small_r
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith(
         f"error: --root {root} holds a synthetic dataset generated with other settings "
-        "(--speakers=3 there, 4 asked; --unknown-words=null there, 3 asked): "
+        "(--speakers=3 there, 4 asked; --all-words there, 3 asked): "
     ), lines
     assert {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
     (root / synth.dataset._IN_PROGRESS_FILE).touch()  # as a generation that was stopped

@@ -192,19 +192,24 @@ def test_a_stop_to_a_parallel_sweep_goes_to_its_job_workers_only(tmp_path, signa
         return proc
 
     worker = child("worker", "--as-if popen_loky_posix")
+    idle = child("idle", "--as-if popen_loky_posix")  # Catches: an idle worker killed (pool broken)
     other = child("other", "--something-else")  # e.g. joblib's resource tracker, the Ray head
     before = signal.getsignal(signum)
     restore = lifecycle.pass_stops_to_children("popen_loky_posix")
+    registry = Path(os.environ[lifecycle._FORWARDING_ENV])
+    (registry / str(worker.pid)).touch()  # what graceful_interrupts does in a job's worker
     try:
         os.kill(os.getpid(), signum)  # handled in this process: passed on, not fatal
         assert worker.wait(timeout=10) == 0 and (tmp_path / "worker").exists()
         time.sleep(0.3)
         assert other.poll() is None and not (tmp_path / "other").exists()
+        assert idle.poll() is None and not (tmp_path / "idle").exists()
     finally:
         restore()
-        other.kill()
-        worker.kill()
+        for proc in (other, idle, worker):
+            proc.kill()
     assert signal.getsignal(signum) is before and lifecycle._FORWARDING_ENV not in os.environ
+    assert not registry.exists()
     # With no worker to pass it to, the signal does what it did before.
     alone = subprocess.run(
         [sys.executable, "-c", "import os, signal, time\n"
@@ -217,6 +222,16 @@ def test_a_stop_to_a_parallel_sweep_goes_to_its_job_workers_only(tmp_path, signa
         assert alone.returncode == -signal.SIGTERM
     else:  # Python's own handler: KeyboardInterrupt
         assert alone.returncode != 0 and "KeyboardInterrupt" in alone.stderr
+    # Catches: a signal the process ignored (a script's background job) ending it.
+    ignored = subprocess.run(
+        [sys.executable, "-c", "import os, signal\n"
+         "from fedkws import lifecycle\n"
+         f"signal.signal(signal.{signame}, signal.SIG_IGN)\n"
+         "lifecycle.pass_stops_to_children('popen_loky_posix')\n"
+         f"os.kill(os.getpid(), signal.{signame})\nprint('still here')\n"],
+        timeout=60, capture_output=True, text=True,
+    )  # fmt: skip
+    assert ignored.returncode == 0 and ignored.stdout == "still here\n", ignored.stderr
 
 
 def test_a_jobs_second_signal_within_a_second_is_the_same_stop_in_a_parallel_sweep(monkeypatch):
@@ -237,6 +252,10 @@ def test_a_jobs_second_signal_within_a_second_is_the_same_stop_in_a_parallel_swe
         with pytest.raises(KeyboardInterrupt):  # a Ctrl-C of its own later: abort
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
+        # Catches: that abort's copy through the sweep raising a second KeyboardInterrupt
+        # in the middle of the job's clean-up.
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
 
 
 @pytest.mark.slow

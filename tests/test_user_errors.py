@@ -342,3 +342,27 @@ def test_a_slurm_sweep_starts_no_shared_ray_head():
     callback = SweepRay()
     callback.on_multirun_start(config)
     assert callback.head is None
+
+
+def test_only_hydras_own_folder_mkdir_is_read_as_the_run_folder(tmp_path):
+    # Catches: a mkdir failing inside the run (its cache, its dataset) reported as
+    # "cannot make the run's folder <that path>".
+    from fedkws.errors import _job_folder_error
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+
+    def run_job(task=None):  # the frame Hydra's run_job makes, calling mkdir itself or not
+        if task is not None:
+            return task()
+        return (blocker / "run").mkdir(parents=True, exist_ok=True)
+
+    def the_runs_own_work():
+        return (blocker / "cache").mkdir(parents=True, exist_ok=True)
+
+    for call, expected in ((run_job, True), (lambda: run_job(the_runs_own_work), False)):
+        with pytest.raises(OSError) as err:
+            call()
+        line = _job_folder_error(err.value)
+        assert (line is not None) is expected, line
+    assert line is None

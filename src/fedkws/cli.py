@@ -131,7 +131,8 @@ def _generate(args: argparse.Namespace, synth) -> None:
     if differences := synth.other_settings(args.root, **params):  # kept, never generated over
         keys_values = [d.removeprefix("dataset.generate.").partition("=") for d in differences]
         settings = "; ".join(  # in the options' own words: --held-out-speakers=...
-            f"--{key.replace('_', '-')}={value}" for key, _, value in keys_values
+            f"--{key.replace('_', '-')}={value}".replace("--unknown-words=null", "--all-words")
+            for key, _, value in keys_values
         )
         raise DataError(
             f"--root {args.root} holds a synthetic dataset generated with other settings "

@@ -26,6 +26,15 @@ class AlreadyComplete(RunRefused):
     """``resume=true`` on a run that has all its rounds and its final evaluation."""
 
 
+class StopReached(AlreadyComplete):
+    """``resume=true`` on a run already at its ``train.stop_after_round``: nothing to train.
+
+    The same command that starts a chunk of a long run (and restarts it after a
+    preemption) meets it once the chunk is done: the run is left as it is and the
+    command ends without error (a sweep goes on to its next job).
+    """
+
+
 # A run that failed after Hydra gave it a folder keeps why in that folder (the error, and
 # for an unexpected one its traceback): ``fedkws report`` lists the run as failed, with
 # the first line, and a sweep's other jobs go on (fedkws.train).
@@ -143,7 +152,10 @@ def _job_folder_error(err: OSError) -> str | None:
     if type(cause).__name__ == "_RemoteTraceback":  # a parallel launcher's worker (joblib)
         in_a_sweep = True
         frames = re.findall(r'^\s*File ".*", line \d+, in (\S+)$', str(cause), re.MULTILINE)
-    if "run_job" not in frames or frames[-1] != "mkdir":
+    if "run_job" not in frames:
+        return None
+    after = frames[len(frames) - frames[::-1].index("run_job") :]
+    if not after or any(name != "mkdir" for name in after):  # Hydra's own mkdir, not the run's
         return None
     folder = Path(err.filename or "?")
     why = err.strerror or type(err).__name__

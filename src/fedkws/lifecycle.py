@@ -24,16 +24,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 _STOP = threading.Event()
 _ABORT = threading.Event()  # the second signal: work in other threads ends at its next step
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []  # the signal that asked for the stop, if one did
-_first_at: list[float] = []  # when it came (time.monotonic())
+_last_at: list[float] = []  # when the last signal came (time.monotonic())
 # Set (and inherited by the jobs' worker processes) while a parallel sweep's process passes
-# stops on: a job then gets a terminal's Ctrl-C twice, directly and through the sweep.
+# stops on: a folder where each worker running a job puts a file named by its process id.
+# Such a job gets a terminal's Ctrl-C twice, directly and through the sweep's process.
 _FORWARDING_ENV = "FEDKWS_SWEEP_FORWARDS_STOPS"
-_SAME_STOP_S = 1.0  # a second signal this soon after the first, in such a job, is that one
+_SAME_STOP_S = 1.0  # a signal this soon after the last one, in such a job, is that one
 
 
 class Interrupted(Exception):
@@ -62,7 +64,7 @@ def reset() -> None:
     _STOP.clear()
     _ABORT.clear()
     _received.clear()
-    _first_at.clear()
+    _last_at.clear()
 
 
 def signal_received() -> bool:
@@ -90,17 +92,14 @@ def _on_signal(signum: int, frame: object) -> None:
 
 def signalled(signum: int) -> None:
     """What a signal does within :func:`graceful_interrupts`: the first asks, the second aborts."""
+    now = time.monotonic()
+    if _last_at and os.environ.get(_FORWARDING_ENV) and now - _last_at[-1] < _SAME_STOP_S:
+        return  # the signal just handled, passed on by the sweep's process
+    _last_at[:] = [now]
     if _STOP.is_set():
-        if (
-            _first_at
-            and os.environ.get(_FORWARDING_ENV)
-            and (time.monotonic() - _first_at[0] < _SAME_STOP_S)
-        ):
-            return  # the same stop request, passed on by the sweep's process
         _ABORT.set()
         raise KeyboardInterrupt
     _received.append(signum)
-    _first_at.append(time.monotonic())
     _STOP.set()
     name = _name(signum)
     print(f"\n{name}: stopping after this step ({name} again to abort now)", file=sys.stderr)
@@ -119,13 +118,29 @@ def graceful_interrupts() -> Iterator[None]:
         yield
         return
     previous = {signum: signal.signal(signum, _on_signal) for signum in _SIGNALS}
+    registered = _register_with_the_sweep()
     try:
         yield
     finally:
+        if registered is not None:
+            registered.unlink(missing_ok=True)
         # The flag stays set: threads still winding down (a ServerApp waiting for nodes)
         # must see it. The next run clears it when it starts.
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _register_with_the_sweep() -> Path | None:
+    """In a parallel sweep's worker: say that this process runs a job (stops reach it)."""
+    folder = os.environ.get(_FORWARDING_ENV)
+    if not folder or not os.path.isdir(folder):
+        return None
+    mark = Path(folder) / str(os.getpid())
+    try:
+        mark.touch()
+    except OSError:
+        return None
+    return mark
 
 
 def reclaim_sigterm() -> bool:
@@ -148,28 +163,36 @@ def pass_stops_to_children(match: str) -> Callable[[], None]:
     """SIGINT and SIGTERM to this process go to its children whose command line has ``match``.
 
     For a parallel sweep's process: its jobs run in worker processes, where each
-    stops after its current step. A terminal's Ctrl-C reaches every process of the
-    sweep, the jobs included, and then once more through this process: a job takes
-    a second signal within a second of its first for the same request. With no
-    such child, the signal does here what it did before (SIGTERM ends the process,
-    SIGINT raises ``KeyboardInterrupt``). Call before the children start (they
-    inherit the environment that says so). Returns the function that undoes it.
+    stops after its current step. Only workers running a job get the signal (each
+    registers in a folder named by an environment variable they inherit: call this
+    before they start); an idle one would die of it and break the pool. A terminal's
+    Ctrl-C reaches every process of the sweep and then each job once more through
+    this process: a job takes a signal within a second of its last for that one.
+    With no job running, the signal does here what it did before (SIGTERM ends the
+    process, SIGINT raises ``KeyboardInterrupt``, an ignored one stays ignored).
+    Returns the function that undoes it.
     """
+    import shutil
+    import tempfile
+
     me = os.getpid()
-    os.environ[_FORWARDING_ENV] = "1"
+    registry = Path(tempfile.mkdtemp(prefix="fedkws-running-jobs-"))
+    os.environ[_FORWARDING_ENV] = str(registry)
     previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
 
     def forward(signum: int, frame: object) -> None:
-        children = _children(me, match)
-        if not children:
+        running = [pid for pid in _children(me, match) if (registry / str(pid)).exists()]
+        if not running:
             before = previous[signum]
+            if before == signal.SIG_IGN:
+                return
             if callable(before):
                 before(signum, frame)
                 return
             signal.signal(signum, signal.SIG_DFL)
             os.kill(me, signum)
             return
-        for pid in children:
+        for pid in running:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
@@ -182,6 +205,7 @@ def pass_stops_to_children(match: str) -> Callable[[], None]:
         os.environ.pop(_FORWARDING_ENV, None)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        shutil.rmtree(registry, ignore_errors=True)
 
     return restore
 

@@ -183,7 +183,7 @@ def _cell_name(folder: Path, base: Path) -> str:
     if kept:
         return "/".join(kept)
     # Seed folders straight under the sweep (a sweep of seeds only): one cell, the sweep's.
-    return (base.name or str(base)) if parts else folder.name
+    return (base.resolve().name or str(base)) if parts else folder.name
 
 
 def _relative(folder: Path, base: Path) -> str:

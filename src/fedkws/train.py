@@ -448,7 +448,7 @@ def main(cfg: DictConfig) -> float | None:
 def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
     """:func:`main`'s run: checks, the run, its interrupt; failures kept in the run folder."""
     from fedkws import lifecycle
-    from fedkws.errors import FAILED_FILE, AlreadyComplete, RunRefused, write_failure
+    from fedkws.errors import FAILED_FILE, AlreadyComplete, RunRefused, StopReached, write_failure
     from fedkws.recipes.common import finished
     from fedkws.run import preflight, run
     from fedkws.spec import from_config
@@ -459,6 +459,9 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
     except AlreadyComplete as done:
         if not in_sweep:
             _tidy_refused(run_dir)
+            if isinstance(done, StopReached):  # a chunk's command run once more: done
+                print(done)
+                return None
             raise
         print(f"{done}: skipped (the sweep goes on)")  # resume=true over a whole sweep
         return None

@@ -110,8 +110,9 @@ def _dirichlet_partitions(
                 raise
     even = n // num_clients
     why = (
-        f"more than the {even} an even split gives each"
-        if min_partition_size > even
+        f"{'more than' if min_partition_size > even else 'all of'} the {even} an even split "
+        "gives each"
+        if min_partition_size >= even
         else f"alpha={alpha:g} leaves some client fewer"
     )
     raise ValueError(

@@ -34,7 +34,7 @@ from fedkws.core.models import bn_layers, build_model, count_parameters
 from fedkws.core.seeding import seed_model_init
 from fedkws.data.cache import CachedDataset
 from fedkws.data.pipeline import open_dataset
-from fedkws.errors import AlreadyComplete, ConfigError, RunRefused
+from fedkws.errors import AlreadyComplete, ConfigError, RunRefused, StopReached
 from fedkws.fileio import torch_save, write_text
 from fedkws.plots import figure
 from fedkws.spec import RunSpec, comparable, may_change
@@ -99,11 +99,11 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
         )
     stop = spec.train.stop_after_round
     if stop is not None and ckpt.round >= stop < spec.train.rounds:
-        # It would train nothing and rewrite results.json as a stopped run (a finished
-        # run's final evaluation lost).
-        raise RunRefused(
-            f"resume: train.stop_after_round={stop}, and {run_dir} already has {ckpt.round} "
-            f"round(s): nothing to train; drop it or set it above {ckpt.round}"
+        # Nothing to train; going on would rewrite results.json as a stopped run (and lose
+        # a finished run's final evaluation, when train.rounds was raised).
+        raise StopReached(
+            f"resume: {run_dir} already has {ckpt.round} round(s) and "
+            f"train.stop_after_round={stop}: nothing to train, left as it is"
         )
     return loaded
 
