@@ -172,11 +172,13 @@ def pass_stops_to_children(match: str) -> Callable[[], None]:
     process, SIGINT raises ``KeyboardInterrupt``, an ignored one stays ignored).
     Returns the function that undoes it.
     """
+    import atexit
     import shutil
     import tempfile
 
     me = os.getpid()
     registry = Path(tempfile.mkdtemp(prefix="fedkws-running-jobs-"))
+    atexit.register(shutil.rmtree, registry, True)  # however the process ends
     os.environ[_FORWARDING_ENV] = str(registry)
     previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
 
@@ -189,6 +191,7 @@ def pass_stops_to_children(match: str) -> Callable[[], None]:
             if callable(before):
                 before(signum, frame)
                 return
+            shutil.rmtree(registry, ignore_errors=True)  # no atexit after this
             signal.signal(signum, signal.SIG_DFL)
             os.kill(me, signum)
             return
