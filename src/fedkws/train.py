@@ -410,6 +410,13 @@ class ParallelStop(Callback):
 
         if _parallel_jobs(config) > 1 and threading.current_thread() is threading.main_thread():
             self.restore = lifecycle.pass_stops_to_children(self.WORKERS)
+            # joblib's worker pool is not shut down when a stop ends the sweep; the
+            # resource tracker (started after this, with this environment) then frees its
+            # semaphores at exit with a "leaked semaphore objects" warning, noise only.
+            quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+            os.environ["PYTHONWARNINGS"] = ",".join(
+                w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w
+            )
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
         if self.restore is not None:
