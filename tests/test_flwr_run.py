@@ -56,11 +56,21 @@ def test_run_config_composes_experiment_then_overrides():
     assert Path(cfg.dataset.root).is_relative_to(PROJECT_DIR / "rel")
 
 
-@pytest.mark.parametrize("overrides", ["model=nope", "no.such.key=1", "'unclosed"])
-def test_run_config_errors_are_config_errors(overrides):
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ("model=nope", "Could not find 'model/nope'; available options in 'model': "),
+        # Catches: Hydra's "Could not override 'no.such.key'. To append ..." where
+        # fedkws-train says the same mistake in its own words.
+        ("no.such.key=1", "no.such.key: not a key of the config (a typo? a new key is added"),
+        ("'unclosed", "overrides: No closing quotation"),
+    ],
+)
+def test_run_config_errors_are_config_errors(overrides, words):
     with pytest.raises(ConfigError) as err:
         compose_config({"experiment": "", "overrides": overrides})
     assert "\n" not in str(err.value)
+    assert str(err.value).startswith("run config ") and words in str(err.value), str(err.value)
 
 
 def test_run_folder():

@@ -39,7 +39,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedkws import CONF_DIR
-from fedkws.errors import ConfigError, print_error
+from fedkws.errors import ConfigError, hydra_error_line, print_error
 
 PROJECT_DIR = Path(CONF_DIR).parent
 PATH_KEYS = ("data_dir", "cache_dir", "dataset.root")  # in this order: later ones may derive
@@ -71,9 +71,8 @@ def compose_config(run_config: Mapping[str, Any]):
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("config", overrides=hydra_overrides(run_config))
-    except HydraException as err:
-        message = " ".join(str(err).split()).split(" Config search path:")[0]
-        raise ConfigError(f"run config experiment/overrides: {message}") from None
+    except HydraException as err:  # in the words fedkws-train uses for the same mistake
+        raise ConfigError(f"run config experiment/overrides: {hydra_error_line(err)}") from None
     for key in PATH_KEYS:  # existing keys: set through the node that holds them
         *parents, leaf = key.split(".")
         node = cfg
