@@ -272,7 +272,7 @@ def test_a_stop_ends_every_job_of_a_parallel_sweep(data_dir, tiny_root, tmp_path
 
     sweep = tmp_path / "sweep"
     command = train_command(
-        "-m", "hydra/launcher=fedkws_parallel", "model=cnn", "train.rounds=100", "seed=0,1",
+        "-m", "hydra/launcher=fedkws_parallel", "model=cnn", "train.rounds=100", "seed=0,1,2",
         *tiny_dataset_overrides(data_dir, tiny_root), "logger=disabled",
         f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job${hydra.job.num}",
     )  # fmt: skip
@@ -288,12 +288,17 @@ def test_a_stop_ends_every_job_of_a_parallel_sweep(data_dir, tiny_root, tmp_path
             os.killpg(proc.pid, signum)
         else:
             proc.send_signal(signum)
-        _, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    # Catches: the third job (queued: two at a time) started once a worker was free.
+    assert f"{sweep / 'job2'} not started" in out and not (sweep / "job2").exists(), out[-2000:]
+    assert "Sweep " not in out  # no report of a stopped sweep, as a sequential one
     assert proc.returncode == 128 + signum, err[-3000:]
     assert err.count(f"{name}: stopping after this step") == 2, err[-3000:]  # both jobs
+    # Catches: the first job to stop ending the sweep (joblib then ended the other mid-step).
+    assert err.count(f"error: interrupted ({name}); completed rounds are kept") == 2, err[-3000:]
     assert "KeyboardInterrupt" not in err, err[-3000:]
     assert "Traceback" not in err and "actor died" not in err.lower(), err[-3000:]
     for path in results:  # each job kept its complete rounds

@@ -130,6 +130,44 @@ def graceful_interrupts() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+# The marker a parallel sweep's stop leaves in its running-jobs folder: the exit status.
+_STOPPED_FILE = "stopped"
+_sweep_stop: list[int] = []  # in the sweep's process, once its folder is gone
+
+
+def _registry() -> Path | None:
+    folder = os.environ.get(_FORWARDING_ENV)
+    return Path(folder) if folder and os.path.isdir(folder) else None
+
+
+def note_sweep_stop(code: int) -> bool:
+    """In a parallel sweep's job: record that the sweep stops (exit ``code``); whether it is one.
+
+    The job then returns instead of exiting, so that the sweep's process waits for its
+    other running jobs to stop too (an exiting worker made joblib end them mid-step),
+    and the jobs not started yet are skipped (:func:`sweep_stop_code`).
+    """
+    registry = _registry()
+    if registry is None or not (registry / str(os.getpid())).exists():
+        return False
+    try:
+        (registry / _STOPPED_FILE).write_text(str(code))
+    except OSError:
+        return False
+    return True
+
+
+def sweep_stop_code() -> int | None:
+    """The exit status of a parallel sweep that a signal stops, or None (not stopped)."""
+    registry = _registry()
+    try:
+        if registry is not None:
+            return int((registry / _STOPPED_FILE).read_text())
+    except (OSError, ValueError):
+        pass
+    return _sweep_stop[0] if _sweep_stop else None
+
+
 def _register_with_the_sweep() -> Path | None:
     """In a parallel sweep's worker: say that this process runs a job (stops reach it)."""
     folder = os.environ.get(_FORWARDING_ENV)
@@ -195,6 +233,10 @@ def pass_stops_to_children(match: str) -> Callable[[], None]:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(me, signum)
             return
+        try:  # the jobs not started yet are skipped
+            (registry / _STOPPED_FILE).write_text(str(128 + signum))
+        except OSError:
+            pass
         for pid in running:
             try:
                 os.kill(pid, signum)
@@ -205,6 +247,9 @@ def pass_stops_to_children(match: str) -> Callable[[], None]:
         signal.signal(signum, forward)
 
     def restore() -> None:
+        code = sweep_stop_code()
+        if code is not None:
+            _sweep_stop[:] = [code]
         os.environ.pop(_FORWARDING_ENV, None)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

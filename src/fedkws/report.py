@@ -865,6 +865,10 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:  # noqa: ANN001
         """Called by Hydra once every job of the sweep has finished."""
+        from fedkws import lifecycle
+
+        if lifecycle.sweep_stop_code() is not None:  # stopped, as a sequential sweep: no report
+            return
         sweep = Path(config.hydra.sweep.dir)
         FAILED_JOBS[:] = failed_jobs(sweep)
         try:

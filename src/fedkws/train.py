@@ -460,6 +460,10 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
     from fedkws.run import preflight, run
     from fedkws.spec import from_config
 
+    if in_sweep and (code := lifecycle.sweep_stop_code()) is not None:
+        _tidy_refused(run_dir)
+        print(f"the sweep is stopping (exit {code}): {run_dir} not started")
+        return None
     try:
         spec = from_config(cfg)
         preflight(spec, run_dir)
@@ -498,10 +502,10 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
         try:
             result = run(spec, run_dir, names)
         except (lifecycle.Interrupted, KeyboardInterrupt):  # first or second Ctrl-C / SIGTERM
-            _stop_interrupted(run_dir)
+            return _stop_interrupted(run_dir)
         except Exception as err:
             if lifecycle.signal_received():  # the run failed while it stopped: still a stop
-                _stop_interrupted(run_dir)
+                return _stop_interrupted(run_dir)
             if not finished(run_dir):  # a finished run's records stand (its W&B failed)
                 write_failure(run_dir, err)
             raise
@@ -513,7 +517,10 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
 
 
 def _stop_interrupted(run_dir: Path) -> None:
-    """The interrupt's line (what is kept, where) and exit 130 / 143: the sweep ends too."""
+    """The interrupt's line (what is kept, where) and exit 130 / 143: the sweep ends too.
+
+    A job of a parallel sweep returns instead (:func:`fedkws.lifecycle.note_sweep_stop`).
+    """
     from fedkws import lifecycle
 
     kept = (
@@ -522,6 +529,8 @@ def _stop_interrupted(run_dir: Path) -> None:
         else f"before its first round ended (nothing to resume in {run_dir})"
     )
     print_error(RuntimeError(f"interrupted{lifecycle.stopped_by()}; {kept}"))
+    if lifecycle.note_sweep_stop(lifecycle.exit_code()):
+        return None  # a parallel sweep's job: the sweep's process exits once all stopped
     sys.exit(lifecycle.exit_code())
 
 
@@ -554,10 +563,12 @@ def cli() -> None:
 
     A sweep with failed jobs exits with status 1 after its report (which lists them).
     """
-    from fedkws import report
+    from fedkws import lifecycle, report
 
     with hydra_mistakes_in_one_line():
         main()
+    if (code := lifecycle.sweep_stop_code()) is not None:  # a parallel sweep, stopped
+        sys.exit(code)
     failed = sorted({*report.FAILED_JOBS, *_FAILED_HERE})
     if failed:
         print(f"error: {len(failed)} job(s) of the sweep failed: {', '.join(failed)} (why: "
