@@ -52,6 +52,22 @@ def test_parallel_jobs_read_from_the_launcher(launcher, expected):
     assert _parallel_jobs(OmegaConf.create({"hydra": {"launcher": launcher}})) == expected
 
 
+@pytest.mark.parametrize(
+    ("n_jobs", "task", "expected"),
+    [(3, ["seed=0,1"], 2), (2, ["seed=0,1,2", "optimizer.lr=0.1,0.2"], 2), (3, ["seed=0"], 1)],
+)
+def test_parallel_jobs_are_no_more_than_the_sweeps_jobs(n_jobs, task, expected):
+    # Catches: a worker that never gets a job (n_jobs above the sweep's jobs), which a
+    # terminal's Ctrl-C ended with Python's own handler, breaking joblib's pool.
+    from fedkws.train import _fit_parallel_jobs_to_the_sweep
+
+    config = OmegaConf.create({"hydra": {"launcher": {"n_jobs": n_jobs},
+                                         "overrides": {"task": task}, "sweeper": {}}})  # fmt: skip
+    OmegaConf.set_readonly(config.hydra, True)  # as Hydra hands it to the callbacks
+    _fit_parallel_jobs_to_the_sweep(config)
+    assert config.hydra.launcher.n_jobs == expected
+
+
 def test_federation_actors_comes_from_the_environment_unless_set(make_cfg, monkeypatch):
     monkeypatch.setenv("FEDKWS_ACTORS", "3")
     assert from_config(make_cfg([])).federation.actors == 3
@@ -210,6 +226,10 @@ def test_a_stop_to_a_parallel_sweep_goes_to_its_job_workers_only(tmp_path, signa
             proc.kill()
     assert signal.getsignal(signum) is before and lifecycle._FORWARDING_ENV not in os.environ
     assert not registry.exists()
+    # The sweep's exit status, read once by the command (catches: a later sweep of the same
+    # process taken for stopped, its jobs skipped and its report not written).
+    assert lifecycle.sweep_stop_code() is None
+    assert lifecycle.take_sweep_stop() == 128 + signum and lifecycle.take_sweep_stop() is None
     # With no worker to pass it to, the signal does what it did before.
     alone = subprocess.run(
         [sys.executable, "-c", "import os, signal, time\n"
@@ -232,6 +252,30 @@ def test_a_stop_to_a_parallel_sweep_goes_to_its_job_workers_only(tmp_path, signa
         timeout=60, capture_output=True, text=True,
     )  # fmt: skip
     assert ignored.returncode == 0 and ignored.stdout == "still here\n", ignored.stderr
+
+
+def test_a_job_starting_after_the_sweep_stopped_stops_at_once(tmp_path, monkeypatch):
+    # Catches: a job between its start-of-job check and its registration when the stop
+    # came (it was not told, trained its whole job, and the sweep waited for it); and a
+    # second signal changing the recorded exit status.
+    import signal
+
+    from fedkws import lifecycle
+
+    monkeypatch.setenv(lifecycle._FORWARDING_ENV, str(tmp_path))
+    assert lifecycle.mark_sweep_stop(143) and lifecycle.mark_sweep_stop(130)
+    assert lifecycle.sweep_stop_code() == 143  # the first signal's
+    before = signal.getsignal(signal.SIGTERM)
+    with lifecycle.graceful_interrupts():
+        with pytest.raises(lifecycle.Interrupted):
+            lifecycle.raise_if_stopping()
+        assert lifecycle.exit_code() == 143
+    # Between jobs the worker takes a stop as the sweep's, not as its own end.
+    assert signal.getsignal(signal.SIGTERM) is not before
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.signal(signal.SIGTERM, before)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    lifecycle.reset()
 
 
 def test_a_jobs_second_signal_within_a_second_is_the_same_stop_in_a_parallel_sweep(monkeypatch):

@@ -119,6 +119,8 @@ def graceful_interrupts() -> Iterator[None]:
         return
     previous = {signum: signal.signal(signum, _on_signal) for signum in _SIGNALS}
     registered = _register_with_the_sweep()
+    if registered is not None and (code := sweep_stop_code()) is not None:
+        signalled(code - 128)  # the sweep stopped before this job could be told: stop now
     try:
         yield
     finally:
@@ -127,17 +129,45 @@ def graceful_interrupts() -> Iterator[None]:
         # The flag stays set: threads still winding down (a ServerApp waiting for nodes)
         # must see it. The next run clears it when it starts.
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            # A parallel sweep's worker between jobs: a terminal's Ctrl-C reaches it too,
+            # and Python's default handler would end it and break joblib's pool.
+            signal.signal(signum, _between_jobs if registered is not None else handler)
 
 
-# The marker a parallel sweep's stop leaves in its running-jobs folder: the exit status.
+def _between_jobs(signum: int, frame: object) -> None:
+    """A parallel sweep's worker, idle: the stop is the sweep's to record, not this one's end."""
+    mark_sweep_stop(128 + signum)
+
+
+# The marker a parallel sweep's stop leaves in its running-jobs folder: the exit status
+# of the first signal (later ones do not change it).
 _STOPPED_FILE = "stopped"
-_sweep_stop: list[int] = []  # in the sweep's process, once its folder is gone
+_sweep_stop: list[int] = []  # in the sweep's process, once its folder is gone (take_sweep_stop)
 
 
 def _registry() -> Path | None:
     folder = os.environ.get(_FORWARDING_ENV)
     return Path(folder) if folder and os.path.isdir(folder) else None
+
+
+def in_parallel_sweep_job() -> bool:
+    """Whether this process is a worker of a parallel sweep that passes stops on."""
+    return _registry() is not None
+
+
+def mark_sweep_stop(code: int) -> bool:
+    """Record that the parallel sweep stops, with exit ``code`` if none is recorded yet."""
+    registry = _registry()
+    if registry is None:
+        return False
+    try:
+        with open(registry / _STOPPED_FILE, "x") as marker:
+            marker.write(str(code))
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 def note_sweep_stop(code: int) -> bool:
@@ -150,22 +180,30 @@ def note_sweep_stop(code: int) -> bool:
     registry = _registry()
     if registry is None or not (registry / str(os.getpid())).exists():
         return False
-    try:
-        (registry / _STOPPED_FILE).write_text(str(code))
-    except OSError:
-        return False
-    return True
+    return mark_sweep_stop(code)
 
 
 def sweep_stop_code() -> int | None:
-    """The exit status of a parallel sweep that a signal stops, or None (not stopped)."""
+    """The exit status of the running parallel sweep if a signal stops it, else None."""
     registry = _registry()
     try:
         if registry is not None:
             return int((registry / _STOPPED_FILE).read_text())
     except (OSError, ValueError):
         pass
-    return _sweep_stop[0] if _sweep_stop else None
+    return None
+
+
+def take_sweep_stop() -> int | None:
+    """In the sweep's process, once the sweep ended: the exit status of its stop, if any.
+
+    Read once: the next sweep of the same process starts with none.
+    """
+    code = sweep_stop_code()
+    if code is None and _sweep_stop:
+        code = _sweep_stop[0]
+    _sweep_stop.clear()
+    return code
 
 
 def _register_with_the_sweep() -> Path | None:
@@ -215,13 +253,19 @@ def pass_stops_to_children(match: str) -> Callable[[], None]:
     import tempfile
 
     me = os.getpid()
+    _sweep_stop.clear()
     registry = Path(tempfile.mkdtemp(prefix="fedkws-running-jobs-"))
     atexit.register(shutil.rmtree, registry, True)  # however the process ends
     os.environ[_FORWARDING_ENV] = str(registry)
     previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
 
     def forward(signum: int, frame: object) -> None:
-        running = [pid for pid in _children(me, match) if (registry / str(pid)).exists()]
+        workers = _children(me, match)
+        running = [pid for pid in workers if (registry / str(pid)).exists()]
+        if workers:  # the jobs starting from now on see it (and stop, or are skipped)
+            mark_sweep_stop(128 + signum)
+        if not running and workers:
+            return  # none runs a job yet (each looks for the stop as it starts one)
         if not running:
             before = previous[signum]
             if before == signal.SIG_IGN:
@@ -233,10 +277,6 @@ def pass_stops_to_children(match: str) -> Callable[[], None]:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(me, signum)
             return
-        try:  # the jobs not started yet are skipped
-            (registry / _STOPPED_FILE).write_text(str(128 + signum))
-        except OSError:
-            pass
         for pid in running:
             try:
                 os.kill(pid, signum)

@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -159,6 +160,7 @@ class FolderGuard(Callback):
                     "or negative as in joblib (-1: one per core)"
                 )
         check_sweep(config, kwargs.get("config_name") or "config")
+        _fit_parallel_jobs_to_the_sweep(config)
         if _on_slurm(config) and not (shutil.which("sbatch") and shutil.which("srun")):
             with user_errors():
                 from fedkws.errors import ConfigError
@@ -202,6 +204,23 @@ def sweep_samples(config: DictConfig) -> list[list[str]]:
     or value that would fail every job with it. With a sweep that cannot be listed
     (an optimising sweeper's interval) there are none: each job checks itself.
     """
+    choices = _swept_choices(config)
+    if choices is None:
+        return []
+    if math.prod(len(values) for values in choices) <= CHECK_EVERY_JOB_UP_TO:
+        return [list(job) for job in itertools.product(*choices)]
+    first = [values[0] for values in choices]
+    samples = [first]
+    for i, values in enumerate(choices):
+        samples += [first[:i] + [value] + first[i + 1 :] for value in values[1:]]
+    return samples
+
+
+def _swept_choices(config: DictConfig) -> list[list[str]] | None:
+    """Each overridden key's ``key=value`` choices, as Hydra's basic sweeper crosses them.
+
+    None for a sweep that cannot be listed (an optimising sweeper's interval).
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -214,18 +233,28 @@ def sweep_samples(config: DictConfig) -> list[list[str]]:
                 [f"{key}={v}" for v in o.sweep_string_iterator()]
                 if o.is_sweep_override() else [f"{key}={o.get_value_element_as_str()}"]
             )  # fmt: skip
-    except HydraException:  # e.g. an interval sweep of an optimising sweeper
-        return []
+    except HydraException:
+        return None
     choices = list(by_key.values())
-    if any(not values for values in choices):
-        return []
-    if math.prod(len(values) for values in choices) <= CHECK_EVERY_JOB_UP_TO:
-        return [list(job) for job in itertools.product(*choices)]
-    first = [values[0] for values in choices]
-    samples = [first]
-    for i, values in enumerate(choices):
-        samples += [first[:i] + [value] + first[i + 1 :] for value in values[1:]]
-    return samples
+    return None if any(not values for values in choices) else choices
+
+
+def _fit_parallel_jobs_to_the_sweep(config: DictConfig) -> None:
+    """``hydra.launcher.n_jobs`` no larger than the sweep's jobs.
+
+    A worker that never gets a job keeps Python's own SIGINT handler: a terminal's
+    Ctrl-C would end it and break joblib's pool, the running jobs with it.
+    """
+    from omegaconf import open_dict, read_write
+
+    launcher = config.hydra.get("launcher") or {}
+    choices = _swept_choices(config)
+    if "n_jobs" not in launcher or choices is None:
+        return
+    jobs = math.prod(len(values) for values in choices)
+    if 1 <= jobs < _parallel_jobs(config):
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.launcher.n_jobs = jobs
 
 
 def check_sweep(config: DictConfig, config_name: str) -> None:
@@ -401,9 +430,10 @@ class ParallelStop(Callback):
 
     def __init__(self) -> None:
         self.restore: Any = None
+        self.warnings: str | None = None
 
     def __getstate__(self) -> dict:
-        return {"restore": None}  # sent to the workers too, where it does nothing
+        return {"restore": None, "warnings": None}  # sent to the workers, where it does nothing
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
         from fedkws import lifecycle
@@ -414,14 +444,17 @@ class ParallelStop(Callback):
             # resource tracker (started after this, with this environment) then frees its
             # semaphores at exit with a "leaked semaphore objects" warning, noise only.
             quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
-            os.environ["PYTHONWARNINGS"] = ",".join(
-                w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w
-            )
+            self.warnings = os.environ.get("PYTHONWARNINGS")
+            os.environ["PYTHONWARNINGS"] = ",".join(w for w in (self.warnings, quiet) if w)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
         if self.restore is not None:
             self.restore()
             self.restore = None
+            if self.warnings is None:
+                os.environ.pop("PYTHONWARNINGS", None)
+            else:
+                os.environ["PYTHONWARNINGS"] = self.warnings
 
 
 # This process's failed sweep jobs (the sequential launcher runs them here); the jobs of
@@ -492,8 +525,14 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
             _keep_hydra_files(cfg, run_dir)
             write_failure(run_dir, err)
         raise
-    except BaseException:
+    except BaseException as err:
         _tidy_refused(run_dir)
+        if isinstance(err, KeyboardInterrupt) and in_sweep and lifecycle.in_parallel_sweep_job():
+            # Ctrl-C before this job's run began (its worker's own handler): the sweep
+            # stops as it does for its running jobs, and this job is not started.
+            lifecycle.mark_sweep_stop(128 + int(signal.SIGINT))
+            print(f"the sweep is stopping: {run_dir} not started")
+            return None
         raise
     names = _hydra_context(spec.name, str(spec.seed))[1]
     _keep_hydra_files(cfg, run_dir)
@@ -567,7 +606,7 @@ def cli() -> None:
 
     with hydra_mistakes_in_one_line():
         main()
-    if (code := lifecycle.sweep_stop_code()) is not None:  # a parallel sweep, stopped
+    if (code := lifecycle.take_sweep_stop()) is not None:  # a parallel sweep, stopped
         sys.exit(code)
     failed = sorted({*report.FAILED_JOBS, *_FAILED_HERE})
     if failed:
