@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.experimental.callback import Callback
@@ -26,6 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedkws import CONF_DIR
 from fedkws.errors import hydra_mistakes_in_one_line, print_error, user_errors
+
+if TYPE_CHECKING:
+    from fedkws.spec import RunSpec
 
 _STARTED = time.time()
 
@@ -485,12 +488,15 @@ def main(cfg: DictConfig) -> float | None:
         return None
 
 
-def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
-    """:func:`main`'s run: checks, the run, its interrupt; failures kept in the run folder."""
+def _start(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> RunSpec | None:
+    """The checked spec of :func:`_job`'s run, or None for a job that is not to run.
+
+    Refusals, config mistakes and a stop that came first end a single run with their
+    line; in a sweep they are said and the sweep goes on or ends (see each branch).
+    """
     from fedkws import lifecycle
-    from fedkws.errors import FAILED_FILE, AlreadyComplete, RunRefused, StopReached, write_failure
-    from fedkws.recipes.common import finished
-    from fedkws.run import preflight, run
+    from fedkws.errors import AlreadyComplete, RunRefused, StopReached, write_failure
+    from fedkws.run import preflight
     from fedkws.spec import from_config
 
     if in_sweep and (code := lifecycle.sweep_stop_code()) is not None:
@@ -534,6 +540,19 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
             print(f"the sweep is stopping: {run_dir} not started")
             return None
         raise
+    return spec
+
+
+def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
+    """:func:`main`'s run: checks, the run, its interrupt; failures kept in the run folder."""
+    from fedkws import lifecycle
+    from fedkws.errors import FAILED_FILE, write_failure
+    from fedkws.recipes.common import finished
+    from fedkws.run import run
+
+    spec = _start(cfg, run_dir, in_sweep)
+    if spec is None:
+        return None
     names = _hydra_context(spec.name, str(spec.seed))[1]
     _keep_hydra_files(cfg, run_dir)
     (run_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier attempt's, resumed now
