@@ -112,7 +112,8 @@ class SynthSummary:
             f"  12-class examples: {examples}\n"
             f"  {self.bytes_on_disk / 1e6:.1f} MB, seed {self.seed}"
         ) + (
-            f", {self.seconds:.1f} s on {self.workers} processes ({self.ms_per_clip:.1f} ms/clip)"
+            f", {self.seconds:.1f} s on {self.workers} process{'es' if self.workers != 1 else ''}"
+            f" ({self.ms_per_clip:.1f} ms/clip)"
             if timing
             else ""
         )
