@@ -265,17 +265,19 @@ def test_a_job_starting_after_the_sweep_stopped_stops_at_once(tmp_path, monkeypa
     monkeypatch.setenv(lifecycle._FORWARDING_ENV, str(tmp_path))
     assert lifecycle.mark_sweep_stop(143) and lifecycle.mark_sweep_stop(130)
     assert lifecycle.sweep_stop_code() == 143  # the first signal's
-    before = signal.getsignal(signal.SIGTERM)
-    with lifecycle.graceful_interrupts():
-        with pytest.raises(lifecycle.Interrupted):
-            lifecycle.raise_if_stopping()
-        assert lifecycle.exit_code() == 143
-    # Between jobs the worker takes a stop as the sweep's, not as its own end.
-    assert signal.getsignal(signal.SIGTERM) is not before
-    os.kill(os.getpid(), signal.SIGTERM)
-    signal.signal(signal.SIGTERM, before)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    lifecycle.reset()
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with lifecycle.graceful_interrupts():
+            with pytest.raises(lifecycle.Interrupted):
+                lifecycle.raise_if_stopping()
+            assert lifecycle.exit_code() == 143
+        # Between jobs the worker takes a stop as the sweep's, not as its own end.
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        lifecycle.reset()
 
 
 def test_a_jobs_second_signal_within_a_second_is_the_same_stop_in_a_parallel_sweep(monkeypatch):
