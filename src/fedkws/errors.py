@@ -142,11 +142,7 @@ def hydra_error_line(err: BaseException) -> str:
 
 def _job_folder_error(err: OSError) -> str | None:
     """The ``error:`` line for a job folder Hydra could not make (``run_job``'s mkdir), if so."""
-    frames = []
-    tb = err.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame.f_code.co_name)
-        tb = tb.tb_next
+    frames = _frame_names(err)
     cause = err.__cause__
     in_a_sweep = "launch" in frames  # a launcher's (a single run has none)
     if type(cause).__name__ == "_RemoteTraceback":  # a parallel launcher's worker (joblib)
@@ -177,14 +173,19 @@ def _job_folder_error(err: OSError) -> str | None:
     )
 
 
-def _in_a_job(err: BaseException) -> bool:
-    """Whether ``err`` was raised inside a job (Hydra's ``run_job``), not while composing."""
+def _frame_names(err: BaseException) -> list[str]:
+    """The functions of ``err``'s traceback, outermost first."""
+    names = []
     tb = err.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code.co_name == "run_job":
-            return True
+        names.append(tb.tb_frame.f_code.co_name)
         tb = tb.tb_next
-    return False
+    return names
+
+
+def _in_a_job(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside a job (Hydra's ``run_job``), not while composing."""
+    return "run_job" in _frame_names(err)
 
 
 @contextmanager
