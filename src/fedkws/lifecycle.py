@@ -208,10 +208,10 @@ def take_sweep_stop() -> int | None:
 
 def _register_with_the_sweep() -> Path | None:
     """In a parallel sweep's worker: say that this process runs a job (stops reach it)."""
-    folder = os.environ.get(_FORWARDING_ENV)
-    if not folder or not os.path.isdir(folder):
+    registry = _registry()
+    if registry is None:
         return None
-    mark = Path(folder) / str(os.getpid())
+    mark = registry / str(os.getpid())
     try:
         mark.touch()
     except OSError:
@@ -261,27 +261,26 @@ def pass_stops_to_children(match: str) -> Callable[[], None]:
 
     def forward(signum: int, frame: object) -> None:
         workers = _children(me, match)
-        running = [pid for pid in workers if (registry / str(pid)).exists()]
-        if workers:  # the jobs starting from now on see it (and stop, or are skipped)
+        if workers:
+            # The jobs starting from now on see the mark (and stop, or are skipped); the
+            # running ones get the signal. A worker between jobs looks as it starts one.
             mark_sweep_stop(128 + signum)
-        if not running and workers:
-            return  # none runs a job yet (each looks for the stop as it starts one)
-        if not running:
-            before = previous[signum]
-            if before == signal.SIG_IGN:
-                return
-            if callable(before):
-                before(signum, frame)
-                return
-            shutil.rmtree(registry, ignore_errors=True)  # no atexit after this
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(me, signum)
+            for pid in workers:
+                if (registry / str(pid)).exists():
+                    try:
+                        os.kill(pid, signum)
+                    except ProcessLookupError:
+                        pass  # ended meanwhile
             return
-        for pid in running:
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass  # ended meanwhile
+        before = previous[signum]
+        if before == signal.SIG_IGN:
+            return
+        if callable(before):
+            before(signum, frame)
+            return
+        shutil.rmtree(registry, ignore_errors=True)  # no atexit after this
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(me, signum)
 
     for signum in _SIGNALS:
         signal.signal(signum, forward)
