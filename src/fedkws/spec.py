@@ -562,7 +562,13 @@ def _check_data(spec: RunSpec, p: _Problems) -> None:
 
 
 def _is_whole(value: Any) -> bool:
+    """An int, not a bool (true is 1 to Python)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_features(spec: RunSpec, p: _Problems) -> None:
@@ -589,7 +595,7 @@ def _check_generate(gen: dict[str, Any], p: _Problems) -> None:
         ok = _is_whole(value) and value >= low
         p.check(ok, key + name, value, f"must be an integer >= {low}")
     noise = gen.get("noise_seconds", 1.0)
-    ok = isinstance(noise, int | float) and not isinstance(noise, bool) and 1 <= noise < math.inf
+    ok = _is_number(noise) and 1 <= noise < math.inf
     p.check(ok, key + "noise_seconds", noise, "must be a number of seconds >= 1")
     held = gen.get("held_out_speakers")
     ok = held is None or (_is_whole(held) and held >= 1)
@@ -614,9 +620,7 @@ def _check_model(spec: RunSpec, p: _Problems) -> None:
     layout = dict(spec.model.kwargs).get("channels_last", False)
     p.check(isinstance(layout, bool), "model.channels_last", layout, "must be true or false")
     channels = dict(spec.model.kwargs).get("channels")
-    whole = isinstance(channels, tuple | list) and all(
-        isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels
-    )
+    whole = isinstance(channels, tuple | list) and all(_is_whole(c) and c >= 1 for c in channels)
     if channels is not None and not (whole and channels):
         p.add("model.channels", list(channels) if isinstance(channels, tuple) else channels,
               "must be a list of integers >= 1")  # fmt: skip
@@ -699,7 +703,7 @@ def _check_strategy(spec: RunSpec, p: _Problems) -> None:
 
         p.lines.extend(kwargs_problems(s.class_name, dict(s.kwargs)))
     mu = dict(s.kwargs).get("proximal_mu", 0.0)
-    ok = isinstance(mu, int | float) and not isinstance(mu, bool) and mu >= 0
+    ok = _is_number(mu) and mu >= 0
     if not any(line.startswith("strategy.kwargs.proximal_mu=") for line in p.lines):
         p.check(ok, "strategy.kwargs.proximal_mu", mu, "must be a number >= 0")
     clients = spec.partition.num_clients  # < 1: its own line already

@@ -110,11 +110,9 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
 
 def finished(run_dir: Path) -> bool:
     """Whether the folder's results.json records a complete run with its final evaluation."""
-    import json
-
     try:
-        summary = json.loads((run_dir / "results.json").read_text()).get("summary", {})
-    except (OSError, ValueError, AttributeError):  # AttributeError: JSON that is no object
+        summary = Result.load(run_dir / "results.json").summary
+    except (OSError, ValueError):  # no file, or not a results.json (Result.load says which)
         return False
     return bool(summary.get("complete"))
 
