@@ -120,8 +120,7 @@ def _generate(args: argparse.Namespace, synth) -> None:
     if held_out is not None and speakers >= 3 and not 1 <= held_out <= most:
         raise DataError(
             f"--held-out-speakers={held_out} leaves no training speaker with "
-            f"--speakers={speakers}; allowed: {'1' if most == 1 else f'1 to {most}'}, "
-            "or 0 for 10 %"
+            f"--speakers={speakers}; allowed: {synth.held_out_allowed(speakers)}, or 0 for 10 %"
         )
     if args.root.exists() and not args.root.is_dir():
         raise DataError(f"--root {args.root}: a file, not a folder")

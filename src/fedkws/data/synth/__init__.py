@@ -91,6 +91,7 @@ from fedkws.data.synth.render import render_utterance
 from fedkws.data.synth.speakers import (
     SpeakerProfile,
     choose_speaker_ids,
+    held_out_allowed,
     held_out_count,
     make_speaker,
     max_held_out,
@@ -129,6 +130,7 @@ __all__ = [
     "main_generate",
     "make_noise",
     "make_speaker",
+    "held_out_allowed",
     "max_held_out",
     "plan_dataset",
     "read_marker",

@@ -27,6 +27,7 @@ from fedkws.data.synth.speakers import (
     TESTING_PCT,
     VALIDATION_PCT,
     SpeakerProfile,
+    held_out_allowed,
     held_out_count,
     make_speaker,
     max_held_out,
@@ -229,13 +230,11 @@ def config_params(generate: Mapping) -> dict:
             f"dataset.generate.speakers={speakers}: at least 3 (one each for training, "
             "validation and testing)"
         )
-    most = max_held_out(speakers)
-    if held_out is not None and not 1 <= held_out <= most:
-        allowed = "1" if most == 1 else f"1 to {most}"
+    if held_out is not None and not 1 <= held_out <= max_held_out(speakers):
         raise DataError(
             f"dataset.generate.held_out_speakers={held_out} leaves no training speaker with "
-            f"dataset.generate.speakers={speakers}; allowed: {allowed} (at least "
-            f"{2 * held_out + 1} speakers for {held_out}), or null for 10 %"
+            f"dataset.generate.speakers={speakers}; allowed: {held_out_allowed(speakers)} "
+            f"(at least {2 * held_out + 1} speakers for {held_out}), or null for 10 %"
         )
     return params
 

@@ -27,6 +27,12 @@ def max_held_out(num_speakers: int) -> int:
     return (num_speakers - 1) // 2
 
 
+def held_out_allowed(num_speakers: int) -> str:
+    """The held-out speaker counts allowed with ``num_speakers``, in words ("1 to 7", "1")."""
+    most = max_held_out(num_speakers)
+    return "1" if most == 1 else f"1 to {most}"
+
+
 def held_out_count(num_speakers: int, held_out_speakers: int | None = None) -> int:
     """Speakers in each of the validation and testing splits.
 
