@@ -76,22 +76,26 @@ def run(
         common.console.print(_headline(spec, recipe, run_dir))
         recipe.train()
         result = recipe.finish(run_dir)
-        summary = result.summary
-        if summary.get("complete", True):
-            final = common.format_final(summary)
-            if final:
-                common.console.print(final)
-        else:  # train.stop_after_round: the last round's numbers are above
-            done = summary.get("rounds_completed", result.rounds[-1].round if result.rounds else 0)
-            common.console.print(
-                f"stopped after round {done} of {spec.train.rounds} (train.stop_after_round): "
-                f"the same command with resume=true continues it from {run_dir}"
-            )
+        if closing := _closing(spec, result, run_dir):
+            common.console.print(closing)
         ok = True
     finally:
         record.close(ok)
         loops.set_determinism(determinism)
     return result
+
+
+def _closing(spec: RunSpec, result, run_dir: Path) -> str:
+    """A run's last lines: its final accuracies, or where a stopped run goes on from."""
+    summary = result.summary
+    if summary.get("complete", True):
+        return common.format_final(summary)
+    # train.stop_after_round: the last round's numbers are above
+    done = summary.get("rounds_completed", result.rounds[-1].round if result.rounds else 0)
+    return (
+        f"stopped after round {done} of {spec.train.rounds} (train.stop_after_round): "
+        f"the same command with resume=true continues it from {run_dir}"
+    )
 
 
 def _headline(spec: RunSpec, recipe, run_dir: Path) -> str:
