@@ -178,7 +178,21 @@ BAD_INPUT = {
         "{tmp}/t.png",
     ],
     "unknown-command": ["frobnicate"],
-}
+    # Catches: ValueError tracebacks (a checksum or URL that is no such thing), "" taken for
+    # the current folder (its files replaced by the archive's), a file as the root.
+    "download-empty-root": ["download", "--root", ""],
+    "download-sha256-not-hex": ["download", "--root", "{tmp}/sc", "--sha256", "abc"],
+    "download-url-unparsable": ["download", "--root", "{tmp}/sc", "--url", "http://[::1"],
+    "download-root-is-a-file": [
+        "download", "--root", "{runs}/results.json", "--url", "http://127.0.0.1:9/sc.tar.gz",
+    ],
+    "download-into-a-folder-of-other-files": [
+        "download", "--root", "{runs}", "--url", "http://127.0.0.1:9/sc.tar.gz",
+    ],
+    # Catches: "PosixPath('.') has an empty name" tracebacks.
+    "report-markdown-empty": ["report", "{runs}", "--markdown", ""],
+    "report-plot-empty": ["report", "{runs}", "--plot", ""],
+}  # fmt: skip
 KNOWN_TRACEBACK: dict[str, str] = {}  # name -> reason, for a case that still prints a traceback
 
 

@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import logging
+import shutil
 import socket
 import tarfile
 import threading
@@ -17,6 +18,7 @@ import soundfile as sf
 
 from fedkws.data.download import (
     ARCHIVES,
+    INCOMPLETE_NAME,
     MARKER_NAME,
     DownloadError,
     download_speech_commands,
@@ -413,16 +415,33 @@ def test_custom_url_without_checksum_warns(tmp_path, server, archive, caplog):
     assert json.loads((root / MARKER_NAME).read_text())["sha256"] == _sha(archive)
 
 
-def test_root_without_marker_is_not_complete(tmp_path, server, archive):
+def test_a_folder_of_other_files_is_refused_and_left_as_it_is(tmp_path, server, archive):
+    # Catches: unpacking over a user's folder (their files of the archive's names replaced,
+    # e.g. a README.md, or a word folder of their own recordings deleted).
+    root = tmp_path / "sc"
+    (root / "yes").mkdir(parents=True)
+    (root / "yes" / "mine.wav").write_bytes(b"my recording")
+    (root / "notes.txt").write_text("mine")
+    assert not is_complete(root)
+    url = _serve(server, archive)
+    with pytest.raises(DownloadError, match="already holds files"):
+        download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    assert sorted(p.name for p in root.rglob("*")) == ["mine.wav", "notes.txt", "yes"]
+    assert (root / "yes" / "mine.wav").read_bytes() == b"my recording"
+    assert server.requests == []  # refused before anything was downloaded
+
+
+def test_an_interrupted_install_is_finished(tmp_path, server, archive):
+    # fedkws's own interrupted unpacking (its marker says so): archive entries replaced.
     root = tmp_path / "sc"
     (root / "yes").mkdir(parents=True)
     (root / "yes" / "stale.wav").write_bytes(b"partial")
     (root / "notes.txt").write_text("mine")
+    (root / INCOMPLETE_NAME).touch()
     assert not is_complete(root)
-
     url = _serve(server, archive)
     download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
-    assert is_complete(root)
+    assert is_complete(root) and not (root / INCOMPLETE_NAME).exists()
     assert not (root / "yes" / "stale.wav").exists()
     assert (root / "yes" / "0123abcd_nohash_0.wav").exists()
     assert (root / "notes.txt").read_text() == "mine"
@@ -441,7 +460,7 @@ def test_verified_archive_reused(tmp_path, server, archive):
     root = tmp_path / "sc"
     download_speech_commands(root, url=url, sha256=_sha(archive), progress=False, keep_archive=True)
     assert (tmp_path / "sc-speech_commands_test.tar.gz").is_file()
-    (root / MARKER_NAME).unlink()
+    shutil.rmtree(root)  # as if unpacking had failed
     download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
     assert len(server.requests) == 1
     assert is_complete(root)
@@ -481,3 +500,53 @@ def test_invalid_arguments(tmp_path):
         download_speech_commands(tmp_path / "sc", url="http://127.0.0.1:1/x.tar.gz", sha256="xyz")
     with pytest.raises(DownloadError, match="invalid URL"):
         download_speech_commands(tmp_path / "sc", url="no-scheme/x.tar.gz", sha256="c" * 64)
+
+
+def test_a_root_that_is_or_lies_below_a_file_is_refused(tmp_path, server, archive):
+    url = _serve(server, archive)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for root in (a_file, a_file / "sc"):
+        with pytest.raises(DownloadError, match=f"{a_file} is a file, not a folder"):
+            download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    assert server.requests == [] and a_file.read_text() == "mine"
+
+
+def test_an_archive_without_word_folders_is_not_a_dataset(tmp_path, server):
+    # Catches: any tar.gz marked complete (training then sends the user back to download).
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("README.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    data = buf.getvalue()
+    url = _serve(server, data, "/other.tar.gz")
+    with pytest.raises(DownloadError, match=r"holds no Speech Commands word folders.*README.txt"):
+        download_speech_commands(tmp_path / "sc", url=url, sha256=_sha(data), progress=False)
+    assert not (tmp_path / "sc").exists() and _leftovers(tmp_path) == []
+
+
+def test_a_root_downloaded_as_one_version_is_not_used_as_another(tmp_path, server, archive):
+    # Catches: dataset=speech_commands_v1 on a root fedkws downloaded as v0.02, used (and
+    # described) as v0.01 because it was complete.
+    from fedkws.data.pipeline import ensure_dataset
+
+    url = _serve(server, archive)
+    root = download_speech_commands(tmp_path / "sc", url=url, sha256=_sha(archive), progress=False)
+    with pytest.raises(DownloadError, match="already holds Speech Commands v0.02, not v0.01"):
+        ensure_dataset(root, download={"version": "v0.01", "url": url}, progress=False)
+    assert ensure_dataset(root, download={"version": "v0.02", "url": url}, progress=False) == root
+    assert len(server.requests) == 1
+
+
+def test_generating_into_a_folder_of_other_files_is_one_data_error(tmp_path):
+    # Catches: a FileExistsError traceback and a failed.txt instead of an error line.
+    from fedkws.data.errors import DataError
+    from fedkws.data.pipeline import ensure_dataset
+
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "README.md").write_text("mine")
+    with pytest.raises(DataError, match=f"dataset.root={root}: .*not empty"):
+        ensure_dataset(root, generate={"speakers": 3, "utterances": 1, "seed": 0}, progress=False)
+    assert [p.name for p in root.iterdir()] == ["README.md"]

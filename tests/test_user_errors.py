@@ -110,6 +110,15 @@ CONFIG_MISTAKES = [
     (["partition.num_clients=0"], "partition.num_clients=0: must be >= 1"),
     # Catches: torchaudio's IndexError traceback once the features were being computed.
     (["features=mfcc", "features.n_mfcc=0"], "features.n_mfcc=0: must be an integer >= 1"),
+    # Catches: ValueError tracebacks (and a failed.txt) once the run reached the download.
+    (
+        ["dataset=speech_commands_v2", "dataset.download.sha256=abc"],
+        "dataset.download.sha256='abc': must be null or 64 hexadecimal digits",
+    ),
+    (
+        ["dataset=speech_commands_v2", "dataset.download.version=v0.03"],
+        "dataset.download.version='v0.03': must be one of v0.01, v0.02",
+    ),
 ]
 
 

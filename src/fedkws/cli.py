@@ -47,6 +47,12 @@ def _folder(text: str) -> Path:
     return Path(text)
 
 
+def _file(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: name the file")
+    return Path(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch the sub-commands."""
     parser = _Parser(prog="fedkws", description=__doc__.split("\n")[0])
@@ -81,15 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--workers", type=_at_least(1), default=None, help="default: every CPU")
 
     dl = sub.add_parser("download", help="download and extract real Speech Commands")
-    dl.add_argument("--root", type=Path, required=True)
+    dl.add_argument(
+        "--root", type=_folder, required=True,
+        help="a new or empty folder for the word folders (an existing dataset: nothing to do)",
+    )  # fmt: skip
     dl.add_argument("--version", choices=("v0.01", "v0.02"), default="v0.02")
     dl.add_argument("--url", default=None, help="mirror URL (default: the official archive)")
-    dl.add_argument("--sha256", default=None, help="checksum of the archive at --url")
+    dl.add_argument("--sha256", type=_sha256, default=None, help="checksum of the archive at --url")
 
     rep = sub.add_parser("report", help="table of a sweep's (or run's) results.json files")
     rep.add_argument("paths", type=Path, nargs="+", help="run or sweep folders")
-    rep.add_argument("--markdown", type=Path, default=None, help="also write the table here")
-    rep.add_argument("--plot", type=Path, default=None, help="also draw the curves to this PNG")
+    rep.add_argument("--markdown", type=_file, default=None, help="also write the table here")
+    rep.add_argument("--plot", type=_file, default=None, help="also draw the curves to this PNG")
     rep.add_argument(
         "--columns", type=_patterns, default=None,
         help="only these value columns: comma-separated shell patterns, e.g. 'test/*/acc'",
@@ -143,6 +152,14 @@ def _generate(args: argparse.Namespace, synth) -> None:
     except (ValueError, FileExistsError) as err:  # documented: bad sizes, a folder not ours
         raise DataError(str(err)) from err
     print(summary.describe())
+
+
+def _sha256(text: str) -> str:
+    from fedkws.data.download import SHA256_PATTERN
+
+    if not SHA256_PATTERN.fullmatch(text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 64 hexadecimal digits")
+    return text
 
 
 def _sizes(text: str) -> tuple[int, ...]:

@@ -559,6 +559,23 @@ def _check_data(spec: RunSpec, p: _Problems) -> None:
     _check_features(spec, p)
     if spec.dataset.generate is not None:
         _check_generate(dict(spec.dataset.generate), p)
+    elif spec.dataset.download is not None:
+        _check_download(dict(spec.dataset.download), p)
+
+
+def _check_download(download: dict[str, Any], p: _Problems) -> None:
+    """The real archive's version, URL and checksum, before anything is downloaded."""
+    from fedkws.data.download import ARCHIVES, SHA256_PATTERN
+
+    version = download.get("version", "v0.02")
+    _one_of(p, "dataset.download.version", version, tuple(sorted(ARCHIVES)))
+    url = download.get("url")
+    ok = url is None or (isinstance(url, str) and url.strip() != "")
+    p.check(ok, "dataset.download.url", url, "must be null (the official archive) or a URL")
+    digest = download.get("sha256")
+    ok = isinstance(digest, str) and SHA256_PATTERN.fullmatch(digest.strip().lower())
+    ok = digest is None or ok
+    p.check(ok, "dataset.download.sha256", digest, "must be null or 64 hexadecimal digits")
 
 
 def _is_whole(value: Any) -> bool:

@@ -64,7 +64,7 @@ MARKER_NAME = ".fedkws_complete"
 INCOMPLETE_NAME = ".fedkws_incomplete"
 DEFAULT_TIMEOUT = 60.0
 _CHUNK_SIZE = 1 << 20
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")  # a Windows drive prefix makes a member absolute there
 
 
@@ -176,12 +176,14 @@ def download_speech_commands(
 
     if _already_done(root, version, expected):
         return root
-
+    _check_url(url)
+    _check_root(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with _lock(root):
         # Another process may have finished the same download while this one waited.
         if _already_done(root, version, expected):
             return root
+        _check_root(root)
         archive = root.parent / f"{root.name}-{_archive_name(url)}"
         digest = _reuse_archive(archive, expected)
         if digest is None:
@@ -195,7 +197,7 @@ def download_speech_commands(
                     ARCHIVES[version].sha256,
                 )
             digest = _download(url, archive, expected, timeout, progress)
-        _install(archive, root, progress)
+        _install(archive, root, progress, url)
         _write_marker(root, {"version": version, "sha256": digest, "url": url})
         (root / INCOMPLETE_NAME).unlink(missing_ok=True)
         if not keep_archive:
@@ -208,7 +210,7 @@ def _expected_digest(spec: ArchiveSpec, url: str | None, sha256: str | None) -> 
     if sha256 is None:
         return spec.sha256 if url is None else None
     digest = sha256.strip().lower()
-    if not _SHA256_RE.match(digest):
+    if not SHA256_PATTERN.fullmatch(digest):
         raise ValueError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
     return digest
 
@@ -230,6 +232,29 @@ def _already_done(root: Path, version: str, expected: str | None) -> bool:
         )
     log.info("Speech Commands %s already complete in %s", version, root)
     return True
+
+
+def _check_url(url: str) -> None:
+    try:
+        urllib.parse.urlsplit(url)
+    except ValueError as err:
+        raise DownloadError(f"invalid URL {url!r}: {err}") from None
+
+
+def _check_root(root: Path) -> None:
+    """Refuse a root that is a file, below a file, or a folder of other files.
+
+    fedkws writes into an existing folder only when it is empty or an install of its
+    own that was interrupted (:data:`INCOMPLETE_NAME`): never over a user's files.
+    """
+    above = next((p for p in (root, *root.parents) if p.exists() or p.is_symlink()), None)
+    if above is not None and not above.is_dir():
+        raise DownloadError(f"{root}: {above} is a file, not a folder")
+    if root.is_dir() and not (root / INCOMPLETE_NAME).exists() and any(root.iterdir()):
+        raise DownloadError(
+            f"{root} already holds files and no Speech Commands that fedkws downloaded: "
+            "refusing to unpack into it (give a new or empty folder as the root)"
+        )
 
 
 def _read_marker(root: Path) -> dict | None:
@@ -476,12 +501,21 @@ def _progress(
         yield lambda n: bar.advance(task, n)
 
 
-def _install(archive: Path, root: Path, progress: bool) -> None:
+def _install(archive: Path, root: Path, progress: bool, url: str) -> None:
     """Unpack ``archive`` beside ``root`` and move the result into ``root``."""
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.extract-", dir=root.parent))
     try:
         _extract(archive, staging, progress)
         top = _dataset_top(staging)
+        from fedkws.data.speech_commands import has_word_folders
+
+        if not has_word_folders(top):
+            found = ", ".join(sorted(e.name for e in top.iterdir())[:5])
+            archive.unlink(missing_ok=True)
+            raise DownloadError(
+                f"the archive from {url} holds no Speech Commands word folders (yes/, no/, "
+                f"... with .wav files), only: {found} (not kept)"
+            )
         _move_into(top, root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -543,6 +577,7 @@ def _move_into(src: Path, root: Path) -> None:
     if root.is_dir() and not any(root.iterdir()):
         root.rmdir()
     if not root.exists():
+        (src / INCOMPLETE_NAME).touch()  # ours until the marker is written
         os.replace(src, root)
         return
     # root holds files but no marker: most likely an interrupted earlier

@@ -85,21 +85,22 @@ def ensure_dataset(
                 if not synth.is_complete(root, **params):
                     _refuse_other_dataset(root, synth.other_settings(root, **params))
                     log.info("generating the synthetic dataset at %s", root)
-                    summary = synth.generate(root, progress=progress, **params)
+                    try:
+                        summary = synth.generate(root, progress=progress, **params)
+                    except FileExistsError as err:  # a folder of other files: not written into
+                        raise DataError(f"dataset.root={root}: {err}") from None
                     log.info("%s", summary.describe())
         return root
     if download is not None:
         from fedkws.data import download as dl
 
-        if dl.is_complete(root):
-            return root
-        if _extracted_by_hand(root):
+        if not dl.is_complete(root) and _extracted_by_hand(root):
             log.info(
                 "%s holds an extracted Speech Commands dataset without fedkws' download "
                 "marker; using it as it is (nothing is downloaded)",
                 root,
             )
-        else:
+        else:  # at once when complete, after checking that it is this version's
             dl.download_speech_commands(
                 root,
                 version=download.get("version", "v0.02"),
