@@ -407,6 +407,25 @@ def test_fedbn_resume_reads_each_clients_bn_from_client_state(make_cfg, tmp_path
     ]
 
 
+def test_fedbn_resume_without_a_clients_own_batchnorm_is_refused(make_cfg, tmp_path):
+    # Catches: a client whose client_state/ file is gone silently going on from its initial
+    # BatchNorm (the run ended with exit 0 and other numbers).
+    import shutil
+
+    from fedkws.errors import RunRefused
+
+    cfg = make_cfg([*BASE, "bn=local", *QUICK])
+    run_dir = tmp_path / "run"
+    cfg.train.stop_after_round = 1
+    run(cfg, run_dir)
+    shutil.rmtree(run_dir / "client_state" / "client1")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    cfg.train.stop_after_round, cfg.resume = None, True
+    with pytest.raises(RunRefused, match=r"client_state lacks client1/fedbn_round1\.pt: each"):
+        run(cfg, run_dir)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
 def test_fedadam_resume_restores_the_server_moments(make_cfg, tmp_path):
     # Catches: m_t and v_t of Flower's FedAdam not checkpointed or not restored.
     _assert_resume_is_exact(make_cfg, tmp_path, ["strategy=fedadam", *QUICK])

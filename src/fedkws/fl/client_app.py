@@ -110,8 +110,13 @@ def _pid(task: ClientTask, context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
+def client_state_file(state_dir: Path | str, pid: int | str, round_: int, name: str = FEDBN_STATE):
+    """Where client ``pid`` keeps its own state ``name`` after round ``round_``."""
+    return Path(state_dir) / f"client{pid}" / f"{name}_round{round_}.pt"
+
+
 def _fedbn_file(task: ClientTask, pid: int, round_: int, name: str = FEDBN_STATE) -> Path:
-    return Path(task.state_dir) / f"client{pid}" / f"{name}_round{round_}.pt"
+    return client_state_file(task.state_dir, pid, round_, name)
 
 
 def _fedbn_state(

@@ -97,6 +97,16 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
             f"resume: {run_dir} is already complete ({ckpt.round} rounds and its final "
             "evaluation); raise train.rounds to continue it"
         )
+    if keeps_client_state(spec.bn.sync) and not spec.strategy.central:
+        missing = _missing_client_state(ckpt.records, run_dir / "client_state")
+        if missing:
+            raise RunRefused(
+                f"resume: {run_dir / 'client_state'} lacks {', '.join(missing[:4])}"
+                f"{' and more' if len(missing) > 4 else ''}: each is a client's own "
+                f"BatchNorm (bn.sync={spec.bn.sync}) after its last round, and without it the "
+                "client would go on from its initial one; put client_state/ back, or start "
+                "the run again in a new folder"
+            )
     stop = spec.train.stop_after_round
     if stop is not None and ckpt.round >= stop < spec.train.rounds:
         # Nothing to train; going on would rewrite results.json as a stopped run (and lose
@@ -106,6 +116,23 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
             f"train.stop_after_round={stop}: nothing to train, left as it is"
         )
     return loaded
+
+
+def _missing_client_state(records: list[dict[str, Any]], state_dir: Path) -> list[str]:
+    """The client_state files a FedBN/SiloBN resume needs and does not find.
+
+    Every client that trained keeps its own BatchNorm after each of its rounds
+    (``client<pid>/fedbn_round<r>.pt``); the checkpoint's records say which clients
+    trained in which round, so the file of each one's last round must be there.
+    """
+    from fedkws.fl.client_app import client_state_file
+
+    last: dict[int, int] = {}
+    for record in records:
+        for pid in record.get("clients") or {}:
+            last[int(pid)] = int(record["round"])
+    paths = [client_state_file(state_dir, pid, r) for pid, r in sorted(last.items())]
+    return [str(p.relative_to(state_dir)) for p in paths if not p.is_file()]
 
 
 def finished(run_dir: Path) -> bool:
