@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def _train_mode_class_sorted(run_dir, batch: int) -> float:
     # ``batch``, each through BatchNorm layers in training mode (a copy: nothing updated).
     from fedkws.caveat import _load
 
-    _, data, model = _load(run_dir)
+    _, data, model, _ = _load(run_dir)
     rows = np.asarray(data.split_indices("validation"))
     rows = rows[np.lexsort((rows, data.labels[rows]))]
     net = copy.deepcopy(model).eval()
@@ -94,3 +95,78 @@ def test_caveat_that_cannot_write_its_files_says_which(trained, tmp_path):
         caveat(run_dir, (4,))
     with pytest.raises(ConfigError, match="is a file; give the run's folder"):
         caveat(run_dir / "results.json", (4,))
+
+
+def _edited_copy(trained, tmp_path, edit) -> Path:
+    """A copy of the trained run whose results.json config is changed by ``edit(config)``."""
+    import json
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    for name in ("caveat.md", "caveat.csv", "caveat.png"):
+        (run_dir / name).unlink(missing_ok=True)
+    results = json.loads((run_dir / "results.json").read_text())
+    edit(results["config"])
+    (run_dir / "results.json").write_text(json.dumps(results))
+    return run_dir
+
+
+def test_caveat_refuses_what_it_cannot_measure(trained, tmp_path):
+    # Catches: FedBN's untrained global BatchNorm reported as "eval (running statistics)",
+    # and a size-mismatch RuntimeError traceback when results.json and checkpoint.pt differ.
+    from fedkws.errors import ConfigError
+
+    fedbn = _edited_copy(trained, tmp_path / "a", lambda c: c["bn"].update(sync="local"))
+    with pytest.raises(ConfigError, match="ran FedBN .*never left the clients"):
+        caveat(fedbn, (4,))
+    wider = _edited_copy(trained, tmp_path / "b", lambda c: c["model"].update(width=32))
+    with pytest.raises(ConfigError, match="checkpoint.pt does not fit the model results.json"):
+        caveat(wider, (4,))
+    for run_dir in (fedbn, wider):
+        assert not (run_dir / "caveat.md").exists()
+
+
+def test_caveat_reads_relative_data_paths_from_where_the_run_started(
+    trained, tmp_path, data_dir, monkeypatch
+):
+    # Catches: a run started with data_dir=data, read by a caveat run elsewhere, generating
+    # (or downloading) the dataset again in the caveat's working folder.
+    started = data_dir.parent
+
+    def relative(c):
+        for node, key in ((c, "data_dir"), (c, "cache_dir"), (c["dataset"], "root")):
+            node[key] = str(Path(node[key]).relative_to(started))
+
+    run_dir = _edited_copy(trained, tmp_path / "rel", relative)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    (run_dir / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {started}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert caveat(run_dir, (4,)).splitlines()[2:] == caveat(trained, (4,)).splitlines()[2:]
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_caveat_says_when_the_run_is_not_finished(trained, tmp_path):
+    more = _edited_copy(trained, tmp_path, lambda c: c["train"].update(rounds=5))
+    first = caveat(more, (4,)).splitlines()[0]
+    assert first.endswith("the model of round 1 of 5: the run is not finished)")
+    assert "not finished" not in caveat(trained, (4,)).splitlines()[0]
+
+
+def test_caveat_of_a_feature_shift_run_hears_its_channels(tmp_path, data_dir, tiny_root):
+    # Catches: the clean validation features evaluated, not the channel-shifted ones the
+    # run was validated on.
+    from fedkws.caveat import _load
+    from fedkws.recipes.common import load_data
+    from fedkws.spec import from_config
+    from helpers import compose_cfg
+
+    cfg = compose_cfg([*BASE, "partition.channels=2"], data_dir, tiny_root)
+    run(cfg, tmp_path / "run")
+    _, heard, _, _ = _load(tmp_path / "run")
+    clean = load_data(from_config(cfg))
+    rows = np.sort(clean.split_indices("validation"))
+    assert heard.feature_key != clean.feature_key
+    assert not np.allclose(np.asarray(heard.features[rows]), np.asarray(clean.features[rows]))

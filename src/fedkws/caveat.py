@@ -60,11 +60,48 @@ def _load(run_dir: Path):
     except (ValueError, OSError) as err:  # not JSON (a JSONDecodeError is a ValueError)
         raise ConfigError(f"cannot read {results}: {err}") from err
     config.pop("num_classes", None)
+    _from_where_it_ran(config, run_dir)
     spec = from_config(config)
+    if spec.bn.sync == "local":
+        raise ConfigError(
+            f"{run_dir} ran FedBN (bn.sync=local): its global model's BatchNorm never left "
+            "the clients (initial weights and statistics), so neither mode means anything here"
+        )
     data = load_data(spec)
+    if spec.partition.channels:  # validated on what the feature-shift clients hear
+        from fedkws.clients import make_clients
+        from fedkws.recipes.common import channel_variant
+
+        data = channel_variant(data, make_clients(data, spec.partition, seed=spec.seed), spec)
     model = build_model(**spec.model.build_args(data.num_classes))
-    model.load_state_dict(ckpt.model)
-    return spec, data, model.eval()
+    try:
+        model.load_state_dict(ckpt.model)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(
+            f"{run_dir}: checkpoint.pt does not fit the model results.json describes ({first})"
+        ) from None
+    return spec, data, model.eval(), ckpt.round
+
+
+def _from_where_it_ran(config: dict, run_dir: Path) -> None:
+    """Relative data paths of ``config`` made absolute from the folder the run started in.
+
+    A run started as ``fedkws-train data_dir=data`` read ``data`` of its own working
+    folder (Hydra's ``runtime.cwd`` in ``.hydra/hydra.yaml``), not the caveat's: from
+    elsewhere the dataset would be generated (or downloaded) again there.
+    """
+    from omegaconf import OmegaConf
+
+    try:
+        started = Path(str(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.cwd))
+    except Exception:  # noqa: BLE001 - no such file, or not Hydra's: paths as they are
+        return
+    places = [(config, "data_dir"), (config, "cache_dir"), (config.get("dataset") or {}, "root")]
+    for node, key in places:
+        value = node.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            node[key] = str(started / value)
 
 
 def _write(path: Path, write: Callable[[Path], None]) -> None:
@@ -89,9 +126,12 @@ def _plot(path: Path, table: dict, batch_sizes: tuple[int, ...], num_classes: in
 def caveat(run_dir: Path, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> str:
     """Evaluate, write the files, return the Markdown table."""
     run_dir = Path(run_dir)
-    spec, data, model = _load(run_dir)
+    spec, data, model, round_ = _load(run_dir)
     rows = data.split_indices("validation")
-    arms = {"eval (running statistics)": ("eval", "shuffled"),
+    running = "eval (running statistics)"
+    if spec.bn.sync == "silo":
+        running = "eval (initial running statistics: SiloBN keeps them on the clients)"
+    arms = {running: ("eval", "shuffled"),
             "train mode, shuffled": ("train", "shuffled"),
             "train mode, class-sorted": ("train", "class-sorted")}  # fmt: skip
     table = {
@@ -99,7 +139,12 @@ def caveat(run_dir: Path, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> str:
         for name, (mode, order) in arms.items()
     }
     header = "| validation accuracy | " + " | ".join(f"batch {b}" for b in batch_sizes) + " |"
-    lines = [f"{run_dir} (bn_sync={spec.bn.sync}, {len(rows)} examples)", "", header,
+    unfinished = (
+        f", the model of round {round_} of {spec.train.rounds}: the run is not finished"
+        if round_ < spec.train.rounds
+        else ""
+    )
+    lines = [f"{run_dir} (bn_sync={spec.bn.sync}, {len(rows)} examples{unfinished})", "", header,
              "|---|" + "---|" * len(batch_sizes)]  # fmt: skip
     for name, values in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[b]:.3f}" for b in batch_sizes) + " |")
