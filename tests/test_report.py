@@ -453,6 +453,19 @@ def test_linked_runs_and_runs_with_only_a_failure_or_checkpoint_are_reported(tmp
     assert "- killed/seed=0 (no results.json)" in text
 
 
+def test_one_run_named_several_ways_is_one_run(tmp_path, monkeypatch):
+    # Catches: `fedkws report runs/r1 /abs/runs/r1 ./runs/../runs/r1` counting one run
+    # three times (a mean and an interval over copies of itself).
+    from fedkws.report import find_runs
+
+    _write_run(tmp_path / "runs" / "r1", 0, "central", {"eval": [0.5]}, {"eval": 0.5})
+    (tmp_path / "alias").symlink_to(tmp_path / "runs", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    names = [Path("runs/r1"), tmp_path / "runs" / "r1", Path("./runs/../runs/r1"),
+             Path("alias/r1"), Path("runs")]  # fmt: skip
+    assert [run.folder for run in find_runs(names)] == [Path("runs/r1")]
+
+
 def test_a_sweep_of_seeds_only_is_one_cell(tmp_path):
     # Catches: seed folders straight under the sweep (its override dirname empty) each
     # taken for a cell of its own, so no mean or interval over the seeds.

@@ -142,17 +142,23 @@ def _folders(top: Path) -> Iterator[Path]:
 def find_runs(paths: list[Path]) -> list[Run]:
     """Every run at or under ``paths``: folders with a ``results.json`` or a ``.hydra/``."""
     folders: dict[Path, bool] = {}
+    named: dict[str, Path] = {}  # one run given two ways (./a, /abs/a, a link) counts once
+
+    def add(folder: Path, has_result: bool) -> None:
+        folder = named.setdefault(os.path.realpath(folder), folder)
+        folders[folder] = folders.get(folder, False) or has_result
+
     for path in map(Path, paths):
         if path.is_file() and path.name == "results.json":
-            folders[path.parent] = True
+            add(path.parent, True)
         elif path.is_dir():
             for folder in _folders(path):
                 if (folder / "results.json").is_file():
-                    folders[folder] = True
+                    add(folder, True)
                 elif (folder / ".hydra" / "config.yaml").is_file() or any(
                     (folder / name).is_file() for name in (FAILED_FILE, "checkpoint.pt")
                 ):  # a run that did not finish (failed, stopped, killed)
-                    folders.setdefault(folder, False)
+                    add(folder, False)
         elif not path.exists():
             raise ConfigError(f"{path}: no such file or folder")
         else:
