@@ -117,3 +117,24 @@ def test_the_grid_draws_each_cells_mean_in_its_row_and_column(sweep, tmp_path, m
     mean, lo, hi = _expected([0.50, 0.55, 0.60])  # the cell's values, as an interval
     assert group == f"{mean:.2f}\n±{(hi - lo) / 2:.2f}"
     assert (rows.index("batch_fedbn"), cols.index("channels")) not in texts  # no global model
+
+
+def test_the_grid_of_a_sweep_with_list_values_and_a_constant_override(tmp_path, monkeypatch):
+    # Catches: cell names split at every comma ("dictionary update sequence element" with
+    # model.channels=[4,4]: no table at the sweep's end), and no grid once the command
+    # line held one more override with the same value in every job (train.rounds=3).
+    from helpers import spy_on_figures
+
+    for channels, acc in (("[4,4]", 0.3), ("[2,2]", 0.2)):
+        for partition in ("iid", "dirichlet"):
+            cell = f"model.channels={channels},partition={partition},train.rounds=3"
+            _write(tmp_path / "sweep" / cell / "seed=0", 0, {EVAL: acc})
+    drawn = spy_on_figures(monkeypatch)
+    report([tmp_path / "sweep"], plot=tmp_path / "r.png")
+    panel = next(axes[0][0] for axes in drawn if hasattr(axes, "shape") and axes.shape == (1, 1))
+    assert [t.get_text() for t in panel.get_yticklabels()] == ["[2,2]", "[4,4]"]
+    assert [t.get_text() for t in panel.get_xticklabels()] == ["dirichlet", "iid"]
+    assert panel.get_ylabel() == "model.channels" and panel.get_xlabel() == "partition"
+    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text()
+             for t in panel.texts}  # fmt: skip
+    assert texts == {(0, 0): "0.20", (0, 1): "0.20", (1, 0): "0.30", (1, 1): "0.30"}

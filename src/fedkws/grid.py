@@ -31,30 +31,27 @@ PANELS = (
 )
 
 
-def _axes(names: list[str]) -> tuple[str, str] | None:
-    """The two override keys every cell name is made of, in the names' order."""
-    keys = None
-    for name in names:
-        parts = [p.split("=", 1)[0] for p in name.split(",") if "=" in p]
-        if len(parts) != 2 or (keys is not None and parts != keys):
-            return None
-        keys = parts
-    return (keys[0], keys[1]) if keys else None
+def grid_data(table: Any) -> tuple[tuple[str, str], list[str], list[str], dict] | None:
+    """``(axes, row labels, column labels, cell by (row, column))``, else None.
 
+    The axes are the two keys whose values differ between the cells (in the names'
+    order); a key with one value in every cell (a constant override such as
+    ``train.rounds=3``) is not an axis. None unless exactly two keys vary.
+    """
+    from fedkws.report import cell_overrides
 
-def _value(name: str, key: str) -> str:
-    return dict(p.split("=", 1) for p in name.split(","))[key]
-
-
-def grid_data(table: Any) -> tuple[tuple[str, str], list[str], list[str]] | None:
-    """``(axes, row labels, column labels)`` of a two-axis sweep, else None."""
     cells = [c for c in table.cells if c.results]
-    axes = _axes([c.name for c in cells])
-    if axes is None:
+    parsed = [cell_overrides(c.name) for c in cells]
+    if not cells or any(p is None or list(p) != list(parsed[0]) for p in parsed):
         return None
-    rows = list(dict.fromkeys(_value(c.name, axes[0]) for c in cells))
-    cols = list(dict.fromkeys(_value(c.name, axes[1]) for c in cells))
-    return axes, rows, cols
+    varying = [key for key in parsed[0] if len({p[key] for p in parsed}) > 1]
+    if len(varying) != 2:
+        return None
+    row_key, col_key = varying
+    by_pair = {(p[row_key], p[col_key]): c for p, c in zip(parsed, cells, strict=True)}
+    rows = list(dict.fromkeys(p[row_key] for p in parsed))
+    cols = list(dict.fromkeys(p[col_key] for p in parsed))
+    return (row_key, col_key), rows, cols, by_pair
 
 
 def _cell_stats(cell: Any, key: str) -> tuple[float, float | None] | None:
@@ -74,18 +71,17 @@ def draw_grid(table: Any, path: Path) -> bool:
     found = grid_data(table)
     if found is None:
         return False
-    (row_key, col_key), rows, cols = found
+    (row_key, col_key), rows, cols, by_pair = found
     panels = [p for p in PANELS if any(_cell_stats(c, p[0]) for c in table.cells)]
     if not panels:
         return False
-    by_name = {c.name: c for c in table.cells}
     size = (1.2 + 1.35 * len(cols) * len(panels), 0.9 + 0.55 * len(rows))
     with plots.figure(path, figsize=size, ncols=len(panels), squeeze=False) as (_fig, axes):
         for ax, (key, title) in zip(axes[0], panels, strict=True):
             grid = np.full((len(rows), len(cols)), np.nan)
             for i, r in enumerate(rows):
                 for j, c in enumerate(cols):
-                    cell = by_name.get(f"{row_key}={r},{col_key}={c}")
+                    cell = by_pair.get((r, c))
                     st = _cell_stats(cell, key) if cell else None
                     if st is None:
                         continue

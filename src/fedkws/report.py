@@ -343,8 +343,38 @@ class Cell:
 
 def _tokens(name: str) -> set[str]:
     """The overrides of a cell name, its strategy left out."""
-    parts = (t for part in name.split("/") for t in part.split(","))
+    parts = (t for part in name.split("/") for t in _items(part))
     return {t for t in parts if not t.startswith("strategy=")}
+
+
+def _items(name: str) -> list[str]:
+    """A cell name's ``key=value`` items: Hydra's override dirname split at its commas.
+
+    A comma inside brackets, braces or quotes belongs to its value
+    (``model.channels=[4,4],seed=0`` is two items).
+    """
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(name):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(name[start:i])
+            start = i + 1
+    return [*items, name[start:]]
+
+
+def cell_overrides(name: str) -> dict[str, str] | None:
+    """A cell name as ``{key: value}`` (see :func:`_items`), or None if it is not one."""
+    pairs = [item.split("=", 1) for item in _items(name)]
+    if any(len(pair) != 2 or not pair[0] for pair in pairs):
+        return None
+    return dict(pairs)
 
 
 def _pick_reference(cell: Cell, centrals: list[Cell]) -> Cell | None:
@@ -789,7 +819,9 @@ def draw_bars(ax: Any, table: SweepTable) -> Any:
             above.append(hi - mean)
         offset = (i - (len(stats) - 1) / 2) * width
         label = _TEST_ACC.fullmatch(stat.key).group(1)
-        ax.bar(x + offset, heights, width, yerr=[below, above], capsize=2, label=label)
+        # No interval anywhere (one seed per cell): no error bars, rather than all-NaN ones.
+        yerr = [below, above] if np.isfinite(below).any() else None
+        ax.bar(x + offset, heights, width, yerr=yerr, capsize=2, label=label)
     for xi, cell in zip(x, table.cells, strict=True):
         if not cell.results:
             ax.text(xi, 0.02, "missing", rotation=90, ha="center", va="bottom", fontsize=7)
