@@ -110,6 +110,14 @@ CONFIG_MISTAKES = [
     (["partition.num_clients=0"], "partition.num_clients=0: must be >= 1"),
     # Catches: torchaudio's IndexError traceback once the features were being computed.
     (["features=mfcc", "features.n_mfcc=0"], "features.n_mfcc=0: must be an integer >= 1"),
+    # Catches: a TypeError traceback (a group set to null) and OmegaConf's interpolation
+    # tracebacks (a reference that does not resolve), each after the run folder was made.
+    (["train=null"], "train=None: must be one of its options (conf/train/), not null"),
+    (["train.rounds=${nope}"], "train.rounds: cannot be resolved (Interpolation key 'nope'"),
+    (
+        ["train.rounds=${oc.env:FEDKWS_NO_SUCH_VARIABLE}"],
+        "train.rounds: cannot be resolved (KeyError raised while resolving interpolation",
+    ),
     # Catches: ValueError tracebacks (and a failed.txt) once the run reached the download.
     (
         ["dataset=speech_commands_v2", "dataset.download.sha256=abc"],
@@ -169,6 +177,13 @@ HYDRA_MISTAKES = [
     # Catches: values that fail only together, found by the job that has both, mid-sweep.
     (["-m", "bn=full,local", "norm=batch,group"], "error: bn.sync='local': FedBN needs a model "
      "with BatchNorm (norm=batch, not group) (in the sweep's job bn=local norm=group)"),
+    # Catches: Hydra's ValueError traceback ("Config group override must be a string").
+    (["model=null"], "error: model=null: a config group's choice is the name of one of its "
+     "options (conf/model/), not null"),
+    # Catches: an internal default (10 rounds) silently used for a deleted key, run or sweep.
+    (["~train.rounds"], "error: ~train.rounds: a key of fedkws's config cannot be deleted"),
+    (["-m", "seed=0,1", "~train.rounds"], "error: ~train.rounds: a key of fedkws's config "
+     "cannot be deleted"),
     # Catches: joblib's "n_jobs == 0 in Parallel has no meaning" traceback.
     (["-m", "seed=0,1", "hydra/launcher=fedkws_parallel", "hydra.launcher.n_jobs=0"],
      "error: hydra.launcher.n_jobs=0: must be the number of jobs at once (>= 1)"),
@@ -375,3 +390,15 @@ def test_only_hydras_own_folder_mkdir_is_read_as_the_run_folder(tmp_path):
         line = _job_folder_error(err.value)
         assert (line is not None) is expected, line
     assert line is None
+
+
+def test_a_constructor_argument_may_be_deleted_a_config_key_not():
+    # `~strategy.kwargs.eta` hands the argument back to Flower's default, `~optimizer.X` to
+    # torch's: allowed.
+    from fedkws.errors import ConfigError
+    from fedkws.train import refuse_deleted_keys
+
+    refuse_deleted_keys(["~strategy.kwargs.eta", "~optimizer.weight_decay", "seed=1"])
+    for key in ("train.rounds", "logger", "strategy.name", "optimizer._target_"):
+        with pytest.raises(ConfigError, match=f"~{key}: a key of fedkws's config cannot be"):
+            refuse_deleted_keys([f"~{key}"])

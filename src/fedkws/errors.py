@@ -188,6 +188,21 @@ def _in_a_job(err: BaseException) -> bool:
     return "run_job" in _frame_names(err)
 
 
+def _null_group_choice(err: ValueError) -> str | None:
+    """One line for a config group set to null on the command line (``model=null``)."""
+    if "Config group override must be a string or a list" not in str(err):
+        return None
+    from fedkws import CONF_DIR
+
+    groups = {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
+    named = [a.split("=", 1)[0].lstrip("+~") for a in sys.argv[1:] if a.endswith("=null")]
+    named = [key for key in named if key in groups] or ["a config group"]
+    return (
+        f"{', '.join(f'{key}=null' for key in named)}: a config group's choice is the name of "
+        f"one of its options (conf/{named[0] if named[0] in groups else '<group>'}/), not null"
+    )
+
+
 @contextmanager
 def hydra_mistakes_in_one_line() -> Iterator[None]:
     """Within this block, Hydra's own command-line mistakes are one ``error:`` line (exit 2).
@@ -214,6 +229,14 @@ def hydra_mistakes_in_one_line() -> Iterator[None]:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_a_job(err):
                     raise
                 print(f"error: {hydra_error_line(err)}", file=sys.stderr)
+                sys.exit(2)
+            except ValueError as err:  # `model=null`: Hydra's defaults list refuses the choice
+                if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_a_job(err):
+                    raise
+                line = _null_group_choice(err)
+                if line is None:
+                    raise
+                print(f"error: {line}", file=sys.stderr)
                 sys.exit(2)
             except OSError as err:  # Hydra makes each job's folder before fedkws runs
                 line = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else _job_folder_error(err)

@@ -299,8 +299,21 @@ class _Problems:
 
 def _plain(node: Any) -> Any:
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if not OmegaConf.is_config(node):
+        return node
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException as err:  # `${oc.env:NOPE}`, `${nope}`: a value Hydra kept
+        key = getattr(err, "full_key", None) or "the config"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{key}: cannot be resolved ({reason})") from None
+
+
+# The config groups every run reads: each must be a mapping (one of its options), not null.
+GROUPS = ("dataset", "features", "augment", "model", "optimizer", "train", "partition",
+          "strategy", "bn", "federation", "logger")  # fmt: skip
 
 
 def _pairs(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
@@ -404,6 +417,11 @@ def from_config(cfg: Any) -> RunSpec:
     """
     raw = _plain(cfg)
     p = _Problems()
+    for group in GROUPS:
+        value = raw.get(group)
+        p.check(isinstance(value, dict), group, value,
+                f"must be one of its options (conf/{group}/), not null or a value")  # fmt: skip
+    p.raise_if_any()
     spec = RunSpec(
         name=str(raw["name"]),
         seed=_top(p, "seed", raw.get("seed", 0), int, "must be an integer"),

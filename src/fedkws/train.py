@@ -37,10 +37,14 @@ def _hydra_context(name: str, seed: str) -> tuple[Path, tuple[str, str]]:
     """The run folder, and the W&B group (the sweep) and run name (the override dirname)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    label = hc.job.override_dirname or name
+    try:
+        label = hc.job.override_dirname or name
+    except OmegaConfBaseException:  # an override's `${nope}`: said by the config's own check
+        label = name
     if hc.mode == RunMode.MULTIRUN:
         return run_dir, (f"{name}/{Path(hc.sweep.dir).name}", f"{label}/seed={seed}")
     return run_dir, (name, label)
@@ -260,6 +264,32 @@ def _fit_parallel_jobs_to_the_sweep(config: DictConfig) -> None:
             config.hydra.launcher.n_jobs = jobs
 
 
+def refuse_deleted_keys(overrides: list[str]) -> None:
+    """``~train.rounds``: fedkws would read its own default for the key; say so instead.
+
+    Deleting a constructor's argument (an entry of ``strategy.kwargs``, a key of
+    ``optimizer``: the constructor's default then applies) is allowed.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from fedkws.errors import ConfigError
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return  # Hydra says what does not parse
+    for o in parsed:
+        key = o.key_or_group
+        optimizer_argument = key.startswith("optimizer.") and not key.startswith("optimizer._")
+        argument = ".kwargs." in f".{key}" or optimizer_argument
+        if o.is_delete() and not argument and not key.startswith("hydra"):
+            raise ConfigError(
+                f"~{key}: a key of fedkws's config cannot be deleted (the run would use a "
+                f"default of its own, not the config's); set it instead: {key}=<value>"
+            )
+
+
 def check_sweep(config: DictConfig, config_name: str) -> None:
     """Compose and validate :func:`sweep_samples`; the first mistake is one ``error:`` line.
 
@@ -276,6 +306,7 @@ def check_sweep(config: DictConfig, config_name: str) -> None:
     for overrides in sweep_samples(config):
         with user_errors():
             try:
+                refuse_deleted_keys(overrides)
                 from_config(compose(config_name=config_name, overrides=overrides))
             except CompactHydraException as err:  # Hydra's own mistake: reported as it words it
                 raise ConfigError(hydra_error_line(err)) from None
@@ -494,6 +525,8 @@ def _start(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> RunSpec | None:
     Refusals, config mistakes and a stop that came first end a single run with their
     line; in a sweep they are said and the sweep goes on or ends (see each branch).
     """
+    from hydra.core.hydra_config import HydraConfig
+
     from fedkws import lifecycle
     from fedkws.errors import AlreadyComplete, RunRefused, StopReached, write_failure
     from fedkws.run import preflight
@@ -504,6 +537,7 @@ def _start(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> RunSpec | None:
         print(f"the sweep is stopping (exit {code}): {run_dir} not started")
         return None
     try:
+        refuse_deleted_keys(list(HydraConfig.get().overrides.task))
         spec = from_config(cfg)
         preflight(spec, run_dir)
     except AlreadyComplete as done:
