@@ -550,3 +550,27 @@ def test_generating_into_a_folder_of_other_files_is_one_data_error(tmp_path):
     with pytest.raises(DataError, match=f"dataset.root={root}: .*not empty"):
         ensure_dataset(root, generate={"speakers": 3, "utterances": 1, "seed": 0}, progress=False)
     assert [p.name for p in root.iterdir()] == ["README.md"]
+
+
+def test_a_killed_unpacking_is_cleared_and_the_root_has_the_usual_mode(tmp_path, server, archive):
+    # Catches: a .sc.extract-* folder of a process killed mid-unpacking kept forever, and a
+    # root of mode 0700 (the temporary folder's) that other users cannot read.
+    import stat
+
+    from fedkws.fileio import umask
+
+    stale = tmp_path / ".sc.extract-abc123"
+    (stale / "yes").mkdir(parents=True)
+    (stale / "yes" / "half.wav").write_bytes(b"x")
+    url = _serve(server, archive)
+    root = download_speech_commands(tmp_path / "sc", url=url, sha256=_sha(archive), progress=False)
+    assert not stale.exists() and _leftovers(tmp_path) == []
+    assert stat.S_IMODE(root.stat().st_mode) == 0o777 & ~umask()
+
+
+def test_an_archive_that_is_not_a_tar_is_one_line(tmp_path, server):
+    data = b"<html>not found</html>\n" * 4
+    url = _serve(server, data, "/page.tar.gz")
+    with pytest.raises(DownloadError, match="could not unpack") as refused:
+        download_speech_commands(tmp_path / "sc", url=url, sha256=_sha(data), progress=False)
+    assert "\n" not in str(refused.value) and "ReadError(" not in str(refused.value)

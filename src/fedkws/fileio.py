@@ -24,7 +24,8 @@ except ImportError:  # Windows: no advisory locks
     fcntl = None
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read, then set back as it was)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -43,7 +44,7 @@ def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
     )
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a written file gets the usual mode
     try:
         yield tmp
         os.replace(tmp, path)

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from fedkws.fileio import file_lock, write_json, write_text
+from fedkws.fileio import file_lock, umask, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -502,8 +502,15 @@ def _progress(
 
 
 def _install(archive: Path, root: Path, progress: bool, url: str) -> None:
-    """Unpack ``archive`` beside ``root`` and move the result into ``root``."""
+    """Unpack ``archive`` beside ``root`` and move the result into ``root``.
+
+    Runs under ``root``'s lock: an unpacking folder of an earlier process that was
+    killed (SIGKILL, a lost machine) is removed first.
+    """
+    for stale in root.parent.glob(f".{root.name}.extract-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.extract-", dir=root.parent))
+    os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes 0700; the root gets the usual mode
     try:
         _extract(archive, staging, progress)
         top = _dataset_top(staging)
@@ -570,7 +577,10 @@ def _extract(archive: Path, dest: Path, progress: bool) -> None:
     except DownloadError:
         raise
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        raise DownloadError(f"could not unpack {archive}: {err!r}") from None
+        reason = " ".join(str(err).split()) or type(err).__name__  # one line, not a repr
+        if isinstance(err, tarfile.ReadError) and "could not be opened" in reason:
+            reason = "not a tar archive (gzip, bzip2, xz or plain: tarfile read none of them)"
+        raise DownloadError(f"could not unpack {archive}: {reason}") from None
 
 
 def _move_into(src: Path, root: Path) -> None:
