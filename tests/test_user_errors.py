@@ -110,6 +110,11 @@ CONFIG_MISTAKES = [
     (["partition.num_clients=0"], "partition.num_clients=0: must be >= 1"),
     # Catches: torchaudio's IndexError traceback once the features were being computed.
     (["features=mfcc", "features.n_mfcc=0"], "features.n_mfcc=0: must be an integer >= 1"),
+    # Catches: "model={...}: cannot build resnet: '<' not supported between ..." (the key
+    # not named), and a width of 2.5 taken as 2.
+    (["model=resnet", "model.width=abc"], "model.width='abc': must be an integer >= 1"),
+    (["model=resnet", "model.width=2.5"], "model.width=2.5: must be an integer >= 1"),
+    (["model=resnet", "model.depth=7"], "model.depth=7: must be one of 10, 18, 34, 50"),
     # Catches: a TypeError traceback (a group set to null) and OmegaConf's interpolation
     # tracebacks (a reference that does not resolve), each after the run folder was made.
     (["train=null"], "train=None: must be one of its options (conf/train/), not null"),

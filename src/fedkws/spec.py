@@ -648,22 +648,49 @@ def _check_generate(gen: dict[str, Any], p: _Problems) -> None:
 
 
 def _check_model(spec: RunSpec, p: _Problems) -> None:
-    from fedkws.core.models import build_model
-
     _one_of(p, "model.name", spec.model.name, MODEL_NAMES)
     _one_of(p, "norm.kind", spec.model.norm, NORM_KINDS)
-    layout = dict(spec.model.kwargs).get("channels_last", False)
+    kwargs = dict(spec.model.kwargs)
+    layout = kwargs.get("channels_last", False)
     p.check(isinstance(layout, bool), "model.channels_last", layout, "must be true or false")
-    channels = dict(spec.model.kwargs).get("channels")
+    if (
+        _model_sizes_ok(spec.model.name, kwargs, p)
+        and spec.model.name in MODEL_NAMES
+        and (spec.model.norm in NORM_KINDS)
+    ):
+        from fedkws.core.models import build_model
+
+        try:
+            build_model(**spec.model.build_args(2))
+        except (TypeError, ValueError) as err:
+            p.add("model", kwargs, f"cannot build {spec.model.name}: {err}")
+    _check_optimizer(spec, p)
+
+
+def _model_sizes_ok(name: str, kwargs: dict[str, Any], p: _Problems) -> bool:
+    """The model's sizes (channels, width, depth, groups), each named when it is wrong."""
+    from fedkws.core.models import RESNET_DEPTHS
+
+    ok = True
+    channels = kwargs.get("channels")
     whole = isinstance(channels, tuple | list) and all(_is_whole(c) and c >= 1 for c in channels)
     if channels is not None and not (whole and channels):
         p.add("model.channels", list(channels) if isinstance(channels, tuple) else channels,
               "must be a list of integers >= 1")  # fmt: skip
-    elif spec.model.name in MODEL_NAMES and spec.model.norm in NORM_KINDS:
-        try:
-            build_model(**spec.model.build_args(2))
-        except (TypeError, ValueError) as err:
-            p.add("model", dict(spec.model.kwargs), f"cannot build {spec.model.name}: {err}")
+        ok = False
+    for key in ("width", "depth", "groups"):
+        if key in kwargs and not (_is_whole(kwargs[key]) and kwargs[key] >= 1):
+            p.add(f"model.{key}", kwargs[key], "must be an integer >= 1")
+            ok = False
+    depth = kwargs.get("depth")
+    if ok and name == "resnet" and depth is not None and depth not in RESNET_DEPTHS:
+        depths = ", ".join(map(str, sorted(RESNET_DEPTHS)))
+        p.add("model.depth", depth, f"must be one of {depths}")
+        ok = False
+    return ok
+
+
+def _check_optimizer(spec: RunSpec, p: _Problems) -> None:
     try:
         module, _, name = spec.optimizer.target.rpartition(".")
         getattr(importlib.import_module(module), name)
