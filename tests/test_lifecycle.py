@@ -417,3 +417,26 @@ def test_a_run_that_fails_while_it_stops_is_a_stop_not_a_failure(
     assert stop.value.code == 128 + signal.SIGTERM
     assert error_lines(capsys.readouterr().err)[-1].startswith("error: interrupted (SIGTERM)")
     assert not (run_dir / "failed.txt").exists()
+
+
+def test_a_sweeps_folder_is_no_run_folder(make_cfg, tmp_path):
+    # Catches: `fedkws-train hydra.run.dir=<a sweep's folder>` writing a run among the
+    # sweep's jobs (the sweep's report then shows a cell that is not one of its jobs), and
+    # fedkws-prepare replacing a training run's partition.png and data_summary.txt.
+    from fedkws.errors import RunRefused
+    from fedkws.prepare import _refuse_a_run_folder
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    with pytest.raises(RunRefused, match="is a sweep's folder"):
+        run(make_cfg([*SMALL_FEDERATION, "federation.backend=inprocess"]), sweep)
+    assert [p.name for p in sweep.iterdir()] == ["multirun.yaml"]
+    with pytest.raises(RunRefused, match="is a sweep's folder"):
+        _refuse_a_run_folder(sweep)
+    trained = tmp_path / "run"
+    trained.mkdir()
+    (trained / "results.json").write_text("{}")
+    with pytest.raises(RunRefused, match="holds a training run: fedkws-prepare would replace"):
+        _refuse_a_run_folder(trained)
+    _refuse_a_run_folder(tmp_path / "new")  # a folder of its own: fine

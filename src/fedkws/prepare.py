@@ -65,6 +65,19 @@ def prepare_data(spec: RunSpec | DictConfig, out_dir: Path) -> str:
     return text
 
 
+def _refuse_a_run_folder(out_dir: Path) -> None:
+    """A training run's or a sweep's folder keeps its own partition plot and data summary."""
+    from fedkws.errors import RunRefused
+    from fedkws.recipes.common import refuse_a_sweeps_folder
+
+    refuse_a_sweeps_folder(out_dir)
+    if any((out_dir / name).is_file() for name in ("results.json", "checkpoint.pt")):
+        raise RunRefused(
+            f"{out_dir} holds a training run: fedkws-prepare would replace its partition.png "
+            "and data_summary.txt with this call's; choose another folder"
+        )
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     """Entry point of ``fedkws-prepare``."""
@@ -75,6 +88,7 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     with user_errors():
         try:
+            _refuse_a_run_folder(out_dir)
             print(prepare_data(from_config(cfg), out_dir))
         except BaseException:
             _tidy_refused(out_dir)  # the folder Hydra made for this failed call, if still empty

@@ -68,6 +68,7 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise RunRefused(f"{run_dir} is a file, not a run folder")
+    refuse_a_sweeps_folder(run_dir)
     loaded = checkpoint.load(run_dir) if run_dir.is_dir() else None
     if loaded is None:
         if spec.resume and (run_dir / "results.json").is_file():
@@ -116,6 +117,15 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
             f"train.stop_after_round={stop}: nothing to train, left as it is"
         )
     return loaded
+
+
+def refuse_a_sweeps_folder(folder: Path) -> None:
+    """A sweep's own folder (its ``multirun.yaml``) is no place for a single run's files."""
+    if (folder / "multirun.yaml").is_file():
+        raise RunRefused(
+            f"{folder} is a sweep's folder (it holds multirun.yaml): a run there would mix "
+            "with the sweep's jobs and its report; give the run a folder of its own"
+        )
 
 
 def _missing_client_state(records: list[dict[str, Any]], state_dir: Path) -> list[str]:
