@@ -407,3 +407,17 @@ def test_a_constructor_argument_may_be_deleted_a_config_key_not():
     for key in ("train.rounds", "logger", "strategy.name", "optimizer._target_"):
         with pytest.raises(ConfigError, match=f"~{key}: a key of fedkws's config cannot be"):
             refuse_deleted_keys([f"~{key}"])
+
+
+def test_a_sweep_preset_without_multirun_says_it_runs_once(tmp_path):
+    # Catches: `fedkws-train experiment=main` quietly running one unswept job.
+    out = subprocess.run(
+        train_command("experiment=main", "train.rounds=0", f"hydra.run.dir={tmp_path / 'r'}"),
+        capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "note: experiment=main is a sweep (arm swept); without -m this is one run of its "
+        "base config (add -m for the sweep)",
+        "error: train.rounds=0: must be >= 1",
+    ]

@@ -510,6 +510,12 @@ def main(cfg: DictConfig) -> float | None:
 
     run_dir = _hydra_context(str(cfg.get("name")), "0")[0]
     if HydraConfig.get().mode != RunMode.MULTIRUN:
+        if swept := dict(HydraConfig.get().sweeper.get("params") or {}):
+            preset = HydraConfig.get().runtime.choices.get("experiment")
+            what = f"experiment={preset}" if preset else "this config"
+            print(f"note: {what} is a sweep ({', '.join(sorted(swept))} swept); "
+                  "without -m this is one run of its base config (add -m for the sweep)",
+                  file=sys.stderr)  # fmt: skip
         with user_errors():
             return _job(cfg, run_dir, in_sweep=False)
     try:
