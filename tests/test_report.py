@@ -650,6 +650,12 @@ def test_columns_keep_the_matching_values_with_their_vs_central_twin(fake_sweep,
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "val/eval/acc" in err
     assert err.startswith("error: --columns nothing/* matches no column")
+    # Catches: a typo'd pattern beside one that matches, its columns dropped unsaid.
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["report", str(fake_sweep), "--columns", "test/*/acc,tset/eval/acc"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.startswith("error: --columns tset/eval/acc matches no column")
 
 
 def test_a_failure_keeps_its_message_and_for_a_fault_its_traceback(tmp_path):

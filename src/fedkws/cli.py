@@ -30,7 +30,8 @@ def _at_least(low: float, kind: type = int, high: float | None = None):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{text} is less than {low}")
         if high is not None and value > high:

@@ -639,10 +639,11 @@ def _select(stats: list[_Stat], patterns: list[str]) -> list[_Stat]:
         s for s in stats
         if s.vs_central and s not in kept and any(t.key == s.key for t in kept)
     ]  # fmt: skip
-    if not kept:
+    idle = [p for p in patterns if not any(fnmatch.fnmatchcase(s.name, p) for s in stats)]
+    if idle:  # a typo beside a pattern that matches would drop its columns unsaid
         available = ", ".join(s.name for s in stats if not s.vs_central) or "none"
         raise ConfigError(
-            f"--columns {','.join(patterns)} matches no column of this sweep; columns: {available}"
+            f"--columns {','.join(idle)} matches no column of this sweep; columns: {available}"
         )
     return [s for s in stats if s in kept]
 
@@ -732,8 +733,12 @@ def _check_targets(targets: list[tuple[str, Path | None]], plot: Path | None) ->
         target = Path(target)
         where = Path(os.path.abspath(target))  # a/../t.png is t.png
         if where in seen:
-            raise ConfigError(f"{what} {target}: the same file as {seen[where]}; give the "
-                              "markdown and the plot other names")  # fmt: skip
+            hint = (
+                "the markdown's CSV is named after it: give --markdown a name ending in .md"
+                if what == "--markdown's CSV"
+                else f"give {what} another name"
+            )
+            raise ConfigError(f"{what} {target}: the same file as {seen[where]}; {hint}")
         seen[where] = what
         if target.name in RUN_RECORDS or ".hydra" in where.parts or _is_run_folder(where.parent):
             raise ConfigError(
