@@ -6,6 +6,7 @@ Promises about the process are checked through the real ``fedkws-train`` command
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -150,6 +151,19 @@ def test_an_empty_or_folder_checkpoint_is_named_as_such(tmp_path):
     (tmp_path / "folder" / checkpoint.FILENAME).mkdir(parents=True)
     with pytest.raises(RunRefused, match="is not a file: not a fedkws checkpoint"):
         checkpoint.load(tmp_path / "folder")
+    # Catches: torch's advice to load with weights_only=False (it would run what a foreign
+    # file holds) and "failed finding central directory" for a file cut short.
+    (tmp_path / "pickle").mkdir()
+    (tmp_path / "pickle" / checkpoint.FILENAME).write_bytes(b"\x80\x02" + bytes(range(200)))
+    with pytest.raises(RunRefused, match=r"\(not a file of tensors torch reads safely") as got:
+        checkpoint.load(tmp_path / "pickle")
+    assert "weights_only=False" not in str(got.value) and "weights_only` set" not in str(got.value)
+    buf = io.BytesIO()
+    torch.save({"a": torch.zeros(100)}, buf)
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / checkpoint.FILENAME).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(RunRefused, match=r"\(damaged or cut short: not a complete torch zip"):
+        checkpoint.load(tmp_path / "cut")
 
 
 def test_corrupt_checkpoint_is_refused(stopped_run, data_dir, tiny_root, tmp_path):
@@ -440,3 +454,16 @@ def test_a_sweeps_folder_is_no_run_folder(make_cfg, tmp_path):
     with pytest.raises(RunRefused, match="holds a training run: fedkws-prepare would replace"):
         _refuse_a_run_folder(trained)
     _refuse_a_run_folder(tmp_path / "new")  # a folder of its own: fine
+
+
+def test_an_unreadable_client_state_file_is_named(tmp_path):
+    # Catches: the client's failure of every later round cut off inside torch's advice to
+    # load with weights_only=False, without the file's name.
+    from types import SimpleNamespace
+
+    task = SimpleNamespace(pid=0, state_dir=str(tmp_path), round=3)
+    path = client_app.client_state_file(tmp_path, 1, 2)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x80\x02" + bytes(range(200)))
+    with pytest.raises(RuntimeError, match=rf"client 1's own state {path} cannot be read \(not"):
+        client_app._fedbn_state(task, 1, SimpleNamespace(state={}))

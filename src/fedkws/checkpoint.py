@@ -95,7 +95,23 @@ def load(run_dir: Path) -> tuple[Checkpoint, dict[str, Any]] | None:
         rng = raw.pop("rng")
         return Checkpoint(**raw), rng
     except Exception as err:  # any unreadable or foreign file: refuse, never guess
-        reason = " ".join(str(err).split())[:200] or type(err).__name__
-        if path.stat().st_size == 0:
-            reason = "an empty file"
+        reason = why_unreadable(path, err)
         raise RunRefused(f"{path} is not a readable fedkws checkpoint ({reason})") from err
+
+
+def why_unreadable(path: Path, err: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in a few plain words.
+
+    Not torch's own advice to load with ``weights_only=False``: that would run
+    whatever code a foreign or damaged file holds.
+    """
+    import pickle
+
+    text = " ".join(str(err).split())
+    if path.is_file() and path.stat().st_size == 0:
+        return "an empty file"
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return "not a file of tensors torch reads safely (weights_only): foreign or damaged"
+    if "zip archive" in text or "central directory" in text:
+        return "damaged or cut short: not a complete torch zip archive"
+    return text[:200] or type(err).__name__

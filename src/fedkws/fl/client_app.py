@@ -140,7 +140,15 @@ def _fedbn_state(
             saved[int(round_)] = path
     if not saved:
         return {}
-    return torch.load(saved[max(saved)], weights_only=True, map_location="cpu")
+    path = saved[max(saved)]
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - named, as the client's failure of this round
+        from fedkws.checkpoint import why_unreadable
+
+        raise RuntimeError(
+            f"client {pid}'s own state {path} cannot be read ({why_unreadable(path, err)})"
+        ) from None
 
 
 def _model(task: ClientTask, message: Message, context: Context) -> torch.nn.Module:
