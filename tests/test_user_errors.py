@@ -182,6 +182,9 @@ HYDRA_MISTAKES = [
     # Catches: values that fail only together, found by the job that has both, mid-sweep.
     (["-m", "bn=full,local", "norm=batch,group"], "error: bn.sync='local': FedBN needs a model "
      "with BatchNorm (norm=batch, not group) (in the sweep's job bn=local norm=group)"),
+    # Catches: argparse's 9-line usage text for an option after the overrides.
+    (["train.rounds=1", "-m", "seed=0,1"], "options (-m, --cfg, ...) go before the key=value "
+     "overrides"),
     # Catches: Hydra's ValueError traceback ("Config group override must be a string").
     (["model=null"], "error: model=null: a config group's choice is the name of one of its "
      "options (conf/model/), not null"),

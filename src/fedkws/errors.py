@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
@@ -248,7 +249,26 @@ def hydra_mistakes_in_one_line() -> Iterator[None]:
         return report(call)
 
     hydra_utils.run_and_report = compact
+    main_module = importlib.import_module("hydra.main")
+    make_parser = main_module.get_args_parser
+    main_module.get_args_parser = lambda: _one_line_usage_errors(make_parser())
     try:
         yield
     finally:
         hydra_utils.run_and_report = report
+        main_module.get_args_parser = make_parser
+
+
+def _one_line_usage_errors(parser):
+    """Hydra's argparse parser, its usage mistakes one ``error:`` line (not its usage text)."""
+
+    def error(message: str):
+        hint = ""
+        if "unrecognized arguments" in message and "=" in message:  # `a=1 -m b=2,3`
+            hint = "; options (-m, --cfg, ...) go before the key=value overrides"
+        print(f"error: {parser.prog}: {message}{hint} (see {parser.prog} --help)",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+
+    parser.error = error
+    return parser
