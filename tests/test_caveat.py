@@ -164,6 +164,7 @@ def test_caveat_of_a_feature_shift_run_hears_its_channels(tmp_path, data_dir, ti
     from helpers import compose_cfg
 
     cfg = compose_cfg([*BASE, "partition.channels=2"], data_dir, tiny_root)
+    cfg.cache_dir = str(tmp_path / "cache")  # its channel variant not in the shared cache
     run(cfg, tmp_path / "run")
     _, heard, _, _ = _load(tmp_path / "run")
     clean = load_data(from_config(cfg))

@@ -91,10 +91,11 @@ def _from_where_it_ran(config: dict, run_dir: Path) -> None:
     folder (Hydra's ``runtime.cwd`` in ``.hydra/hydra.yaml``), not the caveat's: from
     elsewhere the dataset would be generated (or downloaded) again there.
     """
-    from omegaconf import OmegaConf
+    import yaml
 
     try:
-        started = Path(str(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.cwd))
+        hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        started = Path(str(hydra["runtime"]["cwd"]))
     except Exception:  # noqa: BLE001 - no such file, or not Hydra's: paths as they are
         return
     places = [(config, "data_dir"), (config, "cache_dir"), (config.get("dataset") or {}, "root")]

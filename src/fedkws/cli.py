@@ -88,10 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--workers", type=_at_least(1), default=None, help="default: every CPU")
 
     dl = sub.add_parser("download", help="download and extract real Speech Commands")
-    dl.add_argument(
-        "--root", type=_folder, required=True,
-        help="a new or empty folder for the word folders (an existing dataset: nothing to do)",
-    )  # fmt: skip
+    dl.add_argument("--root", type=_folder, required=True, help="a new or empty folder")
     dl.add_argument("--version", choices=("v0.01", "v0.02"), default="v0.02")
     dl.add_argument("--url", default=None, help="mirror URL (default: the official archive)")
     dl.add_argument("--sha256", type=_sha256, default=None, help="checksum of the archive at --url")
