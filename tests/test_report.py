@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -673,3 +674,42 @@ def test_a_failure_keeps_its_message_and_for_a_fault_its_traceback(tmp_path):
     assert 'tests/test_report.py", line' in text
     assert read_failure(tmp_path / "fault") == "KeyError: 'key'"
     assert read_failure(tmp_path / "no_failure") is None
+
+
+def _multirun_yaml(sweep: Path, task: list[str]) -> None:
+    """The multirun.yaml Hydra writes for ``fedkws-train -m <task>``."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    fixed = [t for t in task if "," not in t]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=fixed, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = task
+    sweep.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, sweep / "multirun.yaml")
+
+
+def test_a_stopped_sweeps_jobs_that_never_started_are_listed(tmp_path):
+    # Catches: a sweep stopped by Ctrl-C whose report lists only the jobs that made their
+    # folders, so the table reads as if the sweep were smaller.
+    from fedkws.report import report
+
+    sweep = tmp_path / "sweep"
+    _multirun_yaml(sweep, ["experiment=bn_ablation", "seed=0,1", "train.rounds=2"])
+    ran = [("full", "iid", 0), ("full", "iid", 1), ("full", "dirichlet", 0),
+           ("params_only", "iid", 0)]  # fmt: skip
+    for bn, partition, seed in ran:
+        folder = sweep / f"bn={bn},partition={partition},train.rounds=2" / f"seed={seed}"
+        _write_run(folder, seed, "fedavg", {"eval": [0.5]}, {"eval": 0.5})
+    text = report([sweep], markdown=tmp_path / "report.md")
+    why = "not started: the sweep stopped before it, or is still running"
+    listed = re.findall(rf"^- (\S+) \({why}\)$", text, re.M)
+    every = {(bn, p, s) for bn in ("full", "params_only", "local")
+             for p in ("iid", "dirichlet") for s in (0, 1)}  # fmt: skip
+    assert sorted(listed) == sorted(f"bn={bn},partition={p},train.rounds=2/seed={s}"
+                                    for bn, p, s in every - set(ran))  # fmt: skip
+    assert markdown_table(text)["bn=local,partition=iid,train.rounds=2"]["seeds"] == "0"
+    # A job folder the sweep does not account for: its list is not trusted, nothing added.
+    _write_run(sweep / "other" / "seed=0", 0, "fedavg", {"eval": [0.5]}, {"eval": 0.5})
+    assert "not started" not in report([sweep])

@@ -3,7 +3,8 @@
 Runs whose folders differ only in ``seed=N`` form one row (a *cell*). A run
 folder that Hydra created (it has ``.hydra/``) but that has no finished
 ``results.json`` (crashed, killed or still running) is listed in the row's
-``missing`` column and below the table, never silently dropped. Rows of
+``missing`` column and below the table, never silently dropped; so is a job
+a stopped sweep never started (its ``multirun.yaml`` says which). Rows of
 centralised runs (``strategy: central``) come first: they are the reference
 the federated rows are read against; the other rows follow in name order.
 
@@ -163,11 +164,21 @@ def find_runs(paths: list[Path]) -> list[Run]:
             raise ConfigError(f"{path}: no such file or folder")
         else:
             raise ConfigError(f"{path} is neither a run folder nor a results.json")
+    not_started = set()
+    for path in (Path(p) for p in paths if (Path(p) / "multirun.yaml").is_file()):
+        top = Path(os.path.realpath(path))
+        under = [f for f in folders if Path(os.path.realpath(f)).is_relative_to(top)]
+        for folder in _never_started(path, {os.path.realpath(f) for f in under}):
+            if os.path.realpath(folder) not in named:
+                add(folder, False)
+                not_started.add(folder)
     if not folders:
         raise ConfigError(f"no run folder or results.json under {', '.join(map(str, paths))}")
     runs = []
     for folder, has_result in sorted(folders.items()):
         result, problem = None, ""
+        if folder in not_started:
+            problem = "not started: the sweep stopped before it, or is still running"
         if has_result:
             try:
                 result = Result.load(folder / "results.json")
@@ -175,6 +186,49 @@ def find_runs(paths: list[Path]) -> list[Run]:
                 problem = f"unreadable results.json: {' '.join(str(err).split())[:120]}"
         runs.append(Run(folder, result, problem))
     return runs
+
+
+# The job folders of conf/config.yaml (hydra.sweep.subdir), which _never_started rebuilds.
+_JOB_SUBDIR = "./${hydra.job.override_dirname}/seed=${seed}"
+
+
+def _never_started(sweep: Path, found: set[str]) -> list[Path]:
+    """The job folders a sweep's ``multirun.yaml`` promises and that do not exist.
+
+    A sweep stopped by Ctrl-C or SIGTERM never made its later jobs' folders. They are
+    rebuilt as Hydra names them (the swept choices crossed, each job's override dirname
+    and seed folder), only for fedkws's own ``hydra.sweep.subdir`` and only when every
+    job folder ``found`` (real paths) is one of them: a list that cannot be checked
+    against the sweep's own folders is not given.
+    """
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from fedkws.train import swept_choices
+
+    try:
+        config = OmegaConf.load(sweep / "multirun.yaml")
+        hydra = OmegaConf.to_container(config.hydra, resolve=False)
+        naming = hydra["job"]["config"]["override_dirname"]
+        choices = swept_choices(config) if hydra["sweep"]["subdir"] == _JOB_SUBDIR else None
+        seed = config.get("seed", 0)
+    except Exception:  # noqa: BLE001 - not a multirun.yaml fedkws can read: nothing said
+        return []
+    if choices is None or math.prod(len(c) for c in choices) > 10_000:
+        return []
+    parser, expected = OverridesParser.create(), []
+    for job in itertools.product(*choices):
+        overrides = parser.parse_overrides(list(job))
+        kept = sorted(o.input_line for o in overrides
+                      if o.key_or_group not in naming["exclude_keys"])  # fmt: skip
+        dirname = re.sub("=", naming["kv_sep"], naming["item_sep"].join(kept))
+        job_seed = next((o.value() for o in overrides if o.key_or_group == "seed"), seed)
+        expected.append(Path(os.path.normpath(sweep / f"./{dirname}/seed={job_seed}")))
+    if not found <= {os.path.realpath(p) for p in expected}:
+        return []
+    return [p for p in expected if os.path.realpath(p) not in found]
 
 
 def _why_missing(run: Run) -> str:

@@ -211,7 +211,7 @@ def sweep_samples(config: DictConfig) -> list[list[str]]:
     or value that would fail every job with it. With a sweep that cannot be listed
     (an optimising sweeper's interval) there are none: each job checks itself.
     """
-    choices = _swept_choices(config)
+    choices = swept_choices(config)
     if choices is None:
         return []
     if math.prod(len(values) for values in choices) <= CHECK_EVERY_JOB_UP_TO:
@@ -223,7 +223,7 @@ def sweep_samples(config: DictConfig) -> list[list[str]]:
     return samples
 
 
-def _swept_choices(config: DictConfig) -> list[list[str]] | None:
+def swept_choices(config: DictConfig) -> list[list[str]] | None:
     """Each overridden key's ``key=value`` choices, as Hydra's basic sweeper crosses them.
 
     None for a sweep that cannot be listed (an optimising sweeper's interval).
@@ -255,7 +255,7 @@ def _fit_parallel_jobs_to_the_sweep(config: DictConfig) -> None:
     from omegaconf import open_dict, read_write
 
     launcher = config.hydra.get("launcher") or {}
-    choices = _swept_choices(config)
+    choices = swept_choices(config)
     if "n_jobs" not in launcher or choices is None:
         return
     jobs = math.prod(len(values) for values in choices)
