@@ -126,6 +126,13 @@ def test_caveat_refuses_what_it_cannot_measure(trained, tmp_path):
     for run_dir in (fedbn, wider):
         assert not (run_dir / "caveat.md").exists()
 
+    # A centralised run with bn=silo trained its own BatchNorm: measured, labelled plainly.
+    def centralised_silo(config):
+        config["bn"]["sync"], config["strategy"]["name"] = "silo", "central"
+
+    central = _edited_copy(trained, tmp_path / "c", centralised_silo)
+    assert "| eval (running statistics) |" in caveat(central, (4,))
+
 
 def test_caveat_reads_relative_data_paths_from_where_the_run_started(
     trained, tmp_path, data_dir, monkeypatch
@@ -146,6 +153,10 @@ def test_caveat_reads_relative_data_paths_from_where_the_run_started(
     monkeypatch.chdir(elsewhere)
     assert caveat(run_dir, (4,)).splitlines()[2:] == caveat(trained, (4,)).splitlines()[2:]
     assert list(elsewhere.iterdir()) == []
+    # Started in a folder that is gone (a run copied from elsewhere): paths as they are.
+    (run_dir / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    cwd: /gone\n")
+    monkeypatch.chdir(started)
+    assert caveat(run_dir, (4,)).splitlines()[2:] == caveat(trained, (4,)).splitlines()[2:]
 
 
 def test_caveat_says_when_the_run_is_not_finished(trained, tmp_path):

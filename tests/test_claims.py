@@ -138,3 +138,15 @@ def test_the_grid_of_a_sweep_with_list_values_and_a_constant_override(tmp_path, 
     texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text()
              for t in panel.texts}  # fmt: skip
     assert texts == {(0, 0): "0.20", (0, 1): "0.20", (1, 0): "0.30", (1, 1): "0.30"}
+
+
+def test_cell_names_keep_escaped_and_bracketed_commas_in_their_values():
+    from fedkws.report import cell_overrides
+
+    assert cell_overrides(r"logger.notes=a\,b,model.channels=[4,4],x='c,d',seed=0") == {
+        "logger.notes": r"a\,b",
+        "model.channels": "[4,4]",
+        "x": "'c,d'",
+        "seed": "0",
+    }
+    assert cell_overrides("not an override") is None

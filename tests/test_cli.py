@@ -183,6 +183,8 @@ BAD_INPUT = {
     "download-empty-root": ["download", "--root", ""],
     "download-sha256-not-hex": ["download", "--root", "{tmp}/sc", "--sha256", "abc"],
     "download-url-unparsable": ["download", "--root", "{tmp}/sc", "--url", "http://[::1"],
+    # Catches: --url "" downloading the official archive without verifying it.
+    "download-url-empty": ["download", "--root", "{tmp}/sc", "--url", ""],
     "download-root-is-a-file": [
         "download", "--root", "{runs}/results.json", "--url", "http://127.0.0.1:9/sc.tar.gz",
     ],

@@ -509,6 +509,9 @@ def test_a_root_that_is_or_lies_below_a_file_is_refused(tmp_path, server, archiv
     for root in (a_file, a_file / "sc"):
         with pytest.raises(DownloadError, match=f"{a_file} is a file, not a folder"):
             download_speech_commands(root, url=url, sha256=_sha(archive), progress=False)
+    (tmp_path / "gone").symlink_to(tmp_path / "moved")
+    with pytest.raises(DownloadError, match=f"{tmp_path / 'gone'} is a link to .*, which is gone"):
+        download_speech_commands(tmp_path / "gone", url=url, progress=False)
     assert server.requests == [] and a_file.read_text() == "mine"
 
 
@@ -536,6 +539,11 @@ def test_a_root_downloaded_as_one_version_is_not_used_as_another(tmp_path, serve
     with pytest.raises(DownloadError, match="already holds Speech Commands v0.02, not v0.01"):
         ensure_dataset(root, download={"version": "v0.01", "url": url}, progress=False)
     assert ensure_dataset(root, download={"version": "v0.02", "url": url}, progress=False) == root
+    # Catches: a root downloaded from a mirror (its archive's checksum is not the official
+    # one) refused by a config that names no URL or checksum (the default dataset config).
+    assert ensure_dataset(root, download={"version": "v0.02"}, progress=False) == root
+    with pytest.raises(DownloadError, match="already holds a dataset unpacked from an archive"):
+        ensure_dataset(root, download={"version": "v0.02", "sha256": "b" * 64}, progress=False)
     assert len(server.requests) == 1
 
 

@@ -426,6 +426,23 @@ def test_fedbn_resume_without_a_clients_own_batchnorm_is_refused(make_cfg, tmp_p
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+def test_a_client_that_failed_its_last_round_needs_the_file_of_the_round_before(tmp_path):
+    # Catches: a client that failed in round 2 (it wrote nothing then) making every later
+    # resume of the run impossible: its state after round 1 is what it goes on from.
+    from fedkws.fl.client_app import client_state_file
+    from fedkws.recipes.common import _missing_client_state
+
+    trained = {"train_loss": 1.0}
+    records = [{"round": 1, "clients": {"0": trained, "1": trained}},
+               {"round": 2, "clients": {"0": trained, "1": {"failed": 1.0}}}]  # fmt: skip
+    for pid, round_ in ((0, 1), (1, 1), (0, 2)):
+        client_state_file(tmp_path, pid, round_).parent.mkdir(parents=True, exist_ok=True)
+        client_state_file(tmp_path, pid, round_).write_bytes(b"x")
+    assert _missing_client_state(records, tmp_path) == []
+    client_state_file(tmp_path, 1, 1).unlink()
+    assert _missing_client_state(records, tmp_path) == ["client1/fedbn_round1.pt"]
+
+
 def test_fedadam_resume_restores_the_server_moments(make_cfg, tmp_path):
     # Catches: m_t and v_t of Flower's FedAdam not checkpointed or not restored.
     _assert_resume_is_exact(make_cfg, tmp_path, ["strategy=fedadam", *QUICK])

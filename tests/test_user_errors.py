@@ -117,7 +117,9 @@ CONFIG_MISTAKES = [
     (["model=resnet", "model.depth=7"], "model.depth=7: must be one of 10, 18, 34, 50"),
     # Catches: a TypeError traceback (a group set to null) and OmegaConf's interpolation
     # tracebacks (a reference that does not resolve), each after the run folder was made.
-    (["train=null"], "train=None: must be one of its options (conf/train/), not null"),
+    (["train=null"], "train=None: must be a mapping of its keys, not null or a value"),
+    # Catches: norm.groups=abc as an int() traceback, 2.5 made 2.
+    (["norm=group", "norm.groups=2.5"], "norm.groups=2.5: must be an integer >= 1"),
     (["train.rounds=${nope}"], "train.rounds: cannot be resolved (Interpolation key 'nope'"),
     (
         ["train.rounds=${oc.env:FEDKWS_NO_SUCH_VARIABLE}"],
@@ -424,3 +426,26 @@ def test_a_sweep_preset_without_multirun_says_it_runs_once(tmp_path):
         "base config (add -m for the sweep)",
         "error: train.rounds=0: must be >= 1",
     ]
+    # The swept key set on the command line: that is the run asked for, nothing to say.
+    out = subprocess.run(
+        train_command("experiment=main", "arm=group", "train.rounds=0",
+                      f"hydra.run.dir={tmp_path / 'r'}"),
+        capture_output=True, text=True, env=cli_env(), timeout=120,
+    )  # fmt: skip
+    assert out.stderr.splitlines() == ["error: train.rounds=0: must be >= 1"]
+
+
+def test_the_usage_hint_is_for_overrides_after_an_option_only(capsys):
+    import argparse
+
+    from fedkws.errors import _one_line_usage_errors
+
+    for argv, hint in ((["a=1", "-m", "b=2,3"], True), (["--foo=1"], False)):
+        parser = argparse.ArgumentParser(prog="fedkws-train")
+        parser.add_argument("-m", action="store_true")
+        parser.add_argument("overrides", nargs="*")
+        with pytest.raises(SystemExit):
+            _one_line_usage_errors(parser).parse_args(argv)
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("error: fedkws-train: unrecognized arguments: ")
+        assert ("go before the key=value overrides" in line) == hint, line

@@ -62,7 +62,7 @@ def _load(run_dir: Path):
     config.pop("num_classes", None)
     _from_where_it_ran(config, run_dir)
     spec = from_config(config)
-    if spec.bn.sync == "local":
+    if spec.bn.sync == "local" and not spec.strategy.central:
         raise ConfigError(
             f"{run_dir} ran FedBN (bn.sync=local): its global model's BatchNorm never left "
             "the clients (initial weights and statistics), so neither mode means anything here"
@@ -98,6 +98,8 @@ def _from_where_it_ran(config: dict, run_dir: Path) -> None:
         started = Path(str(hydra["runtime"]["cwd"]))
     except Exception:  # noqa: BLE001 - no such file, or not Hydra's: paths as they are
         return
+    if not started.is_dir():  # a run folder copied from elsewhere: paths as they are
+        return
     places = [(config, "data_dir"), (config, "cache_dir"), (config.get("dataset") or {}, "root")]
     for node, key in places:
         value = node.get(key)
@@ -130,7 +132,7 @@ def caveat(run_dir: Path, batch_sizes: tuple[int, ...] = BATCH_SIZES) -> str:
     spec, data, model, round_ = _load(run_dir)
     rows = data.split_indices("validation")
     running = "eval (running statistics)"
-    if spec.bn.sync == "silo":
+    if spec.bn.sync == "silo" and not spec.strategy.central:
         running = "eval (initial running statistics: SiloBN keeps them on the clients)"
     arms = {running: ("eval", "shuffled"),
             "train mode, shuffled": ("train", "shuffled"),

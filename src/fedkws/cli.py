@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dl = sub.add_parser("download", help="download and extract real Speech Commands")
     dl.add_argument("--root", type=_folder, required=True, help="a new or empty folder")
     dl.add_argument("--version", choices=("v0.01", "v0.02"), default="v0.02")
-    dl.add_argument("--url", default=None, help="mirror URL (default: the official archive)")
+    dl.add_argument("--url", type=_url, default=None, help="mirror URL (default: official)")
     dl.add_argument("--sha256", type=_sha256, default=None, help="checksum of the archive at --url")
 
     rep = sub.add_parser("report", help="table of a sweep's (or run's) results.json files")
@@ -150,6 +150,12 @@ def _generate(args: argparse.Namespace, synth) -> None:
     except (ValueError, FileExistsError) as err:  # documented: bad sizes, a folder not ours
         raise DataError(str(err)) from err
     print(summary.describe())
+
+
+def _url(text: str) -> str:
+    if not text.strip():  # "" would download the official archive, unverified
+        raise argparse.ArgumentTypeError("empty: give the mirror's URL, or leave --url out")
+    return text
 
 
 def _sha256(text: str) -> str:

@@ -197,10 +197,12 @@ def _null_group_choice(err: ValueError) -> str | None:
 
     groups = {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
     named = [a.split("=", 1)[0].lstrip("+~") for a in sys.argv[1:] if a.endswith("=null")]
-    named = [key for key in named if key in groups] or ["a config group"]
+    named = [key for key in named if key in groups]
+    if not named:  # a swept value (model=cnn,null) or a preset's defaults
+        return "a config group's choice is null: give one of its options (conf/<group>/) by name"
     return (
         f"{', '.join(f'{key}=null' for key in named)}: a config group's choice is the name of "
-        f"one of its options (conf/{named[0] if named[0] in groups else '<group>'}/), not null"
+        f"one of its options (conf/{named[0]}/), not null"
     )
 
 
@@ -264,7 +266,8 @@ def _one_line_usage_errors(parser):
 
     def error(message: str):
         hint = ""
-        if "unrecognized arguments" in message and "=" in message:  # `a=1 -m b=2,3`
+        unrecognized = message.partition("unrecognized arguments:")[2].split()
+        if any("=" in a and not a.startswith("-") for a in unrecognized):  # `a=1 -m b=2,3`
             hint = "; options (-m, --cfg, ...) go before the key=value overrides"
         print(f"error: {parser.prog}: {message}{hint} (see {parser.prog} --help)",
               file=sys.stderr)  # fmt: skip

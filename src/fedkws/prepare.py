@@ -83,12 +83,13 @@ def main(cfg: DictConfig) -> None:
     """Entry point of ``fedkws-prepare``."""
     from hydra.core.hydra_config import HydraConfig
 
-    from fedkws.train import _tidy_refused
+    from fedkws.train import _tidy_refused, refuse_deleted_keys
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     with user_errors():
         try:
             _refuse_a_run_folder(out_dir)
+            refuse_deleted_keys(list(HydraConfig.get().overrides.task))
             print(prepare_data(from_config(cfg), out_dir))
         except BaseException:
             _tidy_refused(out_dir)  # the folder Hydra made for this failed call, if still empty

@@ -402,14 +402,18 @@ def _tokens(name: str) -> set[str]:
 
 
 def _items(name: str) -> list[str]:
-    """A cell name's ``key=value`` items: Hydra's override dirname split at its commas.
+    r"""A cell name's ``key=value`` items: Hydra's override dirname split at its commas.
 
-    A comma inside brackets, braces or quotes belongs to its value
-    (``model.channels=[4,4],seed=0`` is two items).
+    A comma inside brackets, braces or quotes, or escaped (``\,``), belongs to its
+    value (``model.channels=[4,4],seed=0`` is two items).
     """
-    items, depth, quote, start = [], 0, "", 0
+    items, depth, quote, start, escaped = [], 0, "", 0, False
     for i, ch in enumerate(name):
-        if quote:
+        if escaped:  # Hydra's `\,`: a comma of the value
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif quote:
             quote = "" if ch == quote else quote
         elif ch in "'\"":
             quote = ch

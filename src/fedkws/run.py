@@ -19,14 +19,15 @@ from fedkws.spec import RunSpec, from_config
 from fedkws.tracking import Result
 
 
-def preflight(spec: RunSpec, run_dir: Path):
+def preflight(spec: RunSpec, run_dir: Path, clients_here: bool = True):
     """Every check that needs no data: folders writable, no overwrite, a valid resume.
 
-    Writes nothing. Returns the checkpoint to resume from, if any.
+    Writes nothing. Returns the checkpoint to resume from, if any. ``clients_here``:
+    False under ``flwr run``, whose SuperNodes may keep their state on other machines.
     """
     common.check_writable(run_dir, "run folder")
     common.check_writable(Path(spec.cache_dir), "cache_dir")
-    return common.check_folder(spec, run_dir)
+    return common.check_folder(spec, run_dir, clients_here)
 
 
 def run(
@@ -54,7 +55,7 @@ def run(
         spec = from_config(spec)
     lifecycle.reset()  # a stop requested for an earlier run does not end this one
     run_dir = Path(run_dir)
-    loaded = preflight(spec, run_dir)
+    loaded = preflight(spec, run_dir, clients_here=grid is None)
     if spec.resume and loaded is None:  # the same command serves a job's first start and requeue
         common.console.print(f"resume=true: no checkpoint in {run_dir} yet: starting at round 1")
     run_dir.mkdir(parents=True, exist_ok=True)

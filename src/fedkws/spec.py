@@ -16,8 +16,10 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from fedkws import CONF_DIR
 from fedkws.core.aggregation import BN_SYNC_MODES, EVAL_MODES, keeps_client_state
 from fedkws.core.models import MODEL_NAMES, NORM_KINDS
 from fedkws.data.augment import AugmentConfig
@@ -419,8 +421,9 @@ def from_config(cfg: Any) -> RunSpec:
     p = _Problems()
     for group in GROUPS:
         value = raw.get(group)
-        p.check(isinstance(value, dict), group, value,
-                f"must be one of its options (conf/{group}/), not null or a value")  # fmt: skip
+        options = Path(CONF_DIR, group).is_dir()  # train, federation: keys of config.yaml
+        why = f"one of its options (conf/{group}/)" if options else "a mapping of its keys"
+        p.check(isinstance(value, dict), group, value, f"must be {why}, not null or a value")
     p.raise_if_any()
     spec = RunSpec(
         name=str(raw["name"]),
@@ -498,10 +501,14 @@ def _dataset(raw: Mapping[str, Any], p: _Problems) -> DatasetSpec:
 
 def _model(raw: Mapping[str, Any], norm: Mapping[str, Any], p: _Problems) -> ModelSpec:
     kwargs = {k: v for k, v in raw.items() if k != "name"}
+    groups = norm.get("groups", 8)
+    if not (_is_whole(groups) and groups >= 1):  # 2.5 is no group count (int() made it 2)
+        p.add("norm.groups", groups, "must be an integer >= 1")
+        groups = 8
     return ModelSpec(
         name=str(raw.get("name")),
         norm=str(norm.get("kind")),
-        groups=int(norm.get("groups", 8)),
+        groups=groups,
         kwargs=_pairs(kwargs),
     )
 
@@ -668,7 +675,7 @@ def _check_model(spec: RunSpec, p: _Problems) -> None:
 
 
 def _model_sizes_ok(name: str, kwargs: dict[str, Any], p: _Problems) -> bool:
-    """The model's sizes (channels, width, depth, groups), each named when it is wrong."""
+    """The model's sizes (channels, width, depth), each named when it is wrong."""
     from fedkws.core.models import RESNET_DEPTHS
 
     ok = True
@@ -678,7 +685,7 @@ def _model_sizes_ok(name: str, kwargs: dict[str, Any], p: _Problems) -> bool:
         p.add("model.channels", list(channels) if isinstance(channels, tuple) else channels,
               "must be a list of integers >= 1")  # fmt: skip
         ok = False
-    for key in ("width", "depth", "groups"):
+    for key in ("width", "depth"):
         if key in kwargs and not (_is_whole(kwargs[key]) and kwargs[key] >= 1):
             p.add(f"model.{key}", kwargs[key], "must be an integer >= 1")
             ok = False

@@ -510,7 +510,9 @@ def main(cfg: DictConfig) -> float | None:
 
     run_dir = _hydra_context(str(cfg.get("name")), "0")[0]
     if HydraConfig.get().mode != RunMode.MULTIRUN:
-        if swept := dict(HydraConfig.get().sweeper.get("params") or {}):
+        given = {str(o).split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+        swept = set(HydraConfig.get().sweeper.get("params") or {}) - given
+        if swept:  # a swept key the command line does not set: its first value runs alone
             preset = HydraConfig.get().runtime.choices.get("experiment")
             what = f"experiment={preset}" if preset else "this config"
             print(f"note: {what} is a sweep ({', '.join(sorted(swept))} swept); "

@@ -36,6 +36,7 @@ archive can be verified with ``sha256=ARCHIVES[version].sha256``.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import http.client
 import json
@@ -171,8 +172,10 @@ def download_speech_commands(
         raise ValueError(f"unknown Speech Commands version {version!r}; known: {sorted(ARCHIVES)}")
     root = Path(root).expanduser().absolute()
     spec = ARCHIVES[version]
+    if url is not None and not url.strip():
+        raise DownloadError("an empty URL: give the mirror's URL, or none for the official one")
     expected = _expected_digest(spec, url, sha256)
-    url = url or spec.url
+    url = spec.url if url is None else url
 
     if _already_done(root, version, expected):
         return root
@@ -228,10 +231,20 @@ def _already_done(root: Path, version: str, expected: str | None) -> bool:
         raise DownloadError(
             f"{root} already holds a dataset unpacked from an archive with SHA-256 "
             f"{marker.get('sha256')}, but {expected} was requested; use another root "
-            f"directory or delete {root / MARKER_NAME} to download again"
+            f"directory, or delete {root} to download again"
         )
     log.info("Speech Commands %s already complete in %s", version, root)
     return True
+
+
+def check_complete(root: Path, version: str, sha256: str | None = None) -> None:
+    """Refuse a complete ``root`` of another version (or, when given, another archive).
+
+    What training checks before using a root ``fedkws download`` made: a mirror's
+    archive has a checksum of its own, so without ``sha256`` only the version counts.
+    """
+    digest = None if sha256 is None else sha256.strip().lower()
+    _already_done(root, version, digest)
 
 
 def _check_url(url: str) -> None:
@@ -248,6 +261,8 @@ def _check_root(root: Path) -> None:
     own that was interrupted (:data:`INCOMPLETE_NAME`): never over a user's files.
     """
     above = next((p for p in (root, *root.parents) if p.exists() or p.is_symlink()), None)
+    if above is not None and above.is_symlink() and not above.exists():
+        raise DownloadError(f"{root}: {above} is a link to {os.readlink(above)}, which is gone")
     if above is not None and not above.is_dir():
         raise DownloadError(f"{root}: {above} is a file, not a folder")
     if root.is_dir() and not (root / INCOMPLETE_NAME).exists() and any(root.iterdir()):
@@ -507,7 +522,7 @@ def _install(archive: Path, root: Path, progress: bool, url: str) -> None:
     Runs under ``root``'s lock: an unpacking folder of an earlier process that was
     killed (SIGKILL, a lost machine) is removed first.
     """
-    for stale in root.parent.glob(f".{root.name}.extract-*"):
+    for stale in root.parent.glob(f".{glob.escape(root.name)}.extract-*"):
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.extract-", dir=root.parent))
     os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes 0700; the root gets the usual mode

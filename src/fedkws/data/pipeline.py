@@ -94,13 +94,16 @@ def ensure_dataset(
     if download is not None:
         from fedkws.data import download as dl
 
-        if not dl.is_complete(root) and _extracted_by_hand(root):
+        if dl.is_complete(root):
+            dl.check_complete(root, download.get("version", "v0.02"), download.get("sha256"))
+            return root
+        if _extracted_by_hand(root):
             log.info(
                 "%s holds an extracted Speech Commands dataset without fedkws' download "
                 "marker; using it as it is (nothing is downloaded)",
                 root,
             )
-        else:  # at once when complete, after checking that it is this version's
+        else:
             dl.download_speech_commands(
                 root,
                 version=download.get("version", "v0.02"),

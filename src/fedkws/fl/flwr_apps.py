@@ -131,7 +131,7 @@ def serve(grid: Grid, run_config: Mapping[str, Any]) -> Path:
             "`flwr run`; run it with fedkws-train"
         )
     run_dir = run_folder(run_config, spec.name)
-    preflight(spec, run_dir)
+    preflight(spec, run_dir, clients_here=False)
     _keep_config(spec.resolved, run_config, run_dir)
     run(spec, run_dir, grid=grid)
     return run_dir

@@ -61,10 +61,13 @@ class Recipe(Protocol):
 # --------------------------------------------------------------------------- the run folder
 
 
-def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, dict] | None:
+def check_folder(
+    spec: RunSpec, run_dir: Path, clients_here: bool = True
+) -> tuple[checkpoint.Checkpoint, dict] | None:
     """Refuse a start that would overwrite or mix up a run; load the checkpoint to resume.
 
-    Reads only: a refused run changes nothing on disk.
+    Reads only: a refused run changes nothing on disk. ``clients_here``: the clients
+    keep their state on this machine (not SuperNodes of a Deployment Engine elsewhere).
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise RunRefused(f"{run_dir} is a file, not a run folder")
@@ -98,7 +101,7 @@ def check_folder(spec: RunSpec, run_dir: Path) -> tuple[checkpoint.Checkpoint, d
             f"resume: {run_dir} is already complete ({ckpt.round} rounds and its final "
             "evaluation); raise train.rounds to continue it"
         )
-    if keeps_client_state(spec.bn.sync) and not spec.strategy.central:
+    if clients_here and keeps_client_state(spec.bn.sync) and not spec.strategy.central:
         missing = _missing_client_state(ckpt.records, run_dir / "client_state")
         if missing:
             raise RunRefused(
@@ -139,8 +142,9 @@ def _missing_client_state(records: list[dict[str, Any]], state_dir: Path) -> lis
 
     last: dict[int, int] = {}
     for record in records:
-        for pid in record.get("clients") or {}:
-            last[int(pid)] = int(record["round"])
+        for pid, info in (record.get("clients") or {}).items():
+            if not (isinstance(info, dict) and info.get("failed")):  # a failure wrote nothing
+                last[int(pid)] = int(record["round"])
     paths = [client_state_file(state_dir, pid, r) for pid, r in sorted(last.items())]
     return [str(p.relative_to(state_dir)) for p in paths if not p.is_file()]
 
