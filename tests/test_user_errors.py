@@ -194,6 +194,11 @@ HYDRA_MISTAKES = [
     (["~train.rounds"], "error: ~train.rounds: a key of fedkws's config cannot be deleted"),
     (["-m", "seed=0,1", "~train.rounds"], "error: ~train.rounds: a key of fedkws's config "
      "cannot be deleted"),
+    # Catches: two jobs whose overrides differ only in an excluded key run in one folder
+    # (a parallel sweep lost one's results, exit 0; a sequential one failed mid-sweep).
+    (["-m", "experiment=seed_repro,train_mode_caveat"], "error: the sweep's jobs "
+     "experiment=seed_repro and experiment=train_mode_caveat would both run in seed=0: "
+     "experiment=train_mode_caveat is left out of job folder names"),
     # Catches: joblib's "n_jobs == 0 in Parallel has no meaning" traceback.
     (["-m", "seed=0,1", "hydra/launcher=fedkws_parallel", "hydra.launcher.n_jobs=0"],
      "error: hydra.launcher.n_jobs=0: must be the number of jobs at once (>= 1)"),
@@ -449,3 +454,26 @@ def test_the_usage_hint_is_for_overrides_after_an_option_only(capsys):
         (line,) = capsys.readouterr().err.splitlines()
         assert line.startswith("error: fedkws-train: unrecognized arguments: ")
         assert ("go before the key=value overrides" in line) == hint, line
+
+
+def test_a_run_folder_in_use_is_refused_to_a_second_run(tmp_path):
+    # Catches: two runs started into one folder (two commands; two jobs of a parallel sweep)
+    # both writing there, the later one's files replacing the other's, exit 0.
+    from fedkws.errors import RunRefused
+    from fedkws.fileio import folder_in_use
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with folder_in_use(run_dir, RunRefused), folder_in_use(run_dir, RunRefused):  # re-entrant
+        out = subprocess.run(
+            train_command("train.rounds=1", f"hydra.run.dir={run_dir}",
+                          f"data_dir={tmp_path / 'data'}"),
+            capture_output=True, text=True, env=cli_env(), timeout=120,
+        )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert error_lines(out.stderr) == [
+        f"error: {run_dir}: another fedkws run is writing into this folder"
+    ]
+    assert list(run_dir.iterdir()) == [] and not (tmp_path / "data").exists()
+    with folder_in_use(run_dir, RunRefused):  # released: taken again
+        pass

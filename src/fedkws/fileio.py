@@ -135,3 +135,33 @@ def file_lock(path: Path | str) -> Iterator[Path]:
                     fcntl.flock(held.handle, fcntl.LOCK_UN)
                 held.handle.close()
                 held.handle = None
+
+
+_folders_in_use: dict[str, int] = {}  # realpath -> the open directory fd this process holds
+
+
+@contextmanager
+def folder_in_use(folder: Path, refuse: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold ``folder`` (it exists) for this process: another process's attempt is refused.
+
+    A non-blocking ``flock`` on the folder itself, so nothing is written to take it:
+    two runs started into one folder (two commands, two jobs of a parallel sweep whose
+    folders coincide) cannot both write there. Re-entrant within the process. The
+    other process gets ``refuse(why)`` raised. Without ``fcntl`` (Windows) nothing is held.
+    """
+    key = os.path.realpath(folder)
+    if fcntl is None or key in _folders_in_use:
+        yield
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise refuse(f"{folder}: another fedkws run is writing into this folder") from None
+    _folders_in_use[key] = fd
+    try:
+        yield
+    finally:
+        del _folders_in_use[key]
+        os.close(fd)  # closing the last descriptor releases the lock

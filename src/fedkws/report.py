@@ -188,45 +188,24 @@ def find_runs(paths: list[Path]) -> list[Run]:
     return runs
 
 
-# The job folders of conf/config.yaml (hydra.sweep.subdir), which _never_started rebuilds.
-_JOB_SUBDIR = "./${hydra.job.override_dirname}/seed=${seed}"
-
-
 def _never_started(sweep: Path, found: set[str]) -> list[Path]:
     """The job folders a sweep's ``multirun.yaml`` promises and that do not exist.
 
     A sweep stopped by Ctrl-C or SIGTERM never made its later jobs' folders. They are
-    rebuilt as Hydra names them (the swept choices crossed, each job's override dirname
-    and seed folder), only for fedkws's own ``hydra.sweep.subdir`` and only when every
+    rebuilt as Hydra names them (:func:`fedkws.train.job_folders`), and only when every
     job folder ``found`` (real paths) is one of them: a list that cannot be checked
     against the sweep's own folders is not given.
     """
-    import itertools
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from fedkws.train import swept_choices
+    from fedkws.train import job_folders
 
     try:
-        config = OmegaConf.load(sweep / "multirun.yaml")
-        hydra = OmegaConf.to_container(config.hydra, resolve=False)
-        naming = hydra["job"]["config"]["override_dirname"]
-        choices = swept_choices(config) if hydra["sweep"]["subdir"] == _JOB_SUBDIR else None
-        seed = config.get("seed", 0)
+        jobs = job_folders(OmegaConf.load(sweep / "multirun.yaml"))
     except Exception:  # noqa: BLE001 - not a multirun.yaml fedkws can read: nothing said
         return []
-    if choices is None or math.prod(len(c) for c in choices) > 10_000:
-        return []
-    parser, expected = OverridesParser.create(), []
-    for job in itertools.product(*choices):
-        overrides = parser.parse_overrides(list(job))
-        kept = sorted(o.input_line for o in overrides
-                      if o.key_or_group not in naming["exclude_keys"])  # fmt: skip
-        dirname = re.sub("=", naming["kv_sep"], naming["item_sep"].join(kept))
-        job_seed = next((o.value() for o in overrides if o.key_or_group == "seed"), seed)
-        expected.append(Path(os.path.normpath(sweep / f"./{dirname}/seed={job_seed}")))
-    if not found <= {os.path.realpath(p) for p in expected}:
+    expected = [Path(os.path.normpath(sweep / folder)) for _, folder in jobs or []]
+    if not expected or not found <= {os.path.realpath(p) for p in expected}:
         return []
     return [p for p in expected if os.path.realpath(p) not in found]
 

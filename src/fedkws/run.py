@@ -12,6 +12,8 @@ from typing import Any
 from fedkws import lifecycle
 from fedkws.core import loops
 from fedkws.core.models import count_parameters
+from fedkws.errors import RunRefused
+from fedkws.fileio import folder_in_use
 from fedkws.recipes import common
 from fedkws.recipes.central import CentralRecipe
 from fedkws.recipes.federated import FederatedRecipe
@@ -59,6 +61,12 @@ def run(
     if spec.resume and loaded is None:  # the same command serves a job's first start and requeue
         common.console.print(f"resume=true: no checkpoint in {run_dir} yet: starting at round 1")
     run_dir.mkdir(parents=True, exist_ok=True)
+    with folder_in_use(run_dir, RunRefused):  # no second run writes here meanwhile
+        return _train(spec, run_dir, loaded, wandb_names, grid)
+
+
+def _train(spec: RunSpec, run_dir: Path, loaded, wandb_names, grid) -> Result:
+    """:func:`run` once its folder is checked and held: set up, train, finish."""
     determinism = loops.set_determinism(spec.train.deterministic)  # before any CUDA operation
     common.console.print(common.describe_devices(spec))
     record = common.Run(spec, run_dir, wandb_names or (spec.name, run_dir.name))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -166,6 +167,8 @@ class FolderGuard(Callback):
                     "hydra.launcher.n_jobs=0: must be the number of jobs at once (>= 1), "
                     "or negative as in joblib (-1: one per core)"
                 )
+        with user_errors():
+            _refuse_shared_job_folders(config)
         check_sweep(config, kwargs.get("config_name") or "config")
         _fit_parallel_jobs_to_the_sweep(config)
         if _on_slurm(config) and not (shutil.which("sbatch") and shutil.which("srun")):
@@ -244,6 +247,54 @@ def swept_choices(config: DictConfig) -> list[list[str]] | None:
         return None
     choices = list(by_key.values())
     return None if any(not values for values in choices) else choices
+
+
+# fedkws's own hydra.sweep.subdir (conf/config.yaml), whose job folders job_folders names.
+JOB_SUBDIR = "./${hydra.job.override_dirname}/seed=${seed}"
+
+
+def job_folders(config: DictConfig, limit: int = 10_000) -> list[tuple[list[str], str]] | None:
+    """Each job of a multirun: its overrides and its folder under the sweep, as Hydra names it.
+
+    The swept choices crossed (:func:`swept_choices`); a folder is the job's override
+    dirname (the overrides sorted, ``hydra.job.config.override_dirname``'s excluded keys
+    left out) and its ``seed=N``. None for another ``hydra.sweep.subdir``, a sweep that
+    cannot be listed, or one of more than ``limit`` jobs.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra = OmegaConf.to_container(config.hydra, resolve=False)
+    choices = swept_choices(config) if hydra["sweep"]["subdir"] == JOB_SUBDIR else None
+    if choices is None or math.prod(len(c) for c in choices) > limit:
+        return None
+    naming = hydra["job"]["config"]["override_dirname"]
+    parser, jobs = OverridesParser.create(), []
+    for job in itertools.product(*choices):
+        overrides = parser.parse_overrides(list(job))
+        kept = sorted(o.input_line for o in overrides
+                      if o.key_or_group not in naming["exclude_keys"])  # fmt: skip
+        dirname = re.sub("=", naming["kv_sep"], naming["item_sep"].join(kept))
+        seed = next((o.value() for o in overrides if o.key_or_group == "seed"), None)
+        seed = config.get("seed", 0) if seed is None else seed
+        jobs.append((list(job), os.path.normpath(f"./{dirname}/seed={seed}")))
+    return jobs
+
+
+def _refuse_shared_job_folders(config: DictConfig) -> None:
+    """Two jobs of one sweep in one folder (they differ only in keys names leave out)."""
+    from fedkws.errors import ConfigError
+
+    first: dict[str, list[str]] = {}
+    for overrides, folder in job_folders(config) or []:
+        if folder in first:
+            differ = [o for o in overrides if o not in first[folder]]
+            raise ConfigError(
+                f"the sweep's jobs {' '.join(first[folder])} and {' '.join(overrides)} would "
+                f"both run in {folder}: {', '.join(differ)} is left out of job folder names "
+                "(hydra.job.config.override_dirname.exclude_keys); sweep it in a command of "
+                "its own"
+            )
+        first[folder] = overrides
 
 
 def _fit_parallel_jobs_to_the_sweep(config: DictConfig) -> None:
@@ -586,16 +637,30 @@ def _start(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> RunSpec | None:
 
 
 def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
-    """:func:`main`'s run: checks, the run, its interrupt; failures kept in the run folder."""
-    from fedkws import lifecycle
-    from fedkws.errors import FAILED_FILE, write_failure
-    from fedkws.recipes.common import finished
-    from fedkws.run import run
+    """:func:`main`'s run: checks, the run, its interrupt; failures kept in the run folder.
+
+    The folder is held for the run (:func:`fedkws.fileio.folder_in_use`): a second run
+    started into it meanwhile is refused before it writes anything there.
+    """
+    from fedkws.errors import RunRefused
+    from fedkws.fileio import folder_in_use
 
     spec = _start(cfg, run_dir, in_sweep)
     if spec is None:
         return None
     names = _hydra_context(spec.name, str(spec.seed))[1]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with folder_in_use(run_dir, RunRefused):  # before .hydra/ is written: not another run's
+        return _job_run(cfg, spec, run_dir, names)
+
+
+def _job_run(cfg: DictConfig, spec: RunSpec, run_dir: Path, names) -> float | None:
+    """:func:`_job` once its folder is held: the Hydra files, the run, its interrupt."""
+    from fedkws import lifecycle
+    from fedkws.errors import FAILED_FILE, write_failure
+    from fedkws.recipes.common import finished
+    from fedkws.run import run
+
     _keep_hydra_files(cfg, run_dir)
     (run_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier attempt's, resumed now
     with lifecycle.graceful_interrupts():

@@ -120,6 +120,9 @@ class _NoUserErrorTraceback(logging.Filter):
 
 def serve(grid: Grid, run_config: Mapping[str, Any]) -> Path:
     """Compose, check and run the configuration against ``grid``; return the run folder."""
+    from fedkws.errors import RunRefused, write_failure
+    from fedkws.fileio import folder_in_use
+    from fedkws.recipes.common import finished
     from fedkws.run import preflight, run
     from fedkws.spec import from_config
 
@@ -132,8 +135,15 @@ def serve(grid: Grid, run_config: Mapping[str, Any]) -> Path:
         )
     run_dir = run_folder(run_config, spec.name)
     preflight(spec, run_dir, clients_here=False)
-    _keep_config(spec.resolved, run_config, run_dir)
-    run(spec, run_dir, grid=grid)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with folder_in_use(run_dir, RunRefused):  # not another run's folder meanwhile
+        _keep_config(spec.resolved, run_config, run_dir)
+        try:
+            run(spec, run_dir, grid=grid)
+        except Exception as err:  # why, in the folder, for fedkws report (as fedkws-train)
+            if not finished(run_dir):
+                write_failure(run_dir, err)
+            raise
     return run_dir
 
 
