@@ -125,6 +125,14 @@ CONFIG_MISTAKES = [
         ["train.rounds=${oc.env:FEDKWS_NO_SUCH_VARIABLE}"],
         "train.rounds: cannot be resolved (KeyError raised while resolving interpolation",
     ),
+    # Catches: W&B's UsageError / pydantic tracebacks after setup, a run that hung in W&B's
+    # finish after a zero init_timeout, and a name that put the run outside outputs/.
+    (["logger.project='a/b?c'"], "logger.project='a/b?c': must be a W&B project name"),
+    (["logger.project=''"], "logger.project='': must be a W&B project name"),
+    (["logger.tags=[" + "x" * 70 + "]"], "logger.tags=['xxx"),
+    (["logger.init_timeout=0"], "logger.init_timeout=0.0: must be a number of seconds > 0"),
+    (["name=../escaped"], "name='../escaped': must be a folder name"),
+    (["name=''"], "name='': must be a folder name"),
     # Catches: ValueError tracebacks (and a failed.txt) once the run reached the download.
     (
         ["dataset=speech_commands_v2", "dataset.download.sha256=abc"],
