@@ -169,3 +169,25 @@ def _ray_processes(temp: str) -> list[int]:
     """The head and the Ray processes it started: every command line that names its folder."""
     out = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split() if _alive(int(p))]
+
+
+def test_a_port_that_accepts_but_is_not_ray_is_refused_in_seconds():
+    # Catches: federation.ray_address at a listener that never answers as Ray (the
+    # dashboard's port, another server): ray.init retried without end.
+    import socket
+    import threading
+    import time
+
+    from fedkws.errors import FederationError
+    from fedkws.fl.ray_head import check_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        accepted = []
+        threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(FederationError, match="accepts connections but does not answer as"):
+            check_reachable(address, timeout=1.0)
+        assert time.monotonic() - started < 10

@@ -50,13 +50,35 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         return  # "auto", "ray://...": addresses Ray resolves itself
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
-            return
+            pass
     except OSError as err:
         reason = str(err) or type(err).__name__
         raise FederationError(
             f"no Ray instance answers at {address} (federation.ray_address or RAY_ADDRESS): "
             f"{reason}"
         ) from None
+    _check_speaks_grpc(address, timeout)
+
+
+def _check_speaks_grpc(address: str, timeout: float) -> None:
+    """Raise FederationError unless ``address`` completes a gRPC handshake, as Ray's GCS does.
+
+    A port that accepts connections and never answers as Ray (the dashboard's 8265,
+    another server) would leave ``ray.init`` retrying without end.
+    """
+    import grpc
+
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise FederationError(
+            f"{address} accepts connections but does not answer as a Ray instance within "
+            f"{timeout:g} s (federation.ray_address or RAY_ADDRESS): give the head's address "
+            "that `ray start --head` prints (port 6379 by default, not the dashboard's 8265)"
+        ) from None
+    finally:
+        channel.close()
 
 
 def _free_port() -> int:
