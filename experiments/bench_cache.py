@@ -25,6 +25,7 @@ from fedkws.data.augment import AugmentConfig, Augmenter
 from fedkws.data.cache import DataConfig, prepare
 from fedkws.data.features import FeatureConfig, FeatureExtractor
 from fedkws.data.loader import iterate_batches
+from fedkws.errors import user_errors
 
 
 def _epoch(batches) -> float:
@@ -42,9 +43,12 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="data/cache")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: must be >= 1")
     torch.set_num_threads(1)  # what one client actor gets
 
-    data = prepare(DataConfig(root=args.dataset_root), FeatureConfig(), args.cache_dir)
+    with user_errors():  # no dataset there, a cache folder that cannot be made: one line
+        data = prepare(DataConfig(root=args.dataset_root), FeatureConfig(), args.cache_dir)
     rows = data.split_indices("training")
     gen = torch.Generator().manual_seed(0)
     extractor = FeatureExtractor(FeatureConfig())

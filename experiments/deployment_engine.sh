@@ -26,9 +26,15 @@ export FLWR_TELEMETRY_ENABLED="${FLWR_TELEMETRY_ENABLED:-0}"
 experiment="" run_dir="" clients=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --experiment | --run-dir | --clients)
+            if [[ $# -lt 2 ]]; then echo "error: $1 needs a value (see --help)" >&2; exit 2; fi ;;&
         --experiment) experiment="$2"; shift 2 ;;
         --run-dir) run_dir="$2"; shift 2 ;;
-        --clients) clients="$2"; shift 2 ;;
+        --clients)
+            if ! [[ "$2" =~ ^[0-9]+$ ]]; then
+                echo "error: --clients $2: must be a whole number of SuperNodes" >&2; exit 2
+            fi
+            clients="$2"; shift 2 ;;
         -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) break ;;
     esac

@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for sweep in args.sweeps:
         if not sweep.is_dir():
-            print(f"error: {sweep}: no such folder", file=sys.stderr)
+            what = "a file, not a sweep's folder" if sweep.exists() else "no such folder"
+            print(f"error: {sweep}: {what}", file=sys.stderr)
             return 2
     preset = None
     if args.preset:
