@@ -192,6 +192,9 @@ HYDRA_MISTAKES = [
     # Catches: values that fail only together, found by the job that has both, mid-sweep.
     (["-m", "bn=full,local", "norm=batch,group"], "error: bn.sync='local': FedBN needs a model "
      "with BatchNorm (norm=batch, not group) (in the sweep's job bn=local norm=group)"),
+    # Catches: "model.width: not a key" with no word on why (both presets have it).
+    (["-m", "experiment=seed_repro,train_mode_caveat", "model.width=8"], "swept, the sweep's "
+     "base config is composed without the presets: give the key's group too"),
     # Catches: argparse's 9-line usage text for an option after the overrides.
     (["train.rounds=1", "-m", "seed=0,1"], "options (-m, --cfg, ...) go before the key=value "
      "overrides"),

@@ -122,7 +122,15 @@ def hydra_error_line(err: BaseException) -> str:
     unknown = re.match(r"Could not override '([^']+)'\.\s+To append to your config use (.+)", text)
     if unknown and "not in struct" in cause:
         key, append = unknown.groups()
-        return f"{key}: not a key of the config (a typo? a new key is added with {append.strip()})"
+        line = f"{key}: not a key of the config (a typo? a new key is added with {append.strip()})"
+        swept = [a for a in sys.argv[1:] if a.startswith("experiment=") and "," in a]
+        if swept and {"-m", "--multirun"} & set(sys.argv[1:]):
+            # Hydra composes a multirun's base config without its swept overrides.
+            line += (
+                f"; with {swept[0]} swept, the sweep's base config is composed without the "
+                "presets: give the key's group too (e.g. model=resnet for model.width)"
+            )
+        return line
     text = text.split("Config search path:")[0]
     head, _, options = text.partition("Available options in")
     lines = [line.strip() for line in head.splitlines() if line.strip()]
