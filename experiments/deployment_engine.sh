@@ -31,8 +31,8 @@ while [[ $# -gt 0 ]]; do
         --experiment) experiment="$2"; shift 2 ;;
         --run-dir) run_dir="$2"; shift 2 ;;
         --clients)
-            if ! [[ "$2" =~ ^[0-9]+$ ]]; then
-                echo "error: --clients $2: must be a whole number of SuperNodes" >&2; exit 2
+            if ! [[ "$2" =~ ^[1-9][0-9]*$ ]]; then
+                echo "error: --clients $2: must be a number of SuperNodes >= 1" >&2; exit 2
             fi
             clients="$2"; shift 2 ;;
         -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;

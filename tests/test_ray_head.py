@@ -191,3 +191,23 @@ def test_a_port_that_accepts_but_is_not_ray_is_refused_in_seconds():
         with pytest.raises(FederationError, match="accepts connections but does not answer as"):
             check_reachable(address, timeout=1.0)
         assert time.monotonic() - started < 10
+
+
+def test_a_grpc_server_passes_the_check_whatever_the_proxy_settings(monkeypatch):
+    # Catches: the probe's channel going through http_proxy (Ray's own channels do not),
+    # refusing a working head, the sweep's own 127.0.0.1 one included.
+    from concurrent import futures
+
+    import grpc
+
+    from fedkws.fl.ray_head import check_reachable
+
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("grpc_proxy", "http://127.0.0.1:9")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        check_reachable(f"127.0.0.1:{port}", timeout=5.0)
+    finally:
+        server.stop(None)

@@ -127,12 +127,12 @@ CONFIG_MISTAKES = [
     ),
     # Catches: W&B's UsageError / pydantic tracebacks after setup, a run that hung in W&B's
     # finish after a zero init_timeout, and a name that put the run outside outputs/.
-    (["logger.project='a/b?c'"], "logger.project='a/b?c': must be a W&B project name"),
-    (["logger.project=''"], "logger.project='': must be a W&B project name"),
-    (["logger.tags=[" + "x" * 70 + "]"], "logger.tags=['xxx"),
-    (["logger.init_timeout=0"], "logger.init_timeout=0.0: must be a number of seconds > 0"),
-    (["name=../escaped"], "name='../escaped': must be a folder name"),
-    (["name=''"], "name='': must be a folder name"),
+    (["logger.mode=offline", "logger.project='a/b?c'"], "logger.project='a/b?c': must be"),
+    (["logger.mode=offline", "logger.project=''"], "logger.project='': must be a W&B project name"),
+    (["logger.mode=offline", "logger.tags=[" + "x" * 70 + "]"], "logger.tags=['xxx"),
+    (["logger.mode=online", "logger.init_timeout=0"], "logger.init_timeout=0.0: must be a"),
+    (["name=../escaped"], "name='../escaped': must be a relative folder name"),
+    (["name=''"], "name='': must be a relative folder name"),
     # Catches: ValueError tracebacks (and a failed.txt) once the run reached the download.
     (
         ["dataset=speech_commands_v2", "dataset.download.sha256=abc"],
@@ -207,9 +207,8 @@ HYDRA_MISTAKES = [
      "cannot be deleted"),
     # Catches: two jobs whose overrides differ only in an excluded key run in one folder
     # (a parallel sweep lost one's results, exit 0; a sequential one failed mid-sweep).
-    (["-m", "experiment=seed_repro,train_mode_caveat"], "error: the sweep's jobs "
-     "experiment=seed_repro and experiment=train_mode_caveat would both run in seed=0: "
-     "experiment=train_mode_caveat is left out of job folder names"),
+    (["-m", "progress=true,false"], "error: the sweep's jobs progress=True and "
+     "progress=False would both run in seed=0: progress=False is left out of job folder names"),
     # Catches: joblib's "n_jobs == 0 in Parallel has no meaning" traceback.
     (["-m", "seed=0,1", "hydra/launcher=fedkws_parallel", "hydra.launcher.n_jobs=0"],
      "error: hydra.launcher.n_jobs=0: must be the number of jobs at once (>= 1)"),
@@ -487,4 +486,28 @@ def test_a_run_folder_in_use_is_refused_to_a_second_run(tmp_path):
     ]
     assert list(run_dir.iterdir()) == [] and not (tmp_path / "data").exists()
     with folder_in_use(run_dir, RunRefused):  # released: taken again
+        pass
+
+
+def test_logger_and_name_checks_leave_what_worked(tmp_path):
+    # W&B's rules only where W&B runs; a nested name (outputs/study/arm1) stays allowed.
+    from fedkws.spec import from_config
+
+    cfg = compose_cfg(["logger.project='a:b'", "name=study/arm1"], tmp_path / "data")
+    assert from_config(cfg).name == "study/arm1"
+
+
+def test_a_folder_that_cannot_be_locked_is_used_unlocked(tmp_path, monkeypatch):
+    # Catches: every run refused as "another fedkws run is writing" where flock on a folder
+    # fails for another reason (NFS: EBADF, a mount without locks: ENOLCK).
+    import errno
+
+    from fedkws import fileio
+    from fedkws.errors import RunRefused
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fileio.fcntl, "flock", no_locks)
+    with fileio.folder_in_use(tmp_path, RunRefused):
         pass

@@ -147,7 +147,8 @@ def folder_in_use(folder: Path, refuse: Callable[[str], Exception]) -> Iterator[
     A non-blocking ``flock`` on the folder itself, so nothing is written to take it:
     two runs started into one folder (two commands, two jobs of a parallel sweep whose
     folders coincide) cannot both write there. Re-entrant within the process. The
-    other process gets ``refuse(why)`` raised. Without ``fcntl`` (Windows) nothing is held.
+    other process gets ``refuse(why)`` raised. Where a folder cannot be locked (no
+    ``fcntl`` on Windows; NFS, or a mount without locks) nothing is held.
     """
     key = os.path.realpath(folder)
     if fcntl is None or key in _folders_in_use:
@@ -156,9 +157,13 @@ def folder_in_use(folder: Path, refuse: Callable[[str], Exception]) -> Iterator[
     fd = os.open(key, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held by another process
         os.close(fd)
         raise refuse(f"{folder}: another fedkws run is writing into this folder") from None
+    except OSError:  # no flock on a folder here (NFS, a mount without locks): not held
+        os.close(fd)
+        yield
+        return
     _folders_in_use[key] = fd
     try:
         yield

@@ -846,17 +846,19 @@ def _check_logger(spec: RunSpec, p: _Problems) -> None:
     """W&B's own rules, before the run (W&B would refuse them after setup, as a traceback)."""
     log = spec.logger
     _one_of(p, "logger.mode", log.mode, LOGGER_MODES)
-    forbidden = "/\\#?%:"  # W&B's own list
-    ok = bool(log.project.strip()) and not set(forbidden) & set(log.project)
-    why = f"must be a W&B project name: not empty, none of {' '.join(forbidden)}"
-    p.check(ok, "logger.project", log.project, why)
-    too_long = [t for t in log.tags if not 1 <= len(str(t)) <= 64]
-    p.check(not too_long, "logger.tags", list(log.tags), "each tag must be 1 to 64 characters")
-    timeout = _number(log.init_timeout)
-    p.check(timeout is not None and timeout > 0, "logger.init_timeout", log.init_timeout,
-            "must be a number of seconds > 0")  # fmt: skip
-    name_ok = bool(spec.name.strip()) and "/" not in spec.name and spec.name not in (".", "..")
-    p.check(name_ok, "name", spec.name, "must be a folder name: not empty, no '/', not . or ..")
+    if log.mode != "disabled":  # what W&B itself would refuse after the run's setup
+        forbidden = "/\\#?%:"  # W&B's own list
+        ok = 0 < len(log.project) <= 128 and not set(forbidden) & set(log.project)
+        why = f"must be a W&B project name: 1 to 128 characters, none of {' '.join(forbidden)}"
+        p.check(ok, "logger.project", log.project, why)
+        too_long = [t for t in log.tags if not 1 <= len(str(t)) <= 64]
+        p.check(not too_long, "logger.tags", list(log.tags), "each tag must be 1 to 64 characters")
+        timeout = _number(log.init_timeout)
+        p.check(timeout is not None and timeout > 0, "logger.init_timeout", log.init_timeout,
+                "must be a number of seconds > 0")  # fmt: skip
+    parts = spec.name.split("/")
+    name_ok = bool(spec.name.strip()) and not spec.name.startswith("/") and ".." not in parts
+    p.check(name_ok, "name", spec.name, "must be a relative folder name, not empty, without ..")
 
 
 def _check_device(spec: RunSpec, p: _Problems) -> None:

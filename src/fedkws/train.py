@@ -281,9 +281,17 @@ def job_folders(config: DictConfig, limit: int = 10_000) -> list[tuple[list[str]
 
 
 def _refuse_shared_job_folders(config: DictConfig) -> None:
-    """Two jobs of one sweep in one folder (they differ only in keys names leave out)."""
+    """Two jobs of one sweep in one folder (they differ only in keys names leave out).
+
+    A sweep over ``experiment`` or ``name`` is not checked here: each job's folder then
+    depends on its own presets (seed, name in ``hydra.sweep.dir``); the folder lock
+    refuses a job whose folder is in use.
+    """
     from fedkws.errors import ConfigError
 
+    swept = {c[0].split("=", 1)[0] for c in swept_choices(config) or [] if len(c) > 1}
+    if swept & {"experiment", "name"}:  # each job's own presets, seed, maybe its own sweep dir
+        return
     first: dict[str, list[str]] = {}
     for overrides, folder in job_folders(config) or []:
         if folder in first:

@@ -68,7 +68,10 @@ def _check_speaks_grpc(address: str, timeout: float) -> None:
     """
     import grpc
 
-    channel = grpc.insecure_channel(address)
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return  # a TLS head: no plaintext handshake to try
+    # As Ray's own channels: never through http_proxy / grpc_proxy (127.0.0.1 included).
+    channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout)
     except grpc.FutureTimeoutError:
