@@ -511,3 +511,20 @@ def test_a_folder_that_cannot_be_locked_is_used_unlocked(tmp_path, monkeypatch):
     monkeypatch.setattr(fileio.fcntl, "flock", no_locks)
     with fileio.folder_in_use(tmp_path, RunRefused):
         pass
+
+
+def test_a_device_mistake_is_listed_with_the_others(tmp_path):
+    # Catches: `device=cuda` (no CUDA here) said alone, the config's other mistakes unsaid.
+    import torch
+
+    from fedkws.errors import ConfigError
+    from fedkws.spec import from_config
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: device=cuda is no mistake here")
+    cfg = compose_cfg(["device=cuda", "train.batch_size=0"], tmp_path / "data")
+    with pytest.raises(ConfigError) as refused:
+        from_config(cfg)
+    lines = str(refused.value).splitlines()
+    assert len(lines) == 2 and lines[0].startswith("train.batch_size=0: must be >= 1")
+    assert lines[1].startswith("device='cuda': CUDA is not available on this machine")

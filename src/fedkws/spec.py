@@ -443,11 +443,14 @@ def from_config(cfg: Any) -> RunSpec:
         bn=_typed(BNSpec, raw["bn"], p, "bn"),
         federation=_federation(raw["federation"], p),
         logger=_typed(LoggerSpec, raw["logger"], p, "logger"),
-        device=resolve_device(raw.get("device", "auto"), p),
+        device=resolve_device(raw.get("device", "auto"), devices := _Problems()),
         resolved=raw,
     )
-    p.raise_if_any()  # the checks below need every group read
+    if p.lines:  # the checks below need every group read
+        p.lines += devices.lines
+        p.raise_if_any()
     validate(spec, p)
+    p.lines += devices.lines  # said with the config's other mistakes, not alone
     p.raise_if_any()
     if spec.strategy.cyclic and spec.federation.supernodes == "auto":
         # A cyclic client carries its state between visits in its own SuperNode.
