@@ -276,6 +276,8 @@ def test_a_seed_only_sweep_puts_its_jobs_in_the_sweep_folder(data_dir, tiny_root
     assert out.returncode == 0, out.stderr[-3000:]
     for seed in (0, 1):
         assert (sweep / f"seed={seed}" / "data_summary.txt").is_file(), out.stdout[-2000:]
+    # Catches: a training report of prepare's jobs, each listed as a run that never started.
+    assert not (sweep / "report.md").exists() and "not started" not in out.stdout
 
 
 def test_prepare_prints_dataset_and_partition_summary(make_cfg, tmp_path):

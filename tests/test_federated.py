@@ -623,3 +623,19 @@ def test_every_strategy_config_runs_one_round(make_cfg, tmp_path, overrides):
         assert ckpt["optimizer"]["class_name"] == cfg.strategy.class_name
         # The strategy's update reached the model (no skipped round).
         assert any(not torch.equal(ckpt["model"][k], initial[k]) for k in initial)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warned"),
+    [
+        (["bn=fixbn", "bn.freeze_after=5"], "FixBN freezes no round of this run's training"),
+        (["bn=local", "partition.local_test_fraction=0"], "so no round has an accuracy"),
+    ],
+)
+def test_a_setting_that_quietly_does_nothing_is_warned_of(
+    make_cfg, tmp_path, caplog, overrides, warned
+):
+    # Catches: a fixbn run that never froze (a full-state run labelled fixbn) and a FedBN
+    # run with no per-round accuracy, both without a word.
+    run(make_cfg([*BASE, "train.rounds=1", "train.local_epochs=1", *overrides]), tmp_path / "r")
+    assert warned in caplog.text

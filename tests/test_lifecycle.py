@@ -467,3 +467,31 @@ def test_an_unreadable_client_state_file_is_named(tmp_path):
     path.write_bytes(b"\x80\x02" + bytes(range(200)))
     with pytest.raises(RuntimeError, match=rf"client 1's own state {path} cannot be read \(not"):
         client_app._fedbn_state(task, 1, SimpleNamespace(state={}))
+
+
+def test_the_closing_lines_show_every_final_accuracy_as_printed():
+    # Catches: "[nan, nan]" eaten by rich as markup (an interval that vanished with no
+    # word), and a FedBN run ending with no accuracy line at all.
+    import io
+
+    from rich.console import Console
+
+    from fedkws.recipes.common import format_final
+
+    def shown(summary):
+        out = io.StringIO()
+        Console(file=out, width=300, highlight=False).print(format_final(summary))
+        return out.getvalue().strip()
+
+    summary = {"eval_batch_size": 64, "final/val/eval/acc": 0.5,
+               "final/val/eval/acc_ci95": [0.4, 0.6],
+               "final/val/recalibrated/acc": 0.083}  # fmt: skip
+    assert shown(summary) == (
+        "validation accuracy (95 % interval): eval 0.500 [0.400, 0.600] | recalibrated 0.083"
+    )
+    fedbn = {"eval_batch_size": 64, "final/fed/eval/acc_mean": 0.7,
+             "test/fedbn/eval/acc_mean": 0.65}  # fmt: skip
+    assert shown(fedbn).splitlines() == [
+        "validation accuracy (each client's model, mean): eval 0.700",
+        "test accuracy (each client's model, mean): eval 0.650",
+    ]

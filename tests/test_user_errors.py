@@ -133,6 +133,16 @@ CONFIG_MISTAKES = [
     (["logger.mode=online", "logger.init_timeout=0"], "logger.init_timeout=0.0: must be a"),
     (["name=../escaped"], "name='../escaped': must be a relative folder name"),
     (["name=''"], "name='': must be a relative folder name"),
+    # Catches: a run that evaluated nothing (exit 0, no accuracy in results.json).
+    (
+        ["bn=local", "bn.eval_modes=[recalibrated]"],
+        "bn.eval_modes=['recalibrated']: "
+        "recalibration does not apply to bn.sync=local, and no other mode is asked: add eval",
+    ),
+    (
+        ["norm=group", "bn.eval_modes=[recalibrated]"],
+        "recalibration does not apply to norm=group (no BatchNorm)",
+    ),
     # Catches: ValueError tracebacks (and a failed.txt) once the run reached the download.
     (
         ["dataset=speech_commands_v2", "dataset.download.sha256=abc"],

@@ -949,6 +949,8 @@ class SweepReport(Callback):
 
         if lifecycle.sweep_stop_code() is not None:  # stopped, as a sequential sweep: no report
             return
+        if config.hydra.job.get("name") == "prepare":  # fedkws-prepare -m: no runs to report
+            return
         sweep = Path(config.hydra.sweep.dir)
         FAILED_JOBS[:] = failed_jobs(sweep)
         try:

@@ -793,6 +793,15 @@ def _check_bn(spec: RunSpec, p: _Problems) -> None:
     p.check(bool(bn.eval_modes), "bn.eval_modes", list(bn.eval_modes), "must not be empty")
     for mode in bn.eval_modes:
         _one_of(p, "bn.eval_modes", mode, EVAL_MODES)
+    own_bn = keeps_client_state(bn.sync) and not spec.strategy.central
+    if (
+        bn.eval_modes
+        and set(bn.eval_modes) <= {"recalibrated"}
+        and (own_bn or spec.model.norm != "batch")
+    ):  # nothing left to evaluate: the run would end with no accuracy at all
+        why = f"bn.sync={bn.sync}" if own_bn else f"norm={spec.model.norm} (no BatchNorm)"
+        allowed = f"recalibration does not apply to {why}, and no other mode is asked: add eval"
+        p.add("bn.eval_modes", list(bn.eval_modes), allowed)
     p.check(bn.recalibrate_every >= 1, "bn.recalibrate_every", bn.recalibrate_every, "must be >= 1")
     p.check(bn.freeze_after >= 1, "bn.freeze_after", bn.freeze_after, "must be >= 1 (warm-up)")
     if bn.sync == "fixbn" and (spec.strategy.central or spec.model.norm != "batch"):

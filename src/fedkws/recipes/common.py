@@ -467,11 +467,21 @@ def format_final(summary: dict[str, Any]) -> str:
         for key in sorted(summary):
             if key.startswith(prefix + "/") and key.endswith("/acc") and "/diff/" not in key:
                 mode = key[len(prefix) + 1 : -len("/acc")]
-                lo, hi = summary.get(key + "_ci95") or (float("nan"),) * 2
+                interval = summary.get(key + "_ci95")
                 name = f"train(batch {summary['eval_batch_size']})" if mode == "train" else mode
-                parts.append(f"{name} {summary[key]:.3f} [{lo:.3f}, {hi:.3f}]")
+                around = "" if not interval else f" \\[{interval[0]:.3f}, {interval[1]:.3f}]"
+                parts.append(f"{name} {summary[key]:.3f}{around}")  # \\[: no rich markup
         if parts:
             lines.append(f"{label} accuracy (95 % interval): " + " | ".join(parts))
+    if lines:
+        return "\n".join(lines)
+    # FedBN / SiloBN: no global model; each client's own, the mean over clients.
+    for prefix, label in (("final/fed", "validation"), ("test/fedbn", "test")):
+        parts = [f"{key[len(prefix) + 1 : -len('/acc_mean')]} {summary[key]:.3f}"
+                 for key in sorted(summary)
+                 if key.startswith(prefix + "/") and key.endswith("/acc_mean")]  # fmt: skip
+        if parts:
+            lines.append(f"{label} accuracy (each client's model, mean): " + " | ".join(parts))
     return "\n".join(lines)
 
 

@@ -67,6 +67,17 @@ class FederatedRecipe:
             log.warning(
                 f"bn.eval_modes 'recalibrated' does not apply to bn.sync={spec.bn.sync}: skipped"
             )
+        if own_bn and spec.partition.local_test_fraction == 0:
+            log.warning(
+                f"partition.local_test_fraction=0: bn.sync={spec.bn.sync} is evaluated on each "
+                "client's local test split, so no round has an accuracy (the shared test split "
+                "is still evaluated at the end)"
+            )
+        if spec.bn.sync == "fixbn" and spec.bn.freeze_after >= spec.train.rounds:
+            log.warning(
+                f"bn.freeze_after={spec.bn.freeze_after} >= train.rounds={spec.train.rounds}: "
+                "FixBN freezes no round of this run's training (a full-state run until then)"
+            )
         clients = self.parts.clients
         self.eligible = [c.pid for c in clients if len(c.train) > 0]
         if len(self.eligible) < spec.strategy.min_train_clients:
