@@ -713,3 +713,49 @@ def test_a_stopped_sweeps_jobs_that_never_started_are_listed(tmp_path):
     # A job folder the sweep does not account for: its list is not trusted, nothing added.
     _write_run(sweep / "other" / "seed=0", 0, "fedavg", {"eval": [0.5]}, {"eval": 0.5})
     assert "not started" not in report([sweep])
+
+
+def test_a_second_sweeps_cells_are_named_from_its_own_folder(tmp_path):
+    # Catches: the cells of any folder but the first named from their last two path parts,
+    # so a cell name with a path in it ("cache_dir=/a/b,...") lost its front.
+    from fedkws.report import report
+
+    first, second = tmp_path / "fed", tmp_path / "central"
+    _write_run(first / "bn=full" / "seed=0", 0, "fedavg", {"eval": [0.5]}, {"eval": 0.5})
+    cell = "cache_dir=/tmp/x/cache,strategy=central"
+    _write_run(second / cell / "seed=0", 0, "central", {"eval": [0.9]}, {"eval": 0.9})
+    assert set(markdown_table(report([first, second]))) == {"bn=full", cell}
+
+
+def test_a_fedbn_cell_has_its_bars(tmp_path):
+    # Catches: FedBN/SiloBN cells (no global model: test/fedbn/<mode>/acc_mean) left empty
+    # in the bar chart, with no "missing" note either.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.container import BarContainer
+
+    from fedkws.report import SweepTable, draw_bars
+    from fedkws.tracking import Recorder, Result, RoundRecord, WandbLogger
+
+    folder = tmp_path / "sweep" / "bn=local" / "seed=0"
+    folder.mkdir(parents=True)
+    logger = WandbLogger("disabled", "x", {}, folder)
+    recorder = Recorder(folder, Result(config={"seed": 0}), logger)
+    recorder.log_round(RoundRecord(1, {"fed/eval/acc_mean": 0.6}, 1.0))
+    recorder.finish({"strategy": "fedavg", "bn_sync": "local", "complete": True,
+                     "rounds_completed": 1, "test/fedbn/eval/acc_mean": 0.7})  # fmt: skip
+    _write_run(tmp_path / "sweep" / "bn=full" / "seed=0", 0, "fedavg", {"eval": [0.5]},
+               {"eval": 0.5})  # fmt: skip
+    fig, ax = plt.subplots()
+    try:
+        draw_bars(ax, SweepTable.build([tmp_path / "sweep"]))
+        bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == ["eval", "eval (each client's model, mean)"]
+        cells = [t.get_text() for t in ax.get_xticklabels()]
+        fedbn = bars[labels.index("eval (each client's model, mean)")]
+        assert fedbn[cells.index("bn=local")].get_height() == pytest.approx(0.7)
+    finally:
+        plt.close(fig)

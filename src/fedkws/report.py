@@ -487,7 +487,16 @@ class _Stat:
 
 _CENTRAL = re.compile(r"(final/val|test)/[a-z_]+/acc")  # compared with the centralised run
 _VAL_CURVE = re.compile(r"val/([a-z_]+)/acc")
-_TEST_ACC = re.compile(r"test/([a-z_]+)/acc")
+# The bars' values: the global model's test accuracy per mode, and under FedBN/SiloBN
+# (no global model) the mean of each client's own model on the shared test split.
+_TEST_ACC = re.compile(r"test/(?:(fedbn)/)?([a-z_]+)/acc(?:_mean)?")
+
+
+def _bar_label(key: str) -> str:
+    fedbn, mode = _TEST_ACC.fullmatch(key).groups()
+    return f"{mode} (each client's model, mean)" if fedbn else mode
+
+
 _MODE_ORDER = ("eval", "train", "recalibrated")
 _SETTINGS = ("strategy", "bn_sync", "norm", "partition", "rounds", "reference")
 
@@ -525,10 +534,12 @@ class SweepTable:
         shell patterns (``test/*/acc`` keeps ``test/eval/acc`` and its ``vs central``).
         """
         runs = find_runs([Path(p) for p in paths])
-        base = Path(paths[0]) if Path(paths[0]).is_dir() else Path(paths[0]).parent
+        bases = [Path(p) if Path(p).is_dir() else Path(p).parent for p in paths]
+        base = bases[0]
         groups: dict[str, list[Run]] = defaultdict(list)
-        for run in runs:
-            groups[_cell_name(run.folder, base)].append(run)
+        for run in runs:  # a cell is named from the given folder its run lies in
+            own = next((b for b in bases if run.folder.is_relative_to(b)), base)
+            groups[_cell_name(run.folder, own)].append(run)
         cells = sorted(
             (Cell(n, rs) for n, rs in groups.items()), key=lambda c: (not c.central, c.name)
         )
@@ -847,7 +858,8 @@ def draw_bars(ax: Any, table: SweepTable) -> Any:
     bar the table's 95 % interval; a cell without the value has an empty slot.
     """
     stats = [s for s in table.stats if not s.vs_central and _TEST_ACC.fullmatch(s.key)]
-    stats.sort(key=lambda s: _mode_key(_TEST_ACC.fullmatch(s.key).group(1)))
+    stats.sort(key=lambda s: (_TEST_ACC.fullmatch(s.key).group(1) is not None,
+                              _mode_key(_TEST_ACC.fullmatch(s.key).group(2))))  # fmt: skip
     x = np.arange(len(table.cells))
     width = 0.8 / max(len(stats), 1)
     for i, stat in enumerate(stats):
@@ -860,7 +872,7 @@ def draw_bars(ax: Any, table: SweepTable) -> Any:
             below.append(mean - lo)
             above.append(hi - mean)
         offset = (i - (len(stats) - 1) / 2) * width
-        label = _TEST_ACC.fullmatch(stat.key).group(1)
+        label = _bar_label(stat.key)
         # No interval anywhere (one seed per cell): no error bars, rather than all-NaN ones.
         yerr = [below, above] if np.isfinite(below).any() else None
         ax.bar(x + offset, heights, width, yerr=yerr, capsize=2, label=label)
@@ -949,7 +961,7 @@ class SweepReport(Callback):
 
         if lifecycle.sweep_stop_code() is not None:  # stopped, as a sequential sweep: no report
             return
-        if config.hydra.job.get("name") == "prepare":  # fedkws-prepare -m: no runs to report
+        if (config.hydra.get("job") or {}).get("name") == "prepare":  # fedkws-prepare -m
             return
         sweep = Path(config.hydra.sweep.dir)
         FAILED_JOBS[:] = failed_jobs(sweep)
