@@ -188,3 +188,22 @@ def test_an_impossible_dirichlet_minimum_names_its_settings(recwarn):
     assert "partition.min_partition_size=500 of the 1200 training examples" in message
     assert "(more than the 200 an even split gives each)" in message
     assert not [w for w in recwarn if "min_partition_size" in str(w.message)]
+
+
+def test_clients_left_without_training_rows_are_said(make_cfg, tmp_path, capsys):
+    # Catches: "20 clients" on the console when an extreme label skew left 9 of them empty.
+    from fedkws.recipes import common
+    from fedkws.spec import from_config
+    from helpers import SMALL_FEDERATION
+
+    overrides = [*SMALL_FEDERATION, "partition=dirichlet", "partition.alpha=0.01",
+                 "partition.num_clients=12", "partition.min_partition_size=0"]  # fmt: skip
+    spec = from_config(make_cfg(overrides))
+    tmp_path.mkdir(exist_ok=True)
+    parts = common.setup(spec, tmp_path)
+    empty = sum(1 for c in parts.clients if len(c.train) == 0)
+    assert empty > 0  # the split this test is about
+    assert (
+        f"12 clients ({sum(len(c.train) for c in parts.clients)} local training rows; "
+        f"{empty} clients have none)" in capsys.readouterr().out
+    )

@@ -241,10 +241,13 @@ def setup(spec: RunSpec, run_dir: Path) -> Setup:
     model = build_model(**spec.model.build_args(data.num_classes)).to(spec.device)
     write_text(run_dir / "data_summary.txt", data.summary() + "\n")
     train = sum(len(c.train) for c in clients)
+    empty = sum(1 for c in clients if len(c.train) == 0)  # an extreme label skew leaves some
+    without = f"; {empty} clients have none" if empty else ""
     console.print(
         f"data: {len(data.labels)} examples ({len(data.split_indices('training'))} training, "
         f"{len(val_rows)} validation, {len(test_rows)} test), {data.num_classes} classes, "
-        f"{len(clients)} clients ({train} local training rows); {data.manifest['audio_report']}"
+        f"{len(clients)} clients ({train} local training rows{without}); "
+        f"{data.manifest['audio_report']}"
     )
     return Setup(data, clients, val_rows, test_rows, model)
 
