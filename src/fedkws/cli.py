@@ -159,9 +159,9 @@ def _url(text: str) -> str:
 
 
 def _sha256(text: str) -> str:
-    from fedkws.data.download import SHA256_PATTERN
+    from fedkws.data.download import as_sha256
 
-    if not SHA256_PATTERN.fullmatch(text.strip().lower()):
+    if as_sha256(text) is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not 64 hexadecimal digits")
     return text
 

@@ -446,10 +446,8 @@ def from_config(cfg: Any) -> RunSpec:
         device=resolve_device(raw.get("device", "auto"), devices := _Problems()),
         resolved=raw,
     )
-    if p.lines:  # the checks below need every group read
-        p.lines += devices.lines
-        p.raise_if_any()
-    validate(spec, p)
+    if not p.lines:  # the checks below need every group read
+        validate(spec, p)
     p.lines += devices.lines  # said with the config's other mistakes, not alone
     p.raise_if_any()
     if spec.strategy.cyclic and spec.federation.supernodes == "auto":
@@ -593,7 +591,7 @@ def _check_data(spec: RunSpec, p: _Problems) -> None:
 
 def _check_download(download: dict[str, Any], p: _Problems) -> None:
     """The real archive's version, URL and checksum, before anything is downloaded."""
-    from fedkws.data.download import ARCHIVES, SHA256_PATTERN
+    from fedkws.data.download import ARCHIVES, as_sha256
 
     version = download.get("version", "v0.02")
     _one_of(p, "dataset.download.version", version, tuple(sorted(ARCHIVES)))
@@ -601,8 +599,7 @@ def _check_download(download: dict[str, Any], p: _Problems) -> None:
     ok = url is None or (isinstance(url, str) and url.strip() != "")
     p.check(ok, "dataset.download.url", url, "must be null (the official archive) or a URL")
     digest = download.get("sha256")
-    ok = isinstance(digest, str) and SHA256_PATTERN.fullmatch(digest.strip().lower())
-    ok = digest is None or ok
+    ok = digest is None or as_sha256(digest) is not None
     p.check(ok, "dataset.download.sha256", digest, "must be null or 64 hexadecimal digits")
 
 

@@ -65,7 +65,7 @@ MARKER_NAME = ".fedkws_complete"
 INCOMPLETE_NAME = ".fedkws_incomplete"
 DEFAULT_TIMEOUT = 60.0
 _CHUNK_SIZE = 1 << 20
-SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+_SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")  # a Windows drive prefix makes a member absolute there
 
 
@@ -209,11 +209,20 @@ def download_speech_commands(
     return root
 
 
+def as_sha256(text: object) -> str | None:
+    """``text`` as a SHA-256 digest (64 hex digits, case and surrounding spaces ignored), or None.
+
+    The one reading of a checksum as given: the command line, the config and the library.
+    """
+    digest = text.strip().lower() if isinstance(text, str) else ""
+    return digest if _SHA256_PATTERN.fullmatch(digest) else None
+
+
 def _expected_digest(spec: ArchiveSpec, url: str | None, sha256: str | None) -> str | None:
     if sha256 is None:
         return spec.sha256 if url is None else None
-    digest = sha256.strip().lower()
-    if not SHA256_PATTERN.fullmatch(digest):
+    digest = as_sha256(sha256)
+    if digest is None:
         raise ValueError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
     return digest
 
@@ -243,8 +252,7 @@ def check_complete(root: Path, version: str, sha256: str | None = None) -> None:
     What training checks before using a root ``fedkws download`` made: a mirror's
     archive has a checksum of its own, so without ``sha256`` only the version counts.
     """
-    digest = None if sha256 is None else sha256.strip().lower()
-    _already_done(root, version, digest)
+    _already_done(root, version, None if sha256 is None else as_sha256(sha256))
 
 
 def _check_url(url: str) -> None:
