@@ -569,14 +569,7 @@ def main(cfg: DictConfig) -> float | None:
 
     run_dir = _hydra_context(str(cfg.get("name")), "0")[0]
     if HydraConfig.get().mode != RunMode.MULTIRUN:
-        given = {str(o).split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-        swept = set(HydraConfig.get().sweeper.get("params") or {}) - given
-        if swept:  # a swept key the command line does not set: its first value runs alone
-            preset = HydraConfig.get().runtime.choices.get("experiment")
-            what = f"experiment={preset}" if preset else "this config"
-            print(f"note: {what} is a sweep ({', '.join(sorted(swept))} swept); "
-                  "without -m this is one run of its base config (add -m for the sweep)",
-                  file=sys.stderr)  # fmt: skip
+        _note_a_sweep_run_once()
         with user_errors():
             return _job(cfg, run_dir, in_sweep=False)
     try:
@@ -584,6 +577,24 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as err:  # noqa: BLE001 - kept in failed.txt and reported; the sweep goes on
         _job_failed(err, run_dir)
         return None
+
+
+def _note_a_sweep_run_once() -> None:
+    """A sweep preset run without -m (``experiment=main``): say it runs its base config once.
+
+    Not when the command line sets every swept key: that is the run asked for.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    given = {str(o).split("=", 1)[0].lstrip("+~") for o in hc.overrides.task}
+    swept = set(hc.sweeper.get("params") or {}) - given
+    if swept:
+        preset = hc.runtime.choices.get("experiment")
+        what = f"experiment={preset}" if preset else "this config"
+        print(f"note: {what} is a sweep ({', '.join(sorted(swept))} swept); "
+              "without -m this is one run of its base config (add -m for the sweep)",
+              file=sys.stderr)  # fmt: skip
 
 
 def _start(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> RunSpec | None:

@@ -92,25 +92,7 @@ def ensure_dataset(
                     log.info("%s", summary.describe())
         return root
     if download is not None:
-        from fedkws.data import download as dl
-
-        if dl.is_complete(root):
-            dl.check_complete(root, download.get("version", "v0.02"), download.get("sha256"))
-            return root
-        if _extracted_by_hand(root):
-            log.info(
-                "%s holds an extracted Speech Commands dataset without fedkws' download "
-                "marker; using it as it is (nothing is downloaded)",
-                root,
-            )
-        else:
-            dl.download_speech_commands(
-                root,
-                version=download.get("version", "v0.02"),
-                url=download.get("url"),
-                sha256=download.get("sha256"),
-                progress=progress,
-            )
+        _ensure_downloaded(root, download, progress)
         return root
     if not root.is_dir():
         # Let the loader produce its standard message naming both commands.
@@ -118,6 +100,33 @@ def ensure_dataset(
 
         scan_words(root)
     return root
+
+
+def _ensure_downloaded(root: Path, download: Mapping[str, Any], progress: bool) -> None:
+    """The real dataset at ``root``, whichever way it comes.
+
+    fedkws' complete download (of this version), a copy extracted by hand (used as
+    it is), or downloaded now.
+    """
+    from fedkws.data import download as dl
+
+    version = download.get("version", "v0.02")
+    if dl.is_complete(root):
+        dl.check_complete(root, version, download.get("sha256"))
+    elif _extracted_by_hand(root):
+        log.info(
+            "%s holds an extracted Speech Commands dataset without fedkws' download "
+            "marker; using it as it is (nothing is downloaded)",
+            root,
+        )
+    else:
+        dl.download_speech_commands(
+            root,
+            version=version,
+            url=download.get("url"),
+            sha256=download.get("sha256"),
+            progress=progress,
+        )
 
 
 def _refuse_other_dataset(root: Path, differences: list[str] | None) -> None:
