@@ -22,7 +22,14 @@ from fedkws.errors import FederationError
 from fedkws.fl import client_app
 from fedkws.fl.messages import ClientTask
 from fedkws.run import run
-from helpers import SMALL_FEDERATION, cli_env, error_lines, tiny_dataset_overrides, train_command
+from helpers import (
+    SMALL_FEDERATION,
+    cli_env,
+    compose_cfg,
+    error_lines,
+    tiny_dataset_overrides,
+    train_command,
+)
 
 # --------------------------------------------------------------------------- failing clients
 
@@ -421,7 +428,7 @@ def test_a_run_that_fails_while_it_stops_is_a_stop_not_a_failure(
         lifecycle.signalled(signal.SIGTERM)
         raise FederationError("2 of 2 clients failed: actor died")
 
-    monkeypatch.setattr("fedkws.run.run", stopped_then_failed)
+    monkeypatch.setattr("fedkws.run._train", stopped_then_failed)  # inside the real run()
     try:
         with pytest.raises(SystemExit) as stop:
             train_module._job(cfg, run_dir, in_sweep=in_sweep)
@@ -495,3 +502,27 @@ def test_the_closing_lines_show_every_final_accuracy_as_printed():
         "validation accuracy (each client's model, mean): eval 0.700",
         "test accuracy (each client's model, mean): eval 0.650",
     ]
+
+
+def test_a_failed_run_says_why_in_its_folder_and_the_next_attempt_clears_it(
+    data_dir, tiny_root, tmp_path, monkeypatch
+):
+    """run() itself (fedkws-train, flwr run's ServerApp and library callers alike) keeps a
+    failure's reason as failed.txt for fedkws report, and a later attempt removes it.
+    Catches: failed.txt written by the command line only, or left behind a resumed run."""
+    from fedkws.run import run
+
+    cfg = compose_cfg(["train.rounds=1"], data_dir, tiny_root)
+    run_dir = tmp_path / "run"
+
+    def fails(*_args):
+        raise FederationError("2 of 2 clients failed: actor died")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("fedkws.run._train", fails)
+        with pytest.raises(FederationError):
+            run(cfg, run_dir)
+    assert (run_dir / "failed.txt").read_text().startswith("2 of 2 clients failed: actor died")
+    monkeypatch.setattr("fedkws.run._train", lambda *_args: "trained")
+    assert run(cfg, run_dir) == "trained"
+    assert not (run_dir / "failed.txt").exists()

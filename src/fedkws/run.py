@@ -12,7 +12,7 @@ from typing import Any
 from fedkws import lifecycle
 from fedkws.core import loops
 from fedkws.core.models import count_parameters
-from fedkws.errors import RunRefused
+from fedkws.errors import FAILED_FILE, RunRefused, write_failure
 from fedkws.fileio import folder_in_use
 from fedkws.recipes import common
 from fedkws.recipes.central import CentralRecipe
@@ -40,6 +40,9 @@ def run(
 ) -> Result:
     """Train one configuration; write results.json, plots, checkpoints; return the Result.
 
+    A run that fails (not one that is stopped) leaves why in its folder's failed.txt,
+    which ``fedkws report`` reads; a later attempt into the folder removes it.
+
     Parameters
     ----------
     spec
@@ -62,7 +65,21 @@ def run(
         common.console.print(f"resume=true: no checkpoint in {run_dir} yet: starting at round 1")
     run_dir.mkdir(parents=True, exist_ok=True)
     with folder_in_use(run_dir, RunRefused):  # no second run writes here meanwhile
-        return _train(spec, run_dir, loaded, wandb_names, grid)
+        (run_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier attempt's, resumed now
+        try:
+            return _train(spec, run_dir, loaded, wandb_names, grid)
+        except Exception as err:
+            if not _stopped(err) and not common.finished(run_dir):
+                write_failure(run_dir, err)  # why, in the folder, for fedkws report
+            raise
+
+
+def _stopped(err: Exception) -> bool:
+    """Whether ``err`` ended a run that was asked to stop (Ctrl-C, SIGTERM): not a failure.
+
+    A finished run's records stand, whatever failed after them (its W&B, say).
+    """
+    return isinstance(err, lifecycle.Interrupted) or lifecycle.signal_received()
 
 
 def _train(spec: RunSpec, run_dir: Path, loaded, wandb_names, grid) -> Result:

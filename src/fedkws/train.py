@@ -676,22 +676,17 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
 def _job_run(cfg: DictConfig, spec: RunSpec, run_dir: Path, names) -> float | None:
     """:func:`_job` once its folder is held: the Hydra files, the run, its interrupt."""
     from fedkws import lifecycle
-    from fedkws.errors import FAILED_FILE, write_failure
-    from fedkws.recipes.common import finished
     from fedkws.run import run
 
     _keep_hydra_files(cfg, run_dir)
-    (run_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier attempt's, resumed now
     with lifecycle.graceful_interrupts():
         try:
-            result = run(spec, run_dir, names)
+            result = run(spec, run_dir, names)  # a failure's failed.txt: written by run()
         except (lifecycle.Interrupted, KeyboardInterrupt):  # first or second Ctrl-C / SIGTERM
             return _stop_interrupted(run_dir)
-        except Exception as err:
+        except Exception:
             if lifecycle.signal_received():  # the run failed while it stopped: still a stop
                 return _stop_interrupted(run_dir)
-            if not finished(run_dir):  # a finished run's records stand (its W&B failed)
-                write_failure(run_dir, err)
             raise
     metrics = result.rounds[-1].metrics if result.rounds else {}
     for key in ("val/eval/acc", "fed/eval/acc_mean"):

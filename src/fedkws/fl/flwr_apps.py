@@ -120,9 +120,8 @@ class _NoUserErrorTraceback(logging.Filter):
 
 def serve(grid: Grid, run_config: Mapping[str, Any]) -> Path:
     """Compose, check and run the configuration against ``grid``; return the run folder."""
-    from fedkws.errors import FAILED_FILE, RunRefused, write_failure
+    from fedkws.errors import RunRefused
     from fedkws.fileio import folder_in_use
-    from fedkws.recipes.common import finished
     from fedkws.run import preflight, run
     from fedkws.spec import from_config
 
@@ -137,14 +136,8 @@ def serve(grid: Grid, run_config: Mapping[str, Any]) -> Path:
     preflight(spec, run_dir, clients_here=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     with folder_in_use(run_dir, RunRefused):  # not another run's folder meanwhile
-        (run_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier attempt's, resumed now
         _keep_config(spec.resolved, run_config, run_dir)
-        try:
-            run(spec, run_dir, grid=grid)
-        except Exception as err:  # why, in the folder, for fedkws report (as fedkws-train)
-            if not finished(run_dir):
-                write_failure(run_dir, err)
-            raise
+        run(spec, run_dir, grid=grid)  # a failure's failed.txt: written by run()
     return run_dir
 
 
