@@ -295,13 +295,18 @@ def test_file_where_a_dataset_folder_is_expected(tmp_path):
         with pytest.raises(DataError) as info:
             call()
         assert _one_line(info) == (
-            f"dataset.root='{file}' is not a folder (a file?); set dataset.root to a folder"
+            f"dataset.root='{file}': {file} is a file, not a folder; set dataset.root to a folder"
         )
     with pytest.raises(DataError) as info:
         ensure_dataset(file / "inner", generate=SMALL_GENERATE, progress=False)
     message = _one_line(info)
-    assert f"dataset.root='{file / 'inner'}' cannot be a folder: '{file}'" in message
+    assert message.startswith(f"dataset.root='{file / 'inner'}': {file} is a file, not a folder")
     assert file.read_text() == "not a folder"
+    gone = tmp_path / "gone"
+    gone.symlink_to(tmp_path / "moved")  # catches: a dangling link called "not a folder"
+    with pytest.raises(DataError) as info:
+        ensure_dataset(gone, generate=SMALL_GENERATE, progress=False)
+    assert f"{gone} is a link to {tmp_path / 'moved'}, which does not exist" in _one_line(info)
 
 
 def test_cache_folder_that_cannot_be_written(small_root, tmp_path):
@@ -310,10 +315,10 @@ def test_cache_folder_that_cannot_be_written(small_root, tmp_path):
     config = DataConfig(root=str(small_root))
     with pytest.raises(DataError) as info:
         prepare(config, FeatureConfig(), file, progress=False)
-    assert _one_line(info).startswith(f"cache_dir='{file}' is not a folder")
+    assert _one_line(info).startswith(f"cache_dir='{file}': {file} is a file, not a folder")
     with pytest.raises(DataError) as info:
         prepare(config, FeatureConfig(), file / "sub", progress=False)
-    assert f"'{file}' is not a folder" in _one_line(info)
+    assert f"'{file / 'sub'}': {file} is a file, not a folder" in _one_line(info)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")

@@ -345,8 +345,8 @@ def test_a_dangling_link_for_the_run_folder(tmp_path):
     out = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert error_lines(out.stderr) == [
-        f"error: cannot make the run's folder {link}: {link} is a link to "
-        f"{tmp_path / 'nowhere'}, which does not exist (hydra.run.dir); choose another"
+        f"error: hydra.run.dir='{link}': {link} is a link to {tmp_path / 'nowhere'}, which "
+        "does not exist"
     ]
 
 

@@ -120,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _generate(args: argparse.Namespace, synth) -> None:
     """``fedkws generate``: its options' mistakes as one line, in the options' own words."""
     from fedkws.data.errors import DataError
+    from fedkws.fileio import why_not_a_folder
 
     params = synth.arguments_params(args)
     held_out, speakers = params["held_out_speakers"], params["num_speakers"]
@@ -129,11 +130,8 @@ def _generate(args: argparse.Namespace, synth) -> None:
             f"--held-out-speakers={held_out} leaves no training speaker with "
             f"--speakers={speakers}; allowed: {synth.held_out_allowed(speakers)}, or 0 for 10 %"
         )
-    if args.root.exists() and not args.root.is_dir():
-        raise DataError(f"--root {args.root}: a file, not a folder")
-    above = next((p for p in args.root.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise DataError(f"--root {args.root}: {above} is a file, not a folder")
+    if why := why_not_a_folder(args.root):
+        raise DataError(f"--root {args.root}: {why}")
     if differences := synth.other_settings(args.root, **params):  # kept, never generated over
         keys_values = [d.removeprefix("dataset.generate.").partition("=") for d in differences]
         settings = "; ".join(  # in the options' own words: --held-out-speakers=...

@@ -165,15 +165,9 @@ def _job_folder_error(err: OSError) -> str | None:
     folder = Path(err.filename or "?")
     why = err.strerror or type(err).__name__
     if isinstance(err, (FileExistsError, NotADirectoryError)):
-        in_the_way = next(
-            (p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()), folder
-        )
-        if in_the_way.is_symlink() and not in_the_way.exists():
-            why = f"{in_the_way} is a link to {os.readlink(in_the_way)}, which does not exist"
-        elif in_the_way.is_file():
-            why = f"{in_the_way} is a file"
-        else:
-            why = "a file is in the way"
+        from fedkws.fileio import why_not_a_folder
+
+        why = why_not_a_folder(folder) or "a file is in the way"
     if not in_a_sweep:
         return f"cannot make the run's folder {folder}: {why} (hydra.run.dir); choose another"
     return (

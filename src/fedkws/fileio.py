@@ -24,6 +24,20 @@ except ImportError:  # Windows: no advisory locks
     fcntl = None
 
 
+def why_not_a_folder(path: Path | str) -> str | None:
+    """Why ``path`` cannot be or become a folder; None if it can.
+
+    ``path`` and then its parents are looked at up to the first that exists: a file
+    there, or a link to something gone, is the reason, named by its own path.
+    """
+    for folder in (Path(path), *Path(path).parents):
+        if folder.is_symlink() and not folder.exists():
+            return f"{folder} is a link to {os.readlink(folder)}, which does not exist"
+        if folder.exists():
+            return None if folder.is_dir() else f"{folder} is a file, not a folder"
+    return None
+
+
 def umask() -> int:
     """The process's umask (read, then set back as it was)."""
     mask = os.umask(0)

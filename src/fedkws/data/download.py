@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from fedkws.fileio import file_lock, umask, write_json, write_text
+from fedkws.fileio import file_lock, umask, why_not_a_folder, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -268,11 +268,8 @@ def _check_root(root: Path) -> None:
     fedkws writes into an existing folder only when it is empty or an install of its
     own that was interrupted (:data:`INCOMPLETE_NAME`): never over a user's files.
     """
-    above = next((p for p in (root, *root.parents) if p.exists() or p.is_symlink()), None)
-    if above is not None and above.is_symlink() and not above.exists():
-        raise DownloadError(f"{root}: {above} is a link to {os.readlink(above)}, which is gone")
-    if above is not None and not above.is_dir():
-        raise DownloadError(f"{root}: {above} is a file, not a folder")
+    if why := why_not_a_folder(root):
+        raise DownloadError(f"{root}: {why}")
     if root.is_dir() and not (root / INCOMPLETE_NAME).exists() and any(root.iterdir()):
         raise DownloadError(
             f"{root} already holds files and no Speech Commands that fedkws downloaded: "

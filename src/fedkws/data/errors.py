@@ -25,15 +25,8 @@ def check_folder(path: Path | str, key: str) -> Path:
     ``cache_dir``) in the message. Missing folders are fine: they are created
     later.
     """
-    path = Path(path)
-    for folder in (path, *path.parents):
-        if folder.exists() or folder.is_symlink():
-            if folder.is_dir():
-                return path
-            if folder == path:
-                raise DataError(f"{key}='{path}' is not a folder (a file?); set {key} to a folder")
-            raise DataError(
-                f"{key}='{path}' cannot be a folder: '{folder}' is not a folder (a file?); "
-                f"set {key} to a folder path"
-            )
-    return path
+    from fedkws.fileio import why_not_a_folder
+
+    if why := why_not_a_folder(path):
+        raise DataError(f"{key}='{path}': {why}; set {key} to a folder")
+    return Path(path)

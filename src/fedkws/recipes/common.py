@@ -185,12 +185,15 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def check_writable(path: Path, what: str) -> None:
     """Refuse a folder that cannot be created or written (before anything is written)."""
+    import os
+
+    from fedkws.fileio import why_not_a_folder
+
+    if why := why_not_a_folder(path):
+        raise ConfigError(f"{what}={str(path)!r}: {why}")
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{what}={str(path)!r}: {probe} is a file, not a folder")
-    import os
 
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{what}={str(path)!r}: {probe} is not writable")
