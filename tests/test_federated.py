@@ -639,3 +639,23 @@ def test_a_setting_that_quietly_does_nothing_is_warned_of(
     # run with no per-round accuracy, both without a word.
     run(make_cfg([*BASE, "train.rounds=1", "train.local_epochs=1", *overrides]), tmp_path / "r")
     assert warned in caplog.text
+
+
+@pytest.mark.parametrize("bn", ["full", "local"])
+def test_resume_after_the_last_round_still_asks_the_clients(bn, make_cfg, tmp_path):
+    """A run stopped during its final evaluation (rounds all done; results.json without a
+    summary) resumes to the same final numbers. Catches: the clients never started again,
+    so the recalibrated and fresh_average modes (bn=full) or every client's test numbers
+    (FedBN) were left out of a run marked complete."""
+    import json
+
+    reference, run_dir, cfg = _run(make_cfg, tmp_path, [f"bn={bn}", *QUICK])
+    results = json.loads((run_dir / "results.json").read_text())
+    results["summary"] = {}  # as a stop during the final evaluation leaves it
+    (run_dir / "results.json").write_text(json.dumps(results))
+    cfg.resume = True
+    resumed = run(cfg, run_dir)
+    final = {k for k in reference.summary if k.startswith(("final/", "test/"))}
+    assert any("recalibrated" in k or "fedbn" in k for k in final)
+    assert {k: resumed.summary.get(k) for k in final} == {k: reference.summary[k] for k in final}
+    assert resumed.summary["complete"]

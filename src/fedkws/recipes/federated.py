@@ -283,29 +283,42 @@ class FederatedRecipe:
                     out[f"{prefix}/{mode}/acc_client{int(r['pid'])}"] = r[f"{mode}_acc"]
         return out
 
-    def _while_clients_are_up(self) -> None:
-        """What the final evaluation needs from the clients, before they go.
+    def _final_queries_due(self) -> bool:
+        """Whether the run is complete and its final evaluation still needs the clients.
 
-        The final model's exact statistics, or (FedBN, SiloBN) each client's model
-        on the shared test split.
+        The final model's exact statistics (unless the last round's evaluation
+        computed them), or (FedBN, SiloBN) each client's model on the shared test split.
+        True for a resumed run whose rounds were all done before its final evaluation
+        was (stopped during it, or its results.json lost).
         """
-        if (
-            self.run.result.rounds[-1:]
-            and self.run.result.rounds[-1].round < self.spec.train.rounds
-        ):
+        rounds = self.run.result.rounds
+        if not rounds or rounds[-1].round < self.spec.train.rounds:
+            return False
+        if keeps_client_state(self.spec.bn.sync):
+            return not self.shared_test
+        return (
+            "recalibrated" in common.final_modes(self.spec, self.model)
+            and self.recalibrated_round != self.spec.train.rounds
+        )
+
+    def _while_clients_are_up(self) -> None:
+        """What the final evaluation needs from the clients (:meth:`_final_queries_due`)."""
+        if not self._final_queries_due():
             return
         if keeps_client_state(self.spec.bn.sync):
             self.shared_test = self._federated_evaluate(self.spec.train.rounds, "testing")
-        elif "recalibrated" in common.final_modes(self.spec, self.model):
-            if self.recalibrated_round != self.spec.train.rounds:
-                self.evaluator.recalibrated(self.model)
-                self.recalibrated_round = self.spec.train.rounds
+        else:
+            self.evaluator.recalibrated(self.model)
+            self.recalibrated_round = self.spec.train.rounds
 
     # -- train / finish ----------------------------------------------------------------------
 
     def train(self) -> None:
-        """Start the clients (Ray, or in process) and run the rounds of this invocation."""
-        if self.run.start_round > self.run.last_round:
+        """Start the clients (Ray, or in process) and run the rounds of this invocation.
+
+        With no rounds left, the clients start only for the final evaluation's queries.
+        """
+        if self.run.start_round > self.run.last_round and not self._final_queries_due():
             return
         from fedkws.fl.server_app import FlowerClients, node_count
         from fedkws.fl.simulation import simulate
