@@ -203,3 +203,16 @@ def test_resume_continues_as_the_uninterrupted_run(make_cfg, tmp_path):
     assert {k: resumed.summary[k] for k in test_keys} == {
         k: reference.summary[k] for k in test_keys
     }
+
+
+def test_resume_without_a_clients_cyclic_state_is_refused(make_cfg, tmp_path):
+    # Catches: client_state/ of a cyclic run gone, and its clients silently starting over
+    # (fresh optimiser, initial own keys): exit 0, other numbers than the uninterrupted run.
+    import shutil
+
+    from fedkws.errors import RunRefused
+
+    run(make_cfg([*BASE, "train.stop_after_round=1"]), tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "client_state")
+    with pytest.raises(RunRefused, match=r"lacks client0/cyclic_round1\.pt.*strategy=cyclic"):
+        run(make_cfg([*BASE, "resume=true"]), tmp_path / "run")

@@ -428,19 +428,30 @@ def test_fedbn_resume_without_a_clients_own_batchnorm_is_refused(make_cfg, tmp_p
 
 def test_a_client_that_failed_its_last_round_needs_the_file_of_the_round_before(tmp_path):
     # Catches: a client that failed in round 2 (it wrote nothing then) making every later
-    # resume of the run impossible: its state after round 1 is what it goes on from.
-    from fedkws.fl.client_app import client_state_file
-    from fedkws.recipes.common import _missing_client_state
+    # resume of the run impossible: its state after round 1 is what it goes on from; and a
+    # damaged file of a client's last round let through (the client then failed every round).
+    from types import SimpleNamespace
 
+    from fedkws.errors import RunRefused
+    from fedkws.fl.client_app import client_state_file
+    from fedkws.recipes.common import _check_client_state
+
+    spec = SimpleNamespace(bn=SimpleNamespace(sync="local"), strategy=SimpleNamespace(cyclic=False))
     trained = {"train_loss": 1.0}
     records = [{"round": 1, "clients": {"0": trained, "1": trained}},
                {"round": 2, "clients": {"0": trained, "1": {"failed": 1.0}}}]  # fmt: skip
     for pid, round_ in ((0, 1), (1, 1), (0, 2)):
         client_state_file(tmp_path, pid, round_).parent.mkdir(parents=True, exist_ok=True)
-        client_state_file(tmp_path, pid, round_).write_bytes(b"x")
-    assert _missing_client_state(records, tmp_path) == []
-    client_state_file(tmp_path, 1, 1).unlink()
-    assert _missing_client_state(records, tmp_path) == ["client1/fedbn_round1.pt"]
+        torch.save({"bn.running_mean": torch.zeros(2)}, client_state_file(tmp_path, pid, round_))
+    client_state_file(tmp_path, 0, 1).write_bytes(b"")  # not the last round of client 0
+    _check_client_state(spec, records, tmp_path)
+    last = client_state_file(tmp_path, 1, 1)
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(RunRefused, match=r"client1/fedbn_round1\.pt cannot be read \(damaged or"):
+        _check_client_state(spec, records, tmp_path)
+    last.unlink()
+    with pytest.raises(RunRefused, match=r"lacks client1/fedbn_round1\.pt: each is a client's own"):
+        _check_client_state(spec, records, tmp_path)
 
 
 def test_fedadam_resume_restores_the_server_moments(make_cfg, tmp_path):

@@ -101,16 +101,8 @@ def check_folder(
             f"resume: {run_dir} is already complete ({ckpt.round} rounds and its final "
             "evaluation); raise train.rounds to continue it"
         )
-    if clients_here and keeps_client_state(spec.bn.sync) and not spec.strategy.central:
-        missing = _missing_client_state(ckpt.records, run_dir / "client_state")
-        if missing:
-            raise RunRefused(
-                f"resume: {run_dir / 'client_state'} lacks {', '.join(missing[:4])}"
-                f"{' and more' if len(missing) > 4 else ''}: each is a client's own "
-                f"BatchNorm (bn.sync={spec.bn.sync}) after its last round, and without it the "
-                "client would go on from its initial one; put client_state/ back, or start "
-                "the run again in a new folder"
-            )
+    if clients_here and not spec.strategy.central:
+        _check_client_state(spec, ckpt.records, run_dir / "client_state")
     stop = spec.train.stop_after_round
     if stop is not None and ckpt.round >= stop < spec.train.rounds:
         # Nothing to train; going on would rewrite results.json as a stopped run (and lose
@@ -131,22 +123,51 @@ def refuse_a_sweeps_folder(folder: Path) -> None:
         )
 
 
-def _missing_client_state(records: list[dict[str, Any]], state_dir: Path) -> list[str]:
-    """The client_state files a FedBN/SiloBN resume needs and does not find.
+def _check_client_state(spec: RunSpec, records: list[dict[str, Any]], state_dir: Path) -> None:
+    """Refuse a resume whose clients' own state (client_state/) is missing or unreadable.
 
-    Every client that trained keeps its own BatchNorm after each of its rounds
-    (``client<pid>/fedbn_round<r>.pt``); the checkpoint's records say which clients
-    trained in which round, so the file of each one's last round must be there.
+    Under FedBN/SiloBN every client that trained keeps its own BatchNorm after each of
+    its rounds (``client<pid>/fedbn_round<r>.pt``), under ``strategy=cyclic`` its own
+    keys, optimiser state and place in its epochs (``cyclic_round<r>.pt``). The
+    checkpoint's records say which clients trained in which round, so the file of each
+    one's last round must be there and readable: without it the client would go on
+    from its initial state, or fail every round.
     """
-    from fedkws.fl.client_app import client_state_file
+    import torch
 
+    from fedkws.fl.client_app import CYCLIC_STATE, FEDBN_STATE, client_state_file
+
+    kinds = (
+        {FEDBN_STATE: f"BatchNorm (bn.sync={spec.bn.sync})"}
+        if keeps_client_state(spec.bn.sync)
+        else {}
+    )
+    if spec.strategy.cyclic:
+        kinds[CYCLIC_STATE] = "keys, optimiser state and place in its epochs (strategy=cyclic)"
     last: dict[int, int] = {}
     for record in records:
         for pid, info in (record.get("clients") or {}).items():
             if not (isinstance(info, dict) and info.get("failed")):  # a failure wrote nothing
                 last[int(pid)] = int(record["round"])
-    paths = [client_state_file(state_dir, pid, r) for pid, r in sorted(last.items())]
-    return [str(p.relative_to(state_dir)) for p in paths if not p.is_file()]
+    for name, what in kinds.items():
+        paths = [client_state_file(state_dir, pid, r, name) for pid, r in sorted(last.items())]
+        missing = [str(p.relative_to(state_dir)) for p in paths if not p.is_file()]
+        if missing:
+            raise RunRefused(
+                f"resume: {state_dir} lacks {', '.join(missing[:4])}"
+                f"{' and more' if len(missing) > 4 else ''}: each is a client's own {what} "
+                "after its last round, and without it the client would go on from its "
+                "initial one; put client_state/ back, or start the run again in a new folder"
+            )
+        for path in paths:
+            try:
+                torch.load(path, weights_only=True, map_location="cpu")
+            except Exception as err:  # noqa: BLE001 - any unreadable file, named
+                raise RunRefused(
+                    f"resume: {path} cannot be read ({checkpoint.why_unreadable(path, err)}): "
+                    f"it is a client's own {what} after its last round; put an intact copy "
+                    "back, or start the run again in a new folder"
+                ) from None
 
 
 def finished(run_dir: Path) -> bool:
