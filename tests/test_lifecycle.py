@@ -526,3 +526,34 @@ def test_a_failed_run_says_why_in_its_folder_and_the_next_attempt_clears_it(
     monkeypatch.setattr("fedkws.run._train", lambda *_args: "trained")
     assert run(cfg, run_dir) == "trained"
     assert not (run_dir / "failed.txt").exists()
+
+
+def test_changed_data_is_refused_to_a_resume_and_to_the_caveat(make_cfg, tiny_root, tmp_path):
+    """A clip deleted from the dataset between two invocations: the resume (its rounds
+    would mix two datasets) and the caveat (it would measure the old model on other data)
+    are refused, and the run folders stay as they were. The fingerprint is of the data,
+    not of where it lies: a copy elsewhere, with its own cache entry, has the same one.
+    Catches: the resume going on on the changed data (exit 0), and the caveat answering."""
+    import shutil
+
+    from fedkws.caveat import caveat
+    from fedkws.errors import RunRefused
+    from fedkws.recipes.common import load_data
+    from fedkws.spec import from_config
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_root, copy)
+    overrides = ["strategy=central", "train.rounds=2", "dataset.generate=null",
+                 f"dataset.root={copy}"]  # fmt: skip
+    original = load_data(from_config(make_cfg(["strategy=central"])))
+    assert load_data(from_config(make_cfg(overrides))).identity() == original.identity()
+    run(make_cfg([*overrides, "train.rounds=1"]), tmp_path / "finished")
+    run(make_cfg([*overrides, "train.stop_after_round=1"]), tmp_path / "stopped")
+    next(copy.glob("yes/*.wav")).unlink()
+    folders = (tmp_path / "finished", tmp_path / "stopped")
+    before = {p: p.read_bytes() for f in folders for p in f.rglob("*") if p.is_file()}
+    with pytest.raises(RunRefused, match="the dataset is not the one its 1 round"):
+        run(make_cfg([*overrides, "resume=true"]), tmp_path / "stopped")
+    with pytest.raises(RunRefused, match="caveat of .*: the dataset is not the one"):
+        caveat(tmp_path / "finished")
+    assert {p: p.read_bytes() for f in folders for p in f.rglob("*") if p.is_file()} == before

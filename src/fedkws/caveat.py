@@ -42,7 +42,7 @@ def _accuracy(model, data, rows: np.ndarray, batch: int, mode: str, order: str, 
 def _load(run_dir: Path):
     from fedkws import checkpoint
     from fedkws.core.models import build_model
-    from fedkws.recipes.common import load_data
+    from fedkws.recipes.common import load_data, refuse_other_data
     from fedkws.spec import from_config
     from fedkws.tracking import Result
 
@@ -68,6 +68,7 @@ def _load(run_dir: Path):
             "the clients (initial weights and statistics), so neither mode means anything here"
         )
     data = load_data(spec)
+    refuse_other_data(ckpt, data.identity(), f"caveat of {run_dir}")
     if spec.partition.channels:  # validated on what the feature-shift clients hear
         from fedkws.clients import make_clients
         from fedkws.recipes.common import channel_variant

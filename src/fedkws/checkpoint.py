@@ -39,6 +39,7 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)  # RunSpec.comparable() of the run
     wandb_id: str = ""
     failures: list[dict[str, Any]] = field(default_factory=list)  # clients that failed so far
+    data: str = ""  # CachedDataset.identity() of what the rounds trained on ("": not recorded)
 
 
 def to_cpu(value: Any) -> Any:

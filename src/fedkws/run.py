@@ -69,17 +69,19 @@ def run(
         try:
             return _train(spec, run_dir, loaded, wandb_names, grid)
         except Exception as err:
-            if not _stopped(err) and not common.finished(run_dir):
+            if _a_failure(err) and not common.finished(run_dir):
                 write_failure(run_dir, err)  # why, in the folder, for fedkws report
             raise
 
 
-def _stopped(err: Exception) -> bool:
-    """Whether ``err`` ended a run that was asked to stop (Ctrl-C, SIGTERM): not a failure.
+def _a_failure(err: Exception) -> bool:
+    """Whether ``err`` is the run's failure, to be kept in its folder.
 
-    A finished run's records stand, whatever failed after them (its W&B, say).
+    Not a stop that was asked for (Ctrl-C, SIGTERM), nor a refusal (which leaves the
+    folder as it was). A finished run's records stand, whatever failed after them.
     """
-    return isinstance(err, lifecycle.Interrupted) or lifecycle.signal_received()
+    stopped = isinstance(err, lifecycle.Interrupted) or lifecycle.signal_received()
+    return not stopped and not isinstance(err, RunRefused)
 
 
 def _train(spec: RunSpec, run_dir: Path, loaded, wandb_names, grid) -> Result:
@@ -93,10 +95,10 @@ def _train(spec: RunSpec, run_dir: Path, loaded, wandb_names, grid) -> Result:
         else FederatedRecipe(spec, record, grid)
     )
     with record.timed("setup"):  # data, partition, model, W&B
-        recipe.setup(run_dir)
+        recipe.setup(run_dir, loaded[0] if loaded is not None else None)
         if loaded is not None:
             recipe.restore(loaded[0])
-        record.open(loaded, recipe.parts.data.num_classes)
+        record.open(loaded, recipe.parts.data)
     ok = False
     try:
         common.console.print(_headline(spec, recipe, run_dir))

@@ -342,6 +342,20 @@ class CachedDataset:
         """Number of labels of the protocol."""
         return len(self.label_names)
 
+    def identity(self) -> str:
+        """A fingerprint of the data itself: audio, noise, labels, splits and speakers.
+
+        The same for the same files wherever they lie and whenever the cache entry
+        was built (the checksums of the raw arrays, not of file dates or paths);
+        another for a dataset with a clip added, removed, relabelled or changed.
+        """
+        digest = hashlib.sha1()
+        for name in ("waves.npy", "noise.npy"):
+            digest.update(str(self.manifest["files"][name]["sha1"]).encode())
+        for array in (self.labels, self.splits, self.speakers):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()[:16]
+
     def noise_bank(self) -> torch.Tensor:
         """The background recordings as one writable tensor (for noise augmentation)."""
         return torch.from_numpy(np.array(self.noise, dtype=np.float32))

@@ -114,6 +114,19 @@ def check_folder(
     return loaded
 
 
+def refuse_other_data(ckpt: checkpoint.Checkpoint, identity: str, what: str) -> None:
+    """Refuse to go on from ``ckpt`` with data other than its rounds trained on.
+
+    Checkpoints written before the data was recorded are let through.
+    """
+    if ckpt.data and ckpt.data != identity:
+        raise RunRefused(
+            f"{what}: the dataset is not the one its {ckpt.round} round(s) trained on (clips, "
+            "labels or splits changed since, or another dataset at that path); put that "
+            "data back, or start the run again in a new folder"
+        )
+
+
 def refuse_a_sweeps_folder(folder: Path) -> None:
     """A sweep's own folder (its ``multirun.yaml``) is no place for a single run's files."""
     if (folder / "multirun.yaml").is_file():
@@ -251,9 +264,14 @@ def load_data(spec: RunSpec) -> CachedDataset:
     return open_dataset(ds.data, spec.features, spec.cache_dir, generate, download, spec.progress)
 
 
-def setup(spec: RunSpec, run_dir: Path) -> Setup:
-    """Load the data, partition it, build the initial model; write the data summary."""
+def setup(spec: RunSpec, run_dir: Path, resumed: checkpoint.Checkpoint | None = None) -> Setup:
+    """Load the data, partition it, build the initial model; write the data summary.
+
+    Resuming from ``resumed``, data other than its rounds trained on is refused first.
+    """
     data = load_data(spec)
+    if resumed is not None:
+        refuse_other_data(resumed, data.identity(), f"resume: {run_dir}")
     val_rows, test_rows = data.split_indices("validation"), data.split_indices("testing")
     for split, rows in (("validation", val_rows), ("test", test_rows)):
         if len(rows) == 0:
@@ -372,6 +390,7 @@ class Run:
         self.spec, self.run_dir = spec, run_dir
         self.result = Result(config=dict(spec.resolved))
         self.resumed: checkpoint.Checkpoint | None = None
+        self.data_identity = ""  # of the data the rounds train on (open())
         self.wandb_names = wandb_names
         self.recorder: Recorder | None = None
         self.started = time.perf_counter()
@@ -395,10 +414,15 @@ class Run:
         rounds = sum(r.seconds for r in self.result.rounds if r.round >= self.start_round)
         return {p: rounds if p == "rounds" else self.phases.get(p, 0.0) for p in PHASES}
 
-    def open(self, loaded: tuple[checkpoint.Checkpoint, dict] | None, num_classes: int) -> None:
-        """Start recording (restoring a checkpoint's records and RNG states if resuming)."""
-        self.result.config["num_classes"] = num_classes
+    def open(self, loaded: tuple[checkpoint.Checkpoint, dict] | None, data: CachedDataset) -> None:
+        """Start recording (restoring a checkpoint's records and RNG states if resuming).
+
+        The checkpoints it writes record the data's
+        :meth:`~fedkws.data.cache.CachedDataset.identity` (see :func:`setup`).
+        """
+        self.result.config["num_classes"] = data.num_classes
         self.result.config["device_resolved"] = devices(self.spec)
+        self.data_identity = data.identity()
         wandb_id = None
         if loaded is not None:
             self.resumed, rng = loaded
@@ -447,6 +471,7 @@ class Run:
                 records=[r.__dict__ for r in self.result.rounds],
                 config=self.spec.comparable(),
                 wandb_id=self.recorder.wandb.run_id or "",
+                data=self.data_identity,
             ),
         )
         if self.spec.progress:
