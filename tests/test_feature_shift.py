@@ -80,3 +80,31 @@ def test_negative_channels_is_a_config_error(make_cfg):
 
     with pytest.raises(ConfigError, match="partition.channels"):
         from_config(make_cfg([*BASE, "partition.channels=-1"]))
+
+
+def test_a_damaged_variant_is_built_again_not_used(make_cfg, caplog):
+    # Catches: a variant's files taken as they are (only their existence was checked): zeroed
+    # features trained every client at chance, exit 0; a truncated file was a traceback.
+    from fedkws.data.channel import build_variant
+    from fedkws.recipes.common import load_data
+    from fedkws.spec import from_config
+
+    spec = from_config(make_cfg([]))
+    data = load_data(spec)
+    channels = np.arange(len(data.labels)) % 5 // 2  # this test's own variant (its own files)
+    fkey = build_variant(data.path, spec.features, channels, lambda n: None)
+    feats = data.path / f"features-{fkey}.npy"
+    waves = next(data.path.glob(f"waves@{fkey.split('@')[1]}.npy"))
+    built = {p: p.read_bytes() for p in (feats, waves)}
+    damages = [
+        (feats, lambda p: p.write_bytes(p.read_bytes()[:200] + bytes(p.stat().st_size - 200))),
+        (waves, lambda p: p.write_bytes(p.read_bytes()[:1000])),
+        (feats.with_suffix(".json"), lambda p: p.unlink()),  # no record: not trusted
+    ]
+    for path, damage in damages:
+        damage(path)
+        caplog.clear()
+        assert build_variant(data.path, spec.features, channels, lambda n: None) == fkey
+        assert {p: p.read_bytes() for p in built} == built, path.name
+        if path.suffix == ".npy":
+            assert "is damaged" in caplog.text and path.name in caplog.text

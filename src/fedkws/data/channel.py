@@ -23,6 +23,8 @@ once per channel assignment and opened by the clients like any entry.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -31,6 +33,8 @@ import torch
 
 from fedkws.data.audio import SAMPLE_RATE
 from fedkws.data.features import FeatureConfig, FeatureExtractor
+
+log = logging.getLogger(__name__)
 
 VARIANT_SEPARATOR = "@"
 _CHANNEL_SEED = 20_240_601  # the channel families are the same for every run and seed
@@ -103,16 +107,31 @@ def variant_key(channels: np.ndarray) -> str:
 def build_variant(entry: Path, features: FeatureConfig, channels: np.ndarray, progress) -> str:
     """Write the shifted waveforms and features of ``entry`` (once); return the feature key.
 
-    ``progress(n)`` is called as rows are done.
+    ``progress(n)`` is called as rows are done. As the entry's own files, the two
+    files are checked against the size and SHA-1 recorded when they were written
+    (``features-<key>.json``); missing or damaged ones are written again, never used.
     """
+    from fedkws.data.cache import _file_problem, _file_record
+    from fedkws.fileio import write_json
+
     key = variant_key(channels)
     fkey = f"{features.key()}{VARIANT_SEPARATOR}{key}"
     waves_path, feats_path = (
         entry / f"waves{VARIANT_SEPARATOR}{key}.npy",
         entry / f"features-{fkey}.npy",
     )
-    if waves_path.is_file() and feats_path.is_file():
-        return fkey
+    records_path = feats_path.with_suffix(".json")
+    try:
+        records = json.loads(records_path.read_text())
+    except (OSError, ValueError):
+        records = None
+    if isinstance(records, dict):
+        problem = next(filter(None, (_file_problem(p, records.get(p.name))
+                                     for p in (waves_path, feats_path))), None)  # fmt: skip
+        if problem is None:
+            return fkey
+        log.warning("feature-shift variant %s in %s is damaged (%s); rebuilding it",
+                    key, entry, problem)  # fmt: skip
     source = np.load(entry / "waves.npy", mmap_mode="r")
     extractor = FeatureExtractor(features)
     frames = features.num_frames(source.shape[1])
@@ -130,4 +149,5 @@ def build_variant(entry: Path, features: FeatureConfig, channels: np.ndarray, pr
     for array, tmp, final in ((shifted, tmp_w, waves_path), (feats, tmp_f, feats_path)):
         array.flush()
         os.replace(tmp, final)
+    write_json(records_path, {p.name: _file_record(p) for p in (waves_path, feats_path)})
     return fkey
