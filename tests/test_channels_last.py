@@ -109,6 +109,13 @@ def test_a_checkpoint_from_before_the_option_resumes_with_the_default_layout():
     old = {"model": {"name": "cnn", "channels": [8, 8]}, "seed": 0}
     for layout, expected in ((False, []), (True, ["model.channels_last"])):
         new = {"model": {"name": "cnn", "channels": [8, 8], "channels_last": layout}, "seed": 0}
-        assert _differences(_with_implied_keys(old), new) == expected
+        assert _differences(_with_implied_keys(old, new), new) == expected
     assert _differences(old, {**old, "model": {**old["model"], "channels_last": False}})
     assert "channels_last" not in old["model"]  # the checkpoint's config is left alone
+    # bn.freeze_stats: implied for a FixBN run (its bn config has it), not for the others.
+    full = {"bn": {"sync": "full"}, "seed": 0}
+    assert _differences(_with_implied_keys(full, full), full) == []
+    fixbn = {"bn": {"sync": "fixbn", "freeze_after": 2}}
+    for stats, expected in (("exact", []), ("aggregated", ["bn.freeze_stats"])):
+        new = {"bn": {**fixbn["bn"], "freeze_stats": stats}}
+        assert _differences(_with_implied_keys(fixbn, new), new) == expected

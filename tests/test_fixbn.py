@@ -97,6 +97,23 @@ def test_statistics_are_pooled_after_warmup_then_frozen(make_cfg, tmp_path, monk
     assert sorted(set(flags)) == [(1, False), (2, True), (3, True)]
 
 
+def test_aggregated_statistics_are_frozen_as_the_warmup_left_them(make_cfg, tmp_path):
+    # bn.freeze_stats=aggregated (Zhong et al.): the statistics frozen are the running ones
+    # the warm-up's aggregation left, bit for bit those of a bn=full run after that round.
+    # Catches: the exact pooled ones installed instead, or the statistics moving later.
+    agg = [*BASE, "bn.freeze_stats=aggregated"]
+    run(make_cfg([*agg, "train.stop_after_round=1"]), tmp_path / "fixbn")
+    full = [*(o for o in BASE if not o.startswith("bn.")), "bn=full", "train.stop_after_round=1"]
+    run(make_cfg(full), tmp_path / "full")
+    frozen = _stats(torch.load(tmp_path / "fixbn" / "checkpoint.pt", weights_only=True)["model"])
+    averaged = _stats(torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"])
+    assert frozen.keys() == averaged.keys() and frozen
+    assert all(torch.equal(frozen[k], averaged[k]) for k in frozen)
+    run(make_cfg([*agg, "resume=true"]), tmp_path / "fixbn")
+    final = torch.load(tmp_path / "fixbn" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], v) for k, v in frozen.items())
+
+
 def test_fixbn_needs_batchnorm(make_cfg):
     from fedkws.errors import ConfigError
 

@@ -161,6 +161,9 @@ class StrategySpec:
         return float(dict(self.kwargs).get("proximal_mu", 0.0))
 
 
+FREEZE_STATS = ("exact", "aggregated")
+
+
 @dataclass(frozen=True)
 class BNSpec:
     """What crosses the wire of the BatchNorm state and how the model is evaluated."""
@@ -169,6 +172,9 @@ class BNSpec:
     eval_modes: tuple[str, ...] = ("eval", "train")
     recalibrate_every: int = 1
     freeze_after: int = 2  # FixBN: rounds of ordinary federated BatchNorm before the freeze
+    # FixBN: which statistics are frozen: "exact" (pooled over the clients' data) or
+    # "aggregated" (the FedAvg-averaged running statistics, as Zhong et al. 2023).
+    freeze_stats: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -801,6 +807,8 @@ def _check_bn(spec: RunSpec, p: _Problems) -> None:
         p.add("bn.eval_modes", list(bn.eval_modes), allowed)
     p.check(bn.recalibrate_every >= 1, "bn.recalibrate_every", bn.recalibrate_every, "must be >= 1")
     p.check(bn.freeze_after >= 1, "bn.freeze_after", bn.freeze_after, "must be >= 1 (warm-up)")
+    p.check(bn.freeze_stats in FREEZE_STATS, "bn.freeze_stats", bn.freeze_stats,
+            f"one of {', '.join(FREEZE_STATS)}")  # fmt: skip
     if bn.sync == "fixbn" and (spec.strategy.central or spec.model.norm != "batch"):
         p.add("bn.sync", bn.sync, "FixBN needs a federated model with BatchNorm (norm=batch)")
     if keeps_client_state(bn.sync) and not spec.strategy.central and spec.model.norm != "batch":

@@ -85,7 +85,8 @@ def check_folder(
             f"{run_dir} already holds a checkpoint (round {ckpt.round}); pass resume=true "
             "to continue that run or choose another folder"
         )
-    changed = _differences(comparable(_with_implied_keys(ckpt.config)), spec.comparable())
+    new = spec.comparable()
+    changed = _differences(comparable(_with_implied_keys(ckpt.config, new)), new)
     if changed:
         raise RunRefused(
             f"resume: the config differs from the checkpoint's in {', '.join(changed[:6])} "
@@ -194,16 +195,21 @@ def finished(run_dir: Path) -> bool:
 
 # Config keys added after checkpoints were first written, with the value a checkpoint
 # without them ran with: such a run resumes unless the key is set to something else.
-IMPLIED_KEYS: dict[tuple[str, ...], Any] = {("model", "channels_last"): False}
+# Only a key the new config has is implied (bn.freeze_stats: FixBN runs alone have it).
+IMPLIED_KEYS: dict[tuple[str, ...], Any] = {
+    ("model", "channels_last"): False,
+    ("bn", "freeze_stats"): "exact",
+}
 
 
-def _with_implied_keys(config: dict) -> dict:
+def _with_implied_keys(config: dict, new: dict) -> dict:
     out = copy.deepcopy(config)
     for path, value in IMPLIED_KEYS.items():
-        node = out
+        node, there = out, new
         for key in path[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+            there = there.get(key) if isinstance(there, dict) else None
+        if isinstance(node, dict) and isinstance(there, dict) and path[-1] in there:
             node.setdefault(path[-1], value)
     return out
 

@@ -200,13 +200,21 @@ class FederatedRecipe:
         return [_merge_visits(v) for _, v in sorted(visits.items())], handed_on
 
     def _freeze_statistics(self, round_: int) -> None:
-        """FixBN: the exact pooled statistics of the clients' data, installed in the model."""
-        pooled = self.evaluator.recalibrated(self.model)
-        self.recalibrated_round = round_
-        state = self.model.state_dict()
-        state.update({k: v for k, v in pooled.state_dict().items() if k in self.keys.stats})
-        self.model.load_state_dict(state)
-        common.console.print(f"FixBN: BatchNorm statistics frozen after round {round_}")
+        """FixBN: the statistics frozen from now on (``bn.freeze_stats``).
+
+        ``exact``: the exact pooled statistics of the clients' data, installed in the
+        model (one query per BatchNorm layer). ``aggregated``: the running statistics
+        the round's aggregation left in it, as Zhong et al. (no extra communication).
+        """
+        what = "the aggregated running statistics"
+        if self.spec.bn.freeze_stats == "exact":
+            pooled = self.evaluator.recalibrated(self.model)
+            self.recalibrated_round = round_
+            state = self.model.state_dict()
+            state.update({k: v for k, v in pooled.state_dict().items() if k in self.keys.stats})
+            self.model.load_state_dict(state)
+            what = "the exact pooled statistics of the clients' data"
+        common.console.print(f"FixBN: BatchNorm statistics frozen after round {round_} ({what})")
 
     def _report_failures(self, failures) -> None:
         """Print each failed reply and keep it for results.json (``summary.failures``)."""
