@@ -759,3 +759,21 @@ def test_a_fedbn_cell_has_its_bars(tmp_path):
         assert fedbn[cells.index("bn=local")].get_height() == pytest.approx(0.7)
     finally:
         plt.close(fig)
+
+
+def test_the_grids_half_width_is_the_t_intervals_unclipped():
+    # Catches: the ± of report_grid.png taken from the table's interval clipped to [0, 1],
+    # which understated it near 1 (0.026 instead of 0.038 for these three seeds).
+    from types import SimpleNamespace
+
+    from fedkws.grid import _cell_stats
+
+    def cell(*values):
+        return SimpleNamespace(results=[SimpleNamespace(summary={"k": v}) for v in values])
+
+    values = np.array([0.97, 0.99, 1.00])
+    t_975_df2 = 4.302652729911275  # Student's t, 97.5 % quantile, 2 degrees of freedom
+    mean, half = _cell_stats(cell(*values), "k")
+    assert mean == pytest.approx(values.mean())
+    assert half == pytest.approx(t_975_df2 * values.std(ddof=1) / np.sqrt(3), rel=1e-9)
+    assert _cell_stats(cell(0.5), "k") == (0.5, None) and _cell_stats(cell(), "k") is None

@@ -55,15 +55,21 @@ def grid_data(table: Any) -> tuple[tuple[str, str], list[str], list[str], dict] 
 
 
 def _cell_stats(cell: Any, key: str) -> tuple[float, float | None] | None:
-    """Mean and 95 % half-width over the cell's seeds of ``key`` (None: no value)."""
-    from fedkws.report import _number, _stats
+    """Mean and 95 % t half-width over the cell's seeds of ``key`` (None: no value).
 
-    values = [(v, None) for r in cell.results if (v := _number(r.summary.get(key))) is not None]
-    st = _stats(values)
-    if st is None:
+    The half-width of the t interval itself, not of the table's interval clipped to
+    [0, 1] (which would understate it near 0 or 1).
+    """
+    from fedkws.core.stats import t_interval
+    from fedkws.report import _number
+
+    values = [v for r in cell.results if (v := _number(r.summary.get(key))) is not None]
+    if not values:
         return None
-    mean, sd, interval = st
-    return mean, None if sd is None or interval is None else (interval[1] - interval[0]) / 2
+    if len(values) == 1:
+        return values[0], None
+    lo, hi = t_interval(values)
+    return float(np.mean(values)), (hi - lo) / 2
 
 
 def draw_grid(table: Any, path: Path) -> bool:
