@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -557,3 +558,27 @@ def test_changed_data_is_refused_to_a_resume_and_to_the_caveat(make_cfg, tiny_ro
     with pytest.raises(RunRefused, match="caveat of .*: the dataset is not the one"):
         caveat(tmp_path / "finished")
     assert {p: p.read_bytes() for f in folders for p in f.rglob("*") if p.is_file()} == before
+
+
+def test_ctrl_c_twice_stops_fedkws_prepare_during_generation_in_one_line(tmp_path):
+    # Catches: a 69-line KeyboardInterrupt traceback from the generator's process pool (the
+    # terminal's Ctrl-C reaches the whole process group, as here).
+    command = [str(Path(sys.executable).parent / "fedkws-prepare"), "dataset=synthetic_tiny",
+               "dataset.generate.speakers=80", f"data_dir={tmp_path / 'data'}", "progress=false",
+               f"hydra.run.dir={tmp_path / 'prepared'}"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(), start_new_session=True)  # fmt: skip
+    try:
+        for line in proc.stdout:  # the generation has started
+            if line.startswith("generating the synthetic dataset"):
+                break
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert error_lines(err) == ["error: interrupted (Ctrl-C)"]

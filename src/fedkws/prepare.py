@@ -7,16 +7,17 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from fedkws import CONF_DIR
+from fedkws import CONF_DIR, lifecycle
 from fedkws.clients import make_clients
 from fedkws.data import partition as part
-from fedkws.errors import hydra_mistakes_in_one_line, user_errors
+from fedkws.errors import hydra_mistakes_in_one_line, print_error, user_errors
 from fedkws.fileio import write_text
 from fedkws.recipes.common import load_data
 from fedkws.spec import RunSpec, from_config
@@ -43,6 +44,7 @@ def prepare_data(spec: RunSpec | DictConfig, out_dir: Path) -> str:
     if not isinstance(spec, RunSpec):
         spec = from_config(spec)
     data = load_data(spec)
+    lifecycle.raise_if_stopping()  # a first Ctrl-C during generation or caching: stop here
     clients = make_clients(data, spec.partition, seed=spec.seed)
     png = part.plot(
         [c.train for c in clients], data.labels, data.label_names, out_dir / "partition.png",
@@ -86,13 +88,18 @@ def main(cfg: DictConfig) -> None:
     from fedkws.train import _tidy_refused, refuse_deleted_keys
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    with user_errors():
+    with user_errors(), lifecycle.graceful_interrupts():
         try:
             _refuse_a_run_folder(out_dir)
             refuse_deleted_keys(list(HydraConfig.get().overrides.task))
             print(prepare_data(from_config(cfg), out_dir))
-        except BaseException:
+        except BaseException as err:
             _tidy_refused(out_dir)  # the folder Hydra made for this failed call, if still empty
+            if isinstance(err, (lifecycle.Interrupted, KeyboardInterrupt)):
+                # First Ctrl-C / SIGTERM: after the step at hand; second: at once. Whatever
+                # was finished (the dataset, cache files) is kept and reused next time.
+                print_error(RuntimeError(f"interrupted{lifecycle.stopped_by()}"))
+                sys.exit(lifecycle.exit_code())
             raise
 
 
