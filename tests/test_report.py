@@ -715,6 +715,19 @@ def test_a_stopped_sweeps_jobs_that_never_started_are_listed(tmp_path):
     assert "not started" not in report([sweep])
 
 
+def test_an_unreadable_multirun_yaml_is_said_not_skipped(tmp_path, capsys):
+    # Catches: a damaged multirun.yaml silently dropping the list of jobs never started.
+    from fedkws.report import report
+
+    sweep = tmp_path / "sweep"
+    _write_run(sweep / "seed=0", 0, "fedavg", {"eval": [0.5]}, {"eval": 0.5})
+    (sweep / "multirun.yaml").write_text("x: [\n")
+    report([sweep])
+    warning = [line for line in capsys.readouterr().err.splitlines() if "multirun" in line]
+    assert len(warning) == 1 and warning[0].startswith(f"warning: {sweep / 'multirun.yaml'} ")
+    assert "cannot be read (" in warning[0] and "never started are not listed" in warning[0]
+
+
 def test_a_second_sweeps_cells_are_named_from_its_own_folder(tmp_path):
     # Catches: the cells of any folder but the first named from their last two path parts,
     # so a cell name with a path in it ("cache_dir=/a/b,...") lost its front.

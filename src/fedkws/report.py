@@ -85,6 +85,7 @@ import io
 import math
 import os
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -202,7 +203,10 @@ def _never_started(sweep: Path, found: set[str]) -> list[Path]:
 
     try:
         jobs = job_folders(OmegaConf.load(sweep / "multirun.yaml"))
-    except Exception:  # noqa: BLE001 - not a multirun.yaml fedkws can read: nothing said
+    except Exception as err:  # noqa: BLE001 - not a multirun.yaml fedkws can read: said
+        why = " ".join(str(err).split())[:120] or type(err).__name__
+        print(f"warning: {sweep / 'multirun.yaml'} cannot be read ({why}): the sweep's jobs "
+              "that never started are not listed", file=sys.stderr)  # fmt: skip
         return []
     expected = [Path(os.path.normpath(sweep / folder)) for _, folder in jobs or []]
     if not expected or not found <= {os.path.realpath(p) for p in expected}:
