@@ -168,10 +168,14 @@ def test_an_empty_or_folder_checkpoint_is_named_as_such(tmp_path):
     assert "weights_only=False" not in str(got.value) and "weights_only` set" not in str(got.value)
     buf = io.BytesIO()
     torch.save({"a": torch.zeros(100)}, buf)
-    (tmp_path / "cut").mkdir()
-    (tmp_path / "cut" / checkpoint.FILENAME).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    with pytest.raises(RunRefused, match=r"\(damaged or cut short: not a complete torch zip"):
-        checkpoint.load(tmp_path / "cut")
+    torch.save({"a": torch.zeros(100_000)}, large := io.BytesIO())
+    for name, cut in (("cut", buf.getvalue()[: len(buf.getvalue()) // 2]),
+                      ("cut_at_5000", large.getvalue()[:5000])):  # fmt: skip
+        # 5000 bytes: torch's reader fails with "[Errno 22] Invalid argument" (caught).
+        (tmp_path / name).mkdir()
+        (tmp_path / name / checkpoint.FILENAME).write_bytes(cut)
+        with pytest.raises(RunRefused, match=r"\(damaged or cut short: not a complete torch zip"):
+            checkpoint.load(tmp_path / name)
 
 
 def test_corrupt_checkpoint_is_refused(stopped_run, data_dir, tiny_root, tmp_path):

@@ -106,6 +106,7 @@ def why_unreadable(path: Path, err: Exception) -> str:
     Not torch's own advice to load with ``weights_only=False``: that would run
     whatever code a foreign or damaged file holds.
     """
+    import errno
     import pickle
 
     text = " ".join(str(err).split())
@@ -113,6 +114,7 @@ def why_unreadable(path: Path, err: Exception) -> str:
         return "an empty file"
     if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
         return "not a file of tensors torch reads safely (weights_only): foreign or damaged"
-    if "zip archive" in text or "central directory" in text:
+    cut_short = isinstance(err, OSError) and err.errno == errno.EINVAL  # its reader's seek
+    if cut_short or "zip archive" in text or "central directory" in text:
         return "damaged or cut short: not a complete torch zip archive"
     return text[:200] or type(err).__name__
