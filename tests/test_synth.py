@@ -281,8 +281,8 @@ def test_speakers_differ_more_than_utterances(dataset):
 
 def test_refuses_foreign_folder(tmp_path):
     (tmp_path / "mine.txt").write_text("not a dataset")
-    with pytest.raises(FileExistsError):
-        _generate(tmp_path)
+    with pytest.raises(FileExistsError, match="fedkws_synth.json.*or delete this one if"):
+        _generate(tmp_path)  # catches: no word of the marker, nor of the way out
     assert (tmp_path / "mine.txt").read_text() == "not a dataset"
 
 

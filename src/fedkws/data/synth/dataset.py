@@ -259,7 +259,9 @@ def _claim_root(root: Path) -> None:
     owned = (root / MARKER_FILE).exists() or (root / _IN_PROGRESS_FILE).exists()
     if not owned and any(root.iterdir()):
         raise FileExistsError(
-            f"{root} is not empty and holds no synthetic dataset; refusing to write into it"
+            f"{root} is not empty and holds no synthetic dataset (no {MARKER_FILE}); refusing "
+            "to write into it: give another folder, or delete this one if it is a synthetic "
+            "dataset whose marker was lost, to generate it again"
         )
     (root / _IN_PROGRESS_FILE).touch()
     # From here on, the dataset is incomplete until the marker is written again.
