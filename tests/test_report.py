@@ -72,16 +72,13 @@ def sweep(data_dir, tiny_root, tmp_path_factory) -> Path:
     """Two cells (learning rates) x two seeds of a 1-round centralised run."""
     work = tmp_path_factory.mktemp("sweep")
     sweep_dir = work / "multirun"
-    # Keep the data paths out of the run folder names, as a user's sweep would.
-    keys = list(OmegaConf.load(Path(CONF_DIR) / "config.yaml").hydra.job.config.override_dirname
-                .exclude_keys) + ["data_dir", "cache_dir", "dataset.root"]  # fmt: skip
+    # The data's paths are left out of the job folder names by the default config.
     cmd = [
         # GroupNorm: no exact-statistics pass in the final evaluation, which BatchNorm runs add.
         str(BIN / "fedkws-train"), "-m", "strategy=central", "model=cnn", "norm=group",
         "train.rounds=1",
         "seed=0,1", "optimizer.lr=0.001,0.003", *tiny_dataset_overrides(data_dir, tiny_root),
         "logger=disabled", "progress=false", f"hydra.sweep.dir={sweep_dir}",
-        f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]",
     ]  # fmt: skip
     env = cli_env()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=work, env=env)
@@ -102,6 +99,9 @@ def _summaries(sweep_dir: Path) -> dict[str, list[dict]]:
 def test_report_values_equal_the_runs_results(sweep):
     cells = _summaries(sweep)
     assert len(cells) == 2 and all(len(runs) == 2 for runs in cells.values())
+    # Catches: the data's paths in the job folder names (their / nested the folders).
+    assert all("/" not in name and "data_dir" not in name for name in cells), sorted(cells)
+    assert len(list(sweep.glob("*/seed=*/results.json"))) == 4
     out = _report(sweep)
     assert out.returncode == 0, out.stderr
     rows = markdown_table(out.stdout)
