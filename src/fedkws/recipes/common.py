@@ -644,6 +644,27 @@ def final_evaluation(
     return out
 
 
+# What a complete run's final evaluation (and fedkws caveat) wrote of its final model.
+FINAL_FILES = ("confusion_*.png", "recalibrated_bn.pt", "caveat.md", "caveat.csv", "caveat.png")
+
+
+def remove_final_files(run_dir: Path) -> None:
+    """Remove what describes the model before a resumed run's new rounds, saying so.
+
+    A finished run extended with more rounds (``train.rounds`` raised) would otherwise
+    keep its old confusion matrices, exact statistics and caveat beside the new model
+    (until its new final evaluation, which writes no caveat).
+    """
+    stale = sorted({p for pattern in FINAL_FILES for p in run_dir.glob(pattern) if p.is_file()})
+    for path in stale:
+        path.unlink()
+    if stale:
+        console.print(
+            f"removed the earlier final model's {', '.join(p.name for p in stale)}: they "
+            "describe the model before these rounds"
+        )
+
+
 def bootstrap_clusters(data: CachedDataset) -> np.ndarray:
     """The resampling unit of every example: its speaker; each silence slice on its own.
 
