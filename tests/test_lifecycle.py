@@ -592,11 +592,12 @@ def test_extending_a_finished_run_removes_what_described_its_old_model(make_cfg,
     # Catches: caveat.md and the final evaluation's files of the 1-round model kept beside
     # the 2-round one (the caveat is never written again by the run).
     run_dir = tmp_path / "run"
-    run(make_cfg(["strategy=central", "train.rounds=1", "plots=true"]), run_dir)
-    assert list(run_dir.glob("confusion_*.png"))
-    for name in ("caveat.md", "caveat.csv", "notes.txt"):
+    run(make_cfg(["strategy=central", "train.rounds=1"]), run_dir)
+    assert (run_dir / "recalibrated_bn.pt").is_file()
+    for name in ("caveat.md", "caveat.csv", "confusion_eval.png", "notes.txt"):
         (run_dir / name).write_text("of the 1-round model\n")
     run(make_cfg(["strategy=central", "train.rounds=3", "train.stop_after_round=2",
                   "resume=true"]), run_dir)  # fmt: skip
-    assert not list(run_dir.glob("confusion_*.png")) and not list(run_dir.glob("caveat.*"))
+    assert not [p.name for pattern in ("confusion_*", "caveat.*", "recalibrated_bn.pt")
+                for p in run_dir.glob(pattern)]  # fmt: skip
     assert (run_dir / "notes.txt").is_file()  # not fedkws's: left alone
