@@ -536,7 +536,8 @@ def test_a_failed_run_says_why_in_its_folder_and_the_next_attempt_clears_it(
 def test_changed_data_is_refused_to_a_resume_and_to_the_caveat(make_cfg, tiny_root, tmp_path):
     """A clip deleted from the dataset between two invocations: the resume (its rounds
     would mix two datasets) and the caveat (it would measure the old model on other data)
-    are refused, and the run folders stay as they were. The fingerprint is of the data,
+    are refused, and the run folders stay as they were (an earlier attempt's failed.txt
+    included: the refusal comes before the run starts). The fingerprint is of the data,
     not of where it lies: a copy elsewhere, with its own cache entry, has the same one.
     Catches: the resume going on on the changed data (exit 0), and the caveat answering."""
     import shutil
@@ -555,6 +556,7 @@ def test_changed_data_is_refused_to_a_resume_and_to_the_caveat(make_cfg, tiny_ro
     run(make_cfg([*overrides, "train.rounds=1"]), tmp_path / "finished")
     run(make_cfg([*overrides, "train.stop_after_round=1"]), tmp_path / "stopped")
     next(copy.glob("yes/*.wav")).unlink()
+    (tmp_path / "stopped" / "failed.txt").write_text("an earlier attempt's failure\n")
     folders = (tmp_path / "finished", tmp_path / "stopped")
     before = {p: p.read_bytes() for f in folders for p in f.rglob("*") if p.is_file()}
     with pytest.raises(RunRefused, match="the dataset is not the one its 1 round"):

@@ -39,12 +39,17 @@ def split_sizes(data) -> list[str]:
     return lines
 
 
-def prepare_data(spec: RunSpec | DictConfig, out_dir: Path) -> str:
-    """Build the cache and the client partition of ``spec``; return the printed report."""
+def prepare_data(spec: RunSpec | DictConfig, out_dir: Path, stoppable: bool = False) -> str:
+    """Build the cache and the client partition of ``spec``; return the printed report.
+
+    ``stoppable`` (the command): a stop asked during generation or caching
+    (:mod:`fedkws.lifecycle`) ends it there.
+    """
     if not isinstance(spec, RunSpec):
         spec = from_config(spec)
     data = load_data(spec)
-    lifecycle.raise_if_stopping()  # a first Ctrl-C during generation or caching: stop here
+    if stoppable:
+        lifecycle.raise_if_stopping()
     clients = make_clients(data, spec.partition, seed=spec.seed)
     png = part.plot(
         [c.train for c in clients], data.labels, data.label_names, out_dir / "partition.png",
@@ -92,7 +97,7 @@ def main(cfg: DictConfig) -> None:
         try:
             _refuse_a_run_folder(out_dir)
             refuse_deleted_keys(list(HydraConfig.get().overrides.task))
-            print(prepare_data(from_config(cfg), out_dir))
+            print(prepare_data(from_config(cfg), out_dir, stoppable=True))
         except BaseException as err:
             _tidy_refused(out_dir)  # the folder Hydra made for this failed call, if still empty
             if isinstance(err, (lifecycle.Interrupted, KeyboardInterrupt)):

@@ -22,14 +22,20 @@ from fedkws.tracking import Result
 
 
 def preflight(spec: RunSpec, run_dir: Path, clients_here: bool = True):
-    """Every check that needs no data: folders writable, no overwrite, a valid resume.
+    """Every check before a run starts: folders writable, no overwrite, a valid resume.
 
-    Writes nothing. Returns the checkpoint to resume from, if any. ``clients_here``:
-    False under ``flwr run``, whose SuperNodes may keep their state on other machines.
+    Writes nothing into the run folder. Returns the checkpoint to resume from, if any;
+    a resume loads the data here (generated or cached as the run would) to refuse data
+    other than the checkpoint's rounds trained on. ``clients_here``: False under
+    ``flwr run``, whose SuperNodes may keep their state on other machines.
     """
     common.check_writable(run_dir, "run folder")
     common.check_writable(Path(spec.cache_dir), "cache_dir")
-    return common.check_folder(spec, run_dir, clients_here)
+    loaded = common.check_folder(spec, run_dir, clients_here)
+    if loaded is not None and loaded[0].data:
+        identity = common.load_data(spec).identity()
+        common.refuse_other_data(loaded[0], identity, f"resume: {run_dir}")
+    return loaded
 
 
 def run(
@@ -95,7 +101,7 @@ def _train(spec: RunSpec, run_dir: Path, loaded, wandb_names, grid) -> Result:
         else FederatedRecipe(spec, record, grid)
     )
     with record.timed("setup"):  # data, partition, model, W&B
-        recipe.setup(run_dir, loaded[0] if loaded is not None else None)
+        recipe.setup(run_dir)
         if loaded is not None:
             recipe.restore(loaded[0])
         record.open(loaded, recipe.parts.data)

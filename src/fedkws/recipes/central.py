@@ -32,10 +32,10 @@ class CentralRecipe:
     def __init__(self, spec: RunSpec, run: common.Run) -> None:
         self.spec, self.run = spec, run
 
-    def setup(self, run_dir: Path, resumed: Checkpoint | None = None) -> None:
+    def setup(self, run_dir: Path) -> None:
         """Data, model, optimiser and evaluator; restore a checkpoint when resuming."""
         spec = self.spec
-        self.parts = common.setup(spec, run_dir, resumed)
+        self.parts = common.setup(spec, run_dir)
         self.model = self.parts.model
         self.data = data = self.parts.data
         self.train_rows = np.sort(np.concatenate([c.train for c in self.parts.clients]))

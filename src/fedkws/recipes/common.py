@@ -270,14 +270,9 @@ def load_data(spec: RunSpec) -> CachedDataset:
     return open_dataset(ds.data, spec.features, spec.cache_dir, generate, download, spec.progress)
 
 
-def setup(spec: RunSpec, run_dir: Path, resumed: checkpoint.Checkpoint | None = None) -> Setup:
-    """Load the data, partition it, build the initial model; write the data summary.
-
-    Resuming from ``resumed``, data other than its rounds trained on is refused first.
-    """
+def setup(spec: RunSpec, run_dir: Path) -> Setup:
+    """Load the data, partition it, build the initial model; write the data summary."""
     data = load_data(spec)
-    if resumed is not None:
-        refuse_other_data(resumed, data.identity(), f"resume: {run_dir}")
     val_rows, test_rows = data.split_indices("validation"), data.split_indices("testing")
     for split, rows in (("validation", val_rows), ("test", test_rows)):
         if len(rows) == 0:
@@ -424,7 +419,7 @@ class Run:
         """Start recording (restoring a checkpoint's records and RNG states if resuming).
 
         The checkpoints it writes record the data's
-        :meth:`~fedkws.data.cache.CachedDataset.identity` (see :func:`setup`).
+        :meth:`~fedkws.data.cache.CachedDataset.identity` (see :func:`refuse_other_data`).
         """
         self.result.config["num_classes"] = data.num_classes
         self.result.config["device_resolved"] = devices(self.spec)

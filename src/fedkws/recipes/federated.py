@@ -53,10 +53,10 @@ class FederatedRecipe:
 
     # -- setup -------------------------------------------------------------------------------
 
-    def setup(self, run_dir: Path, resumed: Checkpoint | None = None) -> None:
+    def setup(self, run_dir: Path) -> None:
         """Data, clients, model, key plan, server rule, the clients' task, evaluator."""
         spec = self.spec
-        self.parts = common.setup(spec, run_dir, resumed)
+        self.parts = common.setup(spec, run_dir)
         self.model = self.parts.model
         own_bn = keeps_client_state(spec.bn.sync)
         if own_bn and not bn_layers(self.model):
