@@ -122,12 +122,12 @@ def test_the_grid_draws_each_cells_mean_in_its_row_and_column(sweep, tmp_path, m
 def test_the_grid_of_a_sweep_with_list_values_and_a_constant_override(tmp_path, monkeypatch):
     # Catches: cell names split at every comma ("dictionary update sequence element" with
     # model.channels=[4,4]: no table at the sweep's end), and no grid once the command
-    # line held one more override with the same value in every job (train.rounds=3).
+    # line held one more override with the same value in every job (train.local_epochs=3).
     from helpers import spy_on_figures
 
     for channels, acc in (("[4,4]", 0.3), ("[2,2]", 0.2)):
         for partition in ("iid", "dirichlet"):
-            cell = f"model.channels={channels},partition={partition},train.rounds=3"
+            cell = f"model.channels={channels},partition={partition},train.local_epochs=3"
             _write(tmp_path / "sweep" / cell / "seed=0", 0, {EVAL: acc})
     drawn = spy_on_figures(monkeypatch)
     report([tmp_path / "sweep"], plot=tmp_path / "r.png")

@@ -603,3 +603,28 @@ def test_extending_a_finished_run_removes_what_described_its_old_model(make_cfg,
     assert not [p.name for pattern in ("confusion_*", "caveat.*", "recalibrated_bn.pt")
                 for p in run_dir.glob(pattern)]  # fmt: skip
     assert (run_dir / "notes.txt").is_file()  # not fedkws's: left alone
+
+
+def test_a_resume_may_move_the_data_its_fingerprint_recorded(make_cfg, tiny_root, tmp_path):
+    # The same data at another path resumes (its fingerprint is checked, not where it lies);
+    # a checkpoint without a fingerprint (written before it was recorded) keeps the paths.
+    # Catches: a dataset moved to another disk making its runs impossible to resume.
+    import shutil
+
+    from fedkws.errors import RunRefused
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    shutil.copytree(tiny_root, first)
+    shutil.copytree(tiny_root, moved)
+    common = ["strategy=central", "train.rounds=2", "dataset.generate=null"]
+    run(make_cfg([*common, f"dataset.root={first}", "train.stop_after_round=1"]),
+        tmp_path / "run")  # fmt: skip
+    path = tmp_path / "run" / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    old = {k: v for k, v in saved.items() if k != "data"}
+    torch.save(old, path)
+    with pytest.raises(RunRefused, match="config differs from the checkpoint's in dataset.root"):
+        run(make_cfg([*common, f"dataset.root={moved}", "resume=true"]), tmp_path / "run")
+    torch.save(saved, path)
+    resumed = run(make_cfg([*common, f"dataset.root={moved}", "resume=true"]), tmp_path / "run")
+    assert [r.round for r in resumed.rounds] == [1, 2] and resumed.summary["complete"]

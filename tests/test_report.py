@@ -696,20 +696,20 @@ def test_a_stopped_sweeps_jobs_that_never_started_are_listed(tmp_path):
     from fedkws.report import report
 
     sweep = tmp_path / "sweep"
-    _multirun_yaml(sweep, ["experiment=bn_ablation", "seed=0,1", "train.rounds=2"])
+    _multirun_yaml(sweep, ["experiment=bn_ablation", "seed=0,1", "train.local_epochs=2"])
     ran = [("full", "iid", 0), ("full", "iid", 1), ("full", "dirichlet", 0),
            ("params_only", "iid", 0)]  # fmt: skip
     for bn, partition, seed in ran:
-        folder = sweep / f"bn={bn},partition={partition},train.rounds=2" / f"seed={seed}"
+        folder = sweep / f"bn={bn},partition={partition},train.local_epochs=2" / f"seed={seed}"
         _write_run(folder, seed, "fedavg", {"eval": [0.5]}, {"eval": 0.5})
     text = report([sweep], markdown=tmp_path / "report.md")
     why = "not started: the sweep stopped before it, or is still running"
     listed = re.findall(rf"^- (\S+) \({why}\)$", text, re.M)
     every = {(bn, p, s) for bn in ("full", "params_only", "local")
              for p in ("iid", "dirichlet") for s in (0, 1)}  # fmt: skip
-    assert sorted(listed) == sorted(f"bn={bn},partition={p},train.rounds=2/seed={s}"
+    assert sorted(listed) == sorted(f"bn={bn},partition={p},train.local_epochs=2/seed={s}"
                                     for bn, p, s in every - set(ran))  # fmt: skip
-    assert markdown_table(text)["bn=local,partition=iid,train.rounds=2"]["seeds"] == "0"
+    assert markdown_table(text)["bn=local,partition=iid,train.local_epochs=2"]["seeds"] == "0"
     # A job folder the sweep does not account for: its list is not trusted, nothing added.
     _write_run(sweep / "other" / "seed=0", 0, "fedavg", {"eval": [0.5]}, {"eval": 0.5})
     assert "not started" not in report([sweep])
@@ -790,3 +790,21 @@ def test_the_grids_half_width_is_the_t_intervals_unclipped():
     assert mean == pytest.approx(values.mean())
     assert half == pytest.approx(t_975_df2 * values.std(ddof=1) / np.sqrt(3), rel=1e-9)
     assert _cell_stats(cell(0.5), "k") == (0.5, None) and _cell_stats(cell(), "k") is None
+
+
+def test_a_sweep_resumed_with_more_rounds_finds_its_jobs_folders(tmp_path):
+    # Catches: train.rounds / train.stop_after_round in the job folder names, so the same
+    # sweep with resume=true (more rounds, or without its stop) started every job over in
+    # new folders, and the report listed the stopped ones as missing.
+    from omegaconf import OmegaConf
+
+    from fedkws.train import job_folders
+
+    folders = []
+    for task in (["seed=0,1", "bn=full,local", "train.rounds=2", "train.stop_after_round=1"],
+                 ["seed=0,1", "bn=full,local", "train.rounds=3", "resume=true"]):  # fmt: skip
+        _multirun_yaml(tmp_path / str(len(folders)), task)
+        jobs = job_folders(OmegaConf.load(tmp_path / str(len(folders)) / "multirun.yaml"))
+        folders.append(sorted(folder for _, folder in jobs))
+    assert folders[0] == folders[1] == ["bn=full/seed=0", "bn=full/seed=1", "bn=local/seed=0",
+                                        "bn=local/seed=1"]  # fmt: skip

@@ -61,6 +61,10 @@ class Recipe(Protocol):
 # --------------------------------------------------------------------------- the run folder
 
 
+# Where a run's data lies: a resume may move it when the checkpoint has the data's fingerprint.
+DATA_PATHS = ("data_dir", "cache_dir", "dataset.root")
+
+
 def check_folder(
     spec: RunSpec, run_dir: Path, clients_here: bool = True
 ) -> tuple[checkpoint.Checkpoint, dict] | None:
@@ -87,6 +91,8 @@ def check_folder(
         )
     new = spec.comparable()
     changed = _differences(comparable(_with_implied_keys(ckpt.config, new)), new)
+    if ckpt.data:  # where the data lies may change: its fingerprint is checked instead
+        changed = [key for key in changed if key not in DATA_PATHS]
     if changed:
         raise RunRefused(
             f"resume: the config differs from the checkpoint's in {', '.join(changed[:6])} "
