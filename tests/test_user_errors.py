@@ -197,8 +197,8 @@ HYDRA_MISTAKES = [
     # A sweep is checked before its folder or Ray head exist: every swept value once.
     (["-m", "train.round=1,2"], "error: train.round: not a key of the config"),
     (["-m", "seed=0,1", "model=cnn,nope"], "error: In 'config': Could not find 'model/nope'"),
-    (["-m", "seed=0,1", "train.rounds=1,0"], "error: train.rounds=0: must be >= 1 (in the "
-     "sweep's job seed=0 train.rounds=0)"),
+    (["-m", "seed=0,1", "train.local_epochs=1,0"], "error: train.local_epochs=0: must be >= 1 "
+     "(in the sweep's job seed=0 train.local_epochs=0)"),
     # Catches: values that fail only together, found by the job that has both, mid-sweep.
     (["-m", "bn=full,local", "norm=batch,group"], "error: bn.sync='local': FedBN needs a model "
      "with BatchNorm (norm=batch, not group) (in the sweep's job bn=local norm=group)"),
