@@ -808,3 +808,10 @@ def test_a_sweep_resumed_with_more_rounds_finds_its_jobs_folders(tmp_path):
         folders.append(sorted(folder for _, folder in jobs))
     assert folders[0] == folders[1] == ["bn=full/seed=0", "bn=full/seed=1", "bn=local/seed=0",
                                         "bn=local/seed=1"]  # fmt: skip
+    # A sweep over the rounds themselves: refused (its jobs would share folders), saying why.
+    from fedkws.errors import ConfigError
+    from fedkws.train import _refuse_shared_job_folders
+
+    _multirun_yaml(tmp_path / "rounds", ["train.rounds=2,3"])
+    with pytest.raises(ConfigError, match="train.rounds=3 is left out .* run the most rounds"):
+        _refuse_shared_job_folders(OmegaConf.load(tmp_path / "rounds" / "multirun.yaml"))

@@ -296,11 +296,13 @@ def _refuse_shared_job_folders(config: DictConfig) -> None:
     for overrides, folder in job_folders(config) or []:
         if folder in first:
             differ = [o for o in overrides if o not in first[folder]]
+            instead = "sweep it in a command of its own"
+            if any(o.startswith(("train.rounds=", "train.stop_after_round=")) for o in differ):
+                instead = "a run's curves hold every shorter horizon: run the most rounds once"
             raise ConfigError(
                 f"the sweep's jobs {' '.join(first[folder])} and {' '.join(overrides)} would "
                 f"both run in {folder}: {', '.join(differ)} is left out of job folder names "
-                "(hydra.job.config.override_dirname.exclude_keys); sweep it in a command of "
-                "its own"
+                f"(hydra.job.config.override_dirname.exclude_keys); {instead}"
             )
         first[folder] = overrides
 
