@@ -590,19 +590,34 @@ def test_ctrl_c_twice_stops_fedkws_prepare_during_generation_in_one_line(tmp_pat
     assert error_lines(err) == ["error: interrupted (Ctrl-C)"]
 
 
-def test_extending_a_finished_run_removes_what_described_its_old_model(make_cfg, tmp_path):
+def test_extending_a_finished_run_removes_what_described_its_old_model(
+    make_cfg, tmp_path, monkeypatch
+):
     # Catches: caveat.md and the final evaluation's files of the 1-round model kept beside
     # the 2-round one (the caveat is never written again by the run).
     run_dir = tmp_path / "run"
     run(make_cfg(["strategy=central", "train.rounds=1"]), run_dir)
     assert (run_dir / "recalibrated_bn.pt").is_file()
-    for name in ("caveat.md", "caveat.csv", "confusion_eval.png", "notes.txt"):
+    for name in ("caveat.md", "caveat.csv", "confusion_eval.png", "notes.txt",
+                 "confusion_my_notes.png"):  # fmt: skip
         (run_dir / name).write_text("of the 1-round model\n")
-    run(make_cfg(["strategy=central", "train.rounds=3", "train.stop_after_round=2",
-                  "resume=true"]), run_dir)  # fmt: skip
-    assert not [p.name for pattern in ("confusion_*", "caveat.*", "recalibrated_bn.pt")
+    before = {p.name for p in run_dir.iterdir()}
+    extend = make_cfg(["strategy=central", "train.rounds=3", "train.stop_after_round=2",
+                       "resume=true"])  # fmt: skip
+
+    def fails(self, round_):
+        raise RuntimeError("no new round")
+
+    with monkeypatch.context() as patched:  # catches: removed before a new round was kept
+        patched.setattr("fedkws.recipes.central.CentralRecipe.train_round", fails)
+        with pytest.raises(RuntimeError):
+            run(extend, run_dir)
+    assert before <= {p.name for p in run_dir.iterdir()}
+    run(extend, run_dir)
+    assert not [p.name for pattern in ("confusion_eval.png", "caveat.*", "recalibrated_bn.pt")
                 for p in run_dir.glob(pattern)]  # fmt: skip
     assert (run_dir / "notes.txt").is_file()  # not fedkws's: left alone
+    assert (run_dir / "confusion_my_notes.png").is_file()
 
 
 def test_a_resume_may_move_the_data_its_fingerprint_recorded(make_cfg, tiny_root, tmp_path):
@@ -628,3 +643,45 @@ def test_a_resume_may_move_the_data_its_fingerprint_recorded(make_cfg, tiny_root
     torch.save(saved, path)
     resumed = run(make_cfg([*common, f"dataset.root={moved}", "resume=true"]), tmp_path / "run")
     assert [r.round for r in resumed.rounds] == [1, 2] and resumed.summary["complete"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_a_resume_prepares_its_data_ends_the_job_in_one_line(
+    signum, data_dir, tiny_root, tmp_path, monkeypatch, capsys
+):
+    """A resume's checks prepare its data (generation, cache: minutes), before its rounds.
+    Catches: a first Ctrl-C or SIGTERM there (SLURM's time limit for a requeued job) lost
+    as the run started (or a traceback, or a silent exit 143), not one line and 130/143."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from fedkws import CONF_DIR
+    from fedkws import train as train_module
+
+    run_dir = tmp_path / "job0"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[*tiny_dataset_overrides(data_dir, tiny_root),
+                                           f"hydra.run.dir={run_dir}"],
+                      return_hydra_config=True)  # fmt: skip
+    cfg.hydra.runtime.output_dir = str(run_dir)
+    cfg.hydra.mode = RunMode.RUN
+    HydraConfig.instance().set_config(cfg)
+
+    def signalled_while_preparing(*_args, **_kwargs):
+        lifecycle.signalled(signum)  # as the handler does, mid-generation
+
+    monkeypatch.setattr("fedkws.run.preflight", signalled_while_preparing)
+    monkeypatch.setattr("fedkws.run.run", lambda *a: pytest.fail("the run started"))
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train_module._job(cfg, run_dir, in_sweep=False)
+    finally:
+        HydraConfig.instance().cfg = None
+        lifecycle.reset()
+    assert stop.value.code == 128 + signum
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: interrupted ({name}); before its first round ended (nothing to resume in "
+        f"{run_dir})"
+    ]

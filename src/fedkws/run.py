@@ -108,8 +108,6 @@ def _train(spec: RunSpec, run_dir: Path, loaded, wandb_names, grid) -> Result:
     ok = False
     try:
         common.console.print(_headline(spec, recipe, run_dir))
-        if loaded is not None and record.start_round <= record.last_round:
-            common.remove_final_files(run_dir)
         recipe.train()
         result = recipe.finish(run_dir)
         if closing := _closing(spec, result, run_dir):

@@ -296,13 +296,11 @@ def _refuse_shared_job_folders(config: DictConfig) -> None:
     for overrides, folder in job_folders(config) or []:
         if folder in first:
             differ = [o for o in overrides if o not in first[folder]]
-            instead = "sweep it in a command of its own"
-            if any(o.startswith(("train.rounds=", "train.stop_after_round=")) for o in differ):
-                instead = "a run's curves hold every shorter horizon: run the most rounds once"
             raise ConfigError(
                 f"the sweep's jobs {' '.join(first[folder])} and {' '.join(overrides)} would "
                 f"both run in {folder}: {', '.join(differ)} is left out of job folder names "
-                f"(hydra.job.config.override_dirname.exclude_keys); {instead}"
+                "(hydra.job.config.override_dirname.exclude_keys); sweep it in a command of "
+                "its own (its own hydra.sweep.dir)"
             )
         first[folder] = overrides
 
@@ -663,10 +661,17 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
     The folder is held for the run (:func:`fedkws.fileio.folder_in_use`): a second run
     started into it meanwhile is refused before it writes anything there.
     """
+    from fedkws import lifecycle
     from fedkws.errors import RunRefused
     from fedkws.fileio import folder_in_use
 
-    spec = _start(cfg, run_dir, in_sweep)
+    with lifecycle.graceful_interrupts():  # a resume's checks prepare its data: minutes
+        try:
+            spec = _start(cfg, run_dir, in_sweep)
+            if spec is not None:
+                lifecycle.raise_if_stopping()  # asked while the data was prepared
+        except (lifecycle.Interrupted, KeyboardInterrupt):
+            return _stop_interrupted(run_dir)
     if spec is None:
         return None
     names = _hydra_context(spec.name, str(spec.seed))[1]

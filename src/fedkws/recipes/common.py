@@ -27,7 +27,7 @@ from torch import nn
 
 from fedkws import checkpoint, lifecycle
 from fedkws.clients import ClientData, make_clients
-from fedkws.core.aggregation import keeps_client_state
+from fedkws.core.aggregation import EVAL_MODES, keeps_client_state
 from fedkws.core.evaluation import Evaluator
 from fedkws.core.loops import device_name
 from fedkws.core.models import bn_layers, build_model, count_parameters
@@ -481,6 +481,8 @@ class Run:
                 data=self.data_identity,
             ),
         )
+        if self.resumed is not None and round_ == self.resumed.round + 1:
+            remove_final_files(self.run_dir)
         if self.spec.progress:
             console.print(format_round(round_, self.spec.train.rounds, metrics, s))
 
@@ -646,17 +648,19 @@ def final_evaluation(
 
 
 # What a complete run's final evaluation (and fedkws caveat) wrote of its final model.
-FINAL_FILES = ("confusion_*.png", "recalibrated_bn.pt", "caveat.md", "caveat.csv", "caveat.png")
+FINAL_FILES = (*(f"confusion_{mode}.png" for mode in (*EVAL_MODES, "fresh_average")),
+               "recalibrated_bn.pt", "caveat.md", "caveat.csv", "caveat.png")  # fmt: skip
 
 
 def remove_final_files(run_dir: Path) -> None:
     """Remove what describes the model before a resumed run's new rounds, saying so.
 
-    A finished run extended with more rounds (``train.rounds`` raised) would otherwise
-    keep its old confusion matrices, exact statistics and caveat beside the new model
-    (until its new final evaluation, which writes no caveat).
+    Called once the first new round is checkpointed: a finished run extended with more
+    rounds (``train.rounds`` raised) would otherwise keep its old confusion matrices,
+    exact statistics and caveat beside the new model (until its new final evaluation,
+    which writes no caveat); one stopped before that keeps them with its model.
     """
-    stale = sorted({p for pattern in FINAL_FILES for p in run_dir.glob(pattern) if p.is_file()})
+    stale = [run_dir / name for name in FINAL_FILES if (run_dir / name).is_file()]
     for path in stale:
         path.unlink()
     if stale:
