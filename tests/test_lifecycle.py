@@ -405,6 +405,42 @@ def test_resume_on_a_folder_without_a_checkpoint_starts_and_says_so(make_cfg, tm
     assert f"resume=true: no checkpoint in {tmp_path / 'new'} yet: starting at round 1" in out
 
 
+def _as_hydras_job(data_dir, tiny_root, run_dir: Path, in_sweep: bool):
+    """The tiny dataset's config as Hydra hands it to a job in ``run_dir`` (HydraConfig set;
+    the caller clears it)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from fedkws import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[*tiny_dataset_overrides(data_dir, tiny_root),
+                                           f"hydra.run.dir={run_dir}"],
+                      return_hydra_config=True)  # fmt: skip
+    cfg.hydra.runtime.output_dir = str(run_dir)
+    cfg.hydra.mode = RunMode.MULTIRUN if in_sweep else RunMode.RUN
+    cfg.hydra.sweep.dir = str(run_dir.parent)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def _exit_of_job(cfg, run_dir: Path, in_sweep: bool) -> int:
+    """The exit status of fedkws-train's job (it must exit); Hydra's and the stop's state
+    cleared after."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from fedkws import train as train_module
+
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train_module._job(cfg, run_dir, in_sweep=in_sweep)
+    finally:
+        HydraConfig.instance().cfg = None
+        lifecycle.reset()
+    return stop.value.code
+
+
 @pytest.mark.parametrize("in_sweep", [False, True])
 def test_a_run_that_fails_while_it_stops_is_a_stop_not_a_failure(
     in_sweep, data_dir, tiny_root, tmp_path, monkeypatch, capsys
@@ -412,35 +448,16 @@ def test_a_run_that_fails_while_it_stops_is_a_stop_not_a_failure(
     """SIGTERM to every process of a job (SLURM's time limit) can make the run fail as it
     stops (its Ray clients ended first). Catches: that failure kept as the job's failed.txt
     and, in a sweep, the next job started instead of the sweep ending with the signal."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from fedkws import CONF_DIR
-    from fedkws import train as train_module
 
     run_dir = tmp_path / "job0"
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[*tiny_dataset_overrides(data_dir, tiny_root),
-                                           f"hydra.run.dir={run_dir}"],
-                      return_hydra_config=True)  # fmt: skip
-    cfg.hydra.runtime.output_dir = str(run_dir)
-    cfg.hydra.mode = RunMode.MULTIRUN if in_sweep else RunMode.RUN
-    cfg.hydra.sweep.dir = str(tmp_path)
-    HydraConfig.instance().set_config(cfg)
+    cfg = _as_hydras_job(data_dir, tiny_root, run_dir, in_sweep)
 
     def stopped_then_failed(*_args):
         lifecycle.signalled(signal.SIGTERM)
         raise FederationError("2 of 2 clients failed: actor died")
 
     monkeypatch.setattr("fedkws.run._train", stopped_then_failed)  # inside the real run()
-    try:
-        with pytest.raises(SystemExit) as stop:
-            train_module._job(cfg, run_dir, in_sweep=in_sweep)
-    finally:
-        HydraConfig.instance().cfg = None
-        lifecycle.reset()
-    assert stop.value.code == 128 + signal.SIGTERM
+    assert _exit_of_job(cfg, run_dir, in_sweep) == 128 + signal.SIGTERM
     assert error_lines(capsys.readouterr().err)[-1].startswith("error: interrupted (SIGTERM)")
     assert not (run_dir / "failed.txt").exists()
 
@@ -652,34 +669,16 @@ def test_a_stop_while_a_resume_prepares_its_data_ends_the_job_in_one_line(
     """A resume's checks prepare its data (generation, cache: minutes), before its rounds.
     Catches: a first Ctrl-C or SIGTERM there (SLURM's time limit for a requeued job) lost
     as the run started (or a traceback, or a silent exit 143), not one line and 130/143."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from fedkws import CONF_DIR
-    from fedkws import train as train_module
 
     run_dir = tmp_path / "job0"
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[*tiny_dataset_overrides(data_dir, tiny_root),
-                                           f"hydra.run.dir={run_dir}"],
-                      return_hydra_config=True)  # fmt: skip
-    cfg.hydra.runtime.output_dir = str(run_dir)
-    cfg.hydra.mode = RunMode.RUN
-    HydraConfig.instance().set_config(cfg)
+    cfg = _as_hydras_job(data_dir, tiny_root, run_dir, in_sweep=False)
 
     def signalled_while_preparing(*_args, **_kwargs):
         lifecycle.signalled(signum)  # as the handler does, mid-generation
 
     monkeypatch.setattr("fedkws.run.preflight", signalled_while_preparing)
     monkeypatch.setattr("fedkws.run.run", lambda *a: pytest.fail("the run started"))
-    try:
-        with pytest.raises(SystemExit) as stop:
-            train_module._job(cfg, run_dir, in_sweep=False)
-    finally:
-        HydraConfig.instance().cfg = None
-        lifecycle.reset()
-    assert stop.value.code == 128 + signum
+    assert _exit_of_job(cfg, run_dir, in_sweep=False) == 128 + signum
     name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
     assert error_lines(capsys.readouterr().err) == [
         f"error: interrupted ({name}); before its first round ended (nothing to resume in "
