@@ -230,10 +230,13 @@ def test_a_stop_to_a_parallel_sweep_goes_to_its_job_workers_only(tmp_path, signa
     # process taken for stopped, its jobs skipped and its report not written).
     assert lifecycle.sweep_stop_code() is None
     assert lifecycle.take_sweep_stop() == 128 + signum and lifecycle.take_sweep_stop() is None
-    # With no worker to pass it to, the signal does what it did before.
+    # With no worker to pass it to, the signal does what it did before: Python's own
+    # handler, set here (a suite started in the background inherits SIGINT ignored).
+    default = "default_int_handler" if signame == "SIGINT" else "SIG_DFL"
     alone = subprocess.run(
         [sys.executable, "-c", "import os, signal, time\n"
          "from fedkws import lifecycle\n"
+         f"signal.signal(signal.{signame}, signal.{default})\n"
          "lifecycle.pass_stops_to_children('popen_loky_posix')\n"
          f"os.kill(os.getpid(), signal.{signame})\ntime.sleep(10)\n"],
         timeout=60, capture_output=True, text=True,
