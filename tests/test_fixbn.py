@@ -114,6 +114,16 @@ def test_aggregated_statistics_are_frozen_as_the_warmup_left_them(make_cfg, tmp_
     assert all(torch.equal(final[k], v) for k, v in frozen.items())
 
 
+def test_freeze_keys_belong_to_fixbn(make_cfg):
+    # Catches: +bn.freeze_stats (the not-a-key message's own advice) on bn=full, silently
+    # ignored (exit 0, a plain full-state run).
+    from fedkws.errors import ConfigError
+
+    for key in ("+bn.freeze_stats=aggregated", "+bn.freeze_after=3"):
+        with pytest.raises(ConfigError, match=r"applies to bn=fixbn only \(bn.sync=full\)"):
+            from_config(make_cfg([*(o for o in BASE if not o.startswith("bn")), "bn=full", key]))
+
+
 def test_fixbn_needs_batchnorm(make_cfg):
     from fedkws.errors import ConfigError
 

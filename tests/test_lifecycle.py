@@ -616,7 +616,7 @@ def test_extending_a_finished_run_removes_what_described_its_old_model(
     run(make_cfg(["strategy=central", "train.rounds=1"]), run_dir)
     assert (run_dir / "recalibrated_bn.pt").is_file()
     for name in ("caveat.md", "caveat.csv", "confusion_eval.png", "notes.txt",
-                 "confusion_my_notes.png"):  # fmt: skip
+                 "confusion_my_notes.png", "accuracy.png"):  # fmt: skip
         (run_dir / name).write_text("of the 1-round model\n")
     before = {p.name for p in run_dir.iterdir()}
     extend = make_cfg(["strategy=central", "train.rounds=3", "train.stop_after_round=2",
@@ -631,8 +631,8 @@ def test_extending_a_finished_run_removes_what_described_its_old_model(
             run(extend, run_dir)
     assert before <= {p.name for p in run_dir.iterdir()}
     run(extend, run_dir)
-    assert not [p.name for pattern in ("confusion_eval.png", "caveat.*", "recalibrated_bn.pt")
-                for p in run_dir.glob(pattern)]  # fmt: skip
+    gone = ("confusion_eval.png", "caveat.*", "recalibrated_bn.pt", "accuracy.png")  # plots=false
+    assert not [p.name for pattern in gone for p in run_dir.glob(pattern)]
     assert (run_dir / "notes.txt").is_file()  # not fedkws's: left alone
     assert (run_dir / "confusion_my_notes.png").is_file()
 
@@ -658,6 +658,10 @@ def test_a_resume_may_move_the_data_its_fingerprint_recorded(make_cfg, tiny_root
     with pytest.raises(RunRefused, match="config differs from the checkpoint's in dataset.root"):
         run(make_cfg([*common, f"dataset.root={moved}", "resume=true"]), tmp_path / "run")
     torch.save(saved, path)
+    other = make_cfg([*common, f"dataset.root={moved}", "resume=true", "train.local_epochs=2"])
+    with pytest.raises(RunRefused, match=r"in train.local_epochs \(only .*, data_dir, cache_dir, "
+                       r"dataset.root may change\)"):  # fmt: skip
+        run(other, tmp_path / "run")
     resumed = run(make_cfg([*common, f"dataset.root={moved}", "resume=true"]), tmp_path / "run")
     assert [r.round for r in resumed.rounds] == [1, 2] and resumed.summary["complete"]
 

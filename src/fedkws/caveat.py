@@ -68,7 +68,7 @@ def _load(run_dir: Path):
             "the clients (initial weights and statistics), so neither mode means anything here"
         )
     data = load_data(spec)
-    refuse_other_data(ckpt, data.identity(), f"caveat of {run_dir}")
+    refuse_other_data(ckpt, data.identity(), f"caveat of {run_dir}", "put that data back")
     if spec.partition.channels:  # validated on what the feature-shift clients hear
         from fedkws.clients import make_clients
         from fedkws.recipes.common import channel_variant

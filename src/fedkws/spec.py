@@ -811,6 +811,10 @@ def _check_bn(spec: RunSpec, p: _Problems) -> None:
             f"one of {', '.join(FREEZE_STATS)}")  # fmt: skip
     if bn.sync == "fixbn" and (spec.strategy.central or spec.model.norm != "batch"):
         p.add("bn.sync", bn.sync, "FixBN needs a federated model with BatchNorm (norm=batch)")
+    given = spec.resolved.get("bn") if isinstance(spec.resolved.get("bn"), Mapping) else {}
+    for key in ("freeze_after", "freeze_stats"):  # added with +bn.<key> to another bn preset
+        if bn.sync != "fixbn" and key in given:
+            p.add(f"bn.{key}", given[key], f"applies to bn=fixbn only (bn.sync={bn.sync})")
     if keeps_client_state(bn.sync) and not spec.strategy.central and spec.model.norm != "batch":
         method = {"local": "FedBN", "silo": "SiloBN"}.get(bn.sync, f"bn.sync={bn.sync}")
         p.add(

@@ -94,9 +94,10 @@ def check_folder(
     if ckpt.data:  # where the data lies may change: its fingerprint is checked instead
         changed = [key for key in changed if key not in DATA_PATHS]
     if changed:
+        also = f", {', '.join(DATA_PATHS)}" if ckpt.data else ""
         raise RunRefused(
             f"resume: the config differs from the checkpoint's in {', '.join(changed[:6])} "
-            f"(only {may_change()} may change)"
+            f"(only {may_change()}{also} may change)"
         )
     if spec.train.rounds < ckpt.round:
         raise RunRefused(
@@ -121,7 +122,12 @@ def check_folder(
     return loaded
 
 
-def refuse_other_data(ckpt: checkpoint.Checkpoint, identity: str, what: str) -> None:
+def refuse_other_data(
+    ckpt: checkpoint.Checkpoint,
+    identity: str,
+    what: str,
+    advice: str = "put that data back, or start the run again in a new folder",
+) -> None:
     """Refuse to go on from ``ckpt`` with data other than its rounds trained on.
 
     Checkpoints written before the data was recorded are let through.
@@ -129,8 +135,7 @@ def refuse_other_data(ckpt: checkpoint.Checkpoint, identity: str, what: str) -> 
     if ckpt.data and ckpt.data != identity:
         raise RunRefused(
             f"{what}: the dataset is not the one its {ckpt.round} round(s) trained on (clips, "
-            "labels or splits changed since, or another dataset at that path); put that "
-            "data back, or start the run again in a new folder"
+            f"labels or splits changed since, or another dataset at that path); {advice}"
         )
 
 
@@ -482,7 +487,7 @@ class Run:
             ),
         )
         if self.resumed is not None and round_ == self.resumed.round + 1:
-            remove_final_files(self.run_dir)
+            remove_final_files(self.run_dir, self.spec.plots)
         if self.spec.progress:
             console.print(format_round(round_, self.spec.train.rounds, metrics, s))
 
@@ -652,21 +657,24 @@ FINAL_FILES = (*(f"confusion_{mode}.png" for mode in (*EVAL_MODES, "fresh_averag
                "recalibrated_bn.pt", "caveat.md", "caveat.csv", "caveat.png")  # fmt: skip
 
 
-def remove_final_files(run_dir: Path) -> None:
+def remove_final_files(run_dir: Path, plots: bool) -> None:
     """Remove what describes the model before a resumed run's new rounds, saying so.
 
     Called once the first new round is checkpointed: a finished run extended with more
     rounds (``train.rounds`` raised) would otherwise keep its old confusion matrices,
     exact statistics and caveat beside the new model (until its new final evaluation,
-    which writes no caveat); one stopped before that keeps them with its model.
+    which writes no caveat); one stopped before that keeps them with its model. With
+    ``plots`` off, ``accuracy.png`` too: it would not be drawn again.
     """
-    stale = [run_dir / name for name in FINAL_FILES if (run_dir / name).is_file()]
+    names = FINAL_FILES if plots else (*FINAL_FILES, "accuracy.png")  # else redrawn
+    stale = [run_dir / name for name in names if (run_dir / name).is_file()]
     for path in stale:
         path.unlink()
     if stale:
+        they = "it describes" if len(stale) == 1 else "they describe"
         console.print(
-            f"removed the earlier final model's {', '.join(p.name for p in stale)}: they "
-            "describe the model before these rounds"
+            f"removed the earlier final model's {', '.join(p.name for p in stale)}: {they} "
+            "the model before these rounds"
         )
 
 
