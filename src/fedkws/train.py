@@ -610,10 +610,6 @@ def _start(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> RunSpec | None:
     from fedkws.run import preflight
     from fedkws.spec import from_config
 
-    if in_sweep and (code := lifecycle.sweep_stop_code()) is not None:
-        _tidy_refused(run_dir)
-        print(f"the sweep is stopping (exit {code}): {run_dir} not started")
-        return None
     try:
         refuse_deleted_keys(list(HydraConfig.get().overrides.task))
         spec = from_config(cfg)
@@ -665,6 +661,10 @@ def _job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float | None:
     from fedkws.errors import RunRefused
     from fedkws.fileio import folder_in_use
 
+    if in_sweep and (code := lifecycle.sweep_stop_code()) is not None:
+        _tidy_refused(run_dir)
+        print(f"the sweep is stopping (exit {code}): {run_dir} not started")
+        return None
     with lifecycle.graceful_interrupts():  # a resume's checks prepare its data: minutes
         try:
             spec = _start(cfg, run_dir, in_sweep)
