@@ -815,7 +815,7 @@ def _check_bn(spec: RunSpec, p: _Problems) -> None:
     for key in ("freeze_after", "freeze_stats"):  # added with +bn.<key> to another bn preset
         if bn.sync != "fixbn" and key in given:
             p.add(f"bn.{key}", given[key], f"applies to bn=fixbn only (bn.sync={bn.sync})")
-    if keeps_client_state(bn.sync) and not spec.strategy.central and spec.model.norm != "batch":
+    if own_bn and spec.model.norm != "batch":
         method = {"local": "FedBN", "silo": "SiloBN"}.get(bn.sync, f"bn.sync={bn.sync}")
         p.add(
             "bn.sync",

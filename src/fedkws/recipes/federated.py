@@ -299,8 +299,7 @@ class FederatedRecipe:
         True for a resumed run whose rounds were all done before its final evaluation
         was (stopped during it, or its results.json lost).
         """
-        rounds = self.run.result.rounds
-        if not rounds or rounds[-1].round < self.spec.train.rounds:
+        if not self._complete():
             return False
         if keeps_client_state(self.spec.bn.sync):
             return not self.shared_test
@@ -398,9 +397,12 @@ class FederatedRecipe:
         FedBN and SiloBN have no global BatchNorm: their final numbers are the clients'
         (``shared_test``).
         """
+        return self._complete() and not keeps_client_state(self.spec.bn.sync)
+
+    def _complete(self) -> bool:
+        """Whether every round of ``train.rounds`` is recorded (this invocation's or before)."""
         rounds = self.run.result.rounds
-        complete = bool(rounds) and rounds[-1].round >= self.spec.train.rounds
-        return complete and not keeps_client_state(self.spec.bn.sync)
+        return bool(rounds) and rounds[-1].round >= self.spec.train.rounds
 
     def _final_evaluation(self, run_dir: Path) -> dict[str, Any]:
         """Validation and test of the final model in every final mode (intervals, plots)."""
