@@ -49,7 +49,10 @@ def test_no_head_when_the_sweep_does_not_need_one(monkeypatch):
     ):
         callback = SweepRay()
         callback.on_multirun_start(cfg)
-        assert callback.head is None and "RAY_ADDRESS" not in os.environ
+        try:
+            assert callback.head is None and "RAY_ADDRESS" not in os.environ
+        finally:
+            callback.on_multirun_end(cfg)
 
 
 @pytest.mark.parametrize(
@@ -211,3 +214,51 @@ def test_a_grpc_server_passes_the_check_whatever_the_proxy_settings(monkeypatch)
         check_reachable(f"127.0.0.1:{port}", timeout=5.0)
     finally:
         server.stop(None)
+
+
+# The third job, with other client resources, costs another pool's start: slow.
+@pytest.mark.parametrize("other_resources", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_sequential_sweeps_jobs_hand_their_actors_on(
+    other_resources, make_cfg, tmp_path, monkeypatch
+):
+    # Catches: every job of a sequential sweep starting its own actors (about 3 s of each
+    # job's start on 2 cores), other numbers from clients in actors an earlier job used, a
+    # pool reused for a job that asks for other client resources, and actors or the Ray
+    # connection outliving the sweep.
+    import json
+
+    import ray
+
+    from fedkws import lifecycle
+    from fedkws.fl import actor_keeper
+    from fedkws.run import run
+    from helpers import golden_view
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    overrides = ["model=cnn", "model.channels=[4,4]", "train.rounds=1", "partition.num_clients=2",
+                 "bn.eval_modes=[eval]", "federation.backend=ray"]  # fmt: skip
+    cfg = make_cfg(overrides)
+    sweep_cfg = OmegaConf.create({"federation": cfg.federation, "strategy": cfg.strategy,
+                                  "hydra": {"overrides": {"task": ["seed=0,1"]}}})  # fmt: skip
+    sweep = SweepRay()
+    sweep.on_multirun_start(sweep_cfg)
+    try:
+        assert actor_keeper.active()
+        with lifecycle.graceful_interrupts():  # as fedkws-train runs its jobs
+            results = [run(cfg, tmp_path / "first"), run(cfg, tmp_path / "second")]
+            assert ray.is_initialized()  # kept between the jobs
+            if other_resources:
+                # One actor of all the head's CPUs: not the pool the jobs before made.
+                cpus = int(ray.cluster_resources()["CPU"])
+                other = [*overrides, f"federation.client_resources.num_cpus={cpus}"]
+                results.append(run(make_cfg(other), tmp_path / "other"))
+    finally:
+        sweep.on_multirun_end(sweep_cfg)
+    assert not actor_keeper.active() and not ray.is_initialized()
+    reused = [
+        json.loads((tmp_path / name / "results.json").read_text())["summary"]["ray_actors_reused"]
+        for name in ("first", "second", "other")[: len(results)]
+    ]
+    # The head has ray_init_args.num_cpus (2 by default): two actors of one CPU each.
+    assert reused == [0, 2, 0][: len(results)]
+    assert golden_view(results[1]) == golden_view(results[0])  # fresh and reused actors agree

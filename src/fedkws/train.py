@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -459,16 +460,20 @@ class SweepRay(Callback):
     With a launcher that runs jobs in parallel (``hydra/launcher=fedkws_parallel``),
     each job's simulation gets an equal share of the head's CPUs
     (``FEDKWS_ACTORS``, read by ``federation.actors`` unless that is set).
+    Jobs that run one after another in this process also hand their Ray actors
+    on to the next (:mod:`fedkws.fl.actor_keeper`), on the head or on the
+    instance at ``federation.ray_address``.
     """
 
     def __init__(self) -> None:
         self.head = None
         self.set_actors = False
+        self.kept: ExitStack | None = None  # the jobs' actors handed on (actor_keeper.keeping)
 
     def __getstate__(self) -> dict:
         # A parallel launcher sends the callbacks to its workers; the head stays with the
         # process that started it.
-        return {"head": None, "set_actors": False}
+        return {"head": None, "set_actors": False, "kept": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
         from fedkws.fl.ray_head import LocalRayHead
@@ -485,6 +490,11 @@ class SweepRay(Callback):
         jobs = _parallel_jobs(config)
         with user_errors():
             _check_parallel_share(fed, jobs)
+            if jobs == 1:  # one job after another in this process: they hand their actors on
+                from fedkws.fl import actor_keeper
+
+                self.kept = ExitStack()
+                self.kept.enter_context(actor_keeper.keeping())
             if fed.get("ray_address"):
                 return
             cpus = (fed.get("ray_init_args") or {}).get("num_cpus")
@@ -499,6 +509,9 @@ class SweepRay(Callback):
             print(f"{jobs} jobs at once: {actors} Ray actor(s) each (federation.actors)")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:  # noqa: D102
+        if self.kept is not None:  # the kept actors and Ray connection, before their head
+            self.kept.close()
+            self.kept = None
         if self.head is not None:
             self.head.stop()
             os.environ.pop("RAY_ADDRESS", None)

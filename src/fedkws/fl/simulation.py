@@ -18,13 +18,14 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from flwr.serverapp import Grid
 
 from fedkws import lifecycle
 from fedkws.errors import FederationError
+from fedkws.fl import actor_keeper
 from fedkws.fl.ray_head import attach_args, check_reachable
 
 BACKENDS = ("ray", "inprocess")
@@ -149,15 +150,21 @@ def _run_ray(main, client_app, num_supernodes, client_resources, ray_init_args) 
     backend_config: dict[str, Any] = {"client_resources": dict(client_resources)}
     if ray_init_args:
         backend_config["init_args"] = dict(ray_init_args)
+    keep = actor_keeper.active()
+    kept = False
     try:
+        if keep:
+            actor_keeper.connect(ray_init_args)
         _init_ray(ray_init_args)
-        run_simulation(
-            server_app=make_server_app(main),
-            client_app=client_app,
-            num_supernodes=num_supernodes,
-            backend_name="ray",
-            backend_config=backend_config,
-        )
+        with actor_keeper.handing_on(ray_init_args) if keep else nullcontext():
+            run_simulation(
+                server_app=make_server_app(main),
+                client_app=client_app,
+                num_supernodes=num_supernodes,
+                backend_name="ray",
+                backend_config=backend_config,
+            )
+        kept = keep
     except lifecycle.Interrupted:
         raise  # SIGTERM while Ray was starting (see _init_ray)
     except Exception as err:
@@ -170,11 +177,8 @@ def _run_ray(main, client_app, num_supernodes, client_resources, ray_init_args) 
         reason = " ".join(str(cause).split())[:300] or type(cause).__name__
         raise FederationError(f"the Flower simulation failed: {reason}") from err
     finally:
-        import ray
-
-        ray.shutdown()  # Flower's backend already did, unless the simulation never started
-        # Ray's shutdown set SIGTERM back to the default action (below Python's handler table).
-        lifecycle.reclaim_sigterm()
+        if not kept:  # Flower's backend already ended Ray, unless the simulation never started
+            actor_keeper.end()
 
 
 def _init_ray(init_args: Mapping[str, Any]) -> None:

@@ -106,6 +106,7 @@ class FederatedRecipe:
         self.shared_test: common.Metrics = {}  # FedBN/SiloBN: personalised models on the test split
         self.completed_round = 0
         self.failures: list[dict] = []
+        self.actors_reused = 0  # Ray actors taken over from a sweep's previous job
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from a checkpoint (model, strategy state, the failures so far)."""
@@ -327,6 +328,7 @@ class FederatedRecipe:
         """
         if self.run.start_round > self.run.last_round and not self._final_queries_due():
             return
+        from fedkws.fl import actor_keeper
         from fedkws.fl.server_app import FlowerClients, node_count
         from fedkws.fl.simulation import simulate
 
@@ -339,6 +341,7 @@ class FederatedRecipe:
             )
             self.clients_api.discover()
             phases["clients_start"] = time.perf_counter() - started  # Ray, actors, discovery
+            self.actors_reused = actor_keeper.reused_actors() if fed.backend == "ray" else 0
             try:
                 common.run_rounds(self, self.run)
                 with self.run.timed("final_queries"):
@@ -382,6 +385,8 @@ class FederatedRecipe:
         )
         summary = common.summary(self.run, self.parts, title, spec.bn.sync)
         summary["failures"] = self.failures
+        # Ray actors taken over from the sweep's previous job (fedkws.fl.actor_keeper)
+        summary["ray_actors_reused"] = self.actors_reused
         if self.final is not None:  # started as the clients stopped
             with self.run.timed("final_evaluation"):
                 summary.update(self.final.result())

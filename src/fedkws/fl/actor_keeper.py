@@ -1,0 +1,151 @@
+"""Ray actors handed on from one simulation to the next in this process: a sweep's jobs.
+
+Every Flower simulation builds a pool of Ray actors and, when it ends, ends them
+and its Ray connection. Each new actor is a new process that imports torch,
+Flower and fedkws before it answers its first message: about 3 s of a sweep
+job's start on 2 cores, and another second to end them. The actors hold
+nothing of a run (the ClientApp comes with every message, the data are opened
+from paths the messages name, each client's own state lives in the run
+folder), so the jobs of a sequential sweep can share them.
+
+While :func:`keeping` is on (:class:`fedkws.train.SweepRay` turns it on for the
+jobs that run one after another in the sweep's own process), a simulation that
+ends with every actor idle leaves its pool and its Ray connection to the next
+one. The next simulation takes them if it asks for the same Ray instance
+(``ray.init`` arguments), the same client resources and the same number of
+actors, and every actor still answers; otherwise the connection is ended
+(which ends its actors) and a fresh pool is built, as without keeping.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fedkws import lifecycle
+
+READY_TIMEOUT_S = 30.0  # an actor that does not answer within this is not reused
+
+
+@dataclass
+class _Kept:
+    on: bool = False
+    connection: tuple | None = None  # the ray.init arguments of the connection kept
+    pool: Any = None  # Flower's BasicActorPool, every actor idle
+    resources: tuple | None = None  # the client resources its actors were made with
+    reused: int = 0  # actors the last simulation took from the one before
+
+
+_KEPT = _Kept()
+
+
+def _key(mapping: Mapping[str, Any] | None) -> tuple:
+    return tuple(sorted((str(k), repr(v)) for k, v in (mapping or {}).items()))
+
+
+def active() -> bool:
+    """Whether simulations in this process hand their actors on."""
+    return _KEPT.on
+
+
+def reused_actors() -> int:
+    """How many actors the last simulation took over from the one before (0: it built its own)."""
+    return _KEPT.reused
+
+
+@contextmanager
+def keeping() -> Iterator[None]:
+    """Within this block, simulations hand their actors and Ray connection on; ended after.
+
+    Between the simulations the actors wait idle, holding their CPUs on the Ray
+    instance, and the connection stays open.
+    """
+    _KEPT.on = True
+    try:
+        yield
+    finally:
+        _KEPT.on = False
+        end()
+
+
+def end() -> None:
+    """End the Ray connection, and with it any actors kept (Ray ends a driver's actors)."""
+    _KEPT.connection, _KEPT.pool, _KEPT.resources = None, None, None
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    lifecycle.reclaim_sigterm()  # Ray's shutdown reset SIGTERM (see lifecycle)
+
+
+def connect(init_args: Mapping[str, Any]) -> None:
+    """Before ``ray.init``: end a kept connection made with other arguments than ``init_args``."""
+    if _KEPT.connection is not None and _KEPT.connection != _key(init_args):
+        end()
+
+
+def _alive(pool) -> bool:
+    import ray
+
+    if len(pool.pool) != pool.num_actors:  # an actor still busy with a message of the last run
+        return False
+    try:
+        ray.get([actor.__ray_ready__.remote() for actor in pool.pool], timeout=READY_TIMEOUT_S)
+    except Exception:  # a dead actor (RayActorError) or one that does not answer in time
+        return False
+    return True
+
+
+def _take(resources: Mapping[str, Any]):
+    """The kept pool, if it fits ``resources`` and the actor count a new pool would have."""
+    from flwr.simulation.ray_transport import ray_actor
+
+    pool, _KEPT.pool = _KEPT.pool, None
+    if pool is None:
+        return None
+    fits = (
+        _KEPT.resources == _key(resources)
+        and pool.num_actors == ray_actor.pool_size_from_resources(dict(resources))
+        and _alive(pool)
+    )
+    if fits:
+        return pool
+    for actor in pool.pool:  # not reused: ended now, not with the connection
+        actor.terminate.remote()
+    return None
+
+
+@contextmanager
+def handing_on(init_args: Mapping[str, Any]) -> Iterator[None]:
+    """Around one simulation (``ray.init`` done): reuse a kept pool, keep this one's at its end.
+
+    Flower's Ray backend builds its pool in ``build`` and ends it, and Ray, in
+    ``terminate``; within this block both consult what is kept instead. The
+    connection is marked kept only when the simulation returns: one that raises
+    leaves the caller to end it, as it would without keeping.
+    """
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    build, terminate = RayBackend.build, RayBackend.terminate
+    _KEPT.reused = 0
+
+    def build_or_take(backend, app_fn) -> None:
+        pool = _take(backend.client_resources)
+        if pool is None:
+            build(backend, app_fn)
+            return
+        backend.pool, backend.app_fn = pool, app_fn
+        _KEPT.reused = pool.num_actors
+
+    def keep(backend) -> None:
+        _KEPT.pool, _KEPT.resources = backend.pool, _key(backend.client_resources)
+        backend.pool = None
+
+    RayBackend.build, RayBackend.terminate = build_or_take, keep
+    try:
+        yield
+    finally:
+        RayBackend.build, RayBackend.terminate = build, terminate
+    _KEPT.connection = _key(init_args)
