@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from commands import run_command
 from fedkws.caveat import caveat
 from fedkws.run import run
 from helpers import SMALL_FEDERATION, cli_env, error_lines
@@ -73,7 +73,7 @@ def test_caveat_table_and_files(trained):
 
 
 def test_caveat_on_a_folder_that_is_not_a_run(tmp_path):
-    done = subprocess.run(
+    done = run_command(
         [sys.executable, "-m", "fedkws.cli", "caveat", str(tmp_path)],
         capture_output=True, text=True, env=cli_env(),
     )  # fmt: skip

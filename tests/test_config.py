@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from commands import run_command
 from fedkws import CONF_DIR
 from fedkws.core.models import bn_layers, bn_state_keys, build_model, count_parameters
 from fedkws.data.pipeline import augment_config, data_config, feature_config
@@ -223,7 +223,7 @@ def test_every_yaml_opens_with_the_command_that_runs_it():
 
 
 def test_wrong_choice_lists_valid_options(tmp_path):
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "-m", "fedkws.train", "norm=bacth", f"hydra.run.dir={tmp_path}"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -236,7 +236,7 @@ def test_wrong_choice_lists_valid_options(tmp_path):
 
 def test_missing_dataset_gives_one_line_error(tmp_path):
     missing = tmp_path / "no_such_dataset"
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "-m", "fedkws.train", "dataset=speech_commands_v2",
          f"dataset.root={missing}", "dataset.download=null", "logger=disabled",
          f"hydra.run.dir={tmp_path / 'run'}"],
@@ -272,7 +272,7 @@ def test_a_seed_only_sweep_puts_its_jobs_in_the_sweep_folder(data_dir, tiny_root
         "federation.sweep_ray=false", f"hydra.sweep.dir={sweep}",
         f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]",
     ]  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=180)
+    out = run_command(command, capture_output=True, text=True, env=cli_env(), timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     for seed in (0, 1):
         assert (sweep / f"seed={seed}" / "data_summary.txt").is_file(), out.stdout[-2000:]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from commands import run_command
 from fedkws.data import synth
 from fedkws.data.cache import DataConfig, open_cache, prepare
 from fedkws.data.download import INCOMPLETE_NAME, DownloadError
@@ -428,7 +429,7 @@ def test_a_generated_dataset_opens_without_the_generators_imports(tiny_root):
         "print(sorted(m for m in sys.modules if m.startswith('scipy')))"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    out = run_command([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -490,7 +491,7 @@ def test_a_finished_dataset_of_other_settings_is_kept_not_generated_over(small_r
     # The same settings use it as it is; an interrupted generation is fedkws's to finish.
     assert ensure_dataset(root, generate=SMALL_GENERATE, progress=False) == root
     # ... nor by `fedkws generate` (which regenerated it with the new settings, exit 0).
-    out = subprocess.run(
+    out = run_command(
         [sys.executable, "-m", "fedkws.cli", "generate", "--root", str(root), "--speakers", "4",
          "--utterances", "1", "--noise-seconds", "2", "--held-out-speakers", "0"],
         capture_output=True, text=True, timeout=120,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
+from commands import run_command
 from fedkws import checkpoint
 from fedkws.core import loops
 from fedkws.core.models import bn_layers, build_model
@@ -79,7 +79,7 @@ def test_auto_and_cpu_resolve_to_the_cpu_here(tmp_path):
 @NO_CUDA
 def test_cuda_without_cuda_is_one_line_through_the_real_command(tmp_path):
     run_dir = tmp_path / "run"
-    out = subprocess.run(
+    out = run_command(
         train_command("device=cuda", f"hydra.run.dir={run_dir}", f"data_dir={tmp_path / 'd'}"),
         capture_output=True, text=True, env=cli_env(), timeout=120,
     )  # fmt: skip

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from commands import run_command
 from fedkws import CONF_DIR
-from helpers import cli_env, markdown_table, spy_on_figures, tiny_dataset_overrides
+from helpers import cli_env, markdown_table, spy_on_figures, tiny_dataset_overrides, train_command
 
 BIN = Path(sys.executable).parent
 # summary key of each column the report must show (independent of report.py)
@@ -173,15 +174,15 @@ def test_a_failed_job_leaves_the_other_jobs_and_the_report(data_dir, tiny_root, 
     not_a_folder.write_text("")
     sweep_dir = tmp_path / "multirun"
     swept = [f"cache_dir={not_a_folder},{data_dir / 'cache'}", "strategy=fedavg,central"]
-    cmd = [
-        str(BIN / "fedkws-train"), "-m", "model=cnn", "norm=group", "train.rounds=1",
+    cmd = train_command(
+        "-m", "model=cnn", "norm=group", "train.rounds=1",
         *tiny_dataset_overrides(data_dir, tiny_root), *swept,
         # Nothing answers there: the federated job with a good cache_dir fails in its run.
         "federation.ray_address=127.0.0.1:9", "federation.sweep_ray=false",
         "logger=disabled", "progress=false", f"hydra.sweep.dir={sweep_dir}",
         "hydra.sweep.subdir=job${hydra.job.num}",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    out = run_command(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env=cli_env())  # fmt: skip
     assert out.returncode == 1, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
@@ -220,7 +221,7 @@ def test_a_failed_job_leaves_the_other_jobs_and_the_report(data_dir, tiny_root, 
     multirun = sweep_dir / "multirun.yaml"
     multirun.write_bytes(multirun.read_bytes() + b"# the first sweep's\n")  # Hydra rewrites it
     multirun_before = multirun.read_bytes()
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    again = run_command(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                            env=cli_env())  # fmt: skip
     assert again.returncode == 2, again.stderr[-3000:]
     refusal = [line for line in again.stderr.splitlines() if line.startswith("error:")][-1]
@@ -228,7 +229,7 @@ def test_a_failed_job_leaves_the_other_jobs_and_the_report(data_dir, tiny_root, 
     assert (done / "results.json").read_bytes() == before and not (done / "failed.txt").exists()
     assert multirun.read_bytes() == multirun_before  # catches: the refused sweep's own config
     # With resume=true: the finished job is skipped, the others are tried again.
-    resumed = subprocess.run([*cmd, "resume=true"], capture_output=True, text=True,
+    resumed = run_command([*cmd, "resume=true"], capture_output=True, text=True,
                              timeout=300, cwd=tmp_path, env=cli_env())  # fmt: skip
     assert resumed.returncode == 1, resumed.stderr[-3000:]
     assert f"resume: {done} is already complete" in resumed.stdout

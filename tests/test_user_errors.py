@@ -7,10 +7,9 @@ nothing written, Hydra's own folder handling) through the real command.
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
+from commands import run_command
 from fedkws.errors import user_errors
 from fedkws.spec import from_config
 from helpers import cli_env, compose_cfg, error_lines, tiny_dataset_overrides, train_command
@@ -170,7 +169,7 @@ def test_config_mistake_is_one_line(overrides, expected, tmp_path, capsys):
 def test_all_problems_of_a_config_are_reported_together(tmp_path):
     """Through the real command: every problem listed, exit 2, nothing written."""
     run_dir = tmp_path / "outputs" / "2026-01-01" / "run"  # Hydra makes all three folders
-    out = subprocess.run(
+    out = run_command(
         train_command("train.batch_size=0", "optimizer.lr=-1", "logger.mode=x",
                       f"hydra.run.dir={run_dir}", f"data_dir={tmp_path / 'data'}"),
         capture_output=True, text=True, env=cli_env(), timeout=120,
@@ -229,7 +228,7 @@ HYDRA_MISTAKES = [
 def test_hydras_own_mistakes_are_one_line(overrides, expected, tmp_path):
     # Catches: Hydra's multi-line report (exit 1) reaching the user for a typo; a sweep
     # that makes its folder and starts Ray before its first job finds the mistake.
-    out = subprocess.run(
+    out = run_command(
         train_command(*overrides, f"hydra.run.dir={tmp_path / 'run'}",
                       f"hydra.sweep.dir={tmp_path / 'sweep'}"),
         capture_output=True, text=True, env=cli_env(), timeout=120,
@@ -289,7 +288,7 @@ def test_a_file_where_a_folder_is_expected(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     for override in (f"cache_dir={blocker}", f"hydra.run.dir={blocker}"):
-        out = subprocess.run(
+        out = run_command(
             train_command(override, f"data_dir={tmp_path / 'data'}"),
             capture_output=True, text=True, env=cli_env(), timeout=120,
         )  # fmt: skip
@@ -307,7 +306,7 @@ def test_a_folder_that_cannot_be_made(tmp_path):
         ["-m", "seed=0,1", "hydra.sweep.dir=/proc/fedkws-nope"],
     ):
         command = train_command(*args, f"data_dir={tmp_path / 'data'}")
-        out = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=120)
+        out = run_command(command, capture_output=True, text=True, env=cli_env(), timeout=120)
         assert out.returncode == 2, (args, out.stderr)
         lines = error_lines(out.stderr)
         # root: "no folder can be made in /proc (...)"; anyone else: "/proc is not writable"
@@ -327,7 +326,7 @@ def test_a_file_where_a_jobs_folder_goes(tmp_path, launcher):
         f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job${hydra.job.num}/run",
         f"data_dir={tmp_path / 'data'}",
     )  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=120)
+    out = run_command(command, capture_output=True, text=True, env=cli_env(), timeout=120)
     assert out.returncode == 2, out.stderr
     lines = error_lines(out.stderr)
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
@@ -342,7 +341,7 @@ def test_a_dangling_link_for_the_run_folder(tmp_path):
     link = tmp_path / "run"
     link.symlink_to(tmp_path / "nowhere")
     command = train_command(f"hydra.run.dir={link}", f"data_dir={tmp_path / 'data'}")
-    out = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=120)
+    out = run_command(command, capture_output=True, text=True, env=cli_env(), timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert error_lines(out.stderr) == [
         f"error: hydra.run.dir='{link}': {link} is a link to {tmp_path / 'nowhere'}, which "
@@ -356,7 +355,7 @@ def test_dataset_without_background_noise(tmp_path, tiny_root):
 
     root = tmp_path / "copy"
     shutil.copytree(tiny_root, root, ignore=shutil.ignore_patterns("_background_noise_"))
-    out = subprocess.run(
+    out = run_command(
         train_command("dataset.generate=null", f"dataset.root={root}",
                       f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"),
         capture_output=True, text=True, env=cli_env(), timeout=120,
@@ -370,7 +369,7 @@ def test_dataset_without_background_noise(tmp_path, tiny_root):
 def test_the_slurm_launcher_on_a_machine_without_slurm_is_one_line(tmp_path):
     # Catches: submitit's "Could not detect srun" traceback after the sweep's Ray head had
     # started; without the extra, Hydra's "could not load" line with no word of the extra.
-    out = subprocess.run(
+    out = run_command(
         train_command("-m", "hydra/launcher=fedkws_slurm", "seed=0,1",
                       f"hydra.sweep.dir={tmp_path / 'sweep'}"),
         capture_output=True, text=True, env=cli_env(), timeout=120,
@@ -441,7 +440,7 @@ def test_a_constructor_argument_may_be_deleted_a_config_key_not():
 
 def test_a_sweep_preset_without_multirun_says_it_runs_once(tmp_path):
     # Catches: `fedkws-train experiment=main` quietly running one unswept job.
-    out = subprocess.run(
+    out = run_command(
         train_command("experiment=main", "train.rounds=0", f"hydra.run.dir={tmp_path / 'r'}"),
         capture_output=True, text=True, env=cli_env(), timeout=120,
     )  # fmt: skip
@@ -452,7 +451,7 @@ def test_a_sweep_preset_without_multirun_says_it_runs_once(tmp_path):
         "error: train.rounds=0: must be >= 1",
     ]
     # The swept key set on the command line: that is the run asked for, nothing to say.
-    out = subprocess.run(
+    out = run_command(
         train_command("experiment=main", "arm=group", "train.rounds=0",
                       f"hydra.run.dir={tmp_path / 'r'}"),
         capture_output=True, text=True, env=cli_env(), timeout=120,
@@ -485,7 +484,7 @@ def test_a_run_folder_in_use_is_refused_to_a_second_run(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with folder_in_use(run_dir, RunRefused), folder_in_use(run_dir, RunRefused):  # re-entrant
-        out = subprocess.run(
+        out = run_command(
             train_command("train.rounds=1", f"hydra.run.dir={run_dir}",
                           f"data_dir={tmp_path / 'data'}"),
             capture_output=True, text=True, env=cli_env(), timeout=120,
