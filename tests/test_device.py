@@ -329,7 +329,7 @@ def test_cpu_only_clients_keep_rays_accelerator_override_off(monkeypatch):
     for gpus, expected in ((0.25, None), (0.0, "0")):
         monkeypatch.delenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", raising=False)
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
-        simulation._run_ray(lambda grid: None, None, 2, {"num_cpus": 1, "num_gpus": gpus}, {})
+        simulation._run_ray(lambda grid: None, None, 2, {"num_cpus": 1, "num_gpus": gpus}, {}, {})
         assert calls[-1]["backend_config"]["client_resources"]["num_gpus"] == gpus
         assert os.environ.get("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO") == expected
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"

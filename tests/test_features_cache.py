@@ -166,3 +166,27 @@ def test_loader_shuffles_deterministically_and_augments_training_only(tiny_root,
     assert augmented[0][0].shape == a[0][0].shape
     assert not torch.allclose(augmented[0][0], a[0][0])
     assert torch.equal(augmented[0][1], a[0][1])  # labels untouched
+
+
+def test_an_entry_built_again_in_place_is_opened_again(make_cfg, tmp_path):
+    # Catches: a process that serves many runs (a sweep's process; Ray actors handed on
+    # from one job to the next) reading the memory maps of files a later run replaced
+    # (a damaged entry or feature-shift variant built again), through open_cache's cache.
+    import os
+    import shutil
+
+    from fedkws.data.cache import open_current
+    from fedkws.recipes.common import load_data
+    from fedkws.spec import from_config
+
+    data = load_data(from_config(make_cfg([])))
+    entry = tmp_path / "entry"
+    shutil.copytree(data.path, entry)
+    first = open_current(str(entry), data.feature_key)
+    assert open_current(str(entry), data.feature_key) is first  # unchanged: not opened again
+    features = entry / f"features-{data.feature_key}.npy"
+    rebuilt = np.asarray(first.features) + 1.0
+    np.save(tmp_path / "new.npy", rebuilt)
+    os.replace(tmp_path / "new.npy", features)  # as a rebuild replaces its files
+    assert np.array_equal(open_cache(str(entry), data.feature_key).features, first.features)
+    assert np.array_equal(open_current(str(entry), data.feature_key).features, rebuilt)

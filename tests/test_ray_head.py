@@ -222,9 +222,10 @@ def test_a_sequential_sweeps_jobs_hand_their_actors_on(
     other_resources, make_cfg, tmp_path, monkeypatch
 ):
     # Catches: every job of a sequential sweep starting its own actors (about 3 s of each
-    # job's start on 2 cores), other numbers from clients in actors an earlier job used, a
-    # pool reused for a job that asks for other client resources, and actors or the Ray
-    # connection outliving the sweep.
+    # job's start on 2 cores), a job's clients computing other numbers in actors that an
+    # earlier job of another config (seed, features, partition file) used, a pool reused
+    # for a job that asks for other client resources, and actors or the Ray connection
+    # outliving the sweep.
     import json
 
     import ray
@@ -237,6 +238,7 @@ def test_a_sequential_sweeps_jobs_hand_their_actors_on(
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     overrides = ["model=cnn", "model.channels=[4,4]", "train.rounds=1", "partition.num_clients=2",
                  "bn.eval_modes=[eval]", "federation.backend=ray"]  # fmt: skip
+    earlier = make_cfg([*overrides, "seed=1", "features=mfcc"])
     cfg = make_cfg(overrides)
     sweep_cfg = OmegaConf.create({"federation": cfg.federation, "strategy": cfg.strategy,
                                   "hydra": {"overrides": {"task": ["seed=0,1"]}}})  # fmt: skip
@@ -245,20 +247,24 @@ def test_a_sequential_sweeps_jobs_hand_their_actors_on(
     try:
         assert actor_keeper.active()
         with lifecycle.graceful_interrupts():  # as fedkws-train runs its jobs
-            results = [run(cfg, tmp_path / "first"), run(cfg, tmp_path / "second")]
+            run(earlier, tmp_path / "first")
+            later = run(cfg, tmp_path / "second")
             assert ray.is_initialized()  # kept between the jobs
             if other_resources:
                 # One actor of all the head's CPUs: not the pool the jobs before made.
                 cpus = int(ray.cluster_resources()["CPU"])
                 other = [*overrides, f"federation.client_resources.num_cpus={cpus}"]
-                results.append(run(make_cfg(other), tmp_path / "other"))
+                run(make_cfg(other), tmp_path / "other")
     finally:
         sweep.on_multirun_end(sweep_cfg)
     assert not actor_keeper.active() and not ray.is_initialized()
+    names = ("first", "second", "other") if other_resources else ("first", "second")
     reused = [
         json.loads((tmp_path / name / "results.json").read_text())["summary"]["ray_actors_reused"]
-        for name in ("first", "second", "other")[: len(results)]
+        for name in names
     ]
     # The head has ray_init_args.num_cpus (2 by default): two actors of one CPU each.
-    assert reused == [0, 2, 0][: len(results)]
-    assert golden_view(results[1]) == golden_view(results[0])  # fresh and reused actors agree
+    assert reused == [0, 2, 0][: len(names)]
+    # The same clients in this process (the same numbers as in fresh actors: test_golden).
+    alone = run(make_cfg([*overrides[:-1], "federation.backend=inprocess"]), tmp_path / "alone")
+    assert golden_view(later) == golden_view(alone)

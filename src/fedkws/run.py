@@ -14,6 +14,7 @@ from fedkws.core import loops
 from fedkws.core.models import count_parameters
 from fedkws.errors import FAILED_FILE, RunRefused, write_failure
 from fedkws.fileio import folder_in_use
+from fedkws.fl import actor_keeper
 from fedkws.recipes import common
 from fedkws.recipes.central import CentralRecipe
 from fedkws.recipes.federated import FederatedRecipe
@@ -92,6 +93,8 @@ def _a_failure(err: Exception) -> bool:
 
 def _train(spec: RunSpec, run_dir: Path, loaded, wandb_names, grid) -> Result:
     """:func:`run` once its folder is checked and held: set up, train, finish."""
+    if spec.strategy.central or spec.federation.backend != "ray" or grid is not None:
+        actor_keeper.end_if_kept()  # a sweep's earlier job's idle actors: not needed here
     determinism = loops.set_determinism(spec.train.deterministic)  # before any CUDA operation
     common.console.print(common.describe_devices(spec))
     record = common.Run(spec, run_dir, wandb_names or (spec.name, run_dir.name))

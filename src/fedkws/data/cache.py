@@ -591,10 +591,37 @@ def release_mapped_pages() -> None:
         data.release_pages()
 
 
+def _stamps(entry: str, feature_key: str) -> tuple:
+    """Identity and size of each file :func:`open_cache` reads: a file replaced has new ones."""
+    names = ("manifest.json", "meta.npz", "noise.npy", _waves_file(feature_key),
+             f"features-{feature_key}.npy")  # fmt: skip
+    stats = [os.stat(os.path.join(entry, name)) for name in names]
+    return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
+
+
+# The files each open entry was read from, as _stamps saw them when it was opened.
+_OPENED_FROM: dict[tuple[str, str], tuple] = {}
+
+
+def open_current(entry: str, feature_key: str) -> CachedDataset:
+    """:func:`open_cache`, opened again if its files have been replaced since (rebuilt).
+
+    A process that serves many runs (a sweep's process, Ray actors handed from one
+    job to the next) may have opened an entry, or a feature-shift variant, that a
+    later run found damaged and built again in place.
+    """
+    opened = open_cache(entry, feature_key)
+    if _OPENED_FROM.get((entry, feature_key)) != _stamps(entry, feature_key):
+        open_cache.cache_clear()
+        opened = open_cache(entry, feature_key)
+    return opened
+
+
 @lru_cache(maxsize=4)
 def open_cache(entry: str, feature_key: str) -> CachedDataset:
     """Open a built cache entry read-only; cached per process so workers open it once."""
     path = Path(entry)
+    stamps = _stamps(entry, feature_key)  # before reading: a file replaced meanwhile is seen
     manifest = json.loads((path / "manifest.json").read_text())
     meta = np.load(path / "meta.npz")
     data = CachedDataset(
@@ -613,4 +640,5 @@ def open_cache(entry: str, feature_key: str) -> CachedDataset:
         feature_key=feature_key,
     )
     _OPENED[entry, feature_key] = data
+    _OPENED_FROM[entry, feature_key] = stamps
     return data

@@ -12,9 +12,15 @@ While :func:`keeping` is on (:class:`fedkws.train.SweepRay` turns it on for the
 jobs that run one after another in the sweep's own process), a simulation that
 ends with every actor idle leaves its pool and its Ray connection to the next
 one. The next simulation takes them if it asks for the same Ray instance
-(``ray.init`` arguments), the same client resources and the same number of
-actors, and every actor still answers; otherwise the connection is ended
-(which ends its actors) and a fresh pool is built, as without keeping.
+(``ray.init`` arguments), the same client resources, the same number of
+actors and the same process-wide settings of its clients (device,
+deterministic algorithms: set once per process, before its first CUDA
+operation), and every actor still answers; otherwise the actors are killed
+and a fresh pool is built, as without keeping. A job that runs no simulation
+on Ray (centralised, in process) ends what is kept first: idle actors would
+hold their memory (and GPU) meanwhile, and a connection left open while no
+job needs it would end the process if its Ray instance went away (Ray ends a
+driver that loses its head for a minute).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 
 from fedkws import lifecycle
 
-READY_TIMEOUT_S = 30.0  # an actor that does not answer within this is not reused
+READY_TIMEOUT_S = 10.0  # an actor that does not answer within this is not reused
 
 
 @dataclass
@@ -35,7 +41,7 @@ class _Kept:
     on: bool = False
     connection: tuple | None = None  # the ray.init arguments of the connection kept
     pool: Any = None  # Flower's BasicActorPool, every actor idle
-    resources: tuple | None = None  # the client resources its actors were made with
+    resources: tuple | None = None  # its actors' client resources and process-wide settings
     reused: int = 0  # actors the last simulation took from the one before
 
 
@@ -53,7 +59,7 @@ def active() -> bool:
 
 def reused_actors() -> int:
     """How many actors the last simulation took over from the one before (0: it built its own)."""
-    return _KEPT.reused
+    return _KEPT.reused if _KEPT.on else 0
 
 
 @contextmanager
@@ -73,11 +79,17 @@ def keeping() -> Iterator[None]:
 
 def end() -> None:
     """End the Ray connection, and with it any actors kept (Ray ends a driver's actors)."""
-    _KEPT.connection, _KEPT.pool, _KEPT.resources = None, None, None
+    _KEPT.connection, _KEPT.pool, _KEPT.resources, _KEPT.reused = None, None, None, 0
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
     lifecycle.reclaim_sigterm()  # Ray's shutdown reset SIGTERM (see lifecycle)
+
+
+def end_if_kept() -> None:
+    """For a job that runs no simulation on Ray: end what an earlier job kept, if anything."""
+    if _KEPT.connection is not None:
+        end()
 
 
 def connect(init_args: Mapping[str, Any]) -> None:
@@ -98,29 +110,40 @@ def _alive(pool) -> bool:
     return True
 
 
-def _take(resources: Mapping[str, Any]):
-    """The kept pool, if it fits ``resources`` and the actor count a new pool would have."""
+def _kill(pool) -> None:
+    """End a pool's actors now: a ``terminate`` message would wait behind their work."""
+    import ray
+
+    for actor in pool.pool:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already gone, or its connection is: nothing left to end
+            pass
+
+
+def _take(resources: tuple):
+    """The kept pool, if it was made for ``resources`` and has the actors a new pool would."""
     from flwr.simulation.ray_transport import ray_actor
 
     pool, _KEPT.pool = _KEPT.pool, None
     if pool is None:
         return None
     fits = (
-        _KEPT.resources == _key(resources)
-        and pool.num_actors == ray_actor.pool_size_from_resources(dict(resources))
+        _KEPT.resources == resources
+        and pool.num_actors == ray_actor.pool_size_from_resources(dict(pool.client_resources))
         and _alive(pool)
     )
     if fits:
         return pool
-    for actor in pool.pool:  # not reused: ended now, not with the connection
-        actor.terminate.remote()
+    _kill(pool)
     return None
 
 
 @contextmanager
-def handing_on(init_args: Mapping[str, Any]) -> Iterator[None]:
+def handing_on(init_args: Mapping[str, Any], settings: Mapping[str, Any]) -> Iterator[None]:
     """Around one simulation (``ray.init`` done): reuse a kept pool, keep this one's at its end.
 
+    ``settings``: what its clients set once per process (see the module docstring).
     Flower's Ray backend builds its pool in ``build`` and ends it, and Ray, in
     ``terminate``; within this block both consult what is kept instead. The
     connection is marked kept only when the simulation returns: one that raises
@@ -131,8 +154,11 @@ def handing_on(init_args: Mapping[str, Any]) -> Iterator[None]:
     build, terminate = RayBackend.build, RayBackend.terminate
     _KEPT.reused = 0
 
+    def made_for(backend) -> tuple:
+        return _key(backend.client_resources) + (("settings", _key(settings)),)
+
     def build_or_take(backend, app_fn) -> None:
-        pool = _take(backend.client_resources)
+        pool = _take(made_for(backend))
         if pool is None:
             build(backend, app_fn)
             return
@@ -140,7 +166,7 @@ def handing_on(init_args: Mapping[str, Any]) -> Iterator[None]:
         _KEPT.reused = pool.num_actors
 
     def keep(backend) -> None:
-        _KEPT.pool, _KEPT.resources = backend.pool, _key(backend.client_resources)
+        _KEPT.pool, _KEPT.resources = backend.pool, made_for(backend)
         backend.pool = None
 
     RayBackend.build, RayBackend.terminate = build_or_take, keep

@@ -29,6 +29,7 @@ in the node's ``Context.state``.
 from __future__ import annotations
 
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from fedkws.core import loops, seeding
 from fedkws.core.aggregation import keeps_client_state, key_plan
 from fedkws.core.bn import ActivationCache, bn_input_moments
 from fedkws.core.models import bn_layers, bn_state_keys, build_model
-from fedkws.data.cache import CachedDataset, open_cache, release_mapped_pages
+from fedkws.data.cache import CachedDataset, open_current, release_mapped_pages
 from fedkws.fileio import torch_save
 from fedkws.fl.messages import ClientTask
 
@@ -90,13 +91,19 @@ def content(task: ClientTask | None, state: dict[str, torch.Tensor] | None) -> R
 
 
 @lru_cache(maxsize=4)
-def _client_rows(clients_file: str) -> dict[str, np.ndarray]:
+def _client_rows_of(clients_file: str, stamp: tuple) -> dict[str, np.ndarray]:
     with np.load(clients_file) as npz:
         return {k: npz[k] for k in npz.files}
 
 
+def _client_rows(clients_file: str) -> dict[str, np.ndarray]:
+    """The partition file's rows; read again if the file was written since (another run's)."""
+    st = os.stat(clients_file)
+    return _client_rows_of(clients_file, (st.st_ino, st.st_size, st.st_mtime_ns))
+
+
 def _data(task: ClientTask) -> CachedDataset:
-    return open_cache(task.cache_entry, task.feature_key)
+    return open_current(task.cache_entry, task.feature_key)
 
 
 def _rows(task: ClientTask, pid: int, which: str) -> np.ndarray:

@@ -61,6 +61,7 @@ def simulate(
     ray_init_args: Mapping[str, Any] | None = None,
     ray_address: str | None = None,
     actors: int | None = None,
+    actor_settings: Mapping[str, Any] | None = None,
 ) -> None:
     """Run ``main(grid)`` against ``num_supernodes`` SuperNodes of fedkws's ClientApp.
 
@@ -68,7 +69,10 @@ def simulate(
     (fewer nodes than clients: the messages name their clients).
     With ``ray_address`` the simulation attaches to that running Ray instance
     (see :mod:`fedkws.fl.ray_head`) instead of starting its own. ``actors``
-    caps its pool of Ray actors (see :func:`actor_pool_capped`).
+    caps its pool of Ray actors (see :func:`actor_pool_capped`). ``actor_settings``:
+    what the clients set once per actor process (device, deterministic algorithms);
+    a sweep's next job takes over its actors only with the same
+    (:mod:`fedkws.fl.actor_keeper`).
     Whatever ``main`` raises is raised here, after the backend has shut down.
     """
     from fedkws.fl.client_app import app as client_app
@@ -100,7 +104,8 @@ def simulate(
     )
     try:
         with actor_pool_capped(actors):
-            _run_ray(guarded, client_app, num_supernodes, client_resources or {}, init_args)
+            _run_ray(guarded, client_app, num_supernodes, client_resources or {}, init_args,
+                     actor_settings or {})  # fmt: skip
     except FederationError:
         # The backend died and asked the ServerApp thread to stop: let it end before the
         # caller goes on (a sweep's next job clears the stop request it would wait for).
@@ -134,7 +139,9 @@ def actor_pool_capped(actors: int | None) -> Iterator[None]:
         ray_actor.pool_size_from_resources = fits
 
 
-def _run_ray(main, client_app, num_supernodes, client_resources, ray_init_args) -> None:
+def _run_ray(
+    main, client_app, num_supernodes, client_resources, ray_init_args, actor_settings
+) -> None:
     # Telemetry stays off unless the user explicitly turned it on.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # CPU-only clients: keep Ray from touching accelerator variables (and warning about it).
@@ -156,7 +163,10 @@ def _run_ray(main, client_app, num_supernodes, client_resources, ray_init_args) 
         if keep:
             actor_keeper.connect(ray_init_args)
         _init_ray(ray_init_args)
-        with actor_keeper.handing_on(ray_init_args) if keep else nullcontext():
+        kept_or_not = (
+            actor_keeper.handing_on(ray_init_args, actor_settings) if keep else nullcontext()
+        )
+        with kept_or_not:
             run_simulation(
                 server_app=make_server_app(main),
                 client_app=client_app,

@@ -309,7 +309,7 @@ def setup(spec: RunSpec, run_dir: Path) -> Setup:
 def channel_variant(data: CachedDataset, clients: list, spec: RunSpec) -> CachedDataset:
     """The dataset as the feature-shift clients hear it (see :mod:`fedkws.data.channel`)."""
     from fedkws.data import channel
-    from fedkws.data.cache import open_cache
+    from fedkws.data.cache import open_current
     from fedkws.progress import progress_bar
 
     held = [np.concatenate([c.train, c.test]) for c in clients]
@@ -317,7 +317,7 @@ def channel_variant(data: CachedDataset, clients: list, spec: RunSpec) -> Cached
     with progress_bar("recording channels", len(data.labels), spec.progress) as advance:
         fkey = channel.build_variant(data.path, spec.features, assigned, advance)
     console.print(f"feature shift: {spec.partition.channels} recording channels ({fkey})")
-    return open_cache(str(data.path), fkey)
+    return open_current(str(data.path), fkey)
 
 
 # --------------------------------------------------------------------------- the run

@@ -368,7 +368,9 @@ class FederatedRecipe:
                 ray_init_args=dict(fed.ray_init_args),
                 ray_address=fed.ray_address,
                 actors=fed.actors,
-            )
+                actor_settings={"device": self.task.device,
+                                "deterministic": self.task.deterministic},
+            )  # fmt: skip
         except BaseException:
             if self.final is not None:  # the run fails: its files are not written behind it
                 self.final.wait()
