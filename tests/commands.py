@@ -9,14 +9,24 @@ process forked from a server process that has imported these modules once
 test worker). Each command is still its own process: its own working folder,
 environment, arguments, stdout and stderr, exit status, signal handlers, atexit
 handlers; what it changes does not reach the tests or the next command. It runs
-the module as ``-m`` does (``runpy``, as ``__main__``). Every other command, and
-any call with arguments this does not know, goes to :func:`subprocess.run`.
-The tests of signals and process groups start their processes themselves.
+the module as ``-m`` does (``runpy``, as ``__main__``; the server imported what
+it imports, not the module itself).
+
+What it does not reproduce: what is fixed when the server starts (warnings
+filters, OpenMP's settings, ``sys.path``; a command whose environment changes
+one of the variables behind them goes to :func:`subprocess.run`), the end of
+the interpreter after the atexit handlers (objects are not finalised), and
+waiting for the processes a command leaves behind with its output (it waits for
+the command alone). So the tests of how a process ends, its signals and process
+group (``test_lifecycle.py``, ``test_parallel_sweep.py``, ...) start theirs with
+:mod:`subprocess`. Every other command, and any call with arguments this does
+not know, goes to :func:`subprocess.run` too.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import io
 import multiprocessing
 import os
@@ -25,15 +35,17 @@ import subprocess
 import sys
 import tempfile
 import threading
-import traceback
 from pathlib import Path
 from typing import Any
 
-# Modules a forked command starts with (what ``python -m fedkws.train`` imports first).
-PRELOAD = ["torch", "hydra", "omegaconf", "fedkws.train", "fedkws.prepare", "fedkws.cli",
-           "fedkws.spec", "fedkws.run"]  # fmt: skip
+# Modules a forked command starts with: what ``python -m fedkws.train`` imports, not
+# the commands' own modules (a command imports its module afresh, as -m does).
+PRELOAD = ["torch", "hydra", "omegaconf", "fedkws.spec", "fedkws.run"]
 FORKED = ("fedkws.train", "fedkws.prepare", "fedkws.cli")
 KNOWN = {"capture_output", "text", "env", "cwd", "timeout"}
+# Read when the server starts: a command whose environment changes them runs afresh.
+AT_START = ("PYTHONWARNINGS", "PYTHONPATH", "PYTHONHASHSEED", "OMP_NUM_THREADS",
+            "MKL_NUM_THREADS", "COLUMNS", "NO_COLOR", "FORCE_COLOR", "TERM")  # fmt: skip
 
 _context: Any = None
 
@@ -74,28 +86,31 @@ def _command(module: str, args: list[str], cwd: str, env: dict, out: str, err: s
     except SystemExit as exit_:
         status = _exit_status(exit_.code)
     except BaseException:  # as the interpreter reports an uncaught exception
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())
         status = 1
     threading._shutdown()  # as the interpreter ends: wait for non-daemon threads, then atexit
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    ctypes.CDLL(None).fflush(None)  # what C code printed
     os._exit(status)
 
 
 def run_command(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
     """``subprocess.run(command, **kwargs)``, forked as the module docstring says when it can be."""
+    env = dict(os.environ if kwargs.get("env") is None else kwargs["env"])
+    cwd = str(kwargs.get("cwd") or os.getcwd())
     forked = (
         len(command) >= 3
         and command[:2] == [sys.executable, "-m"]
         and command[2] in FORKED
         and kwargs.get("capture_output")
         and set(kwargs) <= KNOWN
+        and all(env.get(name) == os.environ.get(name) for name in AT_START)
+        and os.path.isdir(cwd)
     )
     if not forked:
         return subprocess.run(command, **kwargs)
-    env = dict(os.environ if kwargs.get("env") is None else kwargs["env"])
-    cwd = str(kwargs.get("cwd") or os.getcwd())
     timeout = kwargs.get("timeout")
     with tempfile.TemporaryDirectory(prefix="fedkws-command-") as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")

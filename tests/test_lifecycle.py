@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from commands import run_command
 from fedkws import lifecycle
 from fedkws.errors import FederationError
 from fedkws.fl import client_app
@@ -101,7 +100,7 @@ def _train(data_dir, tiny_root, run_dir, *overrides, timeout=180):
         *tiny_dataset_overrides(data_dir, tiny_root), "model=cnn", "strategy=central",
         "train.rounds=3", f"hydra.run.dir={run_dir}", *overrides,
     )  # fmt: skip
-    return run_command(command, capture_output=True, text=True, env=cli_env(), timeout=timeout)
+    return subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +316,7 @@ def test_sigterm_while_ray_starts_is_a_stop_request(monkeypatch, capsys):
 
 def _raylets(ray_tmp: str) -> set[int]:
     """The raylets of the Ray instances under ``ray_tmp`` (not another test worker's)."""
-    out = run_command(["pgrep", "-f", f"raylet.*{ray_tmp}"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", f"raylet.*{ray_tmp}"], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
 
 
@@ -374,7 +373,7 @@ def test_sigterm_ends_a_sweep_and_its_shared_ray_head(data_dir, tiny_root, tmp_p
 def test_a_crashed_simulation_ends_the_process_quickly(data_dir, tiny_root, tmp_path):
     """Ray refuses its start-up arguments: one line with the reason, exit 2, no hang."""
     start = time.monotonic()
-    out = run_command(
+    out = subprocess.run(
         train_command(*tiny_dataset_overrides(data_dir, tiny_root), "model=cnn",
                       "+federation.ray_init_args.object_store_memory=10",
                       f"hydra.run.dir={tmp_path / 'run'}"),

@@ -592,9 +592,11 @@ def release_mapped_pages() -> None:
 
 
 def _stamps(entry: str, feature_key: str) -> tuple:
-    """Identity and size of each file :func:`open_cache` reads: a file replaced has new ones."""
-    names = ("manifest.json", "meta.npz", "noise.npy", _waves_file(feature_key),
-             f"features-{feature_key}.npy")  # fmt: skip
+    """Identity and size of the files of ``feature_key``: a file replaced has new ones.
+
+    Not the manifest, which adding another feature config rewrites.
+    """
+    names = ("meta.npz", _waves_file(feature_key), f"features-{feature_key}.npy")
     stats = [os.stat(os.path.join(entry, name)) for name in names]
     return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
 
@@ -608,10 +610,17 @@ def open_current(entry: str, feature_key: str) -> CachedDataset:
 
     A process that serves many runs (a sweep's process, Ray actors handed from one
     job to the next) may have opened an entry, or a feature-shift variant, that a
-    later run found damaged and built again in place.
+    later run found damaged and built again in place. While another process is
+    building it (its manifest is written last, every file is replaced whole), the
+    files opened before are used, as they were before the build began.
     """
     opened = open_cache(entry, feature_key)
-    if _OPENED_FROM.get((entry, feature_key)) != _stamps(entry, feature_key):
+    try:
+        stamps = _stamps(entry, feature_key)
+        built = os.path.exists(os.path.join(entry, "manifest.json"))
+    except OSError:  # a file being built again right now
+        return opened
+    if built and _OPENED_FROM.get((entry, feature_key)) != stamps:
         open_cache.cache_clear()
         opened = open_cache(entry, feature_key)
     return opened

@@ -114,7 +114,7 @@ def _kill(pool) -> None:
     """End a pool's actors now: a ``terminate`` message would wait behind their work."""
     import ray
 
-    for actor in pool.pool:
+    for actor in [*pool.pool, *pool._future_to_actor.values()]:  # idle, and still busy
         try:
             ray.kill(actor, no_restart=True)
         except Exception:  # already gone, or its connection is: nothing left to end
