@@ -171,7 +171,8 @@ def test_loader_shuffles_deterministically_and_augments_training_only(tiny_root,
 def test_an_entry_built_again_in_place_is_opened_again(make_cfg, tmp_path):
     # Catches: a process that serves many runs (a sweep's process; Ray actors handed on
     # from one job to the next) reading the memory maps of files a later run replaced
-    # (a damaged entry or feature-shift variant built again), through open_cache's cache.
+    # (a damaged entry or feature-shift variant built again), through open_cache's cache;
+    # and one that opens an entry another process is still building.
     import os
     import shutil
 
@@ -187,6 +188,10 @@ def test_an_entry_built_again_in_place_is_opened_again(make_cfg, tmp_path):
     features = entry / f"features-{data.feature_key}.npy"
     rebuilt = np.asarray(first.features) + 1.0
     np.save(tmp_path / "new.npy", rebuilt)
-    os.replace(tmp_path / "new.npy", features)  # as a rebuild replaces its files
+    manifest = (entry / "manifest.json").read_bytes()
+    (entry / "manifest.json").unlink()  # a build in progress (it writes the manifest last) ...
+    os.replace(tmp_path / "new.npy", features)  # ... replaces its files whole
+    assert open_current(str(entry), data.feature_key) is first  # meanwhile: the files before
+    (entry / "manifest.json").write_bytes(manifest)  # the build is done
     assert np.array_equal(open_cache(str(entry), data.feature_key).features, first.features)
     assert np.array_equal(open_current(str(entry), data.feature_key).features, rebuilt)
