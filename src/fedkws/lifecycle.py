@@ -59,6 +59,11 @@ def raise_if_aborting() -> None:
         raise KeyboardInterrupt
 
 
+def aborting() -> bool:
+    """Whether a second signal asked to abort: work still under way is being cut off."""
+    return _ABORT.is_set()
+
+
 def reset() -> None:
     """Forget an earlier stop request (a new run starts)."""
     _STOP.clear()

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from fedkws import lifecycle
 from fedkws.core import loops
 from fedkws.core.models import count_parameters
@@ -69,7 +71,9 @@ def run(
     run_dir = Path(run_dir)
     loaded = preflight(spec, run_dir, clients_here=grid is None)
     if spec.resume and loaded is None:  # the same command serves a job's first start and requeue
-        common.console.print(f"resume=true: no checkpoint in {run_dir} yet: starting at round 1")
+        common.console.print(
+            f"resume=true: no checkpoint in {escape(str(run_dir))} yet: starting at round 1"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     with folder_in_use(run_dir, RunRefused):  # no second run writes here meanwhile
         (run_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier attempt's, resumed now
@@ -131,7 +135,7 @@ def _closing(spec: RunSpec, result, run_dir: Path) -> str:
     done = summary.get("rounds_completed", result.rounds[-1].round if result.rounds else 0)
     return (
         f"stopped after round {done} of {spec.train.rounds} (train.stop_after_round): "
-        f"the same command with resume=true continues it from {run_dir}"
+        f"the same command with resume=true continues it from {escape(str(run_dir))}"
     )
 
 
@@ -140,8 +144,9 @@ def _headline(spec: RunSpec, recipe, run_dir: Path) -> str:
         how = "centralised"
     else:
         how = f"{spec.strategy.name}, {len(recipe.parts.clients)} clients, bn_sync={spec.bn.sync}"
+    rounds = f"{spec.train.rounds} round{'s' if spec.train.rounds != 1 else ''}"
     return (
-        f"[bold]{spec.name}[/bold]: {spec.model.name} "
+        f"[bold]{escape(spec.name)}[/bold]: {spec.model.name} "
         f"({count_parameters(recipe.model):,} parameters, norm={spec.model.norm}), {how}, "
-        f"{spec.train.rounds} round{'s' if spec.train.rounds != 1 else ''} -> {run_dir}"
+        f"{rounds} -> {escape(str(run_dir))}"  # folder names hold brackets: not markup
     )

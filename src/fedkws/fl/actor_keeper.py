@@ -40,7 +40,7 @@ READY_TIMEOUT_S = 10.0  # an actor that does not answer within this is not reuse
 class _Kept:
     on: bool = False
     connection: tuple | None = None  # the ray.init arguments of the connection kept
-    pool: Any = None  # Flower's BasicActorPool, every actor idle
+    pool: Any = None  # Flower's BasicActorPool of the last simulation
     resources: tuple | None = None  # its actors' client resources and process-wide settings
     reused: int = 0  # actors the last simulation took from the one before
 
@@ -166,8 +166,9 @@ def handing_on(init_args: Mapping[str, Any], settings: Mapping[str, Any]) -> Ite
         _KEPT.reused = pool.num_actors
 
     def keep(backend) -> None:
+        # The backend keeps its pool too: after an abort, its workers may still be
+        # handing actors back to it.
         _KEPT.pool, _KEPT.resources = backend.pool, made_for(backend)
-        backend.pool = None
 
     RayBackend.build, RayBackend.terminate = build_or_take, keep
     try:

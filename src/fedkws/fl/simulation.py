@@ -35,6 +35,8 @@ def _worth_showing(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     if "Traceback (most recent call last)" in message:
         return False
+    if record.levelno >= logging.ERROR and lifecycle.aborting():
+        return False  # messages cut off by the abort the user asked for: not news
     # fedkws-train runs its simulation through run_simulation on purpose (see above); the
     # warning would tell every user to change a call they never made.
     return not (message.startswith("DEPRECATED FEATURE") and "`run_simulation`" in message)

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from fedkws import checkpoint, lifecycle
@@ -441,7 +442,8 @@ class Run:
             checkpoint.restore_rng(rng)
             self.result.rounds = [RoundRecord(**r) for r in self.resumed.records]
             wandb_id = self.resumed.wandb_id or None
-            console.print(f"resuming {self.run_dir} after round {self.resumed.round}")
+            where = escape(str(self.run_dir))  # folder names hold brackets: not markup
+            console.print(f"resuming {where} after round {self.resumed.round}")
         log = self.spec.logger
         wandb = WandbLogger(
             mode=log.mode,
