@@ -561,19 +561,12 @@ def prepare(
     key = data_key(data)
     entry = cache_dir / key
     fkey = features.key()
-    manifest, entry_problem, features_problem = _problems(entry, fkey)
+    _, entry_problem, features_problem = _problems(entry, fkey)
     if entry_problem is not None or features_problem is not None:
         with file_lock(cache_dir / f".{key}.lock"):
-            manifest = _build_what_is_missing(data, features, entry, progress)
-    opened = open_cache(str(entry), fkey)
-    if (
-        opened.manifest.get("build_id") != manifest["build_id"]
-        or opened.manifest["features"].get(fkey) != manifest["features"][fkey]
-    ):
-        # This process opened the files before they were rebuilt: open the new ones.
-        open_cache.cache_clear()
-        opened = open_cache(str(entry), fkey)
-    return opened
+            _build_what_is_missing(data, features, entry, progress)
+    # Files this process opened before they were rebuilt are opened again.
+    return open_current(str(entry), fkey)
 
 
 def _waves_file(feature_key: str) -> str:

@@ -72,9 +72,7 @@ def simulate(
     With ``ray_address`` the simulation attaches to that running Ray instance
     (see :mod:`fedkws.fl.ray_head`) instead of starting its own. ``actors``
     caps its pool of Ray actors (see :func:`actor_pool_capped`). ``actor_settings``:
-    what the clients set once per actor process (device, deterministic algorithms);
-    a sweep's next job takes over its actors only with the same
-    (:mod:`fedkws.fl.actor_keeper`).
+    what the clients set once per actor process (see :mod:`fedkws.fl.actor_keeper`).
     Whatever ``main`` raises is raised here, after the backend has shut down.
     """
     from fedkws.fl.client_app import app as client_app
