@@ -18,8 +18,8 @@ one of the variables behind them goes to :func:`subprocess.run`), the end of
 the interpreter after the atexit handlers (objects are not finalised), and
 waiting for the processes a command leaves behind with its output (it waits for
 the command alone). So the tests of how a process ends, its signals and process
-group (``test_lifecycle.py``, ``test_parallel_sweep.py``, ...) start theirs with
-:mod:`subprocess`. Every other command, and any call with arguments this does
+group (the Ctrl-C tests of ``test_lifecycle.py``, ``test_parallel_sweep.py``, ...)
+start theirs with :mod:`subprocess`. Every other command, and any call with arguments this does
 not know, goes to :func:`subprocess.run` too.
 """
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from commands import run_command
 from fedkws import lifecycle
 from fedkws.errors import FederationError
 from fedkws.fl import client_app
@@ -100,7 +101,8 @@ def _train(data_dir, tiny_root, run_dir, *overrides, timeout=180):
         *tiny_dataset_overrides(data_dir, tiny_root), "model=cnn", "strategy=central",
         "train.rounds=3", f"hydra.run.dir={run_dir}", *overrides,
     )  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=timeout)
+    # Exit status and disk state are what these tests read: a forked command gives both.
+    return run_command(command, capture_output=True, text=True, env=cli_env(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from commands import run_command
 from fedkws import CONF_DIR
 from helpers import cli_env, markdown_table, spy_on_figures, tiny_dataset_overrides, train_command
 
-BIN = Path(sys.executable).parent
 # summary key of each column the report must show (independent of report.py)
 COLUMNS = {
     "val/eval/acc": "final/val/eval/acc",
@@ -45,8 +44,8 @@ def _comparison(text: str) -> dict[str, dict[str, str]]:
 
 
 def _report(*args: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "fedkws"), "report", *map(str, args)],
+    return run_command(
+        [sys.executable, "-m", "fedkws.cli", "report", *map(str, args)],
         capture_output=True, text=True, timeout=120, env=cli_env(),
     )  # fmt: skip
 
@@ -74,15 +73,14 @@ def sweep(data_dir, tiny_root, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("sweep")
     sweep_dir = work / "multirun"
     # The data's paths are left out of the job folder names by the default config.
-    cmd = [
+    cmd = train_command(
         # GroupNorm: no exact-statistics pass in the final evaluation, which BatchNorm runs add.
-        str(BIN / "fedkws-train"), "-m", "strategy=central", "model=cnn", "norm=group",
-        "train.rounds=1",
+        "-m", "strategy=central", "model=cnn", "norm=group", "train.rounds=1",
         "seed=0,1", "optimizer.lr=0.001,0.003", *tiny_dataset_overrides(data_dir, tiny_root),
         "logger=disabled", "progress=false", f"hydra.sweep.dir={sweep_dir}",
-    ]  # fmt: skip
+    )  # fmt: skip
     env = cli_env()
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=work, env=env)
+    result = run_command(cmd, capture_output=True, text=True, timeout=300, cwd=work, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep_dir
 
@@ -281,10 +279,10 @@ def _write_run(folder: Path, seed: int, strategy: str, curves: dict, test: dict)
     recorder.finish(summary)
 
 
-@pytest.fixture
-def fake_sweep(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def _fake_sweep_once(tmp_path_factory) -> Path:
     """Central x 3 seeds, FedAvg x 3 seeds (3 modes), FedBN-like x 2 seeds + one lost run."""
-    sweep = tmp_path / "sweep"
+    sweep = tmp_path_factory.mktemp("fake") / "sweep"
     for seed, acc in CENTRAL_VAL.items():
         curves = {"eval": [acc - 0.2, acc], "train": [acc - 0.1, acc]}
         _write_run(sweep / CENTRAL / f"seed={seed}", seed, "central", curves,
@@ -304,6 +302,12 @@ def fake_sweep(tmp_path) -> Path:
     hydra.mkdir(parents=True)
     (hydra / "config.yaml").write_text("seed: 2\n")
     return sweep
+
+
+@pytest.fixture
+def fake_sweep(_fake_sweep_once, tmp_path) -> Path:
+    """A copy of the fake sweep of this test's own (a report writes into the sweep's folder)."""
+    return Path(shutil.copytree(_fake_sweep_once, tmp_path / "sweep", symlinks=True))
 
 
 def _seed_summaries(sweep: Path, cell: str) -> dict[int, dict]:
