@@ -22,8 +22,15 @@ from flwr.serverapp import Grid, ServerApp
 from fedkws import lifecycle
 from fedkws.core.bn import Moments
 from fedkws.errors import FederationError
+from fedkws.fl import prompt_engine
 from fedkws.fl.client_app import content
 from fedkws.fl.messages import ClientTask
+
+# Between looks for replies: a tenth of the time waited so far, within these bounds, so a reply
+# is taken at most 10 % (or 1 ms) after it came (a query of one layer's statistics takes
+# milliseconds, a round's training seconds).
+PULL_MIN_WAIT_S = 0.001
+PULL_MAX_WAIT_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -82,11 +89,13 @@ class FlowerClients:
         leave such a message's id out of what they return).
         """
         accepted = {i for i in self.grid.push_messages(messages) if i}
+        prompt_engine.pushed()  # Flower's simulation engine hands them out now
         index = {m.metadata.message_id: i for i, m in enumerate(messages)}  # set by the push
         replies: list[tuple[int, Message | None]] = [
             (i, None) for message_id, i in index.items() if message_id not in accepted
         ]
         pending = set(index) & accepted
+        started = time.monotonic()
         while pending:
             lifecycle.raise_if_stopping()
             for reply in self.grid.pull_messages(list(pending)):
@@ -94,7 +103,8 @@ class FlowerClients:
                 pending.discard(message_id)
                 replies.append((index[message_id], reply))
             if pending:
-                time.sleep(0.05)
+                waited = time.monotonic() - started
+                time.sleep(min(PULL_MAX_WAIT_S, max(PULL_MIN_WAIT_S, waited / 10)))
         return replies
 
     def _messages(self, kind: str, pids: list[int], task: ClientTask | None, state):

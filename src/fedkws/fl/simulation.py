@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 
 from fedkws import lifecycle
 from fedkws.errors import FederationError
-from fedkws.fl import actor_keeper
+from fedkws.fl import actor_keeper, prompt_engine
 from fedkws.fl.ray_head import attach_args, check_reachable
 
 BACKENDS = ("ray", "inprocess")
@@ -166,7 +166,7 @@ def _run_ray(
         kept_or_not = (
             actor_keeper.handing_on(ray_init_args, actor_settings) if keep else nullcontext()
         )
-        with kept_or_not:
+        with kept_or_not, prompt_engine.prompt():
             run_simulation(
                 server_app=make_server_app(main),
                 client_app=client_app,

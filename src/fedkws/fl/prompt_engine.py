@@ -1,0 +1,94 @@
+"""Flower's simulation engine without its fixed waits (flwr 1.42, Ray backend).
+
+Every message of a Flower simulation waits on two clocks of the engine's own:
+
+- the thread that hands new messages to the actors looks for them every
+  0.1 s, so each exchange of the ServerApp with its clients starts on average
+  50 ms late, and up to 100 ms. An exact recalibration sends one query per
+  BatchNorm layer, so on 2 cores about a second of every run's final
+  evaluation was this wait (measured: 0.101 s per query on the tiny dataset,
+  against 0.03 s in process);
+- its worker threads and the thread that stores replies wait for work up to
+  1 s at a time, and the simulation ends only once each has noticed that it is
+  over: about a second at the end of every run.
+
+While :func:`prompt` is on (``fedkws.fl.simulation`` turns it on for the
+length of a Ray simulation), the engine's hand-out thread wakes as soon as the
+ServerApp pushes messages (:func:`pushed`, called by ``FlowerClients``), looks
+again at once after finding any (a node with several messages waiting gets the
+next one without a wait), and still looks every 0.1 s as Flower does, so
+nothing it would have found is missed. Its queues give up waiting within
+20 ms once the simulation is over. The messages, their order per node and
+what the clients compute are unchanged. Under ``flwr run`` Flower's runtime
+runs its own engine, waits included.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+LOOK_EVERY_S = 0.1  # as Flower's engine: the hand-out thread looks this often without a push
+STOP_SLICE_S = 0.02  # how often a waiting queue checks whether the simulation is over
+
+_pushed = threading.Event()
+
+
+def pushed() -> None:
+    """The ServerApp has pushed messages: wake the engine's hand-out thread."""
+    _pushed.set()
+
+
+class _Queue(queue.Queue):
+    """A queue whose timed waits end early once ``over`` (the simulation's stop) is set."""
+
+    over: threading.Event | None = None
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if not block or timeout is None:
+            return super().get(block, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return super().get(timeout=max(0.0, min(STOP_SLICE_S, left)))
+            except queue.Empty:
+                if left <= STOP_SLICE_S or (self.over is not None and self.over.is_set()):
+                    raise
+
+
+@contextmanager
+def prompt() -> Iterator[None]:
+    """Within this block, Flower's simulation engine hands messages out and stops promptly."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    made: list[_Queue] = []
+
+    def make_queue(*args: Any, **kwargs: Any) -> _Queue:
+        made.append(_Queue(*args, **kwargs))
+        return made[-1]
+
+    def hand_out(state, messages: queue.Queue, nodes_mapping, f_stop: threading.Event) -> None:
+        # The engine's queues were made before its threads start: each learns when it is over.
+        for made_queue in made:
+            made_queue.over = f_stop
+        while not f_stop.is_set():
+            _pushed.clear()  # a push from here on wakes the wait below
+            found = False
+            for node_id in nodes_mapping.keys():
+                for message in state.get_message_ins(node_id=node_id, limit=1):
+                    messages.put(message)
+                    found = True
+            if not found:
+                _pushed.wait(LOOK_EVERY_S)
+
+    original = vce_api.add_messages_to_queue, vce_api.Queue
+    vce_api.add_messages_to_queue, vce_api.Queue = hand_out, make_queue
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue, vce_api.Queue = original
