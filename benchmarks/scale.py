@@ -27,12 +27,11 @@ same moment is given beside it.
 Time per round: ``results.json``'s per-round ``seconds`` (training of the
 sampled clients, aggregation, validation), the mean over rounds 2.. (round 1
 also pays the actors' first data loads), 48 rounds by default. A round takes a
-few tenths of a second and comes in steps of about 0.05 s (the server polls for
-replies every 0.05 s, Flower's simulation dispatches every 0.1 s), so a median
-jumps a whole step between runs of the same configuration: with the same 100
-SuperNodes on both sides, medians over 7 and 23 rounds differed by -13.8 % and
--10.9 % (0.31 against 0.36 s). The mean of many rounds averages the steps out;
-the median is given beside it. The phases before round 1 and after the last
+few tenths of a second. Round times used to come in steps of about 0.05 s (the
+server polled for replies every 0.05 s, Flower's engine handed messages out
+every 0.1 s; neither waits a fixed time now, see ``fedkws.fl.prompt_engine``), so a
+median jumped a whole step between runs of the same configuration. The ratio is
+the mean of many rounds; the median is given beside it. The phases before round 1 and after the last
 round are timed from when the run's console lines arrive.
 """
 
@@ -437,8 +436,9 @@ def pump_pass_seconds(nodes: int, in_flight: int) -> float:
     """One pass of Flower's simulation message pump with ``in_flight`` messages stored.
 
     ``vce_api.add_messages_to_queue`` calls ``state.get_message_ins(node_id, limit=1)``
-    for every node, every 0.1 s, for the whole simulation; each call scans every
-    stored message.
+    for every node, every 0.1 s, for the whole simulation (fedkws's engine also right
+    after each push, and again after a pass that found messages); each call scans
+    every stored message.
     """
     from flwr.app import Message, RecordDict
 
@@ -454,7 +454,8 @@ def pump_pass_seconds(nodes: int, in_flight: int) -> float:
 def _pump_table(sizes: list[int]) -> str:
     lines = [
         "One pass of Flower's simulation message pump (`vce_api.add_messages_to_queue`: "
-        "`get_message_ins` for every node, repeated every 0.1 s), measured here on Flower's "
+        "`get_message_ins` for every node, repeated every 0.1 s, and by fedkws's engine after "
+        "every push and after each pass that found messages), measured here on Flower's "
         "in-memory link state with the run's number of nodes:",
         "",
         "| nodes | 0 messages stored (between rounds) | 10 (a round's training) "
