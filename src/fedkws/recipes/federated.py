@@ -348,7 +348,7 @@ class FederatedRecipe:
                     self._while_clients_are_up()
                 if self._final_evaluation_applies():
                     # It needs nothing more from the clients: it runs while they stop
-                    # (Flower's simulation takes about a second to notice it has ended).
+                    # (ending the actors or handing them on, and Ray).
                     self.final = common.Background(
                         "fedkws-final-evaluation", self._final_evaluation, self.run.run_dir
                     )
