@@ -155,16 +155,18 @@ class ActivationCache:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-ACCUMULATE_EXAMPLES = 16  # examples converted to float64 at a time (a whole batch: 4x slower)
+# Examples converted to float64 at a time on a CPU (a whole batch at once: 4x slower there).
+ACCUMULATE_EXAMPLES = 16
 
 
 def _accumulate(acc: dict[str, Any], x: torch.Tensor) -> None:
-    # Per-channel count, sum and sum of squares in float64, on x's device; a few examples
-    # at a time, so the float64 copy stays in the CPU's caches.
+    # Per-channel count, sum and sum of squares in float64, on x's device; on a CPU a few
+    # examples at a time, so the float64 copy stays in its caches.
     dims = (0, *range(2, x.dim()))
     acc["n"] += float(x.numel() // x.shape[1])
-    for lo in range(0, x.shape[0], ACCUMULATE_EXAMPLES):
-        part = x[lo : lo + ACCUMULATE_EXAMPLES].to(torch.float64)
+    step = ACCUMULATE_EXAMPLES if x.device.type == "cpu" else max(x.shape[0], 1)
+    for lo in range(0, x.shape[0], step):
+        part = x[lo : lo + step].to(torch.float64)
         s, ss = part.sum(dims), part.square().sum(dims)
         acc["s"] = s if acc["s"] is None else acc["s"] + s
         acc["ss"] = ss if acc["ss"] is None else acc["ss"] + ss

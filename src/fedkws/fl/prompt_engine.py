@@ -17,8 +17,8 @@ length of a Ray simulation), the engine's hand-out thread wakes as soon as the
 ServerApp pushes messages (:func:`pushed`, called by ``FlowerClients``), looks
 again at once after finding any (a node with several messages waiting gets the
 next one without a wait), and still looks every 0.1 s as Flower does, so
-nothing it would have found is missed. Its queues give up waiting within
-20 ms once the simulation is over. The messages, their order per node and
+nothing it would have found is missed. It and the engine's queues give up
+waiting within 20 ms once the simulation is over. The messages, their order per node and
 what the clients compute are unchanged. Under ``flwr run`` Flower's runtime
 runs its own engine, waits included.
 """
@@ -35,12 +35,29 @@ from typing import Any
 LOOK_EVERY_S = 0.1  # as Flower's engine: the hand-out thread looks this often without a push
 STOP_SLICE_S = 0.02  # how often a waiting queue checks whether the simulation is over
 
+# One simulation at a time per process (fedkws runs its jobs one after another; parallel
+# sweeps run theirs in processes of their own): the push flag and the patch are this module's.
 _pushed = threading.Event()
+_active = threading.Event()
 
 
 def pushed() -> None:
     """The ServerApp has pushed messages: wake the engine's hand-out thread."""
     _pushed.set()
+
+
+def active() -> bool:
+    """Whether a simulation in this process runs on the prompt engine (replies come soon)."""
+    return _active.is_set()
+
+
+def _idle(f_stop: threading.Event) -> None:
+    """Until a push, the simulation's end, or the next look (``LOOK_EVERY_S``) is due."""
+    next_look = time.monotonic() + LOOK_EVERY_S
+    while not f_stop.is_set():
+        left = next_look - time.monotonic()
+        if left <= 0 or _pushed.wait(min(STOP_SLICE_S, left)):
+            return
 
 
 class _Queue(queue.Queue):
@@ -84,11 +101,15 @@ def prompt() -> Iterator[None]:
                     messages.put(message)
                     found = True
             if not found:
-                _pushed.wait(LOOK_EVERY_S)
+                _idle(f_stop)
 
+    if _active.is_set():
+        raise RuntimeError("one Flower simulation at a time in a process")
     original = vce_api.add_messages_to_queue, vce_api.Queue
     vce_api.add_messages_to_queue, vce_api.Queue = hand_out, make_queue
+    _active.set()
     try:
         yield
     finally:
         vce_api.add_messages_to_queue, vce_api.Queue = original
+        _active.clear()

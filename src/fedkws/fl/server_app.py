@@ -26,9 +26,11 @@ from fedkws.fl import prompt_engine
 from fedkws.fl.client_app import content
 from fedkws.fl.messages import ClientTask
 
-# Between looks for replies: a tenth of the time waited so far, within these bounds, so a reply
-# is taken at most 10 % (or 1 ms) after it came (a query of one layer's statistics takes
-# milliseconds, a round's training seconds).
+# Between looks for replies on the prompt engine (fedkws.fl.prompt_engine): a tenth of the time
+# waited so far, within these bounds, and no less than the last look took, so a reply is taken
+# at most 10 % (or 1 ms) after it came (a query of one layer's statistics takes milliseconds, a
+# round's training seconds). Elsewhere (flwr run, the Deployment Engine: Flower hands messages
+# out every 0.1 s) every PULL_MAX_WAIT_S, as before.
 PULL_MIN_WAIT_S = 0.001
 PULL_MAX_WAIT_S = 0.05
 
@@ -96,15 +98,18 @@ class FlowerClients:
         ]
         pending = set(index) & accepted
         started = time.monotonic()
+        shortest = PULL_MIN_WAIT_S if prompt_engine.active() else PULL_MAX_WAIT_S
         while pending:
             lifecycle.raise_if_stopping()
+            look = time.monotonic()
             for reply in self.grid.pull_messages(list(pending)):
                 message_id = reply.metadata.reply_to_message_id
                 pending.discard(message_id)
                 replies.append((index[message_id], reply))
             if pending:
-                waited = time.monotonic() - started
-                time.sleep(min(PULL_MAX_WAIT_S, max(PULL_MIN_WAIT_S, waited / 10)))
+                now = time.monotonic()
+                wait = min(PULL_MAX_WAIT_S, max(shortest, (now - started) / 10))
+                time.sleep(max(wait, now - look))
         return replies
 
     def _messages(self, kind: str, pids: list[int], task: ClientTask | None, state):
@@ -269,7 +274,8 @@ class FlowerClients:
 
 # ``federation.supernodes=auto``: one SuperNode per client up to this many clients, this
 # many SuperNodes beyond. Flower's simulation scans every node for messages ten times a
-# second, sampled or not; at 100 nodes a scan costs well under a round's work (see the
+# second, sampled or not (fedkws's prompt engine also after every push and after a scan that
+# found messages); at 100 nodes a scan costs well under a round's work (see the
 # scale benchmark), at thousands it costs more than the round's sampled clients.
 AUTO_SUPERNODES = 100
 
