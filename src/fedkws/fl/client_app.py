@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedkws.core import loops, seeding
@@ -44,6 +44,7 @@ from fedkws.core.bn import ActivationCache, bn_input_moments
 from fedkws.core.models import bn_layers, bn_state_keys, build_model
 from fedkws.data.cache import CachedDataset, open_current, release_mapped_pages
 from fedkws.fileio import torch_save
+from fedkws.fl.arrays import to_record, to_state
 from fedkws.fl.messages import ClientTask
 
 
@@ -86,7 +87,7 @@ def content(task: ClientTask | None, state: dict[str, torch.Tensor] | None) -> R
     if task is not None:
         records["config"] = task.to_record()
     if state is not None:
-        records["model"] = ArrayRecord(torch_state_dict=cpu_state(state))
+        records["model"] = to_record(state)
     return RecordDict(records)
 
 
@@ -135,7 +136,7 @@ def _fedbn_state(
     ``cyclic``: what :func:`_keep_cyclic` keeps.
     """
     if task.pid < 0 and name in context.state:
-        return context.state[name].to_torch_state_dict()
+        return to_state(context.state[name])
     # A resumed run starts with empty node state, and a node serving many clients keeps
     # none: read what this client saved last, before this round (one listing of its
     # folder). A client never sampled so far still has its initial BatchNorm.
@@ -164,7 +165,7 @@ def _model(task: ClientTask, message: Message, context: Context) -> torch.nn.Mod
     loops.set_determinism(task.deterministic)  # before this process's first CUDA operation
     model = build_model(**task.model)
     state = model.state_dict()
-    state.update(message.content["model"].to_torch_state_dict())
+    state.update(to_state(message.content["model"]))
     if keeps_client_state(task.bn_sync):
         state.update(_fedbn_state(task, _pid(task, context), context))
     model.load_state_dict(state)
@@ -183,7 +184,7 @@ def _keep_fedbn(
     task: ClientTask, pid: int, context: Context, own: dict, name: str = FEDBN_STATE
 ) -> None:
     if task.pid < 0:  # the node is this client's alone
-        context.state[name] = ArrayRecord(torch_state_dict=own)
+        context.state[name] = to_record(own)
     path = _fedbn_file(task, pid, task.round, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch_save(path, own)
@@ -241,7 +242,7 @@ def _keep_cyclic(task, pid, context, own: dict, optimizer, cursor: loops.EpochCu
     saved.update({f"cursor/{k}": v for k, v in cursor.state_dict().items()})
     saved["cursor/round"] = torch.tensor(task.round)
     if not cursor.done:
-        context.state[CYCLIC_STATE] = ArrayRecord(torch_state_dict=saved)
+        context.state[CYCLIC_STATE] = to_record(saved)
         return
     _keep_fedbn(task, pid, context, saved, CYCLIC_STATE)
     folder = _fedbn_file(task, pid, task.round, CYCLIC_STATE).parent
@@ -304,7 +305,7 @@ def train(message: Message, context: Context) -> Message:
             "batches_left": 0 if cursor is None else cursor.batches_left,
         }
     )
-    shared = ArrayRecord(torch_state_dict={k: state[k] for k in plan.shared})
+    shared = to_record({k: state[k] for k in plan.shared})
     return Message(RecordDict({"model": shared, "metrics": metrics}), reply_to=message)
 
 
@@ -377,6 +378,6 @@ def bn_moments(message: Message, context: Context) -> Message:
         "sum": torch.stack(sums),
         "sumsq": torch.stack(sumsqs),
     }
-    arrays = ArrayRecord(torch_state_dict=moments)
+    arrays = to_record(moments)
     reply = RecordDict({"moments": arrays, "metrics": MetricRecord({"pids": list(pids)})})
     return Message(reply, reply_to=message)

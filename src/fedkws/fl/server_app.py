@@ -23,6 +23,7 @@ from fedkws import lifecycle
 from fedkws.core.bn import Moments
 from fedkws.errors import FederationError
 from fedkws.fl import prompt_engine
+from fedkws.fl.arrays import to_state
 from fedkws.fl.client_app import content
 from fedkws.fl.messages import ClientTask
 
@@ -216,7 +217,7 @@ class FlowerClients:
         out = []
         for reply in replies:
             metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
-            state_in = reply.content["model"].to_torch_state_dict()
+            state_in = to_state(reply.content["model"])
             out.append(TrainReply(int(metrics["pid"]), state_in, metrics))
         return out
 
@@ -309,7 +310,7 @@ def _reason(reply: Message | None) -> str:
 
 def _moments_rows(reply: Message) -> list[Moments]:
     """The (n, sum, sum of squares) rows of a moments reply, in its clients' order."""
-    arrays = reply.content["moments"].to_torch_state_dict()
+    arrays = to_state(reply.content["moments"])
     return [
         (float(n), s, ss)
         for n, s, ss in zip(arrays["count"], arrays["sum"], arrays["sumsq"], strict=True)

@@ -38,6 +38,8 @@ from flwr.serverapp import strategy as flower
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedkws.fl.arrays import to_record, to_state
+
 log = logging.getLogger(__name__)
 
 # Constructor arguments fedkws sets itself: it samples the clients (strategy.fraction_train,
@@ -207,10 +209,6 @@ def _ensure_task_identity() -> None:
             setattr(TaskIdentity, name, 0)
 
 
-def _record(params: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord(torch_state_dict=OrderedDict((k, v.detach()) for k, v in params.items()))
-
-
 class FlowerServerRule:
     """A Flower strategy as :data:`fedkws.core.aggregation.ParamUpdate`, with its state."""
 
@@ -243,7 +241,7 @@ class FlowerServerRule:
         metrics = metrics or [{} for _ in client_params]
         with _quiet():
             sent = self.strategy.configure_train(
-                server_round, _record(global_params), ConfigRecord(), _Nodes(node_ids)
+                server_round, to_record(global_params), ConfigRecord(), _Nodes(node_ids)
             )
             instruction = {m.metadata.dst_node_id: m for m in sent}
             replies = []
@@ -251,7 +249,7 @@ class FlowerServerRule:
                 node_ids, client_params, num_examples, metrics, strict=True
             ):
                 values = {**{k: float(v) for k, v in extra.items()}, "num-examples": int(n)}
-                content = RecordDict({"arrays": _record(params), "metrics": MetricRecord(values)})
+                content = RecordDict({"arrays": to_record(params), "metrics": MetricRecord(values)})
                 replies.append(Message(content, reply_to=instruction[node]))
             arrays, _ = self.strategy.aggregate_train(server_round, replies)
         if arrays is None:
@@ -261,7 +259,7 @@ class FlowerServerRule:
                 server_round, type(self.strategy).__name__,
             )  # fmt: skip
             return None
-        return dict(arrays.to_torch_state_dict())
+        return dict(to_state(arrays))
 
     # -- checkpointing -----------------------------------------------------------------------
 
