@@ -22,7 +22,7 @@ from typing import Any
 from fedkws import CONF_DIR
 from fedkws.core.aggregation import BN_SYNC_MODES, EVAL_MODES, keeps_client_state
 from fedkws.core.models import MODEL_NAMES, NORM_KINDS
-from fedkws.data.augment import AugmentConfig
+from fedkws.data.augment import AUGMENT_DOMAINS, AugmentConfig
 from fedkws.data.cache import DataConfig
 from fedkws.data.features import FEATURE_KINDS, FeatureConfig
 from fedkws.errors import ConfigError
@@ -588,6 +588,17 @@ def _check_data(spec: RunSpec, p: _Problems) -> None:
         value = getattr(aug, key)
         p.check(value >= 0, f"augment.{key}", value, "must be >= 0")
     p.check(aug.time_shift_ms >= 0, "augment.time_shift_ms", aug.time_shift_ms, "must be >= 0")
+    _one_of(p, "augment.domain", aug.domain, AUGMENT_DOMAINS)
+    if aug.domain == "mel" and aug.changes_audio:
+        p.check(
+            spec.features.kind == "logmel", "augment.domain", aug.domain,
+            "works on log-mel features, and features.kind=mfcc caches none: use "
+            "features=logmel, or augment.domain=wave",
+        )  # fmt: skip
+        p.check(
+            aug.speed_prob == 0, "augment.speed_prob", aug.speed_prob,
+            "has no mel-domain form: 0 with augment.domain=mel, or augment.domain=wave",
+        )  # fmt: skip
     _check_features(spec, p)
     if spec.dataset.generate is not None:
         _check_generate(dict(spec.dataset.generate), p)

@@ -74,7 +74,7 @@ def training_augmentation(
     augment: AugmentConfig, features: FeatureConfig, data: CachedDataset
 ) -> tuple[Augmenter | None, FeatureExtractor | None]:
     """The augmenter for ``augment`` and, when it works on waveforms, the feature extractor."""
-    augmenter = Augmenter(augment, data.noise_bank()) if augment.any else None
+    augmenter = Augmenter(augment, data.noise_bank(), features) if augment.any else None
     extractor = FeatureExtractor(features) if augment.needs_waves else None
     return augmenter, extractor
 

@@ -2,19 +2,42 @@
 
 Waveform augmentations (time shift, speed perturbation, background-noise
 mixing) work on the memory-mapped 1 s waveforms, so no WAV file is decoded
-again; SpecAugment masks work on the features. All randomness comes from the
-``torch.Generator`` passed in, so a (seed, round, client) stream reproduces a
-run exactly. Validation and test data are never augmented.
+again, and each batch's features are computed anew; SpecAugment masks work on
+the features. All randomness comes from the ``torch.Generator`` passed in, so a
+(seed, round, client) stream reproduces a run exactly. Validation and test data
+are never augmented.
+
+``domain="mel"`` applies the time shift and the noise to the cached log-mel
+features instead, with no STFT per epoch (``benchmarks/run.py --only pipeline``
+measures both). It is an approximation, stated here so a study can say which it used:
+
+- the shift moves whole frames (``hop_ms``; 10 ms by default) rather than
+  samples, and the frames it uncovers are silence (zero power), as the samples
+  a waveform shift uncovers are;
+- the noise is added as mel power, ``log(mel(|X|^2) + g mel(|N|^2))``, which
+  leaves out the cross term ``2 Re(X conj(N))`` of ``|X + N|^2`` (zero on
+  average over the noise's phase, not per example) and the waveform's clipping
+  to [-1, 1]; ``g`` is the volume squared, or the power ratio for a
+  signal-to-noise ratio measured on mel power rather than on samples;
+- speed perturbation has no mel-domain form here (it is refused), and MFCC
+  features cannot take it (their cache holds no mel power).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from fedkws.data.audio import SAMPLE_RATE
+
+if TYPE_CHECKING:  # features.py imports torchaudio: not needed to read a config
+    from fedkws.data.features import FeatureConfig
+
+AUGMENT_DOMAINS = ("wave", "mel")
 
 
 @dataclass(frozen=True)
@@ -37,6 +60,10 @@ class AugmentConfig:
         (resampling, which changes tempo and pitch together).
     time_masks, time_mask_frames, freq_masks, freq_mask_bins
         SpecAugment: number of masks and their maximum width.
+    domain
+        Where the time shift and the noise are applied: ``"wave"`` (the
+        waveforms, exact) or ``"mel"`` (the cached log-mel features, see the
+        module's notes).
     """
 
     time_shift_ms: float = 0.0
@@ -49,16 +76,22 @@ class AugmentConfig:
     time_mask_frames: int = 10
     freq_masks: int = 0
     freq_mask_bins: int = 5
+    domain: str = "wave"
+
+    @property
+    def changes_audio(self) -> bool:
+        """Whether a time shift, speed change or noise is switched on."""
+        return self.time_shift_ms > 0 or self.noise_prob > 0 or self.speed_prob > 0
 
     @property
     def needs_waves(self) -> bool:
         """Whether training must start from waveforms rather than cached features."""
-        return self.time_shift_ms > 0 or self.noise_prob > 0 or self.speed_prob > 0
+        return self.changes_audio and self.domain == "wave"
 
     @property
     def any(self) -> bool:
         """Whether any augmentation is switched on."""
-        return self.needs_waves or self.time_masks > 0 or self.freq_masks > 0
+        return self.changes_audio or self.time_masks > 0 or self.freq_masks > 0
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
@@ -157,12 +190,84 @@ def _mask_bands(
     return keep
 
 
-class Augmenter:
-    """Apply an :class:`AugmentConfig` to a training batch."""
+def shift_frames(
+    feats: torch.Tensor, max_frames: int, fill: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Shift each example of ``(batch, 1, bins, frames)`` by whole frames, ``fill`` in the gap.
 
-    def __init__(self, config: AugmentConfig, noise_bank: torch.Tensor) -> None:
+    The frame counterpart of :func:`time_shift`: a shift ``s`` puts input frame
+    ``t - s`` at frame ``t``.
+    """
+    if max_frames <= 0:
+        return feats
+    batch, _, bins, frames = feats.shape
+    shifts = torch.randint(-max_frames, max_frames + 1, (batch,), generator=gen)
+    source = torch.arange(frames).unsqueeze(0) - shifts.unsqueeze(1)  # (batch, frames)
+    inside = ((source >= 0) & (source < frames)).view(batch, 1, 1, frames)
+    index = source.clamp(0, frames - 1).view(batch, 1, 1, frames).expand(feats.shape)
+    shifted = torch.gather(feats, 3, index)
+    return torch.where(inside, shifted, torch.tensor(fill, dtype=feats.dtype))
+
+
+def mix_noise_mel(
+    feats: torch.Tensor,
+    noise_power: torch.Tensor,
+    prob: float,
+    volume: tuple[float, float],
+    snr_db: tuple[float, float] | None,
+    log_offset: float,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Add a random stretch of the noise's mel power to chosen log-mel examples.
+
+    ``feats`` are ``log(mel + log_offset)`` of shape ``(batch, 1, bins, frames)``;
+    ``noise_power`` is the mel power ``(bins, noise frames)`` of the concatenated
+    background recordings. The mel-domain counterpart of :func:`mix_noise`, with
+    its draws in the same order.
+    """
+    batch, _, bins, frames = feats.shape
+    if prob <= 0 or noise_power.shape[1] < frames:
+        return feats
+    chosen = torch.rand(batch, generator=gen) < prob
+    starts = torch.randint(0, noise_power.shape[1] - frames + 1, (batch,), generator=gen)
+    columns = starts.unsqueeze(1) + torch.arange(frames).unsqueeze(0)  # (batch, frames)
+    noise = noise_power[:, columns].permute(1, 0, 2)  # (batch, bins, frames)
+    power = feats.squeeze(1).exp()  # mel + log_offset
+    if snr_db is None:
+        gain = _uniform(batch, *volume, gen).square()
+    else:
+        snr = _uniform(batch, *snr_db, gen)
+        p_sig = (power - log_offset).mean((1, 2)).clamp_min(1e-10)
+        p_noise = noise.mean((1, 2)).clamp_min(1e-10)
+        gain = p_sig / (p_noise * 10 ** (snr / 10))
+    mixed = torch.log(power + gain.view(batch, 1, 1) * noise).unsqueeze(1)
+    return torch.where(chosen.view(batch, 1, 1, 1), mixed, feats)
+
+
+class Augmenter:
+    """Apply an :class:`AugmentConfig` to a training batch.
+
+    ``features`` (the run's feature config) is needed for ``domain="mel"``: it
+    turns the noise bank into mel power once, here, and sets the frame length.
+    """
+
+    def __init__(
+        self,
+        config: AugmentConfig,
+        noise_bank: torch.Tensor,
+        features: FeatureConfig | None = None,
+    ) -> None:
         self.config = config
         self.noise_bank = noise_bank
+        self.feature_config = features
+        self.noise_power: torch.Tensor | None = None
+        if config.domain == "mel" and config.changes_audio:
+            if features is None or features.kind != "logmel":
+                raise ValueError("augment.domain=mel needs log-mel features (features=logmel)")
+            if config.speed_prob > 0:
+                raise ValueError("augment.domain=mel has no speed perturbation (speed_prob > 0)")
+            if config.noise_prob > 0:
+                self.noise_power = noise_mel_power(noise_bank, features)
 
     def waves(self, waves: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Waveform-domain augmentations, in the order shift, speed, noise."""
@@ -172,8 +277,32 @@ class Augmenter:
         return mix_noise(waves, self.noise_bank, c.noise_prob, c.noise_volume, c.noise_snr_db, gen)
 
     def features(self, feats: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """SpecAugment masks."""
+        """SpecAugment masks, after the shift and noise of ``domain="mel"``."""
         c = self.config
+        if c.domain == "mel" and c.changes_audio:
+            fc = self.feature_config
+            fill = math.log(fc.log_offset)  # log-mel of silence: zero power
+            feats = shift_frames(feats, round(c.time_shift_ms / fc.hop_ms), fill, gen)
+            if self.noise_power is not None:
+                feats = mix_noise_mel(
+                    feats, self.noise_power, c.noise_prob, c.noise_volume, c.noise_snr_db,
+                    fc.log_offset, gen,
+                )  # fmt: skip
         return spec_augment(
             feats, c.time_masks, c.time_mask_frames, c.freq_masks, c.freq_mask_bins, gen
         )
+
+
+def noise_mel_power(noise_bank: torch.Tensor, features: FeatureConfig) -> torch.Tensor:
+    """Mel power ``(n_mels, frames)`` of the concatenated background recordings.
+
+    Frame ``j`` is centred on sample ``j * hop``, as frame ``i`` of a clip cut at
+    sample ``k * hop`` is centred on sample ``(k + i) * hop``: away from the
+    clip's two ends, the frames of a clip cut from the bank are these columns.
+    """
+    from fedkws.data.features import FeatureExtractor
+
+    extractor = FeatureExtractor(features)
+    with torch.no_grad():
+        power = extractor.power(extractor.stft(noise_bank.view(1, -1)))
+        return extractor.mel(power)[0].T.contiguous()

@@ -124,10 +124,13 @@ class FeatureExtractor(nn.Module):
         ri = torch.view_as_real(spec)
         return torch.hypot(ri[..., 0], ri[..., 1]).square()
 
+    def mel(self, power: torch.Tensor) -> torch.Tensor:
+        """Mel power ``(batch, frames, mels)`` of a power spectrum ``(batch, freqs, frames)``."""
+        return torch.matmul(power.transpose(-1, -2), self.fb)
+
     def log_mel(self, power: torch.Tensor) -> torch.Tensor:
         """Mel filterbank, log (and the DCT for MFCCs): ``(batch, 1, bins, frames)``."""
-        mel = torch.matmul(power.transpose(-1, -2), self.fb)  # (batch, frames, mels)
-        out = torch.log(mel + self.config.log_offset)
+        out = torch.log(self.mel(power) + self.config.log_offset)
         if self.dct is not None:
             out = torch.matmul(out, self.dct)  # (batch, frames, mfcc)
         return out.transpose(-1, -2).unsqueeze(1)
