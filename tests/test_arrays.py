@@ -19,14 +19,18 @@ ARRAYS = {
     "big-endian": np.arange(6, dtype=">f4"),
     "fortran order": np.asfortranarray(np.arange(12.0).reshape(3, 4)),
     "strided": np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2],
+    "channels last": torch.randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last).numpy(),
+    "structured a": np.zeros(3, dtype=[("a", "<f4"), ("b", "<i4")]),
+    "structured b": np.zeros(3, dtype=[("x", "<i8")]),  # the same dtype.str, |V8, as a
 }
 
 
 @pytest.mark.parametrize("name", list(ARRAYS))
 def test_bytes_and_values_are_flowers(name):
     # Catches: a remembered header reused for another dtype, shape or order (the second
-    # call of each case takes the remembered path), and a decoded copy that differs in
-    # dtype, shape or values from np.load's, or aliases the message's bytes.
+    # call of a C-ordered or strided case takes the remembered path; structured dtypes,
+    # which share one dtype.str, never do), and a decoded copy that differs in dtype,
+    # shape or values from np.load's, or aliases the message's bytes.
     value = ARRAYS[name]
     for _ in range(2):
         ours, flowers = arrays.encode(value), Array.from_numpy_ndarray(value)
@@ -60,3 +64,12 @@ def test_a_damaged_array_is_read_by_numpy_and_refused():
     cut = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-4])
     with pytest.raises(ValueError):
         arrays.decode(cut)
+
+
+def test_structured_dtypes_of_one_size_keep_their_own_fields():
+    # Catches: the header remembered for one structured dtype written for another of the
+    # same size (both are |V8 to dtype.str), which Flower would read as the first.
+    first = np.zeros(3, dtype=[("a", "<f4"), ("b", "<i4")])
+    second = np.zeros(3, dtype=[("x", "<i8")])
+    for value in (first, second, first):
+        assert arrays.encode(value).data == Array.from_numpy_ndarray(value).data

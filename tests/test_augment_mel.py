@@ -149,6 +149,8 @@ def test_the_augmenter_shifts_then_adds_noise_and_refuses_what_has_no_mel_form()
         (["augment=default", "augment.domain=mel", "features=mfcc"], "augment.domain='mel'"),
         (["augment=full", "augment.domain=mel"], "augment.speed_prob=0.5"),
         (["augment.domain=spectrum"], "augment.domain='spectrum': must be one of wave, mel"),
+        # 4 ms rounds to no frame at all: the shift would silently not happen.
+        (["augment=shift", "augment.time_shift_ms=4", "augment.domain=mel"], "at least half a hop"),
     ],
 )
 def test_the_config_says_which_domains_apply(overrides, problem, tmp_path):
@@ -163,3 +165,26 @@ def test_the_config_says_which_domains_apply(overrides, problem, tmp_path):
         return
     with pytest.raises(ConfigError, match=re.escape(problem)):
         from_config(compose_cfg(overrides, tmp_path))
+
+
+def test_a_dataset_without_noise_gets_none_in_either_domain():
+    # Catches: a mel-domain run failing on a dataset whose noise bank is empty or shorter
+    # than an STFT frame (the waveform domain adds no noise then, and draws nothing).
+    feats = _log_mel(_clips(4, seed=7))
+    for samples in (0, 100, 15999):
+        config = AugmentConfig(noise_prob=1.0, noise_volume=(0.5, 0.5), domain="mel")
+        gen = torch.Generator().manual_seed(0)
+        out = Augmenter(config, torch.zeros(samples), FC).features(feats, gen)
+        assert torch.equal(out, feats), samples
+        assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())
+
+
+def test_a_run_saved_before_the_option_resumes_in_the_waveform_domain():
+    # Catches: every checkpoint written before augment.domain existed refused on resume,
+    # and a real change of domain let through.
+    from fedkws.recipes.common import _differences, _with_implied_keys
+
+    old = {"augment": {"time_shift_ms": 100.0}, "seed": 0}
+    for domain, expected in (("wave", []), ("mel", ["augment.domain"])):
+        new = {"augment": {"time_shift_ms": 100.0, "domain": domain}, "seed": 0}
+        assert _differences(_with_implied_keys(old, new), new) == expected

@@ -595,6 +595,12 @@ def _check_data(spec: RunSpec, p: _Problems) -> None:
             "works on log-mel features, and features.kind=mfcc caches none: use "
             "features=logmel, or augment.domain=wave",
         )  # fmt: skip
+        hop = spec.features.hop_ms
+        p.check(
+            aug.time_shift_ms == 0 or aug.time_shift_ms >= hop / 2,
+            "augment.time_shift_ms", aug.time_shift_ms,
+            f"shifts whole frames with augment.domain=mel: at least half a hop ({hop / 2:g} ms)",
+        )  # fmt: skip
         p.check(
             aug.speed_prob == 0, "augment.speed_prob", aug.speed_prob,
             "has no mel-domain form: 0 with augment.domain=mel, or augment.domain=wave",

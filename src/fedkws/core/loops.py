@@ -26,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedkws import lifecycle
 from fedkws.core.seeding import evaluation_rng
-from fedkws.data.augment import AugmentConfig, Augmenter
+from fedkws.data.augment import AugmentConfig, Augmenter, noise_mel_power
 from fedkws.data.cache import CachedDataset
 from fedkws.data.features import FeatureConfig, FeatureExtractor
 from fedkws.data.loader import iterate_batches
@@ -74,9 +74,28 @@ def training_augmentation(
     augment: AugmentConfig, features: FeatureConfig, data: CachedDataset
 ) -> tuple[Augmenter | None, FeatureExtractor | None]:
     """The augmenter for ``augment`` and, when it works on waveforms, the feature extractor."""
-    augmenter = Augmenter(augment, data.noise_bank(), features) if augment.any else None
+    if not augment.any:
+        return None, FeatureExtractor(features) if augment.needs_waves else None
+    noise_power = None
+    if augment.domain == "mel" and augment.noise_prob > 0 and features.kind == "logmel":
+        noise_power = _noise_power(data, features)
+    augmenter = Augmenter(augment, data.noise_bank(), features, noise_power)
     extractor = FeatureExtractor(features) if augment.needs_waves else None
     return augmenter, extractor
+
+
+# Mel power of a cache entry's noise bank, per process: a client builds its augmenter every
+# round, and the bank's STFT costs as much as a few hundred clips' (augment.domain=mel).
+_noise_powers: dict[tuple, torch.Tensor] = {}
+
+
+def _noise_power(data: CachedDataset, features: FeatureConfig) -> torch.Tensor:
+    key = (str(data.path), str(data.manifest["files"]["noise.npy"]["sha1"]), features)
+    if key not in _noise_powers:
+        if len(_noise_powers) >= 2:
+            _noise_powers.clear()
+        _noise_powers[key] = noise_mel_power(data.noise_bank(), features)
+    return _noise_powers[key]
 
 
 @dataclass

@@ -209,6 +209,14 @@ def shift_frames(
     return torch.where(inside, shifted, torch.tensor(fill, dtype=feats.dtype))
 
 
+def shift_in_frames(time_shift_ms: float, hop_ms: float) -> int:
+    """The largest shift in frames for ``time_shift_ms``: the nearest whole number of hops.
+
+    Halves round up (Python's ``round`` would make 25 ms two hops of 10 ms, 35 ms four).
+    """
+    return math.floor(time_shift_ms / hop_ms + 0.5)
+
+
 def mix_noise_mel(
     feats: torch.Tensor,
     noise_power: torch.Tensor,
@@ -248,7 +256,10 @@ class Augmenter:
     """Apply an :class:`AugmentConfig` to a training batch.
 
     ``features`` (the run's feature config) is needed for ``domain="mel"``: it
-    turns the noise bank into mel power once, here, and sets the frame length.
+    sets the frame length, and turns the noise bank into mel power unless
+    ``noise_power`` (:func:`noise_mel_power` of the bank) is given; a client
+    builds an augmenter every round, so its process keeps that once
+    (:func:`fedkws.core.loops.training_augmentation`).
     """
 
     def __init__(
@@ -256,18 +267,28 @@ class Augmenter:
         config: AugmentConfig,
         noise_bank: torch.Tensor,
         features: FeatureConfig | None = None,
+        noise_power: torch.Tensor | None = None,
     ) -> None:
         self.config = config
         self.noise_bank = noise_bank
         self.feature_config = features
         self.noise_power: torch.Tensor | None = None
+        if config.domain not in AUGMENT_DOMAINS:  # else its shift and noise would not happen
+            raise ValueError(
+                f"unknown augmentation domain {config.domain!r}; valid: "
+                f"{', '.join(AUGMENT_DOMAINS)}"
+            )
         if config.domain == "mel" and config.changes_audio:
             if features is None or features.kind != "logmel":
                 raise ValueError("augment.domain=mel needs log-mel features (features=logmel)")
             if config.speed_prob > 0:
                 raise ValueError("augment.domain=mel has no speed perturbation (speed_prob > 0)")
             if config.noise_prob > 0:
-                self.noise_power = noise_mel_power(noise_bank, features)
+                self.noise_power = (
+                    noise_power
+                    if noise_power is not None
+                    else noise_mel_power(noise_bank, features)
+                )
 
     def waves(self, waves: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Waveform-domain augmentations, in the order shift, speed, noise."""
@@ -282,7 +303,7 @@ class Augmenter:
         if c.domain == "mel" and c.changes_audio:
             fc = self.feature_config
             fill = math.log(fc.log_offset)  # log-mel of silence: zero power
-            feats = shift_frames(feats, round(c.time_shift_ms / fc.hop_ms), fill, gen)
+            feats = shift_frames(feats, shift_in_frames(c.time_shift_ms, fc.hop_ms), fill, gen)
             if self.noise_power is not None:
                 feats = mix_noise_mel(
                     feats, self.noise_power, c.noise_prob, c.noise_volume, c.noise_snr_db,
@@ -299,9 +320,13 @@ def noise_mel_power(noise_bank: torch.Tensor, features: FeatureConfig) -> torch.
     Frame ``j`` is centred on sample ``j * hop``, as frame ``i`` of a clip cut at
     sample ``k * hop`` is centred on sample ``(k + i) * hop``: away from the
     clip's two ends, the frames of a clip cut from the bank are these columns.
+    A bank too short for one frame (none, as a dataset may have) has no columns:
+    no clip gets noise, as :func:`mix_noise` adds none from a bank shorter than a clip.
     """
     from fedkws.data.features import FeatureExtractor
 
+    if noise_bank.numel() <= features.n_fft // 2:  # reflect padding needs more samples
+        return torch.zeros(features.n_mels, 0)
     extractor = FeatureExtractor(features)
     with torch.no_grad():
         power = extractor.power(extractor.stft(noise_bank.view(1, -1)))

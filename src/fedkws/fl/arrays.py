@@ -10,8 +10,9 @@ sends one message per BatchNorm layer to every client.
 The two functions here produce and read the very same bytes, but remember
 each distinct header (a model has a few dozen shapes): a known array costs a
 header lookup and one copy of its data. Anything unusual (a header of another
-format version, an object dtype, a layout ``np.save`` would write in Fortran
-order) takes Flower's own path, so the bytes never depend on which path ran.
+format version, an object or structured dtype, a layout ``np.save`` would
+write in Fortran order) takes Flower's own path, so the bytes never depend on
+which path ran.
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ def _remember(table: dict, key, value) -> None:
 
 def encode(array: np.ndarray) -> Array:
     """``Array.from_numpy_ndarray(array)``: the same fields and bytes, header reused."""
-    if array.dtype.hasobject or not array.flags.c_contiguous:
+    if array.dtype.hasobject or array.dtype.kind == "V":  # structured: one dtype.str for many
         return Array.from_numpy_ndarray(array)
+    if not array.flags.c_contiguous:
+        if array.flags.f_contiguous:  # np.save writes it in Fortran order
+            return Array.from_numpy_ndarray(array)
+        array = np.ascontiguousarray(array)  # np.save writes the C order too (channels_last)
     key = (array.dtype.str, array.shape)
     header = _write_headers.get(key)
     if header is None:
@@ -58,7 +63,7 @@ def encode(array: np.ndarray) -> Array:
 def decode(array: Array) -> np.ndarray:
     """``array.numpy()``: the same values, dtype, shape and a writable copy."""
     data = array.data
-    if array.stype != _NUMPY or data[:6] != _MAGIC or data[6] != 1:
+    if array.stype != _NUMPY or len(data) < 10 or data[:8] != _MAGIC + b"\x01\x00":
         return array.numpy()  # not a version 1.0 .npy header: Flower's own reader
     end = 10 + int.from_bytes(data[8:10], "little")
     header = bytes(data[:end])
@@ -67,7 +72,7 @@ def decode(array: Array) -> np.ndarray:
         buffer = io.BytesIO(header)
         np.lib.format.read_magic(buffer)
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
-        if dtype.hasobject:
+        if dtype.hasobject or dtype.kind == "V":
             return array.numpy()
         known = (dtype, shape, fortran)
         _remember(_read_headers, header, known)

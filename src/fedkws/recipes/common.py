@@ -211,6 +211,7 @@ def finished(run_dir: Path) -> bool:
 IMPLIED_KEYS: dict[tuple[str, ...], Any] = {
     ("model", "channels_last"): False,
     ("bn", "freeze_stats"): "exact",
+    ("augment", "domain"): "wave",
 }
 
 
