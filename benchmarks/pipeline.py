@@ -59,8 +59,8 @@ def _setup(clips: int):
     )
     start = time.perf_counter()
     mel_augmenter, _ = training_augmentation(mel_spec.augment, mel_spec.features, data)
-    mel_augmenter.setup_s = time.perf_counter() - start  # the noise bank's mel power, once
-    return spec, data, rows, augmenter, extractor, mel_augmenter
+    mel_setup_s = time.perf_counter() - start  # the noise bank's mel power, once a process
+    return spec, data, rows, augmenter, extractor, mel_augmenter, mel_setup_s
 
 
 def _cached_pass(spec, data, rows, augmenter, extractor, seed: int) -> tuple[float, int]:
@@ -354,7 +354,9 @@ def run(args) -> list[Ratio]:
 
     torch.set_num_threads(1)
     with threadpool_limits(limits=1):
-        spec, data, rows, augmenter, extractor, mel_augmenter = _setup(args.pipeline_clips)
+        spec, data, rows, augmenter, extractor, mel_augmenter, mel_setup_s = _setup(
+            args.pipeline_clips
+        )
         pipe = LibrosaPipeline(spec, data)
         paths = [str(p) for p in data.paths[rows]]
         diff = _agreement(data, rows, extractor, pipe)
@@ -390,11 +392,12 @@ def run(args) -> list[Ratio]:
         f"librosa.feature.melspectrogram); best of {args.pipeline_repeats} interleaved passes "
         f"each, one thread for both; un-augmented log-mels of the two agree within {diff:.1e}"
     )
+    noise_s = len(mel_augmenter.noise_bank) / spec.features.sample_rate
     mel_details = (
         f"the same clips and librosa passes; augment=default augment.domain=mel: "
         f"{mel_rate:,.0f} clips/s from the cached log-mels (shift by whole frames, noise added "
-        f"as mel power, no STFT per epoch), plus once per process {mel_augmenter.setup_s:.2f} s "
-        f"for the noise bank's mel power ({len(mel_augmenter.noise_bank) / 16000:,.0f} s of "
+        f"as mel power, no STFT per epoch), plus once per process {mel_setup_s:.2f} s "
+        f"for the noise bank's mel power ({noise_s:,.0f} s of "
         f"audio), not in the passes; an approximation of the waveform augmentation: how "
         f"close, in NOTES"
     )

@@ -74,8 +74,8 @@ def training_augmentation(
     augment: AugmentConfig, features: FeatureConfig, data: CachedDataset
 ) -> tuple[Augmenter | None, FeatureExtractor | None]:
     """The augmenter for ``augment`` and, when it works on waveforms, the feature extractor."""
-    if not augment.any:
-        return None, FeatureExtractor(features) if augment.needs_waves else None
+    if not augment.any:  # (nor waveform augmentation: no extractor either)
+        return None, None
     noise_power = None
     if augment.domain == "mel" and augment.noise_prob > 0 and features.kind == "logmel":
         noise_power = _noise_power(data, features)
