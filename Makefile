@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	@# librosa compiles its numba kernels the first time it computes a spectrogram (about
-	@# 12 s of CPU) and keeps them in the venv: done once here, not in the first test run.
+	@# librosa compiles its numba kernels when its modules first load (about 13 s of CPU)
+	@# and keeps them in the venv: done once here, not in the first test run.
 	$(BIN)/python -c "import numpy, librosa; librosa.feature.melspectrogram(y=numpy.zeros(16000, 'float32'))"
 	@rm -f $(VENV)/.installed-*
 	@touch $@

@@ -13,8 +13,9 @@ the module as ``-m`` does (``runpy``, as ``__main__``; the server imported what
 it imports, not the module itself).
 
 What it does not reproduce: what is fixed when the server starts (warnings
-filters, OpenMP's settings, ``sys.path``; a command whose environment changes
-one of the variables behind them goes to :func:`subprocess.run`), the end of
+filters, OpenMP's settings, ``sys.path``, Flower's telemetry switch; a command
+whose environment changes one of the variables behind them goes to
+:func:`subprocess.run`), the end of
 the interpreter after the atexit handlers (objects are not finalised), and
 waiting for the processes a command leaves behind with its output (it waits for
 the command alone). So the tests of how a process ends, its signals and process
@@ -40,16 +41,18 @@ from typing import Any
 
 # Modules a forked command starts with: what ``python -m fedkws.train`` imports, not
 # the commands' own modules (a command imports its module afresh, as -m does). A
-# federated job adds Flower Datasets (with HF datasets, pandas, seaborn and SciPy: about
-# 1.4 s of CPU) and Flower's simulation (Ray, 0.6 s); the first optimiser a process
-# builds imports torch._dynamo (0.5 s). None of them starts a thread.
-PRELOAD = ["torch", "hydra", "omegaconf", "fedkws.spec", "fedkws.run",
-           "flwr_datasets.partitioner", "flwr.simulation", "torch._dynamo"]  # fmt: skip
+# federated job adds Flower's simulation module (0.6 s of CPU); the first optimiser a
+# process builds imports torch._dynamo (0.5 s). Neither starts a thread. Flower Datasets
+# (1.4 s) is left to the commands: its pyarrow starts native threads (jemalloc's among
+# them), and a process that forks should have none.
+PRELOAD = ["torch", "hydra", "omegaconf", "fedkws.spec", "fedkws.run", "flwr.simulation",
+           "torch._dynamo"]  # fmt: skip
 FORKED = ("fedkws.train", "fedkws.prepare", "fedkws.cli")
 KNOWN = {"capture_output", "text", "env", "cwd", "timeout"}
 # Read when the server starts: a command whose environment changes them runs afresh.
 AT_START = ("PYTHONWARNINGS", "PYTHONPATH", "PYTHONHASHSEED", "OMP_NUM_THREADS",
-            "MKL_NUM_THREADS", "COLUMNS", "NO_COLOR", "FORCE_COLOR", "TERM")  # fmt: skip
+            "MKL_NUM_THREADS", "COLUMNS", "NO_COLOR", "FORCE_COLOR", "TERM",
+            "FLWR_TELEMETRY_ENABLED")  # fmt: skip
 
 _context: Any = None
 

@@ -32,8 +32,9 @@ def _composed_groups(choices: tuple[str, ...]) -> DictConfig:
 
 def _is_group(override: Override) -> bool:
     """Whether Hydra treats ``override`` as a config-group choice (its defaults list's rule)."""
-    group = override.key_or_group.split("@")[0]
-    return (Path(CONF_DIR) / group).is_dir() and not isinstance(override.value(), dict)
+    return (Path(CONF_DIR) / override.key_or_group).is_dir() and not isinstance(
+        override.value(), dict
+    )
 
 
 @lru_cache(maxsize=None)
@@ -44,11 +45,13 @@ def _composed(overrides: tuple[str, ...]) -> DictConfig:
     lists, most of which differ only in values. Hydra composes the defaults list from
     the group choices, then applies the value overrides to the result with
     ``_apply_overrides_to_config``; this does the same, composing the groups once for
-    all the value overrides used with them. Anything touching ``hydra.`` is composed whole.
+    all the value overrides used with them. Anything touching ``hydra.``, and sweeps
+    (which Hydra refuses here), are composed whole. A group is a folder of ``conf/``:
+    true while fedkws adds no config search path or ConfigStore group of its own.
     """
     parsed = OverridesParser.create().parse_overrides(list(overrides))
-    if any(o.key_or_group.startswith("hydra") for o in parsed):
-        return _composed_groups(overrides)
+    if any(o.key_or_group.startswith("hydra") or o.is_sweep_override() for o in parsed):
+        return _composed_groups(overrides)  # Hydra's own checks (a sweep needs --multirun)
     choices = tuple(o.input_line for o in parsed if _is_group(o))
     cfg = copy.deepcopy(_composed_groups(choices))
     ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if not _is_group(o)], cfg)
