@@ -182,13 +182,38 @@ def test_a_commit_keeps_another_processs_scratch_file(tmp_path):
     # file another process is still filling (it would then fail to publish its entry).
     cache = ActivationCache(tmp_path)
     theirs = cache.writer("client0", "theirs", (2, 3))
-    theirs[:] = 2.0
+    theirs.write(np.full((2, 3), 2.0))
     scratch = tmp_path / "client0" / ".theirs.0.npy"
     (tmp_path / "client0" / f".theirs.{os.getpid()}.npy").rename(scratch)
     ours = cache.writer("client0", "ours", (2, 3))
-    ours[:] = 1.0
+    ours.write(np.full((2, 3), 1.0))
     cache.commit("client0", "ours", ours)
-    cache.commit("client0", "older", cache.writer("client0", "older", (1,)))
+    older = cache.writer("client0", "older", (1,))
+    older.write(np.zeros(1))
+    cache.commit("client0", "older", older)
     assert scratch.is_file()  # still being written elsewhere
     assert sorted(p.name for p in (tmp_path / "client0").glob("[!.]*.npy")) == ["older.npy"]
     assert cache.get("client0", "ours") is None and cache.get("client0", "older") is not None
+
+
+@pytest.mark.parametrize("where", ["memory", "folder"])
+def test_rows_written_in_batches_read_back_as_one_array(tmp_path, where):
+    # Catches: batches stored out of order or in memory order instead of C order (the
+    # channels_last inputs of model.channels_last are not C-contiguous), a header that
+    # np.load reads as another shape or dtype, and an incomplete entry kept.
+    cache = ActivationCache(tmp_path / "act" if where == "folder" else None)
+    values = np.arange(5 * 3 * 2 * 4, dtype=np.float32).reshape(5, 3, 2, 4)
+    channels_last = np.ascontiguousarray(values.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert not channels_last.flags.c_contiguous and np.array_equal(channels_last, values)
+    rows = cache.writer("client0", "key", values.shape)
+    for lo in (0, 2, 4):
+        rows.write(channels_last[lo : lo + 2])
+    cache.commit("client0", "key", rows)
+    kept = cache.get("client0", "key")
+    assert kept.dtype == np.float32 and kept.shape == values.shape
+    assert np.array_equal(kept, values)
+    partial = cache.writer("client0", "other", values.shape)
+    partial.write(values[:2])
+    with pytest.raises(ValueError, match="2 of 5 rows"):
+        cache.commit("client0", "other", partial)
+    assert np.array_equal(cache.get("client0", "key"), values)  # the complete entry stays

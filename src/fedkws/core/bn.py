@@ -88,6 +88,37 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()[:20]
 
 
+class _Rows:
+    """A float32 array of ``shape`` filled batch by batch, front to back.
+
+    In memory, or streamed to a ``.npy`` file at ``path`` with plain writes: no
+    memory map to synchronise (``msync`` wrote every cached input through to the
+    disk, about a tenth of a recalibration's time). Other processes on this machine
+    read the page cache; a shared file system shows the file once it is closed.
+    """
+
+    def __init__(self, shape: tuple[int, ...], path: Path | None = None) -> None:
+        self.shape, self.filled = tuple(shape), 0
+        self.array = np.empty(self.shape, dtype=np.float32) if path is None else None
+        self.file = None if path is None else open(path, "wb")  # noqa: SIM115 (closed by close)
+        if self.file is not None:
+            header = {"descr": "<f4", "fortran_order": False, "shape": self.shape}
+            np.lib.format.write_array_header_1_0(self.file, header)
+
+    def write(self, batch: np.ndarray) -> None:
+        """Append ``batch`` (rows ``filled:filled + len(batch)``)."""
+        batch = np.ascontiguousarray(batch, dtype="<f4")
+        if self.array is not None:
+            self.array[self.filled : self.filled + len(batch)] = batch
+        else:
+            self.file.write(batch.data)
+        self.filled += len(batch)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 class ActivationCache:
     """Segment inputs kept between the layer-by-layer moment queries of one holder.
 
@@ -124,23 +155,24 @@ class ActivationCache:
         path = self.folder / holder / f"{key}.npy"
         return np.load(path, mmap_mode="r") if path.is_file() else None
 
-    def writer(self, holder: str, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
-        """An array to fill for ``holder``/``key``; call :meth:`commit` when it is full."""
+    def writer(self, holder: str, key: str, shape: tuple[int, ...]) -> _Rows | None:
+        """Rows to fill, front to back, for ``holder``/``key``; :meth:`commit` them when full."""
         if int(np.prod(shape)) * 4 > self.max_bytes:
             return None
         if self.folder is None:
-            return np.empty(shape, dtype=np.float32)
+            return _Rows(shape)
         folder = self.folder / holder
         folder.mkdir(parents=True, exist_ok=True)
-        scratch = folder / f".{key}.{os.getpid()}.npy"
-        return np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=shape)
+        return _Rows(shape, folder / f".{key}.{os.getpid()}.npy")
 
-    def commit(self, holder: str, key: str, array: np.ndarray) -> None:
-        """Keep ``array`` as the holder's entry; older entries of the holder are dropped."""
+    def commit(self, holder: str, key: str, rows: _Rows) -> None:
+        """Keep ``rows`` as the holder's entry; older entries of the holder are dropped."""
+        rows.close()
+        if rows.filled != rows.shape[0]:
+            raise ValueError(f"{rows.filled} of {rows.shape[0]} rows written: nothing to keep")
         if self.folder is None:
-            self._memory[holder] = (key, array)
+            self._memory[holder] = (key, rows.array)
             return
-        array.flush()
         folder = self.folder / holder
         os.replace(folder / f".{key}.{os.getpid()}.npy", folder / f"{key}.npy")
         for old in folder.glob("*.npy"):
@@ -251,7 +283,7 @@ def _segment_pass(
             return
     start = next((k for k in range(target, 0, -1) if cache.get(holder, keys[k]) is not None), 0)
     source = cache.get(holder, keys[start]) if start else None
-    out: np.ndarray | None = None
+    out: _Rows | None = None
     with _keeping_branch_input(bn, cache, holder, keys[target], chain, pos, len(rows)):
         for lo in range(0, len(rows), batch_size):
             if source is not None:
@@ -266,7 +298,7 @@ def _segment_pass(
                 if out is None and lo == 0:
                     out = cache.writer(holder, keys[target], (len(rows), *x.shape[1:]))
                 if out is not None:
-                    out[lo : lo + len(x)] = x.cpu().numpy()
+                    out.write(x.cpu().numpy())
             try:
                 _entry(segments[target], bn)(x)
             except _StopForward:
@@ -290,8 +322,8 @@ class _BranchInputWriter:
 
     def __init__(self, cache: ActivationCache, holder: str, key: str, n: int) -> None:
         self.cache, self.holder, self.key, self.n = cache, holder, key, n
-        self.out: np.ndarray | None = None
-        self.lo, self.failed = 0, False
+        self.out: _Rows | None = None
+        self.failed = False
 
     def __call__(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0]
@@ -299,13 +331,14 @@ class _BranchInputWriter:
             self.out = self.cache.writer(self.holder, self.key, (self.n, *x.shape[1:]))
             self.failed = self.out is None  # too large to keep: the next norm reruns the branch
         if self.out is not None:
-            self.out[self.lo : self.lo + len(x)] = x.cpu().numpy()
-        self.lo += len(x)
+            self.out.write(x.cpu().numpy())
 
     def commit(self) -> None:
         """Keep what was written, if the whole input was."""
-        if self.out is not None and self.lo == self.n:
+        if self.out is not None and self.out.filled == self.n:
             self.cache.commit(self.holder, self.key, self.out)
+        elif self.out is not None:
+            self.out.close()
 
 
 @contextmanager
