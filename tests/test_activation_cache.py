@@ -183,6 +183,7 @@ def test_a_commit_keeps_another_processs_scratch_file(tmp_path):
     cache = ActivationCache(tmp_path)
     theirs = cache.writer("client0", "theirs", (2, 3))
     theirs.write(np.full((2, 3), 2.0))
+    theirs.close()
     scratch = tmp_path / "client0" / ".theirs.0.npy"
     (tmp_path / "client0" / f".theirs.{os.getpid()}.npy").rename(scratch)
     ours = cache.writer("client0", "ours", (2, 3))
@@ -217,3 +218,44 @@ def test_rows_written_in_batches_read_back_as_one_array(tmp_path, where):
     with pytest.raises(ValueError, match="2 of 5 rows"):
         cache.commit("client0", "other", partial)
     assert np.array_equal(cache.get("client0", "key"), values)  # the complete entry stays
+    if where == "folder":  # and the refused one leaves no file
+        assert [p.name for p in (tmp_path / "act" / "client0").iterdir()] == ["key.npy"]
+
+
+@pytest.mark.parametrize("which", ["projection", "first of a branch"])
+def test_a_pass_that_fails_keeps_no_partial_entry(tiny_data, tmp_path, which):
+    # Catches: a query stopped mid-pass (Ctrl-C, an error) leaving its half-written segment
+    # or branch input behind as a file, and a file cut short (a host that went down before
+    # writing its pages) read as an entry instead of a miss.
+    torch.manual_seed(0)
+    model = build_model("resnet", 12, depth=10, width=8)
+    holder = _holders(tiny_data)[0][:40]
+    cache = ActivationCache(tmp_path / "act")
+    layers = bn_layers(model)
+    names = [name for name, _ in layers]
+    last = (
+        len(layers) - 1
+        if which == "projection"
+        else max(i for i, name in enumerate(names) if name.endswith("norm1"))
+    )
+    calls = {"n": 0}
+
+    def fail_on_second_batch(_module, _inputs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    handle = layers[last][1].register_forward_pre_hook(fail_on_second_batch, prepend=True)
+    with pytest.raises(KeyboardInterrupt):
+        bn_input_moments(model, tiny_data, holder, last, 16, cache)
+    handle.remove()
+    assert calls["n"] == 2
+    assert not [p for p in (tmp_path / "act").rglob("*.npy")]
+    n, s, ss = bn_input_moments(model, tiny_data, holder, last, 16, cache)  # then works
+    assert n > 0 and [p for p in (tmp_path / "act").rglob("*.npy") if p.name.startswith(".")] == []
+    kept = sorted((tmp_path / "act").rglob("*.npy"))
+    assert kept
+    with open(kept[0], "r+b") as f:
+        f.truncate(200)  # header and a few values
+    holder_dir = kept[0].parent.name
+    assert cache.get(holder_dir, kept[0].stem) is None

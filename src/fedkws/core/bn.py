@@ -98,7 +98,7 @@ class _Rows:
     """
 
     def __init__(self, shape: tuple[int, ...], path: Path | None = None) -> None:
-        self.shape, self.filled = tuple(shape), 0
+        self.shape, self.filled, self.path = tuple(int(d) for d in shape), 0, path
         self.array = np.empty(self.shape, dtype=np.float32) if path is None else None
         self.file = None if path is None else open(path, "wb")  # noqa: SIM115 (closed by close)
         if self.file is not None:
@@ -117,6 +117,12 @@ class _Rows:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+    def discard(self) -> None:
+        """Close and delete what was written (an incomplete or failed entry)."""
+        self.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 class ActivationCache:
@@ -153,7 +159,10 @@ class ActivationCache:
             kept = self._memory.get(holder)
             return kept[1] if kept is not None and kept[0] == key else None
         path = self.folder / holder / f"{key}.npy"
-        return np.load(path, mmap_mode="r") if path.is_file() else None
+        try:
+            return np.load(path, mmap_mode="r") if path.is_file() else None
+        except ValueError:  # cut short (a host that went down before its pages were written)
+            return None
 
     def writer(self, holder: str, key: str, shape: tuple[int, ...]) -> _Rows | None:
         """Rows to fill, front to back, for ``holder``/``key``; :meth:`commit` them when full."""
@@ -167,9 +176,10 @@ class ActivationCache:
 
     def commit(self, holder: str, key: str, rows: _Rows) -> None:
         """Keep ``rows`` as the holder's entry; older entries of the holder are dropped."""
-        rows.close()
         if rows.filled != rows.shape[0]:
+            rows.discard()
             raise ValueError(f"{rows.filled} of {rows.shape[0]} rows written: nothing to keep")
+        rows.close()
         if self.folder is None:
             self._memory[holder] = (key, rows.array)
             return
@@ -284,25 +294,30 @@ def _segment_pass(
     start = next((k for k in range(target, 0, -1) if cache.get(holder, keys[k]) is not None), 0)
     source = cache.get(holder, keys[start]) if start else None
     out: _Rows | None = None
-    with _keeping_branch_input(bn, cache, holder, keys[target], chain, pos, len(rows)):
-        for lo in range(0, len(rows), batch_size):
-            if source is not None:
-                x = _cached_batch(source, lo, batch_size, device)
-            else:
-                x, _ = next(
-                    iterate_batches(data, rows[lo : lo + batch_size], batch_size, device=device)
-                )
-            for seg in segments[start:target]:
-                x = seg(x)
-            if start < target:
-                if out is None and lo == 0:
-                    out = cache.writer(holder, keys[target], (len(rows), *x.shape[1:]))
-                if out is not None:
-                    out.write(x.cpu().numpy())
-            try:
-                _entry(segments[target], bn)(x)
-            except _StopForward:
-                pass
+    try:
+        with _keeping_branch_input(bn, cache, holder, keys[target], chain, pos, len(rows)):
+            for lo in range(0, len(rows), batch_size):
+                if source is not None:
+                    x = _cached_batch(source, lo, batch_size, device)
+                else:
+                    x, _ = next(
+                        iterate_batches(data, rows[lo : lo + batch_size], batch_size, device=device)
+                    )
+                for seg in segments[start:target]:
+                    x = seg(x)
+                if start < target:
+                    if out is None and lo == 0:
+                        out = cache.writer(holder, keys[target], (len(rows), *x.shape[1:]))
+                    if out is not None:
+                        out.write(x.cpu().numpy())
+                try:
+                    _entry(segments[target], bn)(x)
+                except _StopForward:
+                    pass
+    except BaseException:
+        if out is not None:
+            out.discard()  # a stopped or failed pass keeps nothing
+        raise
     if out is not None:
         cache.commit(holder, keys[target], out)
 
@@ -338,7 +353,7 @@ class _BranchInputWriter:
         if self.out is not None and self.out.filled == self.n:
             self.cache.commit(self.holder, self.key, self.out)
         elif self.out is not None:
-            self.out.close()
+            self.out.discard()
 
 
 @contextmanager
@@ -354,6 +369,10 @@ def _keeping_branch_input(bn, cache, holder, block_key, chain, pos, n) -> Iterat
     handle = bn.register_forward_pre_hook(writer, prepend=True)  # before the moments' hook
     try:
         yield
+    except BaseException:
+        if writer.out is not None:
+            writer.out.discard()
+        raise
     finally:
         handle.remove()
     writer.commit()
