@@ -259,3 +259,26 @@ def test_a_pass_that_fails_keeps_no_partial_entry(tiny_data, tmp_path, which):
         f.truncate(200)  # header and a few values
     holder_dir = kept[0].parent.name
     assert cache.get(holder_dir, kept[0].stem) is None
+
+
+@pytest.mark.parametrize("depth,rows", [(10, None), (50, 40)])
+def test_each_block_conv_runs_once_per_batch(tiny_data, tmp_path, depth, rows):
+    # Catches: a block's convs rerun to produce the next block's input (the block's
+    # output is its last norm's and its projection norm's kept inputs, normalised,
+    # summed and rectified), and a kept input that is never used.
+    torch.manual_seed(0)
+    model = build_model("resnet", 12, depth=depth, width=4 if depth == 50 else 8)
+    holders = [h[:rows] for h in _holders(tiny_data)]
+    batches = sum(-(-len(h) // 16) for h in holders)
+    calls: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_pre_hook(
+                lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1)
+            )
+    _recorded(model, tiny_data, holders, ActivationCache(tmp_path / "act"))
+    stem = {n for n in calls if n.startswith("stem")}
+    assert stem and all(calls[n] == 2 * batches for n in stem)  # its norm, then block 1's input
+    assert {n: c for n, c in calls.items() if n not in stem} == {
+        n: batches for n in calls if n not in stem
+    }

@@ -285,17 +285,20 @@ def _segment_pass(
             for k in range(target + 1)]  # fmt: skip
     chain = _chain(segments[target])
     pos = next((i for i, (_, norm) in enumerate(chain or []) if norm is bn), None)
+    slot = _kept_slot(segments[target], bn, holder, keys[target])
     if pos is not None and pos > 0:
         source = cache.get(_branch(holder), _chain_key(keys[target], chain, pos - 1))
         if source is not None:
-            with _keeping_branch_input(bn, cache, holder, keys[target], chain, pos, len(rows)):
+            with _keeping_input(bn, cache, slot, len(rows)):
                 _chain_step(chain, pos, bn, source, batch_size, device)
             return
     start = next((k for k in range(target, 0, -1) if cache.get(holder, keys[k]) is not None), 0)
     source = cache.get(holder, keys[start]) if start else None
+    # The output of block ``start`` from its norms' kept inputs, without its convs.
+    parts = _block_parts(segments[start], cache, holder, keys[start]) if start < target else None
     out: _Rows | None = None
     try:
-        with _keeping_branch_input(bn, cache, holder, keys[target], chain, pos, len(rows)):
+        with _keeping_input(bn, cache, slot, len(rows)):
             for lo in range(0, len(rows), batch_size):
                 if source is not None:
                     x = _cached_batch(source, lo, batch_size, device)
@@ -303,7 +306,11 @@ def _segment_pass(
                     x, _ = next(
                         iterate_batches(data, rows[lo : lo + batch_size], batch_size, device=device)
                     )
-                for seg in segments[start:target]:
+                first = start
+                if parts is not None:
+                    x = _block_output(segments[start], x, parts, lo, batch_size, device)
+                    first += 1
+                for seg in segments[first:target]:
                     x = seg(x)
                 if start < target:
                     if out is None and lo == 0:
@@ -356,16 +363,80 @@ class _BranchInputWriter:
             self.out.discard()
 
 
+def _shortcut(holder: str) -> str:
+    """The cache holder of a block's projection-norm input (a slot of its own)."""
+    return holder + "-shortcut"
+
+
+def _projection_norm(segment: nn.Module) -> nn.Module | None:
+    """The norm of a residual block's projection shortcut, or None (identity, other segments)."""
+    shortcut = getattr(segment, "shortcut", None)
+    if isinstance(shortcut, nn.Sequential) and _chain(segment) is not None:
+        return shortcut[1]
+    return None
+
+
+def _shortcut_key(block_key: str, segment: nn.Module) -> str:
+    """What the input of the projection's norm depends on: the block's input and its conv."""
+    return _digest(block_key, "shortcut", *segment.shortcut[0].state_dict().values())
+
+
+def _kept_slot(segment: nn.Module, bn: nn.Module, holder: str, block_key: str):
+    """Where a query of ``bn`` keeps ``bn``'s input: (holder, key), or None.
+
+    Every norm of a residual block's branch (the next norm runs one conv from it; the last
+    one's, with the projection norm's, gives the block's output without its convs), and
+    the projection's norm.
+    """
+    chain = _chain(segment)
+    pos = next((i for i, (_, norm) in enumerate(chain or []) if norm is bn), None)
+    if pos is not None:
+        return _branch(holder), _chain_key(block_key, chain, pos)
+    if bn is _projection_norm(segment):
+        return _shortcut(holder), _shortcut_key(block_key, segment)
+    return None
+
+
+def _block_parts(segment, cache, holder, block_key) -> tuple | None:
+    """The kept inputs of a block's last branch norm and projection norm, if both are kept."""
+    chain = _chain(segment)
+    if chain is None:
+        return None
+    last = cache.get(_branch(holder), _chain_key(block_key, chain, len(chain) - 1))
+    if last is None:
+        return None
+    if _projection_norm(segment) is None:
+        return last, None
+    projected = cache.get(_shortcut(holder), _shortcut_key(block_key, segment))
+    return None if projected is None else (last, projected)
+
+
+def _block_output(segment, x, parts, lo, batch_size, device) -> torch.Tensor:
+    """``segment(x)`` for rows ``lo:lo + batch_size``, from its norms' kept inputs.
+
+    The block's forward is ``relu(last_norm(last_conv(...)) + shortcut(x))``; the kept
+    inputs are the outputs of ``last_conv`` and of the projection's conv, so only the
+    norms, the sum and the ReLU run (the same operations on the same values: bitwise).
+    """
+    last, projected = parts
+    y = _chain(segment)[-1][1](_cached_batch(last, lo, batch_size, device))
+    if projected is None:
+        return torch.relu(y + x)
+    return torch.relu(
+        y + _projection_norm(segment)(_cached_batch(projected, lo, batch_size, device))
+    )
+
+
 @contextmanager
-def _keeping_branch_input(bn, cache, holder, block_key, chain, pos, n) -> Iterator[None]:
-    """While inside, keep ``bn``'s input for the next norm of its branch, if it has one.
+def _keeping_input(bn, cache, slot, n) -> Iterator[None]:
+    """While inside, keep ``bn``'s input in ``slot`` (see :func:`_kept_slot`), if any.
 
     Kept only when the pass inside completes (an error leaves the cache as it was).
     """
-    if chain is None or pos is None or pos + 1 >= len(chain):
+    if slot is None:
         yield
         return
-    writer = _BranchInputWriter(cache, _branch(holder), _chain_key(block_key, chain, pos), n)
+    writer = _BranchInputWriter(cache, *slot, n)
     handle = bn.register_forward_pre_hook(writer, prepend=True)  # before the moments' hook
     try:
         yield
