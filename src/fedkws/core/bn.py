@@ -136,16 +136,19 @@ class ActivationCache:
     is written once, when the first layer of the segment is queried. Inside a
     residual block the input of the branch's last queried norm is kept too, so
     the next norm of the branch runs one conv, and the projection's norm runs
-    the projection alone: the whole recalibration costs about one forward pass
-    plus the cache's copies. The result is bitwise the same.
+    the projection alone; the inputs of the branch's last norm and of the
+    projection's norm give the block's output to the next block's query without
+    its convs. The whole recalibration costs about one forward pass (the stem's
+    convs twice) plus the cache's copies. The result is bitwise the same.
 
     Entries are keyed by the holder's rows and a digest of every tensor that
     the cached input depends on, so a stale entry is never used. ``folder``
     keeps them as ``.npy`` files (any process of the same holder can resume,
     as Ray actors do); ``None`` keeps them in memory. Only the newest entry
-    per holder is kept (the branch inputs are a holder of their own,
-    ``<holder>-chain``). Inputs larger than ``max_bytes`` are not cached (the
-    query then reruns the forward pass from the nearest cached segment).
+    per holder is kept (the branch norms' inputs are a holder of their own,
+    ``<holder>-chain``, and so is the projection norm's, ``<holder>-shortcut``).
+    Inputs larger than ``max_bytes`` are not cached (the query then reruns the
+    forward pass from the nearest cached segment).
     """
 
     def __init__(self, folder: Path | str | None = None, max_bytes: int = 4 << 30) -> None:
@@ -277,7 +280,8 @@ def _segment_pass(
     Cached inputs are float32 arrays on the host (memory or ``.npy``), moved to
     ``device`` one batch at a time. Inside a residual block the input of the
     branch's previous norm is kept too (its own slot, beside the block's input),
-    so each norm of the branch costs one conv.
+    so each norm of the branch costs one conv, and the block before the target's
+    is built from its kept norm inputs (:func:`_block_output`).
     """
     target = next(k for k, seg in enumerate(segments) if any(m is bn for m in seg.modules()))
     holder = _digest(str(data.path), data.feature_key, rows)
@@ -340,7 +344,7 @@ def _branch(holder: str) -> str:
 
 
 class _BranchInputWriter:
-    """A pre-hook on a branch norm that keeps its input, batch by batch, for the next norm."""
+    """A pre-hook on a norm that keeps its input, batch by batch (see :func:`_kept_slot`)."""
 
     def __init__(self, cache: ActivationCache, holder: str, key: str, n: int) -> None:
         self.cache, self.holder, self.key, self.n = cache, holder, key, n
@@ -371,8 +375,8 @@ def _shortcut(holder: str) -> str:
 def _projection_norm(segment: nn.Module) -> nn.Module | None:
     """The norm of a residual block's projection shortcut, or None (identity, other segments)."""
     shortcut = getattr(segment, "shortcut", None)
-    if isinstance(shortcut, nn.Sequential) and _chain(segment) is not None:
-        return shortcut[1]
+    if _chain(segment) is not None and isinstance(shortcut, nn.Sequential):
+        return shortcut[1]  # models._projection: (conv, norm)
     return None
 
 
@@ -400,7 +404,13 @@ def _kept_slot(segment: nn.Module, bn: nn.Module, holder: str, block_key: str):
 def _block_parts(segment, cache, holder, block_key) -> tuple | None:
     """The kept inputs of a block's last branch norm and projection norm, if both are kept."""
     chain = _chain(segment)
-    if chain is None:
+    shortcut = getattr(segment, "shortcut", None)
+    known = isinstance(shortcut, nn.Identity) or (
+        isinstance(shortcut, nn.Sequential)
+        and len(shortcut) == 2
+        and isinstance(shortcut[1], nn.modules.batchnorm._BatchNorm)
+    )
+    if chain is None or not known:  # a shortcut _block_output does not know: run the block
         return None
     last = cache.get(_branch(holder), _chain_key(block_key, chain, len(chain) - 1))
     if last is None:
