@@ -283,3 +283,35 @@ def test_each_block_conv_runs_once_per_batch(tiny_data, tmp_path, depth, rows):
     assert {n: c for n, c in calls.items() if n not in stem} == {
         n: batches for n in convs if n not in stem
     }
+
+
+def test_the_final_blocks_output_is_not_kept(tiny_data, tmp_path, monkeypatch):
+    # Catches: the last block's last norm input and projection input written (as large as
+    # its output) although no block comes after it to read them.
+    from fedkws.data.loader import iterate_batches
+
+    torch.manual_seed(0)
+    model = build_model("resnet", 12, depth=10, width=8).eval()
+    holders = [h[:40] for h in _holders(tiny_data)]
+    final = model.stages[-1][-1]
+    assert isinstance(final.shortcut, torch.nn.Sequential)  # a projection block: both slots
+    shapes: list = []
+    hook = final.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape[1:])))
+    with torch.no_grad():
+        model(next(iterate_batches(tiny_data, holders[0][:2], 2))[0])
+    hook.remove()
+    kept: list[tuple[str, tuple[int, ...]]] = []
+    commit = ActivationCache.commit
+
+    def recording(self, holder, key, rows):
+        kept.append((holder.rsplit("-", 1)[-1] if "-" in holder else "segment", rows.shape[1:]))
+        return commit(self, holder, key, rows)
+
+    monkeypatch.setattr(ActivationCache, "commit", recording)
+    _recorded(model, tiny_data, holders, ActivationCache(tmp_path / "act"))
+    counts = {
+        slot: sum(s == shapes[0] for k, s in kept if k == slot) for slot in ("chain", "shortcut")
+    }
+    # Per holder, its norm1's input only (norm2's one-conv step reads it): no norm2 input,
+    # no projection input.
+    assert counts == {"chain": len(holders), "shortcut": 0}, kept

@@ -289,7 +289,7 @@ def _segment_pass(
             for k in range(target + 1)]  # fmt: skip
     chain = _chain(segments[target])
     pos = next((i for i, (_, norm) in enumerate(chain or []) if norm is bn), None)
-    slot = _kept_slot(segments[target], bn, holder, keys[target])
+    slot = _kept_slot(segments[target], bn, holder, keys[target], target == len(segments) - 1)
     if pos is not None and pos > 0:
         source = cache.get(_branch(holder), _chain_key(keys[target], chain, pos - 1))
         if source is not None:
@@ -385,18 +385,19 @@ def _shortcut_key(block_key: str, segment: nn.Module) -> str:
     return _digest(block_key, "shortcut", *segment.shortcut[0].state_dict().values())
 
 
-def _kept_slot(segment: nn.Module, bn: nn.Module, holder: str, block_key: str):
+def _kept_slot(segment: nn.Module, bn: nn.Module, holder: str, block_key: str, final: bool):
     """Where a query of ``bn`` keeps ``bn``'s input: (holder, key), or None.
 
     Every norm of a residual block's branch (the next norm runs one conv from it; the last
     one's, with the projection norm's, gives the block's output without its convs), and
-    the projection's norm.
+    the projection's norm; in the ``final`` segment only what its next norm reads (no
+    block comes after it to need its output).
     """
     chain = _chain(segment)
     pos = next((i for i, (_, norm) in enumerate(chain or []) if norm is bn), None)
-    if pos is not None:
+    if pos is not None and not (final and pos == len(chain) - 1):
         return _branch(holder), _chain_key(block_key, chain, pos)
-    if bn is _projection_norm(segment):
+    if bn is _projection_norm(segment) and not final:
         return _shortcut(holder), _shortcut_key(block_key, segment)
     return None
 
