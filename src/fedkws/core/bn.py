@@ -69,6 +69,11 @@ def _chain(segment: nn.Module) -> list[tuple[nn.Module, nn.Module]] | None:
     return None
 
 
+def _position(chain: list[tuple[nn.Module, nn.Module]] | None, bn: nn.Module) -> int | None:
+    """The index of ``bn`` among the chain's norms, or None."""
+    return next((i for i, (_, norm) in enumerate(chain or []) if norm is bn), None)
+
+
 def _chain_key(block_key: str, chain: list[tuple[nn.Module, nn.Module]], i: int) -> str:
     """What the input of ``chain[i]``'s norm depends on: the block's input and what runs before."""
     convs = (t for conv, _ in chain[: i + 1] for t in conv.state_dict().values())
@@ -288,7 +293,7 @@ def _segment_pass(
     keys = [_digest(k, *(t for seg in segments[:k] for t in seg.state_dict().values()))
             for k in range(target + 1)]  # fmt: skip
     chain = _chain(segments[target])
-    pos = next((i for i, (_, norm) in enumerate(chain or []) if norm is bn), None)
+    pos = _position(chain, bn)
     slot = _kept_slot(segments[target], bn, holder, keys[target], target == len(segments) - 1)
     if pos is not None and pos > 0:
         source = cache.get(_branch(holder), _chain_key(keys[target], chain, pos - 1))
@@ -304,12 +309,7 @@ def _segment_pass(
     try:
         with _keeping_input(bn, cache, slot, len(rows)):
             for lo in range(0, len(rows), batch_size):
-                if source is not None:
-                    x = _cached_batch(source, lo, batch_size, device)
-                else:
-                    x, _ = next(
-                        iterate_batches(data, rows[lo : lo + batch_size], batch_size, device=device)
-                    )
+                x = _batch_input(data, rows, source, lo, batch_size, device)
                 first = start
                 if parts is not None:
                     x = _block_output(segments[start], x, parts, lo, batch_size, device)
@@ -333,6 +333,14 @@ def _segment_pass(
         cache.commit(holder, keys[target], out)
 
 
+def _batch_input(data, rows, source, lo: int, batch_size: int, device) -> torch.Tensor:
+    """Rows ``lo:lo + batch_size`` of a segment's input: cached, or the features of ``rows``."""
+    if source is not None:
+        return _cached_batch(source, lo, batch_size, device)
+    x, _ = next(iterate_batches(data, rows[lo : lo + batch_size], batch_size, device=device))
+    return x
+
+
 def _cached_batch(source: np.ndarray, lo: int, batch_size: int, device) -> torch.Tensor:
     """Rows ``lo:lo + batch_size`` of a cached input, as a tensor on ``device``."""
     return to_device(torch.from_numpy(np.array(source[lo : lo + batch_size])), device)
@@ -343,7 +351,7 @@ def _branch(holder: str) -> str:
     return holder + "-chain"
 
 
-class _BranchInputWriter:
+class _InputWriter:
     """A pre-hook on a norm that keeps its input, batch by batch (see :func:`_kept_slot`)."""
 
     def __init__(self, cache: ActivationCache, holder: str, key: str, n: int) -> None:
@@ -373,9 +381,14 @@ def _shortcut(holder: str) -> str:
 
 
 def _projection_norm(segment: nn.Module) -> nn.Module | None:
-    """The norm of a residual block's projection shortcut, or None (identity, other segments)."""
+    """The BatchNorm of a block's (conv, norm) projection shortcut, or None (identity, other)."""
     shortcut = getattr(segment, "shortcut", None)
-    if _chain(segment) is not None and isinstance(shortcut, nn.Sequential):
+    if (
+        _chain(segment) is not None
+        and isinstance(shortcut, nn.Sequential)
+        and len(shortcut) == 2
+        and isinstance(shortcut[1], nn.modules.batchnorm._BatchNorm)
+    ):
         return shortcut[1]  # models._projection: (conv, norm)
     return None
 
@@ -394,7 +407,7 @@ def _kept_slot(segment: nn.Module, bn: nn.Module, holder: str, block_key: str, f
     block comes after it to need its output).
     """
     chain = _chain(segment)
-    pos = next((i for i, (_, norm) in enumerate(chain or []) if norm is bn), None)
+    pos = _position(chain, bn)
     if pos is not None and not (final and pos == len(chain) - 1):
         return _branch(holder), _chain_key(block_key, chain, pos)
     if bn is _projection_norm(segment) and not final:
@@ -405,18 +418,14 @@ def _kept_slot(segment: nn.Module, bn: nn.Module, holder: str, block_key: str, f
 def _block_parts(segment, cache, holder, block_key) -> tuple | None:
     """The kept inputs of a block's last branch norm and projection norm, if both are kept."""
     chain = _chain(segment)
-    shortcut = getattr(segment, "shortcut", None)
-    known = isinstance(shortcut, nn.Identity) or (
-        isinstance(shortcut, nn.Sequential)
-        and len(shortcut) == 2
-        and isinstance(shortcut[1], nn.modules.batchnorm._BatchNorm)
-    )
-    if chain is None or not known:  # a shortcut _block_output does not know: run the block
+    projection = _projection_norm(segment)
+    identity = isinstance(getattr(segment, "shortcut", None), nn.Identity)
+    if chain is None or (projection is None and not identity):  # unknown shortcut: rerun it
         return None
     last = cache.get(_branch(holder), _chain_key(block_key, chain, len(chain) - 1))
     if last is None:
         return None
-    if _projection_norm(segment) is None:
+    if projection is None:
         return last, None
     projected = cache.get(_shortcut(holder), _shortcut_key(block_key, segment))
     return None if projected is None else (last, projected)
@@ -447,7 +456,7 @@ def _keeping_input(bn, cache, slot, n) -> Iterator[None]:
     if slot is None:
         yield
         return
-    writer = _BranchInputWriter(cache, *slot, n)
+    writer = _InputWriter(cache, *slot, n)
     handle = bn.register_forward_pre_hook(writer, prepend=True)  # before the moments' hook
     try:
         yield
