@@ -146,8 +146,7 @@ def mix_noise(
     batch, length = waves.shape
     if prob <= 0 or noise_bank.numel() < length:
         return waves
-    chosen = (torch.rand(batch, generator=gen) < prob).float().unsqueeze(1)
-    starts = torch.randint(0, noise_bank.numel() - length + 1, (batch,), generator=gen)
+    chosen, starts = _noise_picks(batch, prob, noise_bank.numel(), length, gen)
     noise = torch.stack([noise_bank[s : s + length] for s in starts.tolist()])
     if snr_db is None:
         scale = _uniform(batch, *volume, gen).unsqueeze(1)
@@ -156,7 +155,19 @@ def mix_noise(
         p_sig = waves.pow(2).mean(1).clamp_min(1e-10)
         p_noise = noise.pow(2).mean(1).clamp_min(1e-10)
         scale = torch.sqrt(p_sig / (p_noise * 10 ** (snr / 10))).unsqueeze(1)
-    return (waves + chosen * scale * noise).clamp(-1.0, 1.0)
+    return (waves + chosen.float().unsqueeze(1) * scale * noise).clamp(-1.0, 1.0)
+
+
+def _noise_picks(
+    batch: int, prob: float, available: int, length: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which examples get noise (bool), and where each one's stretch of the bank starts.
+
+    Drawn in this order for both domains (:func:`mix_noise`, :func:`mix_noise_mel`).
+    """
+    chosen = torch.rand(batch, generator=gen) < prob
+    starts = torch.randint(0, available - length + 1, (batch,), generator=gen)
+    return chosen, starts
 
 
 def spec_augment(
@@ -236,8 +247,7 @@ def mix_noise_mel(
     batch, _, bins, frames = feats.shape
     if prob <= 0 or noise_power.shape[1] < frames:
         return feats
-    chosen = torch.rand(batch, generator=gen) < prob
-    starts = torch.randint(0, noise_power.shape[1] - frames + 1, (batch,), generator=gen)
+    chosen, starts = _noise_picks(batch, prob, noise_power.shape[1], frames, gen)
     columns = starts.unsqueeze(1) + torch.arange(frames).unsqueeze(0)  # (batch, frames)
     noise = noise_power[:, columns].permute(1, 0, 2)  # (batch, bins, frames)
     power = feats.squeeze(1).exp()  # mel + log_offset
