@@ -53,6 +53,17 @@ class Ratio:
     details: str = ""
     unit: str = "x"
 
+    @property
+    def has_target(self) -> bool:
+        """False for a figure shown beside the targets, whose target reads ``(no target...``."""
+        return not self.target.startswith("(no target")
+
+    def verdict(self, yes: str = "yes", no: str = "**no**") -> str:
+        """``yes`` or ``no`` for a ratio with a target, ``-`` for one without."""
+        if not self.has_target:
+            return "-"
+        return yes if self.met else no
+
     def formatted(self) -> str:
         """The value with its unit, e.g. ``12.3x`` or ``1.25 GB``."""
         if self.value != self.value:  # NaN: not measured

