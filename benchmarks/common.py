@@ -37,7 +37,8 @@ class Ratio:
     value
         The measured value (a ratio, or a quantity in ``unit``).
     target
-        The target in words, e.g. ``>= 10x``.
+        The target in words, e.g. ``>= 10x``; a figure shown beside the targets
+        without one of its own says ``(no target...`` (its verdict prints ``-``).
     met
         Whether ``value`` meets the target.
     details

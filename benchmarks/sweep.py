@@ -6,8 +6,9 @@ everything else a sweep pays (imports, data, Ray, actors, final evaluation, the
 report) is the overhead. Measured on two sweeps:
 
 - **The study sweep**, the target's measure: ``experiment=bn_ablation`` as the
-  study runs it (its six cells, ResNet-10 width 32, 4 clients, 10 rounds, exact
-  recalibration at rounds 5 and 10), one job after another on the shared Ray head.
+  study runs it (its six cells, ResNet-10 width 32, 4 clients, 10 rounds; the
+  shared-BatchNorm cells recalibrate exactly at rounds 5 and 10), one job after
+  another on the shared Ray head.
 - **A short-job sweep**, which shows the fixed cost per job: six seeds of a
   small job (ResNet-10 width 16, 4 IID clients, 3 rounds, one local epoch, eval
   mode), run three times side by side: one job after another attached to one
@@ -116,7 +117,7 @@ def _startups(results: dict[str, dict]) -> list[float]:
 
 
 def run(args) -> list[Ratio]:
-    """The three sweeps, side by side."""
+    """The study sweep, then the short-job sweep three ways, side by side."""
     global NOTES
     with tempfile.TemporaryDirectory(prefix="fedkws-bench-") as tmp:
         study_wall, study_rounds = _multirun(STUDY, Path(tmp) / "study")
@@ -153,7 +154,7 @@ def run(args) -> list[Ratio]:
         f"wall, {own_rounds:.1f} s in rounds ({own_wall / own_rounds:.2f}x, {own_outside:.1f} s "
         f"per job outside its rounds, start-up {sum(own_startups) / JOBS:.2f} s per job); two "
         f"jobs at a time on the shared head: {par_wall:.1f} s wall "
-        f"({shared_wall / par_wall:.2f}x faster than one at a time), {par_rounds:.1f} s in "
+        f"({par_wall / shared_wall:.2f}x the time of one at a time), {par_rounds:.1f} s in "
         "its jobs' rounds. Start-up per job on the shared head (setup + clients_start, s): "
         f"{', '.join(f'{s:.2f}' for s in startups)}.\n\nWhere a short job's time goes "
         "(sequential sweep on the shared head; the rest of the multirun's wall time is the "
@@ -170,8 +171,9 @@ def run(args) -> list[Ratio]:
         Ratio("short jobs: multirun wall / jobs' time in rounds", ratio,
               "(no target: the fixed cost per job)", True, f"{short}, shared Ray head"),
         Ratio("short jobs: parallel multirun wall / sequential jobs' time in rounds",
-              par_ratio, "(no target: the fixed cost per job)", True,
-              f"{short}, 2 at a time, shared Ray head"),
+              par_ratio, "(no target: two jobs at a time on 2 cores)", True,
+              f"{short} one at a time, the parallel sweep's wall over their time in rounds; "
+              "2 at a time, shared Ray head"),
         Ratio("short jobs: start-up per job", startup, "<= 3 s", startup <= 3.0,
               f"setup + clients_start, mean over the {JOBS} jobs (the first starts the "
               f"actors); one Ray per job: {sum(own_startups) / JOBS:.2f} s", unit="s"),
