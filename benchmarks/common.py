@@ -13,6 +13,7 @@ and is listed in ``BENCHMARKS`` of ``benchmarks/run.py``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -24,6 +25,39 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 _STARTED = time.monotonic()
+
+
+class BenchmarkError(RuntimeError):
+    """A measured command failed or left something behind: one ``error:`` line, no traceback.
+
+    Any other exception in a benchmark is a bug in it and keeps its traceback.
+    """
+
+
+def at_least(minimum: int):
+    """An argparse type: a whole number ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,9 @@ TARGET = 0.25
 
 def add_arguments(group) -> None:
     """``--evaluation-rounds``."""
-    group.add_argument("--evaluation-rounds", type=int, default=3, help="federated rounds")
+    group.add_argument(
+        "--evaluation-rounds", type=common.at_least(1), default=3, help="federated rounds"
+    )
 
 
 def overrides(rounds: int) -> list[str]:

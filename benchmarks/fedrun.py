@@ -56,7 +56,7 @@ def train(overrides: list[str], timeout: float, name: str, multirun: bool = Fals
     wall = time.perf_counter() - start
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"fedkws-train failed ({done.returncode}): {' | '.join(tail)}")
+        raise common.BenchmarkError(f"fedkws-train failed ({done.returncode}): {' | '.join(tail)}")
     return wall
 
 

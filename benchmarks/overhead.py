@@ -40,7 +40,9 @@ NOTES = ""
 
 def add_arguments(group) -> None:
     """``--overhead-rounds``."""
-    group.add_argument("--overhead-rounds", type=int, default=20, help="federated rounds")
+    group.add_argument(
+        "--overhead-rounds", type=common.at_least(1), default=20, help="federated rounds"
+    )
 
 
 def overrides(rounds: int) -> list[str]:

@@ -36,8 +36,12 @@ NOTES = ""  # filled by run(): the stage-by-stage breakdown
 
 def add_arguments(group) -> None:
     """``--pipeline-clips``, ``--pipeline-repeats``."""
-    group.add_argument("--pipeline-clips", type=int, default=1000, help="clips per pass")
-    group.add_argument("--pipeline-repeats", type=int, default=3, help="timed passes per side")
+    group.add_argument(
+        "--pipeline-clips", type=common.at_least(1), default=1000, help="clips per pass"
+    )
+    group.add_argument(
+        "--pipeline-repeats", type=common.at_least(1), default=3, help="timed passes per side"
+    )
 
 
 def _setup(clips: int):

@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
             print(f"error: {name}: interrupted", file=sys.stderr)
             return 130
         except Exception as err:  # one benchmark's failure does not hide the others'
-            traceback.print_exc(file=sys.stderr)
+            if not isinstance(err, common.BenchmarkError):  # a bug in the benchmark
+                traceback.print_exc(file=sys.stderr)
             print(f"error: {name}: {err}", file=sys.stderr)
             failed.append(name)
             continue

@@ -70,16 +70,19 @@ def add_arguments(group) -> None:
         help="comma-separated client counts (default %(default)s); targets use the "
         "smallest and the largest",
     )
-    group.add_argument("--scale-rounds", type=int, default=48, help="rounds per run")
+    group.add_argument("--scale-rounds", type=common.at_least(1), default=48, help="rounds per run")
     group.add_argument(
         "--scale-supernodes",
-        type=int,
+        type=common.at_least(0),
         default=None,
         help="federation.supernodes of the measured runs (default: the config's, auto; "
         "0: one per client, and no comparison run)",
     )
     group.add_argument(
-        "--scale-timeout", type=float, default=3600.0, help="seconds before a run is stopped"
+        "--scale-timeout",
+        type=common.positive_seconds,
+        default=3600.0,
+        help="seconds before a run is stopped",
     )
     group.add_argument(
         "--scale-profile",
@@ -368,10 +371,12 @@ def measure(
         left = end_leftovers(trace.seen)
         reader.join(timeout=10)
     if left:
-        raise RuntimeError(f"N={clients}: processes {left} of the run would not end")
+        raise common.BenchmarkError(f"N={clients}: processes {left} of the run would not end")
     if proc.returncode != 0:
         tail = "\n".join(line for _, line in lines[-15:])
-        raise RuntimeError(f"N={clients}: fedkws-train exited with {proc.returncode}:\n{tail}")
+        raise common.BenchmarkError(
+            f"N={clients}: fedkws-train exited with {proc.returncode}:\n{tail}"
+        )
     setting = "null" if supernodes is None else str(supernodes)
     return _result(clients, nodes, setting, run_dir, trace, lines, start, end)
 

@@ -91,7 +91,7 @@ def _multirun(overrides_: list[str], folder: Path) -> tuple[float, float]:
     wall = fedrun.train([*overrides_, f"hydra.sweep.dir={folder}"], 3600, NAME, multirun=True)
     runs = sorted(folder.rglob("results.json"))
     if len(runs) != JOBS:
-        raise RuntimeError(f"expected {JOBS} runs in {folder}, found {len(runs)}")
+        raise common.BenchmarkError(f"expected {JOBS} runs in {folder}, found {len(runs)}")
     in_rounds = sum(r["seconds"] for f in runs for r in json.loads(f.read_text())["rounds"])
     return wall, in_rounds
 
