@@ -64,9 +64,9 @@ PHASE_WORDS = {
 }
 
 
-def _phases(folder: Path) -> str:
+def _phases(results: dict[str, dict]) -> str:
     """Mean seconds per job in each phase (results.json ``phases_s``), as a Markdown table."""
-    runs = [json.loads(f.read_text())["summary"] for f in sorted(folder.rglob("results.json"))]
+    runs = [r["summary"] for r in results.values()]
     rows = ["| phase | what | s per job (mean over jobs) |", "|---|---|---|"]
     for phase in PHASE_WORDS:
         mean = sum(r["phases_s"].get(phase, 0.0) for r in runs) / len(runs)
@@ -76,8 +76,8 @@ def _phases(folder: Path) -> str:
     return "\n".join(rows)
 
 
-def _sweep(shared: bool, folder: Path, parallel: bool = False) -> tuple[float, float]:
-    """The short-job sweep: its wall time and its jobs' summed time in rounds."""
+def _sweep(shared: bool, folder: Path, parallel: bool = False) -> tuple[float, dict[str, dict]]:
+    """The short-job sweep: its wall time and its jobs' results (:func:`_multirun`)."""
     seeds = ",".join(str(s) for s in range(JOBS))
     launcher = ["hydra/launcher=fedkws_parallel"] if parallel else []
     return _multirun(
@@ -86,22 +86,24 @@ def _sweep(shared: bool, folder: Path, parallel: bool = False) -> tuple[float, f
     )
 
 
-def _multirun(overrides_: list[str], folder: Path) -> tuple[float, float]:
-    """``fedkws-train -m overrides_`` into ``folder``: wall time, jobs' summed time in rounds."""
+def _multirun(overrides_: list[str], folder: Path) -> tuple[float, dict[str, dict]]:
+    """``fedkws-train -m overrides_`` into ``folder``: wall time, each job's results.
+
+    The results.json files are keyed by their job's folder, relative to the sweep's.
+    """
     wall = fedrun.train([*overrides_, f"hydra.sweep.dir={folder}"], 3600, NAME, multirun=True)
-    runs = sorted(folder.rglob("results.json"))
-    if len(runs) != JOBS:
-        raise common.BenchmarkError(f"expected {JOBS} runs in {folder}, found {len(runs)}")
-    in_rounds = sum(r["seconds"] for f in runs for r in json.loads(f.read_text())["rounds"])
-    return wall, in_rounds
-
-
-def _results(folder: Path) -> dict[str, dict]:
-    """Each job's results.json by its folder, relative to the sweep's."""
-    return {
+    results = {
         str(f.parent.relative_to(folder)): json.loads(f.read_text())
         for f in sorted(folder.rglob("results.json"))
     }
+    if len(results) != JOBS:
+        raise common.BenchmarkError(f"expected {JOBS} runs in {folder}, found {len(results)}")
+    return wall, results
+
+
+def _in_rounds(results: dict[str, dict]) -> float:
+    """The jobs' summed time inside their rounds (the ratios' denominator)."""
+    return sum(r["seconds"] for result in results.values() for r in result["rounds"])
 
 
 def _numbers(result: dict) -> list:
@@ -120,15 +122,14 @@ def run(args) -> list[Ratio]:
     """The study sweep, then the short-job sweep three ways, side by side."""
     global NOTES
     with tempfile.TemporaryDirectory(prefix="fedkws-bench-") as tmp:
-        study_wall, study_rounds = _multirun(STUDY, Path(tmp) / "study")
-        study_phases = _phases(Path(tmp) / "study")
-        study_startup = sum(_startups(_results(Path(tmp) / "study"))) / JOBS
-        shared_wall, shared_rounds = _sweep(True, Path(tmp) / "shared")
-        phases = _phases(Path(tmp) / "shared")
-        shared = _results(Path(tmp) / "shared")
-        own_wall, own_rounds = _sweep(False, Path(tmp) / "own")
-        own = _results(Path(tmp) / "own")
-        par_wall, par_rounds = _sweep(True, Path(tmp) / "parallel", parallel=True)
+        study_wall, studied = _multirun(STUDY, Path(tmp) / "study")
+        shared_wall, shared = _sweep(True, Path(tmp) / "shared")
+        own_wall, own = _sweep(False, Path(tmp) / "own")
+        par_wall, parallel = _sweep(True, Path(tmp) / "parallel", parallel=True)
+    study_rounds, shared_rounds = _in_rounds(studied), _in_rounds(shared)
+    own_rounds, par_rounds = _in_rounds(own), _in_rounds(parallel)
+    study_phases, phases = _phases(studied), _phases(shared)
+    study_startup = sum(_startups(studied)) / JOBS
     study = study_wall / study_rounds
     ratio = shared_wall / shared_rounds
     outside = (shared_wall - shared_rounds) / JOBS
