@@ -312,7 +312,7 @@ def _segment_pass(
                 x = _batch_input(data, rows, source, lo, batch_size, device)
                 first = start
                 if parts is not None:
-                    x = _block_output(segments[start], x, parts, lo, batch_size, device)
+                    x = _block_output(x, parts, lo, batch_size, device)
                     first += 1
                 for seg in segments[first:target]:
                     x = seg(x)
@@ -416,7 +416,11 @@ def _kept_slot(segment: nn.Module, bn: nn.Module, holder: str, block_key: str, f
 
 
 def _block_parts(segment, cache, holder, block_key) -> tuple | None:
-    """The kept inputs of a block's last branch norm and projection norm, if both are kept."""
+    """A block's last branch norm and projection norm with their kept inputs, if all kept.
+
+    ``(last_norm, its input, projection_norm, its input)``; the projection's pair is
+    ``(None, None)`` for an identity shortcut.
+    """
     chain = _chain(segment)
     projection = _projection_norm(segment)
     identity = isinstance(getattr(segment, "shortcut", None), nn.Identity)
@@ -426,25 +430,24 @@ def _block_parts(segment, cache, holder, block_key) -> tuple | None:
     if last is None:
         return None
     if projection is None:
-        return last, None
+        return chain[-1][1], last, None, None
     projected = cache.get(_shortcut(holder), _shortcut_key(block_key, segment))
-    return None if projected is None else (last, projected)
+    return None if projected is None else (chain[-1][1], last, projection, projected)
 
 
-def _block_output(segment, x, parts, lo, batch_size, device) -> torch.Tensor:
-    """``segment(x)`` for rows ``lo:lo + batch_size``, from its norms' kept inputs.
+def _block_output(x, parts, lo, batch_size, device) -> torch.Tensor:
+    """The block's output for rows ``lo:lo + batch_size`` (input ``x``), from ``parts``.
 
     The block's forward is ``relu(last_norm(last_conv(...)) + shortcut(x))``; the kept
-    inputs are the outputs of ``last_conv`` and of the projection's conv, so only the
-    norms, the sum and the ReLU run (the same operations on the same values: bitwise).
+    inputs (:func:`_block_parts`) are the outputs of ``last_conv`` and of the
+    projection's conv, so only the norms, the sum and the ReLU run (the same operations
+    on the same values: bitwise).
     """
-    last, projected = parts
-    y = _chain(segment)[-1][1](_cached_batch(last, lo, batch_size, device))
-    if projected is None:
+    last_norm, last, projection, projected = parts
+    y = last_norm(_cached_batch(last, lo, batch_size, device))
+    if projection is None:
         return torch.relu(y + x)
-    return torch.relu(
-        y + _projection_norm(segment)(_cached_batch(projected, lo, batch_size, device))
-    )
+    return torch.relu(y + projection(_cached_batch(projected, lo, batch_size, device)))
 
 
 @contextmanager
