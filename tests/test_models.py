@@ -6,6 +6,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fedkws.core.models import (
     MODEL_NAMES,
     NORM_KINDS,
+    MaxPool2d,
     bn_layers,
     bn_state_keys,
     build_model,
@@ -188,3 +189,36 @@ def test_batch_norm_updates_running_stats_only_in_train():
     model.train()
     model(_batch())
     assert int(first.num_batches_tracked) == 1
+
+
+# The models' two pools: the ResNet stem's and the tutorial CNN's.
+POOLS = [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2, ceil_mode=True)]
+
+
+@pytest.mark.parametrize("pool", POOLS, ids=["stem", "cnn"])
+@pytest.mark.parametrize("levels", [3, 1000], ids=["ties", "few_ties"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_max_pool_is_bitwise_torch_max_pool(pool, levels, layout):
+    # Catches: a layout detour that changes a value, a gradient (ties broken at another
+    # position of the window: with 3 levels most windows hold several maxima) or the
+    # layout the next layer receives.
+    torch.manual_seed(0)
+    x = torch.randint(0, levels, (4, 6, 11, 13)).float().contiguous(memory_format=layout)
+    mine, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = MaxPool2d(**pool)(mine), nn.functional.max_pool2d(ref, **pool)
+    assert torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=layout)
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(mine.grad, ref.grad)
+    with torch.no_grad():
+        assert torch.equal(MaxPool2d(**pool)(x), expected)
+
+
+def test_models_pool_with_max_pool2d():
+    # Catches: a model built with torch's pool, which misses the faster layout on CPU.
+    for name in ("cnn", "resnet10"):
+        pools = [m for m in build_model(name, NUM_CLASSES, **SMALL[name]).modules()
+                 if isinstance(m, nn.MaxPool2d)]  # fmt: skip
+        assert pools and all(type(m) is MaxPool2d for m in pools)
