@@ -25,6 +25,7 @@ of the mean round times.
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -67,19 +68,19 @@ def _init_worker(cache_entry: str, feature_key: str) -> None:
     _WORKER["data"] = open_cache(cache_entry, feature_key)
 
 
-def _train_client(job: tuple) -> tuple[dict, int]:
+def _train_client(job: tuple) -> tuple[dict, int, float]:
     from fedkws.core import loops, seeding
     from fedkws.core.models import build_model
 
     model_args, state, rows, opt_target, opt_kwargs, seed, round_, pid, batch = job
     model = build_model(**model_args)
     model.load_state_dict(state)
-    loops.train_epochs(
+    stats = loops.train_epochs(
         model, _WORKER["data"], rows, epochs=1, batch_size=batch,
         optimizer=loops.make_optimizer(model.parameters(), opt_target, opt_kwargs),
         generator=seeding.client_training_generator(seed, round_, pid),
     )  # fmt: skip
-    return model.state_dict(), len(rows)
+    return model.state_dict(), len(rows), stats.seconds
 
 
 def _client_moments(job: tuple) -> tuple:
@@ -123,20 +124,20 @@ def loops_evaluate(net, data, rows, batch, seed) -> None:
     loops.evaluate(net, data, rows, batch, "eval", order_seed=seed)
 
 
-def _average(replies: list[tuple[dict, int]]) -> dict:
+def _average(replies: list[tuple[dict, int, float]]) -> dict:
     import torch
 
-    total = sum(n for _, n in replies)
+    total = sum(n for _, n, _ in replies)
     out = {}
     for key, value in replies[0][0].items():
-        mean = sum(state[key].double() * (n / total) for state, n in replies)
+        mean = sum(state[key].double() * (n / total) for state, n, _ in replies)
         out[key] = mean.round().to(value.dtype) if not value.is_floating_point() else mean.float()
     assert all(isinstance(v, torch.Tensor) for v in out.values())
     return out
 
 
-def plain_loop(spec, run_dir: Path) -> tuple[float, list[float]]:
-    """Wall time and per-round times of the plain loop replaying ``run_dir``'s rounds."""
+def plain_loop(spec, run_dir: Path) -> tuple[float, list[float], list[float]]:
+    """Wall time, round times and clients' epoch times of the plain loop replaying ``run_dir``."""
     import multiprocessing as mp
 
     import numpy as np
@@ -156,7 +157,7 @@ def plain_loop(spec, run_dir: Path) -> tuple[float, list[float]]:
     model = build_model(**model_args)
     opt = (spec.optimizer.target, dict(spec.optimizer.kwargs))
     ctx = mp.get_context("spawn")
-    times = []
+    times, epochs = [], []
     with ctx.Pool(2, _init_worker, (str(data.path), data.feature_key)) as pool:
         for record in rounds:
             t0 = time.perf_counter()
@@ -164,14 +165,22 @@ def plain_loop(spec, run_dir: Path) -> tuple[float, list[float]]:
             pids = sorted(int(pid) for pid in record["clients"])
             jobs = [(model_args, state, train_rows[pid], *opt, spec.seed, record["round"], pid,
                      spec.train.batch_size) for pid in pids]  # fmt: skip
-            model.load_state_dict(_average(pool.map(_train_client, jobs)))
+            replies = pool.map(_train_client, jobs)
+            epochs += [seconds for _, _, seconds in replies]
+            model.load_state_dict(_average(replies))
             loops.evaluate(model, data, val, spec.train.eval_batch_size, "eval",
                            order_seed=spec.seed)  # fmt: skip
             times.append(time.perf_counter() - t0)
             common.progress(NAME, f"plain round {record['round']}: {times[-1]:.1f} s")
         with tempfile.TemporaryDirectory(prefix="fedkws-plain-") as folder:
             _final_evaluation(pool, model, model_args, spec, data, train_rows, folder)
-    return time.perf_counter() - start, times
+    return time.perf_counter() - start, times, epochs
+
+
+def client_epochs(run_dir: Path) -> list[float]:
+    """The seconds of every client's local epoch in the federated run (its clients' records)."""
+    rounds = json.loads((run_dir / "results.json").read_text())["rounds"]
+    return [client["seconds"] for r in rounds for client in r["clients"].values()]
 
 
 def run(args) -> list[Ratio]:
@@ -182,7 +191,8 @@ def run(args) -> list[Ratio]:
         fed = fedrun.single(overrides(rounds), Path(tmp) / "run", 3600, NAME)
         common.progress(NAME, f"federated: {fed.wall_s:.1f} s wall, {fed.rounds_s:.1f} s in rounds")
         spec = common.run_spec(overrides(rounds))
-        plain_wall, plain_rounds = plain_loop(spec, fed.run_dir)
+        plain_wall, plain_rounds, plain_epochs = plain_loop(spec, fed.run_dir)
+        fed_epochs = client_epochs(fed.run_dir)
     plain_round = sum(plain_rounds) / len(plain_rounds)
     fed_round = fed.rounds_s / len(fed.round_s)
     per_round = (fed_round - plain_round) / plain_round
@@ -191,7 +201,10 @@ def run(args) -> list[Ratio]:
         f"federated: {fed.wall_s:.1f} s wall, {fed_round:.2f} s per round (training "
         f"{sum(fed.train_s) / rounds:.2f} s, evaluation {sum(fed.eval_s) / rounds:.2f} s), "
         f"{fed.outside_s:.1f} s outside the rounds; plain loop: {plain_wall:.1f} s wall, "
-        f"{plain_round:.2f} s per round, {plain_start:.1f} s outside the rounds."
+        f"{plain_round:.2f} s per round, {plain_start:.1f} s outside the rounds. A client's "
+        f"local epoch, median over the run's {len(fed_epochs)}: fedkws "
+        f"{statistics.median(fed_epochs):.3f} s, plain {statistics.median(plain_epochs):.3f} s "
+        "(the same work: the rest of a round is what differs)."
     )
     how = f"{rounds} rounds, 10 clients, 5 per round, ResNet-10 w32; see NOTES"
     return [
