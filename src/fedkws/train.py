@@ -147,6 +147,8 @@ class FolderGuard(Callback):
         from fedkws.recipes.common import check_writable
 
         with user_errors():
+            if not folder.strip():  # an unset shell variable: Hydra would use the current folder
+                raise ConfigError(f"{key}='': must name a folder (an unset shell variable?)")
             try:
                 check_writable(Path(folder), key)
             except ConfigError as err:
