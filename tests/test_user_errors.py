@@ -314,6 +314,19 @@ def test_a_folder_that_cannot_be_made(tmp_path):
         assert lines[0].startswith(f"error: {args[-1].split('=')[0]}='/proc/fedkws-nope': ")
 
 
+def test_an_empty_run_or_sweep_folder_is_refused(tmp_path):
+    # Catches: `hydra.run.dir=$RUN` with RUN unset writing the run into the current folder.
+    for args in (["hydra.run.dir="], ["-m", "seed=0,1", "hydra.sweep.dir="]):
+        command = train_command(*args, f"data_dir={tmp_path / 'data'}")
+        out = run_command(command, capture_output=True, text=True, env=cli_env(), timeout=120,
+                          cwd=tmp_path)  # fmt: skip
+        assert out.returncode == 2, (args, out.stderr)
+        lines = error_lines(out.stderr)
+        assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+        assert lines[0] == f"error: {args[-1][:-1]}='': must name a folder (an unset shell variable?)"
+        assert list(tmp_path.iterdir()) == [], args
+
+
 @pytest.mark.parametrize("launcher", ["basic", "fedkws_parallel"])
 def test_a_file_where_a_jobs_folder_goes(tmp_path, launcher):
     # Catches: Hydra's FileExistsError / NotADirectoryError traceback (the parallel launcher:
