@@ -62,7 +62,7 @@ def test_run_config_composes_experiment_then_overrides():
         ("model=nope", "Could not find 'model/nope'; available options in 'model': "),
         # Catches: Hydra's "Could not override 'no.such.key'. To append ..." where
         # fedkws-train says the same mistake in its own words.
-        ("no.such.key=1", "no.such.key: not a key of the config (a typo? a new key is added"),
+        ("no.such.key=1", "no.such.key: not a key of the config (a typo? fedkws-train --cfg"),
         ("'unclosed", "overrides: No closing quotation"),
     ],
 )

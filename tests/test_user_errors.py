@@ -19,8 +19,22 @@ CONFIG_MISTAKES = [
     (["strategy.fraction_train=0"], "strategy.fraction_train=0.0: must be in (0, 1]"),
     (["strategy.fraction_train=1.5"], "strategy.fraction_train=1.5"),
     (["train.batch_size=0"], "train.batch_size=0: must be >= 1"),
-    (["optimizer.lr=-0.1"], "optimizer.lr=-0.1: must be a number > 0"),
-    (["optimizer.lr=fast"], "optimizer.lr='fast': must be a number > 0"),
+    (["optimizer.lr=-0.1"], "optimizer.lr=-0.1: must be a finite number > 0"),
+    (["optimizer.lr=fast"], "optimizer.lr='fast': must be a finite number > 0"),
+    (["optimizer.lr=inf"], "optimizer.lr=inf: must be a finite number > 0"),
+    # Catches: an added key that nothing reads, ignored without a word (Hydra's hint for
+    # a misspelt key is to add it with +).
+    (["+train.round=5"], "train.round=5: not a key of train (amp, batch_size,"),
+    (["+foo=1"], "foo=1: not a key of the config (augment, bn,"),
+    (["+dataset.seed=3"], "dataset.seed=3: not a key of dataset (download,"),
+    (
+        ["+federation.client_resources.num_cpu=1"],
+        "federation.client_resources.num_cpu=1: not a key of federation.client_resources",
+    ),
+    # Catches: an optimiser argument the class refuses, a traceback in every client.
+    (["+optimizer.foo=1"], "AdamW refuses these arguments: AdamW.__init__() got an unexpected"),
+    (["optimizer=sgd", "optimizer.momentum=-1"], "SGD refuses these arguments: Invalid momentum"),
+    (["optimizer._target_=torch.nn.Linear"], "must name an optimiser class"),
     (["seed=abc"], "seed='abc': must be an integer"),
     (["resume=maybe"], "resume='maybe': true or false"),
     (["partition.local_test_fraction=1.0"], "partition.local_test_fraction=1.0"),
@@ -186,8 +200,10 @@ def test_all_problems_of_a_config_are_reported_together(tmp_path):
 # Mistakes Hydra itself finds before fedkws sees a config (it would print several lines
 # and a hint about HYDRA_FULL_ERROR, exit 1).
 HYDRA_MISTAKES = [
-    (["train.round=5"], "error: train.round: not a key of the config (a typo? a new key "
-     "is added with +train.round=5)"),
+    (["train.round=5"], "error: train.round: not a key of the config (a typo? fedkws-train "
+     "--cfg job prints every key)"),
+    (["model.stem=light"], "error: model.stem: not a key of the config (a typo? a new "
+     "argument is added with +model.stem=light)"),
     (["experiment=nope"], "error: In 'config': Could not find 'experiment/nope'; available "
      "options in 'experiment': augment_ablation, bn_ablation, bn_study, literature, main,"),
     (["train.rounds=[1"], "error: train.rounds=[1: does not parse (no viable alternative"),
@@ -323,7 +339,8 @@ def test_an_empty_run_or_sweep_folder_is_refused(tmp_path):
         assert out.returncode == 2, (args, out.stderr)
         lines = error_lines(out.stderr)
         assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
-        assert lines[0] == f"error: {args[-1][:-1]}='': must name a folder (an unset shell variable?)"
+        key = args[-1].rstrip("=")
+        assert lines[0] == f"error: {key}='': must name a folder (an unset shell variable?)"
         assert list(tmp_path.iterdir()) == [], args
 
 

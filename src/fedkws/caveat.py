@@ -61,7 +61,7 @@ def _load(run_dir: Path):
         raise ConfigError(f"cannot read {results}: {err}") from err
     config.pop("num_classes", None)
     _from_where_it_ran(config, run_dir)
-    spec = from_config(config)
+    spec = from_config(config, stored=True)
     if spec.bn.sync == "local" and not spec.strategy.central:
         raise ConfigError(
             f"{run_dir} ran FedBN (bn.sync=local): its global model's BatchNorm never left "

@@ -105,6 +105,12 @@ def user_errors() -> Iterator[None]:
         sys.exit(2)
 
 
+# Config sections whose keys are constructor arguments: a key may be added to them
+# (``+model.stem=light``); any other section has a fixed set of keys (fedkws.spec).
+ARGUMENT_SECTIONS = ("model.", "optimizer.", "strategy.kwargs.", "federation.ray_init_args.",
+                     "dataset.generate.", "dataset.download.")  # fmt: skip
+
+
 def hydra_error_line(err: BaseException) -> str:
     """Hydra's multi-line report of a command-line mistake as one line.
 
@@ -122,7 +128,11 @@ def hydra_error_line(err: BaseException) -> str:
     unknown = re.match(r"Could not override '([^']+)'\.\s+To append to your config use (.+)", text)
     if unknown and "not in struct" in cause:
         key, append = unknown.groups()
-        line = f"{key}: not a key of the config (a typo? a new key is added with {append.strip()})"
+        if key.startswith(ARGUMENT_SECTIONS):  # constructor arguments: any the class takes
+            hint = f"a new argument is added with {append.strip()}"
+        else:  # fedkws reads only its own keys: a new one would be refused
+            hint = "fedkws-train --cfg job prints every key"
+        line = f"{key}: not a key of the config (a typo? {hint})"
         swept = [a for a in sys.argv[1:] if a.startswith("experiment=") and "," in a]
         if swept and {"-m", "--multirun"} & set(sys.argv[1:]):
             # Hydra composes a multirun's base config without its swept overrides.

@@ -14,7 +14,7 @@ import dataclasses
 import importlib
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,8 +290,9 @@ def comparable(resolved: Mapping[str, Any]) -> dict[str, Any]:
 class _Problems:
     """Collects every problem of a config; raises them together."""
 
-    def __init__(self) -> None:
+    def __init__(self, unread_ok: bool = False) -> None:
         self.lines: list[str] = []
+        self.unread_ok = unread_ok  # keys nothing reads are no problem (see from_config)
 
     def add(self, key: str, value: Any, allowed: str) -> None:
         self.lines.append(f"{key}={value!r}: {allowed}")
@@ -322,6 +323,11 @@ def _plain(node: Any) -> Any:
 # The config groups every run reads: each must be a mapping (one of its options), not null.
 GROUPS = ("dataset", "features", "augment", "model", "optimizer", "train", "partition",
           "strategy", "bn", "federation", "logger")  # fmt: skip
+# The config's other top-level keys and the federation's (conf/config.yaml).
+TOP_KEYS = ("name", "seed", "data_dir", "cache_dir", "progress", "plots", "resume", "device",
+            "norm")  # fmt: skip
+FEDERATION_KEYS = ("client_resources", "federated_eval", "backend", "ray_address", "sweep_ray",
+                   "actors", "supernodes", "ray_init_args")  # fmt: skip
 
 
 def _pairs(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
@@ -330,8 +336,27 @@ def _pairs(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
     )
 
 
-def _typed(cls: type, values: Mapping[str, Any], problems: _Problems, group: str) -> Any:
-    """``cls(**values)`` for the fields ``cls`` has, each converted to the field's type."""
+def _unread(problems: _Problems, group: str, values: Mapping[str, Any], keys: Iterable[str]):
+    """A problem for each key of ``values`` not among ``keys``: a value nothing would read.
+
+    Such a key comes from ``+group.key=value`` (a misspelt key that Hydra's hint made
+    into a new one); its value would be ignored without a word.
+    """
+    keys = sorted(keys)
+    for key in values if not problems.unread_ok else ():
+        if key not in keys:
+            where = f"not a key of {group or 'the config'} ({', '.join(keys)})"
+            problems.add(f"{group}.{key}" if group else key, values[key], where)
+
+
+def _typed(
+    cls: type, values: Mapping[str, Any], problems: _Problems, group: str, also: Iterable[str] = ()
+) -> Any:
+    """``cls(**values)`` for the fields ``cls`` has, each converted to the field's type.
+
+    A key of ``values`` that is neither a field nor in ``also`` (read elsewhere) is a problem.
+    """
+    _unread(problems, group, values, [f.name for f in dataclasses.fields(cls)] + list(also))
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
@@ -415,8 +440,12 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def from_config(cfg: Any) -> RunSpec:
+def from_config(cfg: Any, *, stored: bool = False) -> RunSpec:
     """Read and validate a composed fedkws config (a ``DictConfig`` or a plain dict).
+
+    A key that nothing reads is a problem, unless the config is ``stored``: read back
+    from a run's results.json, which holds what fedkws wrote beside the config
+    (``device_resolved``) and perhaps keys an older version read.
 
     Raises
     ------
@@ -424,13 +453,15 @@ def from_config(cfg: Any) -> RunSpec:
         Listing every invalid value, one per line.
     """
     raw = _plain(cfg)
-    p = _Problems()
+    p = _Problems(unread_ok=stored)
     for group in GROUPS:
         value = raw.get(group)
         options = Path(CONF_DIR, group).is_dir()  # train, federation: keys of config.yaml
         why = f"one of its options (conf/{group}/)" if options else "a mapping of its keys"
         p.check(isinstance(value, dict), group, value, f"must be {why}, not null or a value")
     p.raise_if_any()
+    _unread(p, "", {k: v for k, v in raw.items() if k != "hydra"}, (*GROUPS, *TOP_KEYS))
+    _unread(p, "norm", raw.get("norm") or {}, ("kind", "groups"))
     spec = RunSpec(
         name=str(raw["name"]),
         seed=_top(p, "seed", raw.get("seed", 0), int, "must be an integer"),
@@ -490,9 +521,12 @@ def resolve_device(value: Any, p: _Problems) -> str:
 
 
 def _dataset(raw: Mapping[str, Any], p: _Problems) -> DatasetSpec:
+    fields = {f.name for f in dataclasses.fields(DataConfig)} - {"seed"}  # seed: split_seed
+    _unread(p, "dataset", raw, fields | {"name", "split_seed", "generate", "download"})
     data = _typed(
         DataConfig,
-        {**raw, "seed": raw.get("split_seed", 0), "root": str(raw.get("root", ""))},
+        {k: v for k, v in raw.items() if k in fields}
+        | {"seed": raw.get("split_seed", 0), "root": str(raw.get("root", ""))},
         p,
         "dataset",
     )
@@ -538,7 +572,9 @@ def _strategy(raw: Mapping[str, Any], p: _Problems) -> StrategySpec:
 
 
 def _federation(raw: Mapping[str, Any], p: _Problems) -> FederationSpec:
+    _unread(p, "federation", raw, FEDERATION_KEYS)
     resources = dict(raw.get("client_resources") or {})
+    _unread(p, "federation.client_resources", resources, ("num_cpus", "num_gpus"))
     values = {
         "num_cpus": resources.get("num_cpus", 1),
         "num_gpus": resources.get("num_gpus", 0.0),
@@ -721,19 +757,31 @@ def _model_sizes_ok(name: str, kwargs: dict[str, Any], p: _Problems) -> bool:
 
 
 def _check_optimizer(spec: RunSpec, p: _Problems) -> None:
+    import torch
+
     try:
         module, _, name = spec.optimizer.target.rpartition(".")
-        getattr(importlib.import_module(module), name)
+        cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         p.add("optimizer._target_", spec.optimizer.target, "must name an optimiser class")
+        return
     opt = dict(spec.optimizer.kwargs)
+    before = len(p.lines)
     if "lr" in opt:
         lr = _number(opt["lr"])
-        p.check(lr is not None and lr > 0, "optimizer.lr", opt["lr"], "must be a number > 0")
+        ok = lr is not None and math.isfinite(lr) and lr > 0
+        p.check(ok, "optimizer.lr", opt["lr"], "must be a finite number > 0")
     if "weight_decay" in opt:
         wd = _number(opt["weight_decay"])
-        ok = wd is not None and wd >= 0
-        p.check(ok, "optimizer.weight_decay", opt["weight_decay"], "must be a number >= 0")
+        ok = wd is not None and math.isfinite(wd) and wd >= 0
+        p.check(ok, "optimizer.weight_decay", opt["weight_decay"], "must be a finite number >= 0")
+    if len(p.lines) == before:  # the class's own checks: an unknown or invalid argument
+        try:
+            cls([torch.nn.Parameter(torch.zeros(1))], **opt)
+        except (TypeError, ValueError) as err:
+            p.add("optimizer", opt, f"{name} refuses these arguments: {err}")
 
 
 def _check_train(spec: RunSpec, p: _Problems) -> None:
