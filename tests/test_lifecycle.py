@@ -84,6 +84,25 @@ def test_too_few_replies_stop_the_run_with_one_reason(make_cfg, tmp_path, monkey
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["round"] == 1
 
 
+def test_a_client_exception_is_reported_by_its_last_line():
+    # Catches: the last 300 characters of Flower's wrapped traceback as the reason
+    # ("ork/main/.venv/lib/python3.11/site-packages/flwr/...") in failed.txt and the report.
+    import traceback
+
+    from flwr.clientapp.client_app import ClientAppException
+
+    from fedkws.fl.server_app import reason_line
+
+    try:
+        torch.nn.Linear(2, 2, lr=0.1)
+    except TypeError:
+        wrapped = ClientAppException(traceback.format_exc())
+    reason = str(type(wrapped)) + ":<'" + str(wrapped) + "'>"  # as Flower's simulation words it
+    expected = "TypeError: Linear.__init__() got an unexpected keyword argument 'lr'"
+    assert reason_line(reason) == expected
+    assert reason_line("x" * 1000) == "..." + "x" * 297
+
+
 # --------------------------------------------------------------------------- refused starts
 
 

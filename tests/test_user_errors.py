@@ -35,6 +35,13 @@ CONFIG_MISTAKES = [
     (["+optimizer.foo=1"], "AdamW refuses these arguments: AdamW.__init__() got an unexpected"),
     (["optimizer=sgd", "optimizer.momentum=-1"], "SGD refuses these arguments: Invalid momentum"),
     (["optimizer._target_=torch.nn.Linear"], "must name an optimiser class"),
+    # Catches: ranges every client would fail on (a zero speed factor divides by zero) or
+    # that make no sense (a negative volume, a step size that ascends the loss).
+    (["augment=full", "augment.speed_range=[0,0]"], "augment.speed_range=[0.0, 0.0]: must be"),
+    (["augment.speed_range=[1.1,0.9]"], "low <= high"),
+    (["augment.noise_volume=[-1,-2]"], "augment.noise_volume=[-1.0, -2.0]: must be [low, high]"),
+    (["strategy=fedadam", "strategy.kwargs.eta=-1"], "strategy.kwargs.eta=-1: must be a finite"),
+    (["strategy=fedyogi", "strategy.kwargs.beta_2=1"], "strategy.kwargs.beta_2=1: must be in"),
     (["seed=abc"], "seed='abc': must be an integer"),
     (["resume=maybe"], "resume='maybe': true or false"),
     (["partition.local_test_fraction=1.0"], "partition.local_test_fraction=1.0"),
@@ -328,6 +335,21 @@ def test_a_folder_that_cannot_be_made(tmp_path):
         # root: "no folder can be made in /proc (...)"; anyone else: "/proc is not writable"
         assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
         assert lines[0].startswith(f"error: {args[-1].split('=')[0]}='/proc/fedkws-nope': ")
+
+
+@pytest.mark.parametrize("module", ["fedkws.train", "fedkws.prepare"])
+def test_a_dataset_root_that_cannot_be_made(tmp_path, module):
+    # Catches: a FileNotFoundError traceback from the dataset's lock file beside the root.
+    import sys
+
+    command = [sys.executable, "-m", module, "dataset.root=/proc/fedkws-nope",
+               f"data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    out = run_command(command, capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = error_lines(out.stderr)
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith("error: dataset.root='/proc/fedkws-nope': ")
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_empty_run_or_sweep_folder_is_refused(tmp_path):

@@ -19,7 +19,7 @@ from fedkws.clients import make_clients
 from fedkws.data import partition as part
 from fedkws.errors import hydra_mistakes_in_one_line, print_error, user_errors
 from fedkws.fileio import write_text
-from fedkws.recipes.common import load_data
+from fedkws.recipes.common import check_data_folders, load_data
 from fedkws.spec import RunSpec, from_config
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def prepare_data(spec: RunSpec | DictConfig, out_dir: Path, stoppable: bool = Fa
     """
     if not isinstance(spec, RunSpec):
         spec = from_config(spec)
+    check_data_folders(spec)
     data = load_data(spec)
     if stoppable:
         lifecycle.raise_if_stopping()

@@ -33,7 +33,7 @@ def preflight(spec: RunSpec, run_dir: Path, clients_here: bool = True):
     ``flwr run``, whose SuperNodes may keep their state on other machines.
     """
     common.check_writable(run_dir, "run folder")
-    common.check_writable(Path(spec.cache_dir), "cache_dir")
+    common.check_data_folders(spec)
     loaded = common.check_folder(spec, run_dir, clients_here)
     if loaded is not None and loaded[0].data:
         identity = common.load_data(spec).identity()

@@ -624,6 +624,10 @@ def _check_data(spec: RunSpec, p: _Problems) -> None:
         value = getattr(aug, key)
         p.check(value >= 0, f"augment.{key}", value, "must be >= 0")
     p.check(aug.time_shift_ms >= 0, "augment.time_shift_ms", aug.time_shift_ms, "must be >= 0")
+    _check_range(p, "augment.speed_range", aug.speed_range, "factors > 0", lambda v: v > 0)
+    _check_range(p, "augment.noise_volume", aug.noise_volume, "volumes >= 0", lambda v: v >= 0)
+    if aug.noise_snr_db is not None:
+        _check_range(p, "augment.noise_snr_db", aug.noise_snr_db, "numbers", lambda v: True)
     _one_of(p, "augment.domain", aug.domain, AUGMENT_DOMAINS)
     if aug.domain == "mel" and aug.changes_audio:
         p.check(
@@ -754,6 +758,12 @@ def _model_sizes_ok(name: str, kwargs: dict[str, Any], p: _Problems) -> bool:
         p.add("model.depth", depth, f"must be one of {depths}")
         ok = False
     return ok
+
+
+def _check_range(p: _Problems, key: str, pair: Any, what: str, ok: Callable[[float], bool]):
+    """``[low, high]``: two finite ``what`` (each passing ``ok``), low <= high."""
+    good = len(pair) == 2 and all(math.isfinite(v) and ok(v) for v in pair) and pair[0] <= pair[1]
+    p.check(good, key, list(pair), f"must be [low, high]: finite {what}, low <= high")
 
 
 def _check_optimizer(spec: RunSpec, p: _Problems) -> None:

@@ -302,10 +302,25 @@ def _sharing(model, task: ClientTask | None, node: int, kind: str) -> Message:
 
 
 def _reason(reply: Message | None) -> str:
-    """Why a message failed, on one line (its last 300 characters)."""
+    """Why a message failed, on one line (:func:`reason_line`)."""
     if reply is None:
         return "the grid did not accept the message"
-    return " ".join(str(reply.error.reason).split())[-300:]
+    return reason_line(str(reply.error.reason))
+
+
+def reason_line(text: str) -> str:
+    """An error's reason on one line, at most 300 characters (its end kept).
+
+    A ClientApp's exception arrives as Flower words it, ``<class '...ClientAppException'>:<'
+    Exception ClientAppException occurred. Message: <the client's traceback>'>``: the
+    traceback's last line (the client's own exception and its message) is the reason.
+    """
+    _, said, message = text.rpartition("Message: ")
+    if said:
+        lines = [line for line in message.removesuffix("'>").splitlines() if line.strip()]
+        text = lines[-1] if lines else message
+    text = " ".join(text.split()) or "no reason given"
+    return text if len(text) <= 300 else "..." + text[-297:]
 
 
 def _moments_rows(reply: Message) -> list[Moments]:

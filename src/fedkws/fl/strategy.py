@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -131,7 +132,7 @@ def kwargs_problems(class_name: str, kwargs: Mapping[str, Any]) -> list[str]:
                 f"strategy.kwargs.{key}={value!r}: not an argument of {class_name} "
                 f"(its arguments: {allowed or 'none beyond those fedkws sets'})"
             )
-        elif wrong := _wrong_kind(value, own[key].default):
+        elif wrong := _wrong_kind(value, own[key].default) or _out_of_range(key, value):
             lines.append(f"strategy.kwargs.{key}={value!r}: {wrong}")
     for key, param in own.items():
         if key != "self" and param.default is param.empty and key not in kwargs:
@@ -142,6 +143,23 @@ def kwargs_problems(class_name: str, kwargs: Mapping[str, Any]) -> list[str]:
         except (TypeError, ValueError) as err:
             lines.append(f"strategy.kwargs={dict(kwargs)!r}: {class_name} refused them: {err}")
     return lines
+
+
+# The adaptive rules' (FedAdam, FedYogi, FedAdagrad) step sizes and moment decays, which
+# their constructors take as given: a negative step size ascends the loss.
+_POSITIVE_ARGS = ("eta", "eta_l", "tau")
+_DECAY_ARGS = ("beta_1", "beta_2")
+
+
+def _out_of_range(key: str, value: Any) -> str | None:
+    """Why a step size or decay is out of its range (None: in range, or not one of them)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None  # a wrong kind is _wrong_kind's to say
+    if key in _POSITIVE_ARGS and not (math.isfinite(value) and value > 0):
+        return "must be a finite number > 0"
+    if key in _DECAY_ARGS and not 0 <= value < 1:
+        return "must be in [0, 1)"
+    return None
 
 
 def _wrong_kind(value: Any, default: Any) -> str | None:

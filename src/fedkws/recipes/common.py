@@ -261,6 +261,17 @@ def check_writable(path: Path, what: str) -> None:
             ) from None
 
 
+def check_data_folders(spec: RunSpec) -> None:
+    """Refuse a cache folder, or a dataset root still to be made, that cannot be written.
+
+    An existing root is only read (the real dataset may lie on a read-only mount).
+    """
+    check_writable(Path(spec.cache_dir), "cache_dir")
+    root = Path(spec.dataset.data.root)
+    if not root.exists():  # generated or downloaded here, with a lock file beside it
+        check_writable(root, "dataset.root")
+
+
 # --------------------------------------------------------------------------- setup
 
 
