@@ -149,6 +149,10 @@ BAD_INPUT = {
     "generate-no-speakers": ["generate", "--root", "{tmp}/data", "--speakers", "0"],
     # Catches: the default --held-out-speakers (60) with fewer than 121 speakers: a ValueError.
     "generate-held-out-too-many": ["generate", "--root", "{tmp}/data", "--speakers", "60"],
+    # Catches: argparse letting --unknown-words 3 (its default value) pass beside --all-words.
+    "generate-unknown-and-all-words": [
+        "generate", "--root", "{tmp}/data", "--all-words", "--unknown-words", "3",
+    ],  # fmt: skip
     "generate-root-is-a-file": ["generate", "--root", "{runs}/results.json"],
     # Catches: "[Errno 17] File exists" (a file above --root).
     "generate-root-under-a-file": ["generate", "--root", "{runs}/results.json/data"],
@@ -243,3 +247,14 @@ def test_generate_with_an_empty_root_writes_nothing(tmp_path):
         "(see fedkws generate --help)"
     ]
     assert not any(tmp_path.iterdir())
+
+
+def test_a_default_that_does_not_fit_is_called_the_default(tmp_path):
+    # Catches: "--held-out-speakers=60 leaves no training speaker" to a user who never gave it.
+    out = _fedkws("generate", "--root", "data", "--speakers", "60", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "error: --held-out-speakers=60 (the default) leaves no training speaker" in out.stderr
+    out = _fedkws("generate", "--root", "data", "--speakers", "60", "--held-out-speakers", "40",
+                  cwd=tmp_path)  # fmt: skip
+    assert "error: --held-out-speakers=40 leaves no training speaker" in out.stderr
+    assert not (tmp_path / "data").exists()

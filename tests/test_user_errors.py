@@ -43,6 +43,8 @@ CONFIG_MISTAKES = [
     (["strategy=fedadam", "strategy.kwargs.eta=-1"], "strategy.kwargs.eta=-1: must be a finite"),
     (["strategy=fedyogi", "strategy.kwargs.beta_2=1"], "strategy.kwargs.beta_2=1: must be in"),
     (["seed=abc"], "seed='abc': must be an integer"),
+    # Catches: "partition: expected non-negative integer", NumPy's words under another key.
+    (["seed=-1"], "seed=-1: must be an integer >= 0"),
     (["resume=maybe"], "resume='maybe': true or false"),
     (["partition.local_test_fraction=1.0"], "partition.local_test_fraction=1.0"),
     (["bn=local", "norm=group"], "FedBN needs a model with BatchNorm"),

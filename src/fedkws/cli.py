@@ -71,15 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument(
         "--noise-seconds", type=_at_least(1.0, float), default=synth.DEFAULT_NOISE_SECONDS
     )
-    gen.add_argument(
-        "--held-out-speakers", type=_at_least(0), default=synth.DEFAULT_HELD_OUT_SPEAKERS,
-        help="speakers in each of validation and testing (0: 10%% of --speakers)",
+    gen.add_argument(  # default None: not given (see synth.arguments_params)
+        "--held-out-speakers", type=_at_least(0), default=None,
+        help=f"speakers in each of validation and testing (default "
+        f"{synth.DEFAULT_HELD_OUT_SPEAKERS}; 0: 10%% of --speakers)",
     )  # fmt: skip
     words = gen.add_mutually_exclusive_group()
-    words.add_argument(
-        "--unknown-words", type=_at_least(0, int, len(OTHER_WORDS_V2)),
-        default=synth.DEFAULT_UNKNOWN_WORDS,
-        help=f"non-command words each speaker records once (at most {len(OTHER_WORDS_V2)})",
+    words.add_argument(  # default None, so that argparse refuses it beside --all-words
+        "--unknown-words", type=_at_least(0, int, len(OTHER_WORDS_V2)), default=None,
+        help=f"non-command words each speaker records once (default "
+        f"{synth.DEFAULT_UNKNOWN_WORDS}, at most {len(OTHER_WORDS_V2)})",
     )  # fmt: skip
     words.add_argument(
         "--all-words", action="store_true",
@@ -126,8 +127,9 @@ def _generate(args: argparse.Namespace, synth) -> None:
     held_out, speakers = params["held_out_speakers"], params["num_speakers"]
     most = synth.max_held_out(speakers)
     if held_out is not None and speakers >= 3 and not 1 <= held_out <= most:
+        given = "" if args.held_out_speakers is not None else " (the default)"
         raise DataError(
-            f"--held-out-speakers={held_out} leaves no training speaker with "
+            f"--held-out-speakers={held_out}{given} leaves no training speaker with "
             f"--speakers={speakers}; allowed: {synth.held_out_allowed(speakers)}, or 0 for 10 %"
         )
     if why := why_not_a_folder(args.root):

@@ -596,6 +596,7 @@ def _federation(raw: Mapping[str, Any], p: _Problems) -> FederationSpec:
 
 def validate(spec: RunSpec, p: _Problems) -> None:
     """Every cross-field and range check; problems are added to ``p``."""
+    p.check(spec.seed >= 0, "seed", spec.seed, "must be an integer >= 0")  # NumPy's generators
     for check in (_check_data, _check_model, _check_train, _check_partition):
         check(spec, p)
     for check in (_check_strategy, _check_bn, _check_federation, _check_logger, _check_device):

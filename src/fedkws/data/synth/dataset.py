@@ -652,15 +652,16 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--held-out-speakers",
         type=int,
-        default=DEFAULT_HELD_OUT_SPEAKERS,
-        help="speakers in each of validation and testing (0: 10 %% of --speakers)",
+        default=None,  # None: not given (DEFAULT_HELD_OUT_SPEAKERS; see arguments_params)
+        help=f"speakers in each of validation and testing (default {DEFAULT_HELD_OUT_SPEAKERS}; "
+        "0: 10 %% of --speakers)",
     )
     words = parser.add_mutually_exclusive_group()
     words.add_argument(
         "--unknown-words",
         type=int,
-        default=DEFAULT_UNKNOWN_WORDS,
-        help="non-command words each speaker records once",
+        default=None,  # None, not the default count: argparse then refuses it with --all-words
+        help=f"non-command words each speaker records once (default {DEFAULT_UNKNOWN_WORDS})",
     )
     words.add_argument(
         "--all-words",
@@ -673,14 +674,20 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def arguments_params(args: argparse.Namespace) -> dict:
-    """Keyword arguments of :func:`generate` from :func:`add_generate_arguments`' options."""
+    """Keyword arguments of :func:`generate` from :func:`add_generate_arguments`' options.
+
+    An option not given (None) takes its default; ``--held-out-speakers 0`` is 10 %.
+    """
+    held_out, unknown = args.held_out_speakers, args.unknown_words
+    held_out = DEFAULT_HELD_OUT_SPEAKERS if held_out is None else held_out
+    unknown = DEFAULT_UNKNOWN_WORDS if unknown is None else unknown
     return dict(
         num_speakers=args.speakers,
         utterances_per_word=args.utterances,
         seed=args.seed,
         noise_seconds=args.noise_seconds,
-        held_out_speakers=args.held_out_speakers or None,
-        unknown_words=None if args.all_words else args.unknown_words,
+        held_out_speakers=held_out or None,
+        unknown_words=None if args.all_words else unknown,
         workers=args.workers,
     )
 
