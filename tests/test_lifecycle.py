@@ -84,22 +84,31 @@ def test_too_few_replies_stop_the_run_with_one_reason(make_cfg, tmp_path, monkey
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["round"] == 1
 
 
-def test_a_client_exception_is_reported_by_its_last_line():
-    # Catches: the last 300 characters of Flower's wrapped traceback as the reason
+def test_a_client_exception_is_reported_by_its_own_line():
+    # Catches: the last 300 characters of Ray's and Flower's wrapped traceback as the reason
     # ("ork/main/.venv/lib/python3.11/site-packages/flwr/...") in failed.txt and the report.
     import traceback
 
     from flwr.clientapp.client_app import ClientAppException
+    from ray.exceptions import RayTaskError
 
     from fedkws.fl.server_app import reason_line
 
-    try:
-        torch.nn.Linear(2, 2, lr=0.1)
-    except TypeError:
-        wrapped = ClientAppException(traceback.format_exc())
-    reason = str(type(wrapped)) + ":<'" + str(wrapped) + "'>"  # as Flower's simulation words it
-    expected = "TypeError: Linear.__init__() got an unexpected keyword argument 'lr'"
-    assert reason_line(reason) == expected
+    try:  # as Flower's Ray actor raises it, and Ray hands it to the simulation
+        try:
+            torch.nn.Linear(2, 2, lr=0.1)
+        except TypeError as err:
+            raise ClientAppException(str(err)) from err
+    except ClientAppException as err:
+        wrapped = RayTaskError("ClientAppActor.run", traceback.format_exc(), err)
+        ray_error = wrapped.make_dual_exception_instance()
+    own = "TypeError: Linear.__init__() got an unexpected keyword argument 'lr'"
+    reason = str(type(ray_error)) + ":<'" + str(ray_error) + "'>"  # as Flower words it
+    assert reason_line(reason) == own
+    plain = ClientAppException("out of\nmemory. Message: later")  # no traceback: its message
+    assert (
+        reason_line(str(type(plain)) + ":<'" + str(plain) + "'>") == "out of memory. Message: later"
+    )
     assert reason_line("x" * 1000) == "..." + "x" * 297
 
 

@@ -27,6 +27,9 @@ CONFIG_MISTAKES = [
     (["+train.round=5"], "train.round=5: not a key of train (amp, batch_size,"),
     (["+foo=1"], "foo=1: not a key of the config (augment, bn,"),
     (["+dataset.seed=3"], "dataset.seed=3: not a key of dataset (download,"),
+    (["+dataset.generate.speaker=9"], "dataset.generate.speaker=9: not a key of dataset.generate"),
+    (["seed=1.7"], "seed=1.7: must be an integer"),
+    (["+optimizer.betas=[0.9]"], "AdamW refuses these arguments: tuple index out of range"),
     (
         ["+federation.client_resources.num_cpu=1"],
         "federation.client_resources.num_cpu=1: not a key of federation.client_resources",

@@ -105,10 +105,10 @@ def user_errors() -> Iterator[None]:
         sys.exit(2)
 
 
-# Config sections whose keys are constructor arguments: a key may be added to them
-# (``+model.stem=light``); any other section has a fixed set of keys (fedkws.spec).
+# Config sections whose keys are constructor arguments, or Hydra's own: a key may be added
+# to them (``+model.stem=light``); fedkws's other sections have fixed keys (fedkws.spec).
 ARGUMENT_SECTIONS = ("model.", "optimizer.", "strategy.kwargs.", "federation.ray_init_args.",
-                     "dataset.generate.", "dataset.download.")  # fmt: skip
+                     "hydra.")  # fmt: skip
 
 
 def hydra_error_line(err: BaseException) -> str:
@@ -129,7 +129,8 @@ def hydra_error_line(err: BaseException) -> str:
     if unknown and "not in struct" in cause:
         key, append = unknown.groups()
         if key.startswith(ARGUMENT_SECTIONS):  # constructor arguments: any the class takes
-            hint = f"a new argument is added with {append.strip()}"
+            what = "key" if key.startswith("hydra.") else "argument"
+            hint = f"a new {what} is added with {append.strip()}"
         else:  # fedkws reads only its own keys: a new one would be refused
             hint = "fedkws-train --cfg job prints every key"
         line = f"{key}: not a key of the config (a typo? {hint})"

@@ -326,6 +326,9 @@ GROUPS = ("dataset", "features", "augment", "model", "optimizer", "train", "part
 # The config's other top-level keys and the federation's (conf/config.yaml).
 TOP_KEYS = ("name", "seed", "data_dir", "cache_dir", "progress", "plots", "resume", "device",
             "norm")  # fmt: skip
+# dataset.generate's keys (conf/dataset/synthetic.yaml; fedkws.data.synth.config_params).
+GENERATE_KEYS = ("speakers", "utterances", "seed", "noise_seconds", "held_out_speakers",
+                 "unknown_words")  # fmt: skip
 FEDERATION_KEYS = ("client_resources", "federated_eval", "backend", "ray_address", "sweep_ray",
                    "actors", "supernodes", "ray_init_args")  # fmt: skip
 
@@ -342,21 +345,21 @@ def _unread(problems: _Problems, group: str, values: Mapping[str, Any], keys: It
     Such a key comes from ``+group.key=value`` (a misspelt key that Hydra's hint made
     into a new one); its value would be ignored without a word.
     """
+    if problems.unread_ok:
+        return
     keys = sorted(keys)
-    for key in values if not problems.unread_ok else ():
+    for key in values:
         if key not in keys:
             where = f"not a key of {group or 'the config'} ({', '.join(keys)})"
             problems.add(f"{group}.{key}" if group else key, values[key], where)
 
 
-def _typed(
-    cls: type, values: Mapping[str, Any], problems: _Problems, group: str, also: Iterable[str] = ()
-) -> Any:
+def _typed(cls: type, values: Mapping[str, Any], problems: _Problems, group: str) -> Any:
     """``cls(**values)`` for the fields ``cls`` has, each converted to the field's type.
 
-    A key of ``values`` that is neither a field nor in ``also`` (read elsewhere) is a problem.
+    A key of ``values`` that is not a field is a problem (:func:`_unread`).
     """
-    _unread(problems, group, values, [f.name for f in dataclasses.fields(cls)] + list(also))
+    _unread(problems, group, values, [f.name for f in dataclasses.fields(cls)])
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
@@ -464,7 +467,7 @@ def from_config(cfg: Any, *, stored: bool = False) -> RunSpec:
     _unread(p, "norm", raw.get("norm") or {}, ("kind", "groups"))
     spec = RunSpec(
         name=str(raw["name"]),
-        seed=_top(p, "seed", raw.get("seed", 0), int, "must be an integer"),
+        seed=_top(p, "seed", raw.get("seed", 0), _whole, "must be an integer"),
         cache_dir=str(raw["cache_dir"]),
         progress=_top(p, "progress", raw.get("progress", True), _strict_bool, "true or false"),
         resume=_top(p, "resume", raw.get("resume", False), _strict_bool, "true or false"),
@@ -648,8 +651,10 @@ def _check_data(spec: RunSpec, p: _Problems) -> None:
         )  # fmt: skip
     _check_features(spec, p)
     if spec.dataset.generate is not None:
+        _unread(p, "dataset.generate", dict(spec.dataset.generate), GENERATE_KEYS)
         _check_generate(dict(spec.dataset.generate), p)
     elif spec.dataset.download is not None:
+        _unread(p, "dataset.download", dict(spec.dataset.download), ("version", "url", "sha256"))
         _check_download(dict(spec.dataset.download), p)
 
 
@@ -791,7 +796,7 @@ def _check_optimizer(spec: RunSpec, p: _Problems) -> None:
     if len(p.lines) == before:  # the class's own checks: an unknown or invalid argument
         try:
             cls([torch.nn.Parameter(torch.zeros(1))], **opt)
-        except (TypeError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - whatever the class raises is its refusal
             p.add("optimizer", opt, f"{name} refuses these arguments: {err}")
 
 

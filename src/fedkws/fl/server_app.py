@@ -187,8 +187,7 @@ class FlowerClients:
         messages = [Message(content(None, None), node, "query.hello") for node in node_ids]
         for i, reply in self._exchange(messages):
             if reply is None or reply.has_error():
-                reason = _reason(reply) if reply is None else reply.error.reason
-                raise FederationError(f"a client failed to start: {reason}")
+                raise FederationError(f"a client failed to start: {_reason(reply)}")
             if self.shared_nodes:
                 continue
             pid = int(reply.content["metrics"]["pid"])
@@ -308,17 +307,24 @@ def _reason(reply: Message | None) -> str:
     return reason_line(str(reply.error.reason))
 
 
+_CAUSE = "The above exception was the direct cause of the following exception"
+_WRAPPED = "occurred. Message: "
+
+
 def reason_line(text: str) -> str:
     """An error's reason on one line, at most 300 characters (its end kept).
 
-    A ClientApp's exception arrives as Flower words it, ``<class '...ClientAppException'>:<'
-    Exception ClientAppException occurred. Message: <the client's traceback>'>``: the
-    traceback's last line (the client's own exception and its message) is the reason.
+    Under Ray a ClientApp's exception arrives as Ray words it: the client's traceback
+    ending in its own ``Type: message``, then "The above exception was the direct
+    cause...", then Flower's ``ClientAppException`` that wraps it; that line before
+    the first cause is the reason. Without Ray's traceback, the text after Flower's
+    "...occurred. Message: "; anything else, all of it.
     """
-    _, said, message = text.rpartition("Message: ")
-    if said:
-        lines = [line for line in message.removesuffix("'>").splitlines() if line.strip()]
-        text = lines[-1] if lines else message
+    if _CAUSE in text:
+        lines = [line for line in text.split(_CAUSE)[0].splitlines() if line.strip()]
+        text = lines[-1] if lines else text
+    elif _WRAPPED in text:
+        text = text.split(_WRAPPED, 1)[1].removesuffix("'>")
     text = " ".join(text.split()) or "no reason given"
     return text if len(text) <= 300 else "..." + text[-297:]
 

@@ -145,10 +145,10 @@ def kwargs_problems(class_name: str, kwargs: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-# The adaptive rules' (FedAdam, FedYogi, FedAdagrad) step sizes and moment decays, which
-# their constructors take as given: a negative step size ascends the loss.
-_POSITIVE_ARGS = ("eta", "eta_l", "tau")
-_DECAY_ARGS = ("beta_1", "beta_2")
+# The server optimisers' (FedAdam, FedYogi, FedAdagrad, FedAvgM) step sizes and moment
+# decays, which their constructors take as given: a negative step size ascends the loss.
+_POSITIVE_ARGS = ("eta", "eta_l", "tau", "server_learning_rate")
+_DECAY_ARGS = ("beta_1", "beta_2", "server_momentum")
 
 
 def _out_of_range(key: str, value: Any) -> str | None:

@@ -264,11 +264,13 @@ def check_writable(path: Path, what: str) -> None:
 def check_data_folders(spec: RunSpec) -> None:
     """Refuse a cache folder, or a dataset root still to be made, that cannot be written.
 
-    An existing root is only read (the real dataset may lie on a read-only mount).
+    An existing root is only read (the real dataset may lie on a read-only mount); a
+    missing one that is neither generated nor downloaded is the data layer's to name.
     """
     check_writable(Path(spec.cache_dir), "cache_dir")
     root = Path(spec.dataset.data.root)
-    if not root.exists():  # generated or downloaded here, with a lock file beside it
+    made_here = spec.dataset.generate is not None or spec.dataset.download is not None
+    if made_here and not root.exists():  # with a lock file beside it
         check_writable(root, "dataset.root")
 
 
