@@ -689,8 +689,10 @@ def build_model(
         GroupNorm groups for ``norm="group"``.
     channels_last : bool, optional
         Lay the 4-D weights out channels last (NHWC), so that the convolutions
-        run in that layout: on CPU the study CNN's training steps and evaluation
-        are faster (``benchmarks/run.py --only layout``; RESULTS.md). Sums then
+        run in that layout: on CPU the study CNN's training steps are faster, and
+        its evaluation too except with GroupNorm, about even there since the
+        default layout's max-pools run channels last anyway (:class:`MaxPool2d`;
+        ``benchmarks/run.py --only layout``; RESULTS.md). Sums then
         run in another order, so the results differ from the default layout's
         in the last bits and, through training, in the last digits of accuracies.
     **kwargs
