@@ -323,12 +323,13 @@ def _plain(node: Any) -> Any:
 # The config groups every run reads: each must be a mapping (one of its options), not null.
 GROUPS = ("dataset", "features", "augment", "model", "optimizer", "train", "partition",
           "strategy", "bn", "federation", "logger")  # fmt: skip
-# The config's other top-level keys and the federation's (conf/config.yaml).
+# The config's other top-level keys (conf/config.yaml).
 TOP_KEYS = ("name", "seed", "data_dir", "cache_dir", "progress", "plots", "resume", "device",
             "norm")  # fmt: skip
 # dataset.generate's keys (conf/dataset/synthetic.yaml; fedkws.data.synth.config_params).
 GENERATE_KEYS = ("speakers", "utterances", "seed", "noise_seconds", "held_out_speakers",
                  "unknown_words")  # fmt: skip
+# federation's keys (conf/config.yaml).
 FEDERATION_KEYS = ("client_resources", "federated_eval", "backend", "ray_address", "sweep_ray",
                    "actors", "supernodes", "ray_init_args")  # fmt: skip
 
@@ -339,7 +340,9 @@ def _pairs(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
     )
 
 
-def _unread(problems: _Problems, group: str, values: Mapping[str, Any], keys: Iterable[str]):
+def _unread(
+    problems: _Problems, group: str, values: Mapping[str, Any], keys: Iterable[str]
+) -> None:
     """A problem for each key of ``values`` not among ``keys``: a value nothing would read.
 
     Such a key comes from ``+group.key=value`` (a misspelt key that Hydra's hint made
