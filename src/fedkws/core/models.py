@@ -143,7 +143,8 @@ class MaxPool2d(nn.MaxPool2d):
     it does to a round). A maximum is not rounded, and both kernels keep the
     first maximum of a window in the same scan order, so the output and the
     gradient are bitwise ``nn.MaxPool2d``'s (tests/test_models.py). Other devices,
-    channels-last inputs and ``return_indices`` take ``nn.MaxPool2d``'s path.
+    unbatched (3-D) and channels-last inputs, and ``return_indices``, take
+    ``nn.MaxPool2d``'s own path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
