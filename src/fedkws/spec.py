@@ -326,9 +326,6 @@ GROUPS = ("dataset", "features", "augment", "model", "optimizer", "train", "part
 # The config's other top-level keys (conf/config.yaml).
 TOP_KEYS = ("name", "seed", "data_dir", "cache_dir", "progress", "plots", "resume", "device",
             "norm")  # fmt: skip
-# dataset.generate's keys (conf/dataset/synthetic.yaml; fedkws.data.synth.config_params).
-GENERATE_KEYS = ("speakers", "utterances", "seed", "noise_seconds", "held_out_speakers",
-                 "unknown_words")  # fmt: skip
 # federation's keys (conf/config.yaml).
 FEDERATION_KEYS = ("client_resources", "federated_eval", "backend", "ray_address", "sweep_ray",
                    "actors", "supernodes", "ray_init_args")  # fmt: skip
@@ -538,6 +535,12 @@ def _dataset(raw: Mapping[str, Any], p: _Problems) -> DatasetSpec:
     )
     generate = raw.get("generate")
     download = raw.get("download")
+    if isinstance(generate, Mapping):
+        from fedkws.data.synth import DEFAULT_GENERATE  # the block's every key
+
+        _unread(p, "dataset.generate", generate, DEFAULT_GENERATE)
+    elif isinstance(download, Mapping):
+        _unread(p, "dataset.download", download, ("version", "url", "sha256"))
     return DatasetSpec(
         name=str(raw.get("name", "")),
         data=data,
@@ -654,10 +657,8 @@ def _check_data(spec: RunSpec, p: _Problems) -> None:
         )  # fmt: skip
     _check_features(spec, p)
     if spec.dataset.generate is not None:
-        _unread(p, "dataset.generate", dict(spec.dataset.generate), GENERATE_KEYS)
         _check_generate(dict(spec.dataset.generate), p)
     elif spec.dataset.download is not None:
-        _unread(p, "dataset.download", dict(spec.dataset.download), ("version", "url", "sha256"))
         _check_download(dict(spec.dataset.download), p)
 
 
