@@ -107,11 +107,22 @@ def _train(spec: RunSpec, run_dir: Path, loaded, wandb_names, grid) -> Result:
         if spec.strategy.central
         else FederatedRecipe(spec, record, grid)
     )
-    with record.timed("setup"):  # data, partition, model, W&B
-        recipe.setup(run_dir)
-        if loaded is not None:
-            recipe.restore(loaded[0])
-        record.open(loaded, recipe.parts.data)
+    try:
+        with record.timed("setup"):  # data, partition, model, W&B
+            recipe.setup(run_dir)
+            if loaded is not None:
+                recipe.restore(loaded[0])
+            record.open(loaded, recipe.parts.data)
+        return _train_and_finish(spec, recipe, record, run_dir)
+    finally:
+        if isinstance(recipe, FederatedRecipe):
+            from fedkws.fl import simulation
+
+            simulation.end_early()  # Ray, if its setup started it and no simulation took it
+        loops.set_determinism(determinism)
+
+
+def _train_and_finish(spec: RunSpec, recipe, record: common.Run, run_dir: Path) -> Result:
     ok = False
     try:
         common.console.print(_headline(spec, recipe, run_dir))
@@ -122,7 +133,6 @@ def _train(spec: RunSpec, run_dir: Path, loaded, wandb_names, grid) -> Result:
         ok = True
     finally:
         record.close(ok)
-        loops.set_determinism(determinism)
     return result
 
 

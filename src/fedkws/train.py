@@ -9,6 +9,7 @@ leaves the folder exactly as it was.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import os
@@ -766,16 +767,23 @@ def cli() -> None:
     """
     from fedkws import lifecycle, report
 
-    with hydra_mistakes_in_one_line():
-        main()
-    if (code := lifecycle.take_sweep_stop()) is not None:  # a parallel sweep, stopped
-        sys.exit(code)
-    failed = sorted({*report.FAILED_JOBS, *_FAILED_HERE})
-    if failed:
-        print(f"error: {len(failed)} job(s) of the sweep failed: {', '.join(failed)} (why: "
-              "above, and in each job's failed.txt)",
-              file=sys.stderr)  # fmt: skip
-        sys.exit(1)
+    try:
+        with hydra_mistakes_in_one_line():
+            main()
+        if (code := lifecycle.take_sweep_stop()) is not None:  # a parallel sweep, stopped
+            sys.exit(code)
+        failed = sorted({*report.FAILED_JOBS, *_FAILED_HERE})
+        if failed:
+            print(f"error: {len(failed)} job(s) of the sweep failed: {', '.join(failed)} (why: "
+                  "above, and in each job's failed.txt)",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(1)
+    finally:
+        # The process ends here. Python's shutdown then looks for reference cycles among
+        # every object left, most of them from the imports (torch, Ray, Flower): about
+        # 1 s on 2 cores. Frozen, they are left to the operating system; the run's files
+        # are all written and closed by now.
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ class _Kept:
 _KEPT = _Kept()
 
 
-def _key(mapping: Mapping[str, Any] | None) -> tuple:
+def key(mapping: Mapping[str, Any] | None) -> tuple:
+    """``mapping`` as a comparable tuple (``ray.init`` arguments, client resources)."""
     return tuple(sorted((str(k), repr(v)) for k, v in (mapping or {}).items()))
 
 
@@ -94,7 +95,7 @@ def end_if_kept() -> None:
 
 def connect(init_args: Mapping[str, Any]) -> None:
     """Before ``ray.init``: end a kept connection made with other arguments than ``init_args``."""
-    if _KEPT.connection is not None and _KEPT.connection != _key(init_args):
+    if _KEPT.connection is not None and _KEPT.connection != key(init_args):
         end()
 
 
@@ -155,7 +156,7 @@ def handing_on(init_args: Mapping[str, Any], settings: Mapping[str, Any]) -> Ite
     _KEPT.reused = 0
 
     def made_for(backend) -> tuple:
-        return _key(backend.client_resources) + (("settings", _key(settings)),)
+        return key(backend.client_resources) + (("settings", key(settings)),)
 
     def build_or_take(backend, app_fn) -> None:
         pool = _take(made_for(backend))
@@ -175,4 +176,4 @@ def handing_on(init_args: Mapping[str, Any], settings: Mapping[str, Any]) -> Ite
         yield
     finally:
         RayBackend.build, RayBackend.terminate = build, terminate
-    _KEPT.connection = _key(init_args)
+    _KEPT.connection = key(init_args)

@@ -8,6 +8,9 @@ means replacing only this module.
 Flower runs the ServerApp's main function in a thread and only logs what it
 raises; :func:`simulate` hands the exception back to the caller instead, so a
 failed run ends the process with its reason rather than hanging or exiting 0.
+
+A single run begins Ray and its clients' actors with :func:`start_early` before
+it reads its data, so that their start-up (about 4 s on 2 cores) overlaps it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.serverapp import Grid
@@ -94,18 +98,12 @@ def simulate(
         finally:
             ended.set()
 
-    if ray_address:
-        check_reachable(ray_address)
-    init_args = dict(ray_init_args or {})
-    # Without an address, always a new local instance: a plain ray.init() would attach to
-    # whatever `ray start` last recorded on this machine, even a head that has since ended.
-    init_args = (
-        attach_args(init_args, ray_address) if ray_address else {"address": "local", **init_args}
-    )
+    init_args = _init_args(ray_init_args, ray_address)
     try:
         with actor_pool_capped(actors):
             _run_ray(guarded, client_app, num_supernodes, client_resources or {}, init_args,
-                     actor_settings or {})  # fmt: skip
+                     actor_settings or {},
+                     early_key=_early_key(client_resources or {}, init_args, actors))  # fmt: skip
     except FederationError:
         # The backend died and asked the ServerApp thread to stop: let it end before the
         # caller goes on (a sweep's next job clears the stop request it would wait for).
@@ -114,6 +112,17 @@ def simulate(
         raise
     if raised:
         raise raised[0]
+
+
+def _init_args(ray_init_args: Mapping[str, Any] | None, ray_address: str | None) -> dict:
+    """The ``ray.init`` arguments of a simulation (checks that ``ray_address`` answers)."""
+    init_args = dict(ray_init_args or {})
+    if ray_address:
+        check_reachable(ray_address)
+        return attach_args(init_args, ray_address)
+    # Without an address, always a new local instance: a plain ray.init() would attach to
+    # whatever `ray start` last recorded on this machine, even a head that has since ended.
+    return {"address": "local", **init_args}
 
 
 @contextmanager
@@ -140,39 +149,33 @@ def actor_pool_capped(actors: int | None) -> Iterator[None]:
 
 
 def _run_ray(
-    main, client_app, num_supernodes, client_resources, ray_init_args, actor_settings
-) -> None:
-    # Telemetry stays off unless the user explicitly turned it on.
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    # CPU-only clients: keep Ray from touching accelerator variables (and warning about it).
-    # With GPUs requested (fractional num_gpus), Ray sets each actor's CUDA_VISIBLE_DEVICES
-    # to the GPU it assigned; fedkws never sets that variable itself.
-    if not float(client_resources.get("num_gpus") or 0.0) > 0:
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    main, client_app, num_supernodes, client_resources, ray_init_args, actor_settings,
+    early_key: tuple | None = None,
+) -> None:  # fmt: skip
+    _ray_environment(client_resources)
     from flwr.simulation import run_simulation
 
     from fedkws.fl.server_app import make_server_app
 
     quiet_flower_logging()
-    backend_config: dict[str, Any] = {"client_resources": dict(client_resources)}
-    if ray_init_args:
-        backend_config["init_args"] = dict(ray_init_args)
     keep = actor_keeper.active()
-    kept = False
+    kept, early = False, None
     try:
+        early = _claim_early(early_key)  # what start_early started for this simulation
         if keep:
             actor_keeper.connect(ray_init_args)
         _init_ray(ray_init_args)
-        kept_or_not = (
-            actor_keeper.handing_on(ray_init_args, actor_settings) if keep else nullcontext()
-        )
-        with kept_or_not, prompt_engine.prompt():
+        if keep:
+            pool_source = actor_keeper.handing_on(ray_init_args, actor_settings)
+        else:
+            pool_source = _adopted(early.pool if early else None)
+        with pool_source, prompt_engine.prompt():
             run_simulation(
                 server_app=make_server_app(main),
                 client_app=client_app,
                 num_supernodes=num_supernodes,
                 backend_name="ray",
-                backend_config=backend_config,
+                backend_config=_backend_config(client_resources, ray_init_args),
             )
         kept = keep
     except lifecycle.Interrupted:
@@ -189,6 +192,30 @@ def _run_ray(
     finally:
         if not kept:  # Flower's backend already ended Ray, unless the simulation never started
             actor_keeper.end()
+        if early is not None:
+            early.release()
+
+
+def _ray_environment(client_resources: Mapping[str, Any]) -> None:
+    """What Ray and Flower read from the environment, set before Ray starts."""
+    # Telemetry stays off unless the user explicitly turned it on.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # CPU-only clients: keep Ray from touching accelerator variables (and warning about it).
+    # With GPUs requested (fractional num_gpus), Ray sets each actor's CUDA_VISIBLE_DEVICES
+    # to the GPU it assigned; fedkws never sets that variable itself.
+    if not float(client_resources.get("num_gpus") or 0.0) > 0:
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def _backend_config(client_resources: Mapping[str, Any], init_args: Mapping[str, Any]) -> dict:
+    """The ``backend_config`` of Flower's Ray backend."""
+    backend_config: dict[str, Any] = {
+        "client_resources": dict(client_resources),
+        "actor": {"tensorflow": 0},  # what run_simulation would add
+    }
+    if init_args:
+        backend_config["init_args"] = dict(init_args)
+    return backend_config
 
 
 def _init_ray(init_args: Mapping[str, Any]) -> None:
@@ -205,12 +232,8 @@ def _init_ray(init_args: Mapping[str, Any]) -> None:
     if ray.is_initialized():  # as in Flower's backend: a Ray the caller started is used as is
         lifecycle.reclaim_sigterm()
         return
-    pythonpath = os.pathsep.join(sys.path)
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    defaults = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
     try:
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{**defaults, **init_args})
+        _ray_init(init_args)
     except SystemExit as exit_:
         # While ray.init runs, Ray's own Python SIGTERM handler is in place: sys.exit(15).
         if exit_.code != signal.SIGTERM or not lifecycle.reclaim_sigterm():
@@ -218,3 +241,166 @@ def _init_ray(init_args: Mapping[str, Any]) -> None:
         lifecycle.signalled(signal.SIGTERM)
         raise lifecycle.Interrupted from None
     lifecycle.reclaim_sigterm()
+
+
+def _ray_init(init_args: Mapping[str, Any]) -> None:
+    """``ray.init`` with the arguments Flower's backend would add (see :func:`_init_ray`)."""
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    defaults = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{**defaults, **init_args})
+
+
+# --------------------------------------------------------------------------- early start
+
+
+@dataclass
+class _Early:
+    """Ray and a pool of the clients' actors, started by a background thread.
+
+    The thread stays until Ray has ended (:meth:`release`): Ray's processes are
+    killed when the thread that started them ends (``PR_SET_PDEATHSIG``).
+    """
+
+    key: tuple
+    thread: threading.Thread
+    pool: Any = None
+    error: BaseException | None = None
+    ray_ended: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self) -> None:
+        """Until Ray and the pool are started, or failed to."""
+        self.started.wait()
+
+    def release(self) -> None:
+        """Ray has ended: the thread that started it may end too."""
+        self.ray_ended.set()
+        self.thread.join()
+
+
+_EARLY: list[_Early] = []  # at most one
+
+
+def _early_key(
+    client_resources: Mapping[str, Any], init_args: Mapping[str, Any], actors: int | None
+) -> tuple:
+    """What a simulation must ask for to take what :func:`start_early` started."""
+    return actor_keeper.key(client_resources), actor_keeper.key(init_args), actors
+
+
+def start_early(
+    client_resources: Mapping[str, Any],
+    ray_init_args: Mapping[str, Any] | None = None,
+    ray_address: str | None = None,
+    actors: int | None = None,
+) -> None:
+    """Start Ray and the clients' actors in a background thread, while the run sets up.
+
+    Neither depends on the data: Ray's start takes about 2 s on 2 cores, and each
+    actor imports torch, Flower and fedkws before its first message (2 s more).
+    Begun before the data are read, the next :func:`simulate` on Ray with the same
+    ``client_resources``, ``ray_init_args``, ``ray_address`` and ``actors`` finds
+    them started (or waits for them); one with other arguments ends them and starts
+    its own. A failure to start is raised by that :func:`simulate`, as if it had
+    started Ray itself. Call :func:`end_early` when the run ends: it ends whatever
+    no simulation took (a run that failed in its set-up, or needed no clients).
+
+    Not for a sweep's jobs (:mod:`fedkws.fl.actor_keeper` hands their actors on from
+    one job to the next). Until :func:`simulate` takes them, SIGTERM is Ray's (it
+    ends the process), as it is while ``ray.init`` runs in :func:`simulate`.
+    """
+    if actor_keeper.active():
+        raise RuntimeError("start_early: a sweep's simulations hand their actors on instead")
+    end_early()
+    _ray_environment(client_resources)
+    quiet_flower_logging()
+    init_args = _init_args(ray_init_args, ray_address)
+    resources = dict(client_resources)
+
+    def start() -> None:
+        from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+        try:
+            _ray_init(init_args)
+            with actor_pool_capped(actors):
+                backend = RayBackend(_backend_config(resources, init_args))
+                backend.build(None)  # the pool: its actors start in their own processes
+                early.pool = backend.pool
+        except BaseException as err:  # raised by the simulation that claims it
+            early.error = err
+        finally:
+            early.started.set()
+        early.ray_ended.wait()
+
+    _silence_thread_warning()
+    thread = threading.Thread(target=start, name="fedkws-ray-start", daemon=True)
+    early = _Early(_early_key(resources, init_args, actors), thread)
+    _EARLY.append(early)
+    early.thread.start()
+
+
+def end_early() -> None:
+    """End what :func:`start_early` started and no simulation took; nothing if none."""
+    if not _EARLY:
+        return
+    early = _EARLY.pop()
+    early.wait()
+    actor_keeper.end()  # Ray, if it started, and with this driver's connection its actors
+    early.release()
+
+
+def _claim_early(key: tuple | None) -> _Early | None:
+    """What :func:`start_early` started for ``key``, once started; None if nothing.
+
+    Raises what stopped it from starting. Started for other arguments: ended here.
+    Its caller releases it (:meth:`_Early.release`) once Ray has ended.
+    """
+    if not _EARLY:
+        return None
+    if key is None or _EARLY[0].key != key:
+        end_early()
+        return None
+    early = _EARLY.pop()
+    early.wait()
+    if early.error is not None:
+        early.release()  # the simulation's clean-up ends Ray if it started
+        raise early.error
+    return early
+
+
+@contextmanager
+def _adopted(pool) -> Iterator[None]:
+    """Within this block, Flower's Ray backend takes ``pool`` instead of building one."""
+    if pool is None:
+        yield
+        return
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    build = RayBackend.build
+
+    def take(backend, app_fn) -> None:
+        backend.pool, backend.app_fn = pool, app_fn
+
+    RayBackend.build = take
+    try:
+        yield
+    finally:
+        RayBackend.build = build
+
+
+def _silence_thread_warning() -> None:
+    """Ray warns that a ``ray.init`` outside the main thread sets no SIGTERM handler.
+
+    fedkws installs its own once the simulation takes Ray (:func:`_init_ray`).
+    """
+    worker_log = logging.getLogger("ray._private.worker")
+    if _no_sigterm_note not in worker_log.filters:
+        worker_log.addFilter(_no_sigterm_note)
+
+
+def _no_sigterm_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("SIGTERM handler is not set")

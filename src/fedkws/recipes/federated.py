@@ -54,8 +54,18 @@ class FederatedRecipe:
     # -- setup -------------------------------------------------------------------------------
 
     def setup(self, run_dir: Path) -> None:
-        """Data, clients, model, key plan, server rule, the clients' task, evaluator."""
+        """Data, clients, model, key plan, server rule, the clients' task, evaluator.
+
+        A run that starts its own simulation on Ray starts Ray and its clients' actors
+        first, in the background, while it reads its data (see
+        :func:`fedkws.fl.simulation.start_early`).
+        """
         spec = self.spec
+        if self.grid is None and spec.federation.backend == "ray":
+            from fedkws.fl import actor_keeper, simulation
+
+            if not actor_keeper.active():  # a sweep's jobs hand their actors on instead
+                simulation.start_early(**self._simulation_resources())
         self.parts = common.setup(spec, run_dir)
         self.model = self.parts.model
         own_bn = keeps_client_state(spec.bn.sync)
@@ -292,6 +302,16 @@ class FederatedRecipe:
                     out[f"{prefix}/{mode}/acc_client{int(r['pid'])}"] = r[f"{mode}_acc"]
         return out
 
+    def _simulation_resources(self) -> dict[str, Any]:
+        """The simulation's Ray instance and what its clients' actors hold."""
+        fed = self.spec.federation
+        return {
+            "client_resources": {"num_cpus": fed.num_cpus, "num_gpus": fed.num_gpus},
+            "ray_init_args": dict(fed.ray_init_args),
+            "ray_address": fed.ray_address,
+            "actors": fed.actors,
+        }
+
     def _final_queries_due(self) -> bool:
         """Whether the run is complete and its final evaluation still needs the clients.
 
@@ -364,12 +384,9 @@ class FederatedRecipe:
                 serve,
                 num_supernodes=node_count(len(self.parts.clients), fed.supernodes),
                 backend=fed.backend,
-                client_resources={"num_cpus": fed.num_cpus, "num_gpus": fed.num_gpus},
-                ray_init_args=dict(fed.ray_init_args),
-                ray_address=fed.ray_address,
-                actors=fed.actors,
                 actor_settings={"device": self.task.device,
                                 "deterministic": self.task.deterministic},
+                **self._simulation_resources(),
             )  # fmt: skip
         except BaseException:
             if self.final is not None:  # the run fails: its files are not written behind it
