@@ -22,7 +22,14 @@ from omegaconf import OmegaConf
 
 from commands import run_command
 from fedkws import CONF_DIR
-from helpers import cli_env, markdown_table, spy_on_figures, tiny_dataset_overrides, train_command
+from helpers import (
+    cli_env,
+    error_lines,
+    markdown_table,
+    spy_on_figures,
+    tiny_dataset_overrides,
+    train_command,
+)
 
 # summary key of each column the report must show (independent of report.py)
 COLUMNS = {
@@ -820,3 +827,24 @@ def test_a_sweep_resumed_with_more_rounds_finds_its_jobs_folders(tmp_path):
     _multirun_yaml(tmp_path / "rounds", ["train.rounds=2,3"])
     with pytest.raises(ConfigError, match="train.rounds=3 is left out .* command of its own"):
         _refuse_shared_job_folders(OmegaConf.load(tmp_path / "rounds" / "multirun.yaml"))
+
+
+def test_a_report_with_no_finished_run_is_one_error(tmp_path):
+    # Catches: a table of "missing" rows and exit status 0 when every run failed, which
+    # a script running `fedkws report` after its sweep would take for a result.
+    sweep = tmp_path / "sweep"
+    for i, why in enumerate(["no Ray instance answers", "optimizer.lr=9: too large"] * 2):
+        (sweep / f"job{i}").mkdir(parents=True)
+        (sweep / f"job{i}" / "failed.txt").write_text(f"{why}\n")
+    done = _report(sweep)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert error_lines(done.stderr) == [
+        f"error: no run under {sweep} has finished: job0 (failed: no Ray instance answers); "
+        "job1 (failed: optimizer.lr=9: too large); job2 (failed: no Ray instance answers); "
+        "and 1 more"
+    ]
+    # One finished run: the report, with the failed ones listed under it.
+    _write_run(sweep / "job4", 0, "fedavg", {"eval": [0.5]}, {"eval": 0.5})
+    done = _report(sweep)
+    assert done.returncode == 0, done
+    assert "- job3 (failed: optimizer.lr=9: too large)" in done.stdout

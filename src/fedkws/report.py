@@ -635,15 +635,18 @@ class SweepTable:
             lines += [" | ".join(row) for row in comparison]
             text += "\n\nagainst the centralised reference:\n\n" + "\n".join(lines)
             text += "\n\n" + _LEGEND_CENTRAL
-        not_done = [
+        if not_done := self.not_done():
+            text += f"\n\nmissing ({len(not_done)} run(s) without a finished results.json):\n"
+            text += "\n".join(f"- {item}" for item in not_done)
+        return text
+
+    def not_done(self) -> list[str]:
+        """Each run without a finished ``results.json``, with why (failed, running, ...)."""
+        return [
             f"{_relative(r.folder, self.base)} ({r.problem or _why_missing(r)})"
             for cell in self.cells
             for r in cell.lost
         ]
-        if not_done:
-            text += f"\n\nmissing ({len(not_done)} run(s) without a finished results.json):\n"
-            text += "\n".join(f"- {item}" for item in not_done)
-        return text
 
     def csv_header(self) -> list[str]:
         """The CSV's columns (module docstring)."""
@@ -744,6 +747,10 @@ def report(
     _check_targets([("--markdown", markdown), ("--markdown's CSV", csv_file), ("--plot", plot),
                     ("--plot's bar chart", bars), ("--plot's grid", grid)], plot)  # fmt: skip
     table = SweepTable.build([Path(p) for p in paths], columns)
+    if not any(cell.results for cell in table.cells):  # a table of "missing" tells nothing
+        lost = table.not_done()
+        shown = "; ".join(lost[:3]) + (f"; and {len(lost) - 3} more" if len(lost) > 3 else "")
+        raise ConfigError(f"no run under {', '.join(map(str, paths))} has finished: {shown}")
     text = table.markdown()
     if found := claims.verdicts(table.cells):
         text += "\n\n" + claims.markdown(found)
