@@ -310,8 +310,9 @@ def start_early(
     no simulation took (a run that failed in its set-up, or needed no clients).
 
     Not for a sweep's jobs (:mod:`fedkws.fl.actor_keeper` hands their actors on from
-    one job to the next). Until :func:`simulate` takes them, SIGTERM is Ray's (it
-    ends the process), as it is while ``ray.init`` runs in :func:`simulate`.
+    one job to the next). A SIGTERM between Ray's start and :func:`simulate` still
+    asks fedkws to stop, but Ray's core worker, whose handler runs first (fedkws
+    takes it back in :func:`_init_ray`), prints its own lines about it too.
     """
     if actor_keeper.active():
         raise RuntimeError("start_early: a sweep's simulations hand their actors on instead")
