@@ -115,11 +115,11 @@ def _train(spec: RunSpec, run_dir: Path, loaded, wandb_names, grid) -> Result:
             record.open(loaded, recipe.parts.data)
         return _train_and_finish(spec, recipe, record, run_dir)
     finally:
+        loops.set_determinism(determinism)
         if isinstance(recipe, FederatedRecipe):
             from fedkws.fl import simulation
 
             simulation.end_early()  # Ray, if its setup started it and no simulation took it
-        loops.set_determinism(determinism)
 
 
 def _train_and_finish(spec: RunSpec, recipe, record: common.Run, run_dir: Path) -> Result:

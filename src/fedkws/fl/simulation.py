@@ -309,14 +309,19 @@ def start_early(
     started Ray itself. Call :func:`end_early` when the run ends: it ends whatever
     no simulation took (a run that failed in its set-up, or needed no clients).
 
-    Not for a sweep's jobs (:mod:`fedkws.fl.actor_keeper` hands their actors on from
-    one job to the next). A SIGTERM between Ray's start and :func:`simulate` still
+    Not while :mod:`fedkws.fl.actor_keeper` hands actors on from one simulation to
+    the next (a sequential sweep's jobs on its shared head); nothing either when
+    Ray is already initialised in this process (:func:`simulate` uses it as is).
+    A SIGTERM between Ray's start and :func:`simulate` still
     asks fedkws to stop, but Ray's core worker, whose handler runs first (fedkws
     takes it back in :func:`_init_ray`), prints its own lines about it too.
     """
     if actor_keeper.active():
         raise RuntimeError("start_early: a sweep's simulations hand their actors on instead")
     end_early()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # the caller's Ray: simulate uses it as is
+        return
     _ray_environment(client_resources)
     quiet_flower_logging()
     init_args = _init_args(ray_init_args, ray_address)
@@ -324,13 +329,18 @@ def start_early(
 
     def start() -> None:
         from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+        from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
 
         try:
             _ray_init(init_args)
-            with actor_pool_capped(actors):
-                backend = RayBackend(_backend_config(resources, init_args))
-                backend.build(None)  # the pool: its actors start in their own processes
-                early.pool = backend.pool
+            backend = RayBackend(_backend_config(resources, init_args))  # checks the resources
+            # What RayBackend.build does, with actor_pool_capped's cap applied here: that
+            # context manager swaps a module function, which this thread must not do.
+            pool = BasicActorPool(ClientAppActor, backend.client_resources, backend.actor_kwargs)
+            if actors is not None:
+                pool.actors_capacity = min(actors, pool.actors_capacity)
+            pool.add_actors_to_pool(pool.actors_capacity)  # they start in their own processes
+            early.pool = pool
         except BaseException as err:  # raised by the simulation that claims it
             early.error = err
         finally:
@@ -348,8 +358,8 @@ def end_early() -> None:
     """End what :func:`start_early` started and no simulation took; nothing if none."""
     if not _EARLY:
         return
+    _EARLY[0].wait()  # interrupted (a second Ctrl-C), it stays listed for the next call
     early = _EARLY.pop()
-    early.wait()
     actor_keeper.end()  # Ray, if it started, and with this driver's connection its actors
     early.release()
 
@@ -365,10 +375,11 @@ def _claim_early(key: tuple | None) -> _Early | None:
     if key is None or _EARLY[0].key != key:
         end_early()
         return None
+    _EARLY[0].wait()
     early = _EARLY.pop()
-    early.wait()
     if early.error is not None:
-        early.release()  # the simulation's clean-up ends Ray if it started
+        actor_keeper.end()  # Ray may have started before the pool failed: ended first
+        early.release()
         raise early.error
     return early
 

@@ -296,6 +296,20 @@ def load_data(spec: RunSpec) -> CachedDataset:
     return open_dataset(ds.data, spec.features, spec.cache_dir, generate, download, spec.progress)
 
 
+def data_ready(spec: RunSpec) -> bool:
+    """Whether :func:`load_data` will generate no synthetic dataset (it forks workers).
+
+    A process that starts Ray in a background thread first (see
+    :meth:`fedkws.recipes.federated.FederatedRecipe.setup`) must not fork meanwhile.
+    """
+    from fedkws.data import synth
+
+    ds = spec.dataset
+    if ds.generate is None:
+        return True
+    return synth.is_complete(ds.data.root, **synth.config_params(dict(ds.generate)))
+
+
 def setup(spec: RunSpec, run_dir: Path) -> Setup:
     """Load the data, partition it, build the initial model; write the data summary."""
     data = load_data(spec)

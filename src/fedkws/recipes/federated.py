@@ -61,7 +61,7 @@ class FederatedRecipe:
         :func:`fedkws.fl.simulation.start_early`).
         """
         spec = self.spec
-        if self.grid is None and spec.federation.backend == "ray":
+        if self.grid is None and spec.federation.backend == "ray" and common.data_ready(spec):
             from fedkws.fl import actor_keeper, simulation
 
             if not actor_keeper.active():  # a sweep's jobs hand their actors on instead
@@ -347,6 +347,9 @@ class FederatedRecipe:
         With no rounds left, the clients start only for the final evaluation's queries.
         """
         if self.run.start_round > self.run.last_round and not self._final_queries_due():
+            from fedkws.fl import simulation
+
+            simulation.end_early()  # no clients needed: Ray is not kept up meanwhile
             return
         from fedkws.fl import actor_keeper
         from fedkws.fl.server_app import FlowerClients, node_count
