@@ -340,6 +340,9 @@ def start_early(
             if actors is not None:
                 pool.actors_capacity = min(actors, pool.actors_capacity)
             pool.add_actors_to_pool(pool.actors_capacity)  # they start in their own processes
+            # RayBackend.build's own record (DEBUG), which shows the pool's size
+            flwr_log = logging.getLogger("flwr")
+            flwr_log.debug("Constructed ActorPool with: %i actors", pool.num_actors)
             early.pool = pool
         except BaseException as err:  # raised by the simulation that claims it
             early.error = err
