@@ -56,11 +56,24 @@ def _file(text: str) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch the sub-commands."""
+    from fedkws.data import synth
+
+    args = _parser(synth).parse_args(argv)
+    try:
+        with user_errors():
+            _dispatch(args, synth)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _parser(synth) -> argparse.ArgumentParser:
+    """``fedkws`` and its sub-commands' options."""
+    from fedkws.data.speech_commands import OTHER_WORDS_V2
+
     parser = _Parser(prog="fedkws", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    from fedkws.data import synth
-    from fedkws.data.speech_commands import OTHER_WORDS_V2
 
     gen = sub.add_parser("generate", help="generate the synthetic Speech Commands dataset")
     gen.add_argument("--root", type=_folder, required=True)
@@ -108,14 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cav.add_argument(
         "--batch-sizes", type=_sizes, default=(1, 8, 64, 512), help="comma-separated, e.g. 1,8,64"
     )
-    args = parser.parse_args(argv)
-    try:
-        with user_errors():
-            _dispatch(args, synth)
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
-    return 0
+    return parser
 
 
 def _generate(args: argparse.Namespace, synth) -> None:
