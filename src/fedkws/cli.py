@@ -72,7 +72,7 @@ def _parser(synth) -> argparse.ArgumentParser:
     """``fedkws`` and its sub-commands' options."""
     from fedkws.data.speech_commands import OTHER_WORDS_V2
 
-    parser = _Parser(prog="fedkws", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="fedkws", description=__doc__.split("\n")[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate the synthetic Speech Commands dataset")
