@@ -312,9 +312,9 @@ def start_early(
     Not while :mod:`fedkws.fl.actor_keeper` hands actors on from one simulation to
     the next (a sequential sweep's jobs on its shared head); nothing either when
     Ray is already initialised in this process (:func:`simulate` uses it as is).
-    A SIGTERM between Ray's start and :func:`simulate` still
-    asks fedkws to stop, but Ray's core worker, whose handler runs first (fedkws
-    takes it back in :func:`_init_ray`), prints its own lines about it too.
+    A SIGTERM between Ray's start and :func:`simulate` still asks fedkws to stop,
+    but Ray's core worker, whose handler runs first (fedkws takes it back in
+    :func:`_init_ray`), prints its own lines about it too.
     """
     if actor_keeper.active():
         raise RuntimeError("start_early: a sweep's simulations hand their actors on instead")
