@@ -22,6 +22,17 @@ from fedkws.fl.server_app import FlowerClients
 RESOURCES = {"num_cpus": 1, "num_gpus": 0.0}
 
 
+@pytest.fixture(autouse=True)
+def _nothing_left_running():
+    """A test that fails midway leaves no Ray to the tests after it in this worker."""
+    yield
+    simulation.end_early()
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture
 def ray_tmp():
     """A short temporary root for one Ray instance (its socket paths are limited in length)."""
