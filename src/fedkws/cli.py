@@ -76,30 +76,16 @@ def _parser(synth) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate the synthetic Speech Commands dataset")
-    gen.add_argument("--root", type=_folder, required=True)
-    # Three speakers at least: one for each of the training, validation and test splits.
-    gen.add_argument("--speakers", type=_at_least(3), default=synth.DEFAULT_SPEAKERS)
-    gen.add_argument("--utterances", type=_at_least(1), default=synth.DEFAULT_UTTERANCES)
-    gen.add_argument("--seed", type=int, default=synth.DEFAULT_SEED)
-    gen.add_argument(
-        "--noise-seconds", type=_at_least(1.0, float), default=synth.DEFAULT_NOISE_SECONDS
-    )
-    gen.add_argument(  # default None: not given (see synth.arguments_params)
-        "--held-out-speakers", type=_at_least(0), default=None,
-        help=f"speakers in each of validation and testing (default "
-        f"{synth.DEFAULT_HELD_OUT_SPEAKERS}; 0: 10%% of --speakers)",
-    )  # fmt: skip
-    words = gen.add_mutually_exclusive_group()
-    words.add_argument(  # default None, so that argparse refuses it beside --all-words
-        "--unknown-words", type=_at_least(0, int, len(OTHER_WORDS_V2)), default=None,
-        help=f"non-command words each speaker records once (default "
-        f"{synth.DEFAULT_UNKNOWN_WORDS}, at most {len(OTHER_WORDS_V2)})",
-    )  # fmt: skip
-    words.add_argument(
-        "--all-words", action="store_true",
-        help="every speaker says all 35 words --utterances times (for protocol=35class)",
-    )  # fmt: skip
-    gen.add_argument("--workers", type=_at_least(1), default=None, help="default: every CPU")
+    synth.add_generate_arguments(gen, types={
+        "root": _folder,
+        # Three speakers at least: one for each of the training, validation and test splits.
+        "speakers": _at_least(3),
+        "utterances": _at_least(1),
+        "noise_seconds": _at_least(1.0, float),
+        "held_out_speakers": _at_least(0),
+        "unknown_words": _at_least(0, int, len(OTHER_WORDS_V2)),
+        "workers": _at_least(1),
+    })  # fmt: skip
 
     dl = sub.add_parser("download", help="download and extract real Speech Commands")
     dl.add_argument("--root", type=_folder, required=True, help="a new or empty folder")

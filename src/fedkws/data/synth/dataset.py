@@ -19,7 +19,7 @@ import numpy as np
 import soundfile as sf
 
 from fedkws.data.audio import SAMPLE_RATE
-from fedkws.data.speech_commands import BACKGROUND_NOISE_DIR, WORDS_V2, which_set
+from fedkws.data.speech_commands import BACKGROUND_NOISE_DIR, OTHER_WORDS_V2, WORDS_V2, which_set
 from fedkws.data.synth.noise import NOISE_FILES, make_noise
 from fedkws.data.synth.plan import SpeakerPlan, SynthPlan, check_plan_arguments, plan_dataset
 from fedkws.data.synth.render import render_utterance
@@ -642,26 +642,39 @@ def main_generate(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    """The sizing options of the generator (shared by ``fedkws generate``)."""
-    parser.add_argument("--root", required=True, type=Path, help="output folder")
-    parser.add_argument("--speakers", type=int, default=DEFAULT_SPEAKERS)
-    parser.add_argument("--utterances", type=int, default=DEFAULT_UTTERANCES)
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--noise-seconds", type=float, default=DEFAULT_NOISE_SECONDS)
+def add_generate_arguments(
+    parser: argparse.ArgumentParser, types: Mapping[str, Callable[[str], Any]] | None = None
+) -> None:
+    """The generator's options: ``python -m fedkws.data.synth`` and ``fedkws generate``.
+
+    ``types``: the argparse ``type`` of an option by its destination (``root``,
+    ``speakers``, ...), e.g. ``fedkws generate``'s range checks; default: ``Path``,
+    ``int`` or ``float``.
+    """
+    types = dict(types or {})
+    parser.add_argument("--root", type=types.get("root", Path), required=True, help="output folder")
+    parser.add_argument("--speakers", type=types.get("speakers", int), default=DEFAULT_SPEAKERS)
+    parser.add_argument(
+        "--utterances", type=types.get("utterances", int), default=DEFAULT_UTTERANCES
+    )
+    parser.add_argument("--seed", type=types.get("seed", int), default=DEFAULT_SEED)
+    parser.add_argument(
+        "--noise-seconds", type=types.get("noise_seconds", float), default=DEFAULT_NOISE_SECONDS
+    )
     parser.add_argument(
         "--held-out-speakers",
-        type=int,
+        type=types.get("held_out_speakers", int),
         default=None,  # None: not given (DEFAULT_HELD_OUT_SPEAKERS; see arguments_params)
-        help=f"speakers in each of validation and testing (default {DEFAULT_HELD_OUT_SPEAKERS}; "
-        "0: 10 %% of --speakers)",
+        help=f"speakers in each of validation and testing (default "
+        f"{DEFAULT_HELD_OUT_SPEAKERS}; 0: 10%% of --speakers)",
     )
     words = parser.add_mutually_exclusive_group()
     words.add_argument(
         "--unknown-words",
-        type=int,
+        type=types.get("unknown_words", int),
         default=None,  # None, not the default count: argparse then refuses it with --all-words
-        help=f"non-command words each speaker records once (default {DEFAULT_UNKNOWN_WORDS})",
+        help=f"non-command words each speaker records once (default {DEFAULT_UNKNOWN_WORDS}, "
+        f"at most {len(OTHER_WORDS_V2)})",
     )
     words.add_argument(
         "--all-words",
@@ -669,7 +682,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="every speaker says all 35 words --utterances times (for protocol=35class)",
     )
     parser.add_argument(
-        "--workers", type=int, default=None, help="rendering processes (default: every CPU)"
+        "--workers",
+        type=types.get("workers", int),
+        default=None,
+        help="rendering processes (default: every CPU)",
     )
 
 
