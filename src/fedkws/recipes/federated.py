@@ -54,18 +54,9 @@ class FederatedRecipe:
     # -- setup -------------------------------------------------------------------------------
 
     def setup(self, run_dir: Path) -> None:
-        """Data, clients, model, key plan, server rule, the clients' task, evaluator.
-
-        A run that starts its own simulation on Ray starts Ray and its clients' actors
-        first, in the background, while it reads its data (see
-        :func:`fedkws.fl.simulation.start_early`).
-        """
+        """Data, clients, model, key plan, server rule, the clients' task, evaluator."""
         spec = self.spec
-        if self.grid is None and spec.federation.backend == "ray" and common.data_ready(spec):
-            from fedkws.fl import actor_keeper, simulation
-
-            if not actor_keeper.active():  # a sweep's jobs hand their actors on instead
-                simulation.start_early(**self._simulation_resources())
+        self._start_clients_early()
         self.parts = common.setup(spec, run_dir)
         self.model = self.parts.model
         own_bn = keeps_client_state(spec.bn.sync)
@@ -301,6 +292,20 @@ class FederatedRecipe:
                 for r in replies:
                     out[f"{prefix}/{mode}/acc_client{int(r['pid'])}"] = r[f"{mode}_acc"]
         return out
+
+    def _start_clients_early(self) -> None:
+        """Start Ray and the clients' actors in the background while the data are read.
+
+        Only for a run that starts its own simulation on Ray (see
+        :func:`fedkws.fl.simulation.start_early`).
+        """
+        if self.grid is not None or self.spec.federation.backend != "ray":
+            return
+        from fedkws.fl import actor_keeper, simulation
+
+        # A sweep's jobs hand their actors on instead; generating the dataset forks.
+        if not actor_keeper.active() and common.data_ready(self.spec):
+            simulation.start_early(**self._simulation_resources())
 
     def _simulation_resources(self) -> dict[str, Any]:
         """The simulation's Ray instance and what its clients' actors hold."""
