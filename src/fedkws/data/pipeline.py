@@ -53,6 +53,15 @@ def _extracted_by_hand(root: Path) -> bool:
     return not (root / dl.INCOMPLETE_NAME).exists() and has_word_folders(root)
 
 
+def needs_generating(root: Path | str, generate: Mapping[str, Any] | None) -> bool:
+    """Whether :func:`ensure_dataset` would generate the synthetic dataset at ``root``."""
+    if generate is None:
+        return False
+    from fedkws.data import synth
+
+    return not synth.is_complete(root, **synth.config_params(generate))
+
+
 def ensure_dataset(
     root: Path | str,
     generate: Mapping[str, Any] | None = None,
@@ -78,7 +87,7 @@ def ensure_dataset(
         from fedkws.data import synth
 
         params = synth.config_params(generate)
-        if not synth.is_complete(root, **params):
+        if needs_generating(root, generate):
             root.parent.mkdir(parents=True, exist_ok=True)
             with file_lock(synth.lock_path(root)):
                 # Another process may have generated it while this one waited.

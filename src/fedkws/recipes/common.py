@@ -302,12 +302,10 @@ def data_ready(spec: RunSpec) -> bool:
     A process that starts Ray in a background thread first (see
     :meth:`fedkws.recipes.federated.FederatedRecipe.setup`) must not fork meanwhile.
     """
-    from fedkws.data import synth
+    from fedkws.data.pipeline import needs_generating
 
     ds = spec.dataset
-    if ds.generate is None:
-        return True
-    return synth.is_complete(ds.data.root, **synth.config_params(dict(ds.generate)))
+    return not needs_generating(ds.data.root, None if ds.generate is None else dict(ds.generate))
 
 
 def setup(spec: RunSpec, run_dir: Path) -> Setup:
