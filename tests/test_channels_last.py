@@ -65,9 +65,24 @@ def test_channels_first_group_norm_is_group_norm():
     x_ref = x.clone().requires_grad_()
     out = ours(x_last)
     torch.testing.assert_close(out, ref(x_ref))
+    assert out.is_contiguous(memory_format=CL)  # the next conv reads its weights' layout
     out.square().sum().backward()
     ref(x_ref).square().sum().backward()
     torch.testing.assert_close(x_last.grad, x_ref.grad)
+
+
+def test_channels_first_group_norm_evaluates_channels_last_in_place():
+    # Catches: evaluation paying the channels-first copies (twice as slow, see
+    # benchmarks/layout.py), or the training path's copy used where nothing records.
+    torch.manual_seed(0)
+    ours, ref = ChannelsFirstGroupNorm(4, 8), nn.GroupNorm(4, 8)
+    ref.load_state_dict(ours.state_dict())
+    x_last = torch.randn(3, 8, 5, 7).contiguous(memory_format=CL)
+    with torch.no_grad():
+        out = ours(x_last)
+        assert torch.equal(out, ref(x_last))  # torch's own channels-last kernel
+        assert out.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(out, ref(x_last.contiguous()))
 
 
 def test_a_channels_last_federation_trains_as_the_default_layout(make_cfg, tmp_path):

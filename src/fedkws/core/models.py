@@ -122,15 +122,25 @@ def group_count(channels: int, groups: int) -> int:
 
 
 class ChannelsFirstGroupNorm(nn.GroupNorm):
-    """GroupNorm computed on a channels-first copy of a channels-last input.
+    """GroupNorm whose training pass runs on a channels-first copy of a channels-last input.
 
     On CPU, torch's GroupNorm backward with more than one group is several times
-    slower on channels-last inputs (see ``channels_last`` of :func:`build_model`);
-    on a channels-first input this is ``nn.GroupNorm`` exactly (no copy is made).
+    slower on channels-last inputs (see ``channels_last`` of :func:`build_model`), so
+    while autograd records, a channels-last input is normalised channels first and
+    the output turned back to channels last (the next convolution then reads the
+    layout its weights have instead of converting its input). Without autograd
+    (evaluation, statistics) torch's channels-last forward kernel is the fast one
+    and runs on the input as it is. On a channels-first input this is
+    ``nn.GroupNorm`` exactly (no copy is made).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.contiguous())
+        if x.is_contiguous() or not torch.is_grad_enabled():
+            return super().forward(x)
+        out = super().forward(x.contiguous())
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return out.contiguous(memory_format=torch.channels_last)
+        return out
 
 
 class MaxPool2d(nn.MaxPool2d):
@@ -690,10 +700,9 @@ def build_model(
         GroupNorm groups for ``norm="group"``.
     channels_last : bool, optional
         Lay the 4-D weights out channels last (NHWC), so that the convolutions
-        run in that layout: on CPU the study CNN's training steps are faster, and
-        its evaluation too except with GroupNorm, about even there since the
-        default layout's max-pools run channels last anyway (:class:`MaxPool2d`;
-        ``benchmarks/run.py --only layout``; RESULTS.md). Sums then
+        run in that layout: on CPU the study CNN's training steps and evaluation
+        are faster with every norm (``benchmarks/run.py --only layout``;
+        RESULTS.md). Sums then
         run in another order, so the results differ from the default layout's
         in the last bits and, through training, in the last digits of accuracies.
     **kwargs
