@@ -10,8 +10,11 @@ what is prompt can only be fedkws's doing.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -41,22 +44,20 @@ class LinkState:
             return taken
 
 
-@pytest.fixture
-def engine(monkeypatch):
-    """The engine's hand-out thread and its queue, within ``prompt()``; Flower's waits: 60 s."""
+@contextmanager
+def hand_out(state, nodes_mapping: dict[int, int]):
+    """The engine's hand-out thread on ``state`` and its queue, within ``prompt()``."""
     from flwr.server.superlink.fleet.vce import vce_api
 
-    monkeypatch.setattr(prompt_engine, "LOOK_EVERY_S", 60.0)
-    state, stop = LinkState(), threading.Event()
+    stop = threading.Event()
     with prompt_engine.prompt():
         messages = vce_api.Queue()  # as the engine makes its queues
         thread = threading.Thread(
-            target=vce_api.add_messages_to_queue, args=(state, messages, {1: 0, 2: 1}, stop)
+            target=vce_api.add_messages_to_queue, args=(state, messages, nodes_mapping, stop)
         )
         thread.start()
         try:
-            _until(lambda: state.looks >= 2)  # its first pass over the nodes is done
-            yield state, messages, stop
+            yield messages, stop
         finally:
             stop.set()
             thread.join(10)
@@ -65,6 +66,16 @@ def engine(monkeypatch):
     # Outside the block, Flower's own functions are back.
     assert vce_api.Queue is queue.Queue
     assert vce_api.add_messages_to_queue.__module__ == vce_api.__name__
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """:func:`hand_out` on a stand-in state of two nodes; Flower's waits: 60 s."""
+    monkeypatch.setattr(prompt_engine, "LOOK_EVERY_S", 60.0)
+    state = LinkState()
+    with hand_out(state, {1: 0, 2: 1}) as (messages, stop):
+        _until(lambda: state.looks >= 2)  # its first pass over the nodes is done
+        yield state, messages, stop
 
 
 def _until(condition, timeout: float = 10.0) -> None:
@@ -151,3 +162,35 @@ def test_flowers_run_api_uses_the_prompt_hand_out_and_ends_with_the_simulation(m
             stop.set()
             engine.join(10)
     assert not engine.is_alive()
+
+
+def test_a_look_asks_only_the_nodes_with_a_message_waiting(monkeypatch):
+    # Catches: every look asking Flower's link state for every node's next message (each
+    # call checks every stored message: at 2,618 nodes and a round's 10 messages in
+    # flight, 75 ms a look, most of a core while a round ran), and a node's messages
+    # handed out in another order than pushed.
+    from flwr.app import Message, RecordDict
+
+    monkeypatch.setattr(sys, "path", [str(Path(__file__).parents[1] / "benchmarks"), *sys.path])
+    import scale  # the simulation's in-memory link state, as the scale benchmark builds it
+
+    monkeypatch.setattr(prompt_engine, "LOOK_EVERY_S", 60.0)
+    state, grid, node_ids = scale._link_state(300)
+    asked: list[int] = []
+    real = state.get_message_ins
+
+    def get_message_ins(node_id, limit, **kwargs):
+        asked.append(node_id)
+        return real(node_id=node_id, limit=limit, **kwargs)
+
+    monkeypatch.setattr(state, "get_message_ins", get_message_ins)
+    late, early = node_ids[250], node_ids[7]
+    pushed = [Message(RecordDict(), node, "query.hello") for node in (late, early, early)]
+    ids = list(grid.push_messages(pushed))
+    with hand_out(state, {node: i for i, node in enumerate(node_ids)}) as (messages, _):
+        prompt_engine.pushed()
+        got = [messages.get(timeout=10).metadata.message_id for _ in range(3)]
+        assert set(got) == set(ids)
+        assert got.index(ids[1]) < got.index(ids[2])  # one node's messages in the order pushed
+        assert asked[:2] == [early, late]  # in the nodes' order, as Flower's engine asks
+        assert set(asked) == {early, late}
