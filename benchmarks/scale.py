@@ -33,6 +33,12 @@ every 0.1 s; neither waits a fixed time now, see ``fedkws.fl.prompt_engine``), s
 median jumped a whole step between runs of the same configuration. The ratio is
 the mean of many rounds; the median is given beside it. The phases before round 1 and after the last
 round are timed from when the run's console lines arrive.
+
+This machine's speed drifts, from one process to the next, by up to 2x
+(``benchmarks/RESULTS.md``, overhead), so a single run per size put the round time
+of 2,618 against 100 clients anywhere from -6 % to +13 % in successive runs. The
+sizes therefore run in turn, ``--scale-repeats`` times (default 2): a size's round
+time is that of its fastest run, its memory the largest peak of its runs.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ ROUND_SPREAD = 0.10
 
 
 def add_arguments(group) -> None:
-    """``--scale-clients``, ``--scale-rounds``, ``--scale-timeout``."""
+    """``--scale-clients``, ``--scale-rounds``, ``--scale-repeats``, ``--scale-timeout``, ..."""
     group.add_argument(
         "--scale-clients",
         type=_sizes,
@@ -71,6 +77,13 @@ def add_arguments(group) -> None:
         "smallest and the largest",
     )
     group.add_argument("--scale-rounds", type=common.at_least(1), default=48, help="rounds per run")
+    group.add_argument(
+        "--scale-repeats",
+        type=common.at_least(1),
+        default=2,
+        help="passes over the sizes, one after the other (default %(default)s): each size's "
+        "fastest run gives its round time, its largest peak its memory",
+    )
     group.add_argument(
         "--scale-supernodes",
         type=common.at_least(0),
@@ -442,21 +455,24 @@ def pump_pass_seconds(nodes: int, in_flight: int, fedkws: bool = False) -> float
 
     Flower's (``vce_api.add_messages_to_queue``) calls ``state.get_message_ins(node_id,
     limit=1)`` for every node, every 0.1 s, for the whole simulation, and each call
-    checks every stored message. fedkws's (``fedkws.fl.prompt_engine``, ``fedkws``
-    true) reads which nodes have a message waiting from the state's store and asks
-    only those, right after each push and again after a look that found messages.
+    checks every stored message. fedkws's (``fedkws.fl.prompt_engine._look``, ``fedkws``
+    true) reads the state's store once and hands out each waiting node's first message.
     """
+    import queue
+
     from flwr.app import Message, RecordDict
 
-    from fedkws.fl.prompt_engine import _waiting
+    from fedkws.fl.prompt_engine import _look
 
     state, grid, node_ids = _link_state(nodes)
     messages = [Message(RecordDict(), node_ids[i % nodes], "query.hello") for i in range(in_flight)]
     list(grid.push_messages(messages))
-    mapping = {node: i for i, node in enumerate(node_ids)}
     start = time.perf_counter()
-    for node in _waiting(state, mapping) if fedkws else node_ids:
-        state.get_message_ins(node_id=node, limit=1)
+    if fedkws:
+        _look(state, {node: i for i, node in enumerate(node_ids)}, queue.Queue())
+    else:
+        for node in node_ids:
+            state.get_message_ins(node_id=node, limit=1)
     return time.perf_counter() - start
 
 
@@ -465,8 +481,9 @@ def _pump_table(sizes: list[int]) -> str:
         "One look of the simulation's message pump, measured on Flower's in-memory link "
         "state with the run's number of nodes. Flower's engine (`vce_api."
         "add_messages_to_queue`) asks every node with `get_message_ins`, every 0.1 s; "
-        "fedkws's (`fedkws.fl.prompt_engine`) asks only the nodes with a message waiting, "
-        "after every push and after each look that found messages, and every 0.1 s:",
+        "fedkws's (`fedkws.fl.prompt_engine`) reads the state's store once and hands out each "
+        "waiting node's first message, after every push and after each look that found "
+        "messages, and every 0.1 s:",
         "",
         "| nodes | 0 messages stored (between rounds): Flower / fedkws "
         "| 10 (a round's training) | one per node (discovery; every recalibration query) |",
@@ -528,66 +545,85 @@ def _gb(n: int) -> float:
     return n / 1024**3
 
 
-def _time_table(results: list[RunResult]) -> str:
+def _time_table(results: list[RunResult], per_pass: int) -> str:
     lines = [
-        "| clients | SuperNodes | wall s | start -> `data:` line s | `data:` line -> round 1 s "
-        "| round 1 s | rounds 2.. mean s | median s (each) | last round -> exit s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| pass | clients | SuperNodes | wall s | start -> `data:` line s "
+        "| `data:` line -> round 1 s | round 1 s | rounds 2.. mean s | median s (each) "
+        "| last round -> exit s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for i, r in enumerate(results):
         each = ", ".join(f"{s:.2f}" for s in r.round_s[1:])
         lines.append(
-            f"| {r.clients:,} | {r.supernodes:,} | {r.wall_s:.1f} | {r.setup_s:.1f} "
-            f"| {r.to_round1_s:.1f} "
+            f"| {i // per_pass + 1} | {r.clients:,} | {r.supernodes:,} | {r.wall_s:.1f} "
+            f"| {r.setup_s:.1f} | {r.to_round1_s:.1f} "
             f"| {r.round_s[0]:.2f} | {r.steady_round_s:.3f} | {r.median_round_s:.2f} ({each}) "
             f"| {r.after_rounds_s:.1f} |"
         )
     return "\n".join(lines)
 
 
-def _memory_table(results: list[RunResult]) -> str:
+def _memory_table(results: list[RunResult], per_pass: int) -> str:
     lines = [
-        "| clients | SuperNodes | when | RSS sum GB (driver / Ray services / actors) "
+        "| pass | clients | SuperNodes | when | RSS sum GB (driver / Ray services / actors) "
         "| PSS sum GB | anonymous GB | largest process GB |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     roles = ("driver (fedkws-train)", "Ray services", "ClientApp actors")
-    for r in results:
+    for i, r in enumerate(results):
         for when, peak in (("whole run", r.peak), ("until the last round", r.peak_rounds)):
             split = " / ".join(f"{_gb(peak.roles.get(k, 0)):.2f}" for k in roles)
             lines.append(
-                f"| {r.clients:,} | {r.supernodes:,} | {when} | {_gb(peak.rss):.2f} ({split}) "
-                f"| {_gb(peak.pss):.2f} "
+                f"| {i // per_pass + 1} | {r.clients:,} | {r.supernodes:,} | {when} "
+                f"| {_gb(peak.rss):.2f} ({split}) | {_gb(peak.pss):.2f} "
                 f"| {_gb(peak.anon):.2f} | {_gb(peak.largest):.2f} |"
             )
     return "\n".join(lines)
 
 
-def _ratios(small: RunResult, big: RunResult, per_client: RunResult | None) -> list[Ratio]:
-    """The targets, on the measured sizes; ``per_client``: the comparison run, if any."""
-    rss = _gb(big.peak.rss)
+def _fastest(runs: list[RunResult]) -> RunResult:
+    """The run of one configuration with the shortest rounds (see the module's docstring)."""
+    return min(runs, key=lambda r: r.steady_round_s)
+
+
+def _largest(runs: list[RunResult]) -> RunResult:
+    """The run of one configuration with the largest peak of summed RSS."""
+    return max(runs, key=lambda r: r.peak.rss)
+
+
+def _ratios(
+    small: list[RunResult], big: list[RunResult], per_client: list[RunResult]
+) -> list[Ratio]:
+    """The targets from each configuration's runs; ``per_client``: the comparison's, if any."""
+    rss_run, small_rss = _largest(big), _largest(small)
+    rss = _gb(rss_run.peak.rss)
     ratios = [
         Ratio(
-            f"peak_rss_{big.clients}_clients",
+            f"peak_rss_{rss_run.clients}_clients",
             rss,
             f"<= {RSS_LIMIT_GB:g} GB",
             rss <= RSS_LIMIT_GB,
             f"peak of the summed VmRSS of every process of the run (driver, Ray services, "
-            f"ClientApp actors), sampled every 0.5 s; at that moment PSS "
-            f"{_gb(big.peak.pss):.2f} GB, anonymous {_gb(big.peak.anon):.2f} GB; until the "
-            f"last round {_gb(big.peak_rounds.rss):.2f} GB; {small.clients} clients: "
-            f"{_gb(small.peak.rss):.2f} GB",
+            f"ClientApp actors), sampled every 0.5 s, the largest of {len(big)} runs; at "
+            f"that moment PSS {_gb(rss_run.peak.pss):.2f} GB, anonymous "
+            f"{_gb(rss_run.peak.anon):.2f} GB; until the last round "
+            f"{_gb(rss_run.peak_rounds.rss):.2f} GB; {small_rss.clients} clients: "
+            f"{_gb(small_rss.peak.rss):.2f} GB",
             unit="GB",
         ),
         _round_time(small, big),
     ]
-    if per_client is not None:
+    if per_client:
         ratios.append(_round_time(small, per_client))
     return ratios
 
 
-def _round_time(small: RunResult, big: RunResult) -> Ratio:
+def _round_time(small_runs: list[RunResult], big_runs: list[RunResult]) -> Ratio:
+    small, big = _fastest(small_runs), _fastest(big_runs)
     change = big.steady_round_s / small.steady_round_s - 1
+    each = ", ".join(
+        f"{'/'.join(f'{r.steady_round_s:.3f}' for r in runs)} s" for runs in (big_runs, small_runs)
+    )
     nodes = "one per client" if big.supernodes == big.clients else f"{big.supernodes:,}"
     nodes += f" (federation.supernodes={big.setting})"
     return Ratio(
@@ -595,11 +631,12 @@ def _round_time(small: RunResult, big: RunResult) -> Ratio:
         100 * change,
         f"within +-{100 * ROUND_SPREAD:g} %",
         abs(change) <= ROUND_SPREAD,
-        f"mean seconds per round over rounds 2..{len(big.round_s)} (results.json): "
-        f"{big.steady_round_s:.3f} s at {big.clients:,} clients on {big.supernodes:,} "
-        f"SuperNodes vs {small.steady_round_s:.3f} s at {small.clients:,} on "
-        f"{small.supernodes:,}; {SAMPLED} clients sampled per round; whole run "
-        f"{big.wall_s:.0f} s, peak RSS {_gb(big.peak.rss):.2f} GB",
+        f"mean seconds per round over rounds 2..{len(big.round_s)} (results.json), the "
+        f"fastest of each size's runs: {big.steady_round_s:.3f} s at {big.clients:,} clients "
+        f"on {big.supernodes:,} SuperNodes vs {small.steady_round_s:.3f} s at "
+        f"{small.clients:,} on {small.supernodes:,} (every run: {each}); {SAMPLED} clients "
+        f"sampled per round; whole run {big.wall_s:.0f} s, peak RSS "
+        f"{_gb(big.peak.rss):.2f} GB",
         unit="%",
     )
 
@@ -616,22 +653,27 @@ def run(args) -> list[Ratio]:
     runs: list[tuple[int, int | str | None]] = [(n, supernodes) for n in sizes]
     if node_count(sizes[-1], supernodes) < sizes[-1]:
         runs.append((sizes[-1], None))  # for comparison: one SuperNode per client
-    results = []
+    results: list[RunResult] = []
+    by_run: dict[tuple[int, int | str | None], list[RunResult]] = {key: [] for key in runs}
     with tempfile.TemporaryDirectory(prefix="fedkws-bench-scale-") as tmp:
-        for n, nodes in runs:
-            common.progress("scale", f"N={n}: fedkws-train, {args.scale_rounds} rounds, "
-                            f"federation.supernodes={nodes}")  # fmt: skip
-            results.append(measure(n, args.scale_rounds, args.scale_timeout, Path(tmp), nodes))
-            r = results[-1]
-            common.progress("scale", f"N={n}: {r.wall_s:.0f} s, peak RSS {_gb(r.peak.rss):.2f} GB")
+        for repeat in range(args.scale_repeats):
+            for n, nodes in runs:
+                common.progress("scale", f"N={n}: fedkws-train, {args.scale_rounds} rounds, "
+                                f"federation.supernodes={nodes}, pass {repeat + 1}")  # fmt: skip
+                out = Path(tmp) / f"pass{repeat + 1}"
+                results.append(measure(n, args.scale_rounds, args.scale_timeout, out, nodes))
+                by_run[(n, nodes)].append(r := results[-1])
+                common.progress("scale", f"N={n}: {r.wall_s:.0f} s, peak RSS "
+                                f"{_gb(r.peak.rss):.2f} GB")  # fmt: skip
         notes = [
-            "Time per size (wall seconds; phases from when the run's console lines arrived):",
+            f"Time per run, {args.scale_repeats} passes over the sizes in turn (wall seconds; "
+            "phases from when the run's console lines arrived):",
             "",
-            _time_table(results),
+            _time_table(results, len(runs)),
             "",
-            "Memory per size (sums over the run's processes at the moment of the largest RSS sum):",
+            "Memory per run (sums over the run's processes at the moment of the largest RSS sum):",
             "",
-            _memory_table(results),
+            _memory_table(results, len(runs)),
             "",
             _pump_table(sizes),
         ]
@@ -642,8 +684,8 @@ def run(args) -> list[Ratio]:
                     profile=out)  # fmt: skip
             notes += ["", _profile_summary(out, sizes[-1])]
     NOTES = "\n".join(notes)
-    measured = results[: len(sizes)]
-    return _ratios(measured[0], measured[-1], results[-1] if len(results) > len(sizes) else None)
+    per_client = by_run[runs[-1]] if len(runs) > len(sizes) else []
+    return _ratios(by_run[runs[0]], by_run[runs[len(sizes) - 1]], per_client)
 
 
 def _sizes(text: str) -> list[int]:

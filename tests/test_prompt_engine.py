@@ -164,11 +164,11 @@ def test_flowers_run_api_uses_the_prompt_hand_out_and_ends_with_the_simulation(m
     assert not engine.is_alive()
 
 
-def test_a_look_asks_only_the_nodes_with_a_message_waiting(monkeypatch):
-    # Catches: every look asking Flower's link state for every node's next message (each
-    # call checks every stored message: at 2,618 nodes and a round's 10 messages in
-    # flight, 75 ms a look, most of a core while a round ran), and a node's messages
-    # handed out in another order than pushed.
+def test_a_look_reads_the_link_state_once_and_hands_out_as_flower_would(monkeypatch):
+    # Catches: a look asking Flower's link state for every node's next message (each call
+    # checks every stored message: at 2,618 nodes, 75 ms a look with a round's 10 messages in
+    # flight, 7 s with one per node), a message handed out twice or without Flower's checks
+    # (an expired one), and a node's messages handed out in another order than pushed.
     from flwr.app import Message, RecordDict
 
     monkeypatch.setattr(sys, "path", [str(Path(__file__).parents[1] / "benchmarks"), *sys.path])
@@ -176,21 +176,25 @@ def test_a_look_asks_only_the_nodes_with_a_message_waiting(monkeypatch):
 
     monkeypatch.setattr(prompt_engine, "LOOK_EVERY_S", 60.0)
     state, grid, node_ids = scale._link_state(300)
-    asked: list[int] = []
-    real = state.get_message_ins
+    checked: list[set] = []
+    real = state._check_stored_messages
 
-    def get_message_ins(node_id, limit, **kwargs):
-        asked.append(node_id)
-        return real(node_id=node_id, limit=limit, **kwargs)
+    def check(message_ids, *args):
+        checked.append(set(message_ids))
+        return real(message_ids, *args)
 
-    monkeypatch.setattr(state, "get_message_ins", get_message_ins)
-    late, early = node_ids[250], node_ids[7]
-    pushed = [Message(RecordDict(), node, "query.hello") for node in (late, early, early)]
+    monkeypatch.setattr(state, "_check_stored_messages", check)
+    late, early, lapsed = node_ids[250], node_ids[7], node_ids[100]
+    pushed = [Message(RecordDict(), node, "query.hello") for node in (late, early, early, lapsed)]
     ids = list(grid.push_messages(pushed))
+    state.message_ins_store[ids[3]].metadata.ttl = 1e-6  # expired before any look
     with hand_out(state, {node: i for i, node in enumerate(node_ids)}) as (messages, _):
         prompt_engine.pushed()
         got = [messages.get(timeout=10).metadata.message_id for _ in range(3)]
-        assert set(got) == set(ids)
-        assert got.index(ids[1]) < got.index(ids[2])  # one node's messages in the order pushed
-        assert asked[:2] == [early, late]  # in the nodes' order, as Flower's engine asks
-        assert set(asked) == {early, late}
+        assert got[:2] == [ids[1], ids[0]]  # the first look: in the nodes' order
+        assert got[2] == ids[2]  # the next look: the node's second message
+        with pytest.raises(queue.Empty):
+            messages.get(timeout=0.3)  # each once; the expired one never
+    assert ids[3] not in state.message_ins_store  # dropped by Flower's own check
+    assert all(state.message_ins_store[i].metadata.delivered_at for i in ids[:3])
+    assert sorted(map(sorted, checked)) == sorted([i] for i in ids)  # each checked once

@@ -25,10 +25,13 @@ runs its own engine, waits included.
 Each look of Flower's engine also asks the link state for every node's next
 message, and each such call checks every stored message (its TTL, its
 federation): with one SuperNode per client, 2,618 nodes and a round's 10
-messages in flight, one look took 75 ms, most of a core while a round ran
-(``benchmarks/run.py --only scale``). A look here asks only the nodes that
-have a message not yet handed out, read once from the in-memory state's store
-(:func:`_waiting`); the nodes are asked in the same order.
+messages in flight, one look took 75 ms, most of a core while a round ran, and
+with a message for every node (discovery, a recalibration query) 7 s
+(``benchmarks/run.py --only scale``). A look here (:func:`_look`) reads the
+in-memory state's store once, under its lock, and hands each node with a
+message waiting its first one, checked and marked delivered as the state's
+``get_message_ins(node_id, limit=1)`` checks and marks it, in the same order
+of nodes.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -86,18 +89,41 @@ class _Queue(queue.Queue):
                     raise
 
 
-def _waiting(state, nodes_mapping: dict[int, int]) -> Iterable[int]:
-    """The nodes of ``nodes_mapping`` with a message not yet handed out, in its order.
+def _look(state, nodes_mapping: dict[int, int], messages: queue.Queue) -> bool:
+    """Put each node's next message on ``messages`` (one look); whether there was any.
 
-    Read from the store of Flower's in-memory link state (the simulation's), under
-    its lock; a state without that store has every node asked, as Flower's engine does.
+    Flower's in-memory link state (the simulation's) is read in one pass; another
+    state has ``get_message_ins`` asked for every node, as Flower's engine asks it.
     """
     store, lock = getattr(state, "message_ins_store", None), getattr(state, "lock", None)
-    if not isinstance(store, dict) or lock is None:
-        return nodes_mapping.keys()
+    check = getattr(state, "_check_stored_messages", None)
+    if not isinstance(store, dict) or lock is None or check is None:
+        found = False
+        for node_id in nodes_mapping:
+            for message in state.get_message_ins(node_id=node_id, limit=1):
+                messages.put(message)
+                found = True
+        return found
+    from flwr.supercore.date import now
+
+    taken, dropped = [], False
     with lock:
-        waiting = {m.metadata.dst_node_id for m in store.values() if not m.metadata.delivered_at}
-    return [node_id for node_id in nodes_mapping if node_id in waiting]
+        first: dict[int, str] = {}
+        for message_id, message in store.items():
+            if not message.metadata.delivered_at:
+                first.setdefault(message.metadata.dst_node_id, message_id)
+        for node_id in nodes_mapping:
+            if (message_id := first.get(node_id)) is None:
+                continue
+            check({message_id})  # drops it if expired or out of the federation
+            if (message := store.get(message_id)) is None:
+                dropped = True  # the node's next message, if any, at the next look
+                continue
+            message.metadata.delivered_at = now().isoformat()
+            taken.append(message)
+    for message in taken:
+        messages.put(message)
+    return bool(taken) or dropped
 
 
 @contextmanager
@@ -117,12 +143,7 @@ def prompt() -> Iterator[None]:
             made_queue.over = f_stop
         while not f_stop.is_set():
             _pushed.clear()  # a push from here on wakes the wait below
-            found = False
-            for node_id in _waiting(state, nodes_mapping):
-                for message in state.get_message_ins(node_id=node_id, limit=1):
-                    messages.put(message)
-                    found = True
-            if not found:
+            if not _look(state, nodes_mapping, messages):
                 _idle(f_stop)
 
     if _active.is_set():
