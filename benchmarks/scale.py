@@ -11,8 +11,8 @@ process: ``partition=speaker`` with one speaker per client (N clients of about
 with the default two actors and fedkws's default SuperNodes
 (``federation.supernodes=auto``: one per client up to 100 clients, 100 beyond;
 ``--scale-supernodes K`` for another number): one per client at 100 clients,
-100 each serving many at the larger sizes. For comparison, the largest size
-runs once more with one SuperNode per client (``federation.supernodes=null``),
+100 each serving many at the larger sizes. For comparison, in each pass the largest
+size runs once more with one SuperNode per client (``federation.supernodes=null``),
 reported beside the targets.
 
 Memory: every 0.5 s the benchmark reads ``/proc`` for every process of the
@@ -467,9 +467,10 @@ def pump_pass_seconds(nodes: int, in_flight: int, fedkws: bool = False) -> float
     state, grid, node_ids = _link_state(nodes)
     messages = [Message(RecordDict(), node_ids[i % nodes], "query.hello") for i in range(in_flight)]
     list(grid.push_messages(messages))
+    mapping, out = {node: i for i, node in enumerate(node_ids)}, queue.Queue()
     start = time.perf_counter()
     if fedkws:
-        _look(state, {node: i for i, node in enumerate(node_ids)}, queue.Queue())
+        _look(state, mapping, out)
     else:
         for node in node_ids:
             state.get_message_ins(node_id=node, limit=1)
@@ -635,7 +636,7 @@ def _round_time(small_runs: list[RunResult], big_runs: list[RunResult]) -> Ratio
         f"fastest of each size's runs: {big.steady_round_s:.3f} s at {big.clients:,} clients "
         f"on {big.supernodes:,} SuperNodes vs {small.steady_round_s:.3f} s at "
         f"{small.clients:,} on {small.supernodes:,} (every run: {each}); {SAMPLED} clients "
-        f"sampled per round; whole run {big.wall_s:.0f} s, peak RSS "
+        f"sampled per round; that run: whole run {big.wall_s:.0f} s, peak RSS "
         f"{_gb(big.peak.rss):.2f} GB",
         unit="%",
     )

@@ -51,8 +51,17 @@ def test_channels_last_is_the_same_network_in_another_layout(name, norm):
             torch.testing.assert_close(last(x), default(x), rtol=1e-4, atol=1e-5)
 
 
-def test_channels_first_group_norm_is_group_norm():
-    # Catches: the channels-first copy changing what GroupNorm computes.
+def test_channels_first_group_norm_is_group_norm(monkeypatch):
+    # Catches: the channels-first copy changing what GroupNorm computes, or left out of
+    # training (torch's channels-last GroupNorm backward is several times slower on CPU).
+    seen: list[bool] = []
+    group_norm = nn.functional.group_norm
+
+    def recording(x, *args, **kwargs):
+        seen.append(x.is_contiguous())
+        return group_norm(x, *args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "group_norm", recording)
     torch.manual_seed(0)
     ours, ref = ChannelsFirstGroupNorm(4, 8), nn.GroupNorm(4, 8)
     with torch.no_grad():
@@ -63,7 +72,9 @@ def test_channels_first_group_norm_is_group_norm():
     assert torch.equal(ours(x), ref(x))  # channels-first input: exactly nn.GroupNorm
     x_last = x.contiguous(memory_format=CL).requires_grad_()
     x_ref = x.clone().requires_grad_()
+    seen.clear()
     out = ours(x_last)
+    assert seen == [True]  # normalised channels first
     torch.testing.assert_close(out, ref(x_ref))
     assert out.is_contiguous(memory_format=CL)  # the next conv reads its weights' layout
     out.square().sum().backward()
@@ -72,8 +83,9 @@ def test_channels_first_group_norm_is_group_norm():
 
 
 def test_channels_first_group_norm_evaluates_channels_last_in_place():
-    # Catches: evaluation paying the channels-first copies (twice as slow, see
-    # benchmarks/layout.py), or the training path's copy used where nothing records.
+    # Catches: evaluation paying the channels-first copies (the study CNN's eval pass with
+    # GroupNorm about 1.6x slower, benchmarks/layout.py), or the training path's copy used
+    # where nothing records.
     torch.manual_seed(0)
     ours, ref = ChannelsFirstGroupNorm(4, 8), nn.GroupNorm(4, 8)
     ref.load_state_dict(ours.state_dict())

@@ -166,9 +166,10 @@ def test_flowers_run_api_uses_the_prompt_hand_out_and_ends_with_the_simulation(m
 
 def test_a_look_reads_the_link_state_once_and_hands_out_as_flower_would(monkeypatch):
     # Catches: a look asking Flower's link state for every node's next message (each call
-    # checks every stored message: at 2,618 nodes, 75 ms a look with a round's 10 messages in
-    # flight, 7 s with one per node), a message handed out twice or without Flower's checks
-    # (an expired one), and a node's messages handed out in another order than pushed.
+    # checks every stored message: at 2,618 nodes, 62 ms a look with a round's 10 messages
+    # in flight, 7.5 s with one per node), a message handed out twice or without Flower's
+    # checks (an expired one), a node whose first message expired waiting for the next
+    # regular look to get its second, and a node's messages handed out out of order.
     from flwr.app import Message, RecordDict
 
     monkeypatch.setattr(sys, "path", [str(Path(__file__).parents[1] / "benchmarks"), *sys.path])
@@ -185,16 +186,28 @@ def test_a_look_reads_the_link_state_once_and_hands_out_as_flower_would(monkeypa
 
     monkeypatch.setattr(state, "_check_stored_messages", check)
     late, early, lapsed = node_ids[250], node_ids[7], node_ids[100]
-    pushed = [Message(RecordDict(), node, "query.hello") for node in (late, early, early, lapsed)]
-    ids = list(grid.push_messages(pushed))
-    state.message_ins_store[ids[3]].metadata.ttl = 1e-6  # expired before any look
-    with hand_out(state, {node: i for i, node in enumerate(node_ids)}) as (messages, _):
+
+    def push(*nodes: int) -> list[str]:
+        out = list(grid.push_messages([Message(RecordDict(), n, "query.hello") for n in nodes]))
         prompt_engine.pushed()
-        got = [messages.get(timeout=10).metadata.message_id for _ in range(3)]
-        assert got[:2] == [ids[1], ids[0]]  # the first look: in the nodes' order
-        assert got[2] == ids[2]  # the next look: the node's second message
+        return out
+
+    def take(count: int) -> list[str]:
+        got = [messages.get(timeout=10).metadata.message_id for _ in range(count)]
         with pytest.raises(queue.Empty):
-            messages.get(timeout=0.3)  # each once; the expired one never
-    assert ids[3] not in state.message_ins_store  # dropped by Flower's own check
-    assert all(state.message_ins_store[i].metadata.delivered_at for i in ids[:3])
-    assert sorted(map(sorted, checked)) == sorted([i] for i in ids)  # each checked once
+            messages.get(timeout=0.3)  # each once, and nothing else
+        return got
+
+    with hand_out(state, {node: i for i, node in enumerate(node_ids)}) as (messages, _):
+        ids = push(late, early, early)
+        # The first look in the nodes' order, then the node's second message.
+        assert take(3) == [ids[1], ids[0], ids[2]]
+        with state.lock:  # the first of two expired before the look the push wakes
+            pair = [Message(RecordDict(), lapsed, "query.hello") for _ in range(2)]
+            more = list(grid.push_messages(pair))
+            state.message_ins_store[more[0]].metadata.ttl = 1e-6
+        prompt_engine.pushed()
+        assert take(1) == [more[1]]
+    assert more[0] not in state.message_ins_store  # dropped by Flower's own check
+    assert all(state.message_ins_store[i].metadata.delivered_at for i in [*ids, more[1]])
+    assert sorted(map(sorted, checked)) == sorted([i] for i in [*ids, *more])  # once each

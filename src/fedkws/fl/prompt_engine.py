@@ -25,13 +25,17 @@ runs its own engine, waits included.
 Each look of Flower's engine also asks the link state for every node's next
 message, and each such call checks every stored message (its TTL, its
 federation): with one SuperNode per client, 2,618 nodes and a round's 10
-messages in flight, one look took 75 ms, most of a core while a round ran, and
-with a message for every node (discovery, a recalibration query) 7 s
+messages in flight, one look took 62 ms, much of a core while a round ran, and
+with a message for every node (discovery, a recalibration query) 7.5 s
 (``benchmarks/run.py --only scale``). A look here (:func:`_look`) reads the
 in-memory state's store once, under its lock, and hands each node with a
 message waiting its first one, checked and marked delivered as the state's
 ``get_message_ins(node_id, limit=1)`` checks and marks it, in the same order
-of nodes.
+of nodes. Two differences, neither losing a message: a node whose first
+message fails the check (expired) gets its next one at the look that follows
+at once, not in the same look; and only messages about to be handed out are
+checked here, the others when the ServerApp pulls their replies (Flower's
+``get_message_res`` checks what it is asked for).
 """
 
 from __future__ import annotations
