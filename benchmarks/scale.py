@@ -22,7 +22,10 @@ and the ClientApp actors; all inherit it) and sums their resident set sizes
 pages shared between processes (the torch libraries each process maps, the
 memory-mapped dataset) once per process, so it is an upper bound; the sum of
 proportional set sizes (PSS, shared pages split between their users) at the
-same moment is given beside it.
+same moment is given beside it. PSS is read (``smaps_rollup``, which walks
+every page table: about 0.1 s for a run's ten processes, a fifth of a core at
+every sample) only when the RSS sum reaches a new high, the only readings a
+peak can be.
 
 Time per round: ``results.json``'s per-round ``seconds`` (training of the
 sampled clients, aggregation, validation), the mean over rounds 2.. (round 1
@@ -166,18 +169,28 @@ def _stat(pid: str) -> tuple[int, int, str, int] | None:
     return int(fields[1]), int(fields[3]), text[text.find("(") + 1 : close], int(fields[19])
 
 
-def _memory(pid: int) -> tuple[int, int, int]:
-    """``(rss, pss, anonymous rss)`` of a process in bytes (zeros for one that is gone)."""
+def _proc_kb(pid: int, name: str, keys: tuple[str, ...]) -> dict[str, int]:
+    """Fields ``keys`` of ``/proc/<pid>/<name>`` in bytes (none for a process that is gone)."""
     values = {}
     try:
-        for name in ("status", "smaps_rollup"):
-            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "RssAnon", "Pss"):
-                    values[key] = int(rest.split()[0]) * 1024
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in keys:
+                values[key] = int(rest.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0, 0, 0
-    return values.get("VmRSS", 0), values.get("Pss", 0), values.get("RssAnon", 0)
+        return {}
+    return values
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """``(rss, anonymous rss)`` of a process in bytes (zeros for one that is gone)."""
+    values = _proc_kb(pid, "status", ("VmRSS", "RssAnon"))
+    return values.get("VmRSS", 0), values.get("RssAnon", 0)
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size of a process in bytes (0 for one that is gone)."""
+    return _proc_kb(pid, "smaps_rollup", ("Pss",)).get("Pss", 0)
 
 
 def processes_of(root: int) -> dict[int, tuple[str, int]]:
@@ -213,7 +226,7 @@ class Reading:
 
     t: float
     rss: int
-    pss: int  # proportional set size: shared pages split between the processes using them
+    pss: int  # proportional set size (shared pages split between their users); 0: not read
     anon: int  # RssAnon: private memory, without file pages (libraries, memory-mapped data)
     roles: dict[str, int]  # rss by role: driver, Ray services, ClientApp actors
     largest: int  # rss of the largest process
@@ -232,13 +245,15 @@ class MemoryTrace:
         """One reading of every process of the tree."""
         procs = processes_of(self.root)
         self.seen.update(procs)
-        rss = pss = anon = largest = 0
+        rss = anon = largest = 0
         roles: dict[str, int] = {}
         for pid, (comm, _) in procs.items():
-            r, p, a = _memory(pid)
-            rss, pss, anon, largest = rss + r, pss + p, anon + a, max(largest, r)
+            r, a = _memory(pid)
+            rss, anon, largest = rss + r, anon + a, max(largest, r)
             role = _role(comm, pid, self.root)
             roles[role] = roles.get(role, 0) + r
+        high = rss >= max((r.rss for r in self.readings), default=0)  # a peak can only be one
+        pss = sum(_pss(pid) for pid in procs) if high else 0
         self.readings.append(Reading(time.monotonic(), rss, pss, anon, roles, largest))
 
     def follow(self, stop: threading.Event) -> None:
