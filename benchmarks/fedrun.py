@@ -2,7 +2,8 @@
 
 A run is a real ``fedkws-train`` process (Flower simulation on Ray, results.json);
 its per-round records carry ``time/train_s`` and ``time/eval_s``, measured by the
-round loop, so the framework's own start-up and finish are the rest of the wall time.
+round loop, so the framework's own start-up and finish are the rest of the wall time
+(and ``time/recalibration_s``, the exact recalibration's part of ``time/eval_s``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class RunTimes:
     eval_s: list[float]
     round_s: list[float]
     run_dir: Path
+    recalibration_s: list[float]  # the part of eval_s spent recalibrating (0: none that round)
 
     @property
     def rounds_s(self) -> float:
@@ -69,6 +71,7 @@ def read(run_dir: Path, wall_s: float) -> RunTimes:
         eval_s=[r["metrics"]["time/eval_s"] for r in rounds],
         round_s=[r["seconds"] for r in rounds],
         run_dir=run_dir,
+        recalibration_s=[r["metrics"].get("time/recalibration_s", 0.0) for r in rounds],
     )
 
 

@@ -561,6 +561,11 @@ def test_recalibrate_every_two_rounds(make_cfg, tmp_path):
     logged = [r.round for r in result.rounds if "val/recalibrated/acc" in r.metrics]
     assert logged == [2, 3]
     assert all("val/eval/acc" in r.metrics for r in result.rounds)
+    # The recalibration's time, recorded where it ran, as a part of the round's evaluation.
+    timed = [r.round for r in result.rounds if "time/recalibration_s" in r.metrics]
+    assert timed == [2, 3]
+    for r in result.rounds[1:]:
+        assert 0 < r.metrics["time/recalibration_s"] < r.metrics["time/eval_s"]
 
 
 def test_client_sampling_is_a_function_of_seed_and_round(make_cfg, tmp_path):

@@ -249,7 +249,9 @@ class FederatedRecipe:
                 if self.recalibrated_round == round_:  # FixBN's freeze just computed it
                     recal = self.evaluator.last_recalibrated
                 elif round_ % every == 0 or round_ == self.spec.train.rounds:
+                    start = time.perf_counter()
                     recal = self.evaluator.recalibrated(self.model)
+                    metrics["time/recalibration_s"] = time.perf_counter() - start  # in eval_s
                     self.recalibrated_round = round_
                 else:
                     modes.remove("recalibrated")
