@@ -37,9 +37,10 @@ median jumped a whole step between runs of the same configuration. The ratio is
 the mean of many rounds; the median is given beside it. The phases before round 1 and after the last
 round are timed from when the run's console lines arrive.
 
-This machine's speed drifts, from one process to the next, by up to 2x
-(``benchmarks/RESULTS.md``, overhead), so a single run per size put the round time
-of 2,618 against 100 clients anywhere from -6 % to +13 % in successive runs. The
+This machine's speed drifts from one process to the next (and the memory sampler
+used to take CPU from the run it measured, see above): a single run per size put
+the round time of 2,618 against 100 clients anywhere from -6 % to +13 % in
+successive runs. The
 sizes therefore run in turn, ``--scale-repeats`` times (default 2): a size's round
 time is that of its fastest run, its memory the largest peak of its runs.
 """

@@ -701,8 +701,8 @@ def build_model(
     channels_last : bool, optional
         Lay the 4-D weights out channels last (NHWC), so that the convolutions
         run in that layout: on CPU the study CNN's training steps and evaluation
-        are faster with every norm (``benchmarks/run.py --only layout``;
-        RESULTS.md). Sums then
+        are faster with each norm ``benchmarks/run.py --only layout`` measures
+        (batch, group, layer, ws; RESULTS.md). Sums then
         run in another order, so the results differ from the default layout's
         in the last bits and, through training, in the last digits of accuracies.
     **kwargs
