@@ -166,7 +166,7 @@ def test_flowers_run_api_uses_the_prompt_hand_out_and_ends_with_the_simulation(m
 
 def test_a_look_reads_the_link_state_once_and_hands_out_as_flower_would(monkeypatch):
     # Catches: a look asking Flower's link state for every node's next message (each call
-    # checks every stored message: at 2,618 nodes, 61 ms a look with a round's 10 messages
+    # checks every stored message: at 2,618 nodes, 60 ms a look with a round's 10 messages
     # in flight, 7.2 s with one per node), a message handed out twice or without Flower's
     # checks (an expired one), a node whose first message expired waiting for the next
     # regular look to get its second, and a node's messages handed out out of order.

@@ -25,7 +25,7 @@ runs its own engine, waits included.
 Each look of Flower's engine also asks the link state for every node's next
 message, and each such call checks the stored messages in turn (TTL,
 federation), all of them for a node with none waiting: with one SuperNode per
-client, 2,618 nodes and a round's 10 messages in flight, one look took 61 ms,
+client, 2,618 nodes and a round's 10 messages in flight, one look took 60 ms,
 much of a core while a round ran, and with a message for every node
 (discovery, a recalibration query) 7.2 s
 (``benchmarks/run.py --only scale``). A look here (:func:`_look`) reads the

@@ -275,7 +275,7 @@ class FlowerClients:
 # ``federation.supernodes=auto``: one SuperNode per client up to this many clients, this
 # many SuperNodes beyond. A query to every client (discovery, a recalibration query) is
 # one message per node, each a Ray call with its own reply: at 2,618 clients the scale
-# benchmark's final phase took 11 to 13 s on 100 nodes, 30 to 31 s on one per client.
+# benchmark's final phase took 11 to 14 s on 100 nodes, 28 to 30 s on one per client.
 # In fedkws-train's simulations rounds of a few sampled clients cost about the same
 # either way (fedkws.fl.prompt_engine); under flwr run, Flower's engine looks at every node.
 AUTO_SUPERNODES = 100
