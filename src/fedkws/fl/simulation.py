@@ -266,7 +266,7 @@ class _Early:
     """
 
     key: tuple
-    thread: threading.Thread
+    thread: threading.Thread = field(init=False)
     pool: Any = None
     error: BaseException | None = None
     ray_ended: threading.Event = field(default_factory=threading.Event)
@@ -326,35 +326,43 @@ def start_early(
     quiet_flower_logging()
     init_args = _init_args(ray_init_args, ray_address)
     resources = dict(client_resources)
-
-    def start() -> None:
-        from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-        from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
-
-        try:
-            _ray_init(init_args)
-            backend = RayBackend(_backend_config(resources, init_args))  # checks the resources
-            # What RayBackend.build does, with actor_pool_capped's cap applied here: that
-            # context manager swaps a module function, which this thread must not do.
-            pool = BasicActorPool(ClientAppActor, backend.client_resources, backend.actor_kwargs)
-            if actors is not None:
-                pool.actors_capacity = min(actors, pool.actors_capacity)
-            pool.add_actors_to_pool(pool.actors_capacity)  # they start in their own processes
-            # RayBackend.build's own record (DEBUG), which shows the pool's size
-            flwr_log = logging.getLogger("flwr")
-            flwr_log.debug("Constructed ActorPool with: %i actors", pool.num_actors)
-            early.pool = pool
-        except BaseException as err:  # raised by the simulation that claims it
-            early.error = err
-        finally:
-            early.started.set()
-        early.ray_ended.wait()
-
     _silence_thread_warning()
-    thread = threading.Thread(target=start, name="fedkws-ray-start", daemon=True)
-    early = _Early(_early_key(resources, init_args, actors), thread)
+    early = _Early(_early_key(resources, init_args, actors))
+    early.thread = threading.Thread(
+        target=_start, args=(early, init_args, resources, actors), name="fedkws-ray-start",
+        daemon=True,
+    )  # fmt: skip
     _EARLY.append(early)
     early.thread.start()
+
+
+def _start(early: _Early, init_args: dict, resources: dict, actors: int | None) -> None:
+    """:func:`start_early`'s thread: Ray and the pool, then wait until Ray has ended."""
+    try:
+        _ray_init(init_args)
+        early.pool = _actor_pool(init_args, resources, actors)
+    except BaseException as err:  # raised by the simulation that claims it
+        early.error = err
+    finally:
+        early.started.set()
+    early.ray_ended.wait()
+
+
+def _actor_pool(init_args: dict, resources: dict, actors: int | None):
+    """The clients' actors, started as ``RayBackend.build`` starts them, at most ``actors``."""
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
+
+    backend = RayBackend(_backend_config(resources, init_args))  # checks the resources
+    # actor_pool_capped's cap applied here: that context manager swaps a module function,
+    # which this thread must not do.
+    pool = BasicActorPool(ClientAppActor, backend.client_resources, backend.actor_kwargs)
+    if actors is not None:
+        pool.actors_capacity = min(actors, pool.actors_capacity)
+    pool.add_actors_to_pool(pool.actors_capacity)  # they start in their own processes
+    # RayBackend.build's own record (DEBUG), which shows the pool's size
+    logging.getLogger("flwr").debug("Constructed ActorPool with: %i actors", pool.num_actors)
+    return pool
 
 
 def end_early() -> None:
@@ -379,12 +387,10 @@ def _claim_early(key: tuple | None) -> _Early | None:
         end_early()
         return None
     _EARLY[0].wait()
-    early = _EARLY.pop()
-    if early.error is not None:
-        actor_keeper.end()  # Ray may have started before the pool failed: ended first
-        early.release()
-        raise early.error
-    return early
+    if (error := _EARLY[0].error) is not None:
+        end_early()  # Ray may have started before the pool failed: ended first
+        raise error
+    return _EARLY.pop()
 
 
 @contextmanager
